@@ -1,0 +1,100 @@
+"""LoRA Studio: the host Gradio app (ModelManager + tab plugins from modules/)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "config.json"
+
+log = logging.getLogger("lora_studio")
+
+
+def build_app(config, *, model_manager=None, modules_dir: Path | None = None):
+    """The whole UI as a ``gr.Blocks``; nothing is loaded until a request needs it."""
+    import gradio as gr
+
+    from core.i18n import load_locale, translate
+    from core.model_manager import ModelManager
+    from core.plugins import PluginManager
+
+    strings = load_locale(ROOT / "locales", config.LANGUAGE)
+    if model_manager is None:
+        model_manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device=config.DEVICE)
+    plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules")
+    plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
+    with gr.Blocks(title=translate("app_title", strings)) as demo:
+        gr.Markdown(f"# {translate('app_title', strings)}\n{translate('app_subtitle', strings)}")
+        with gr.Tabs():
+            plugins.create_tabs(config.LANGUAGE)
+        failures = plugins.failures()
+        if failures:
+            gr.Markdown(
+                translate("plugins_failed", strings)
+                + "\n"
+                + "\n".join(f"- **{name}**: {error}" for name, error in failures.items())
+            )
+    demo.model_manager = model_manager
+    demo.plugins = plugins
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA Studio: generate images and train LoRAs.")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="path to config.json")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--listen", action="store_true", help="serve on all interfaces (default: 127.0.0.1 only)")
+    parser.add_argument("--auth", help="user:password required to open the app (needed with --listen)")
+    parser.add_argument(
+        "--insecure-no-auth", action="store_true", help="allow --listen without --auth (anyone on the network gets in)"
+    )
+    parser.add_argument("--no-demo-models", action="store_true", help="do not build the tiny demo models")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.config import ensure_folders, load_config
+    from core.errors import UserError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except UserError as exc:
+        print(f"error: {exc}")
+        return 2
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            print("error: --auth takes user:password")
+            return 2
+        auth = (user, password)
+    if args.listen and auth is None and not args.insecure_no_auth:
+        print("error: --listen exposes the app to your network; add --auth user:password (or --insecure-no-auth).")
+        return 2
+    ensure_folders(config)
+    if config.BUILD_DEMO_MODELS and not args.no_demo_models:
+        from core.demo_models import ensure_demo_models
+
+        log.info("checking the demo models in %s", config.MODELS_DIR)
+        ensure_demo_models(config.MODELS_DIR)
+    demo = build_app(config)
+    demo.queue(default_concurrency_limit=1)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    demo.launch(
+        server_name=host,
+        server_port=args.port,
+        allowed_paths=[str(config.OUTPUTS_DIR)],
+        show_error=True,
+        auth=auth,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The app's ``config.json``: typed, validated, with paths resolved against its folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+LANGUAGES = ("en", "fr")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    MODELS_DIR: Path
+    LORAS_DIR: Path
+    LORA_PROJECTS_DIR: Path
+    OUTPUTS_DIR: Path
+    DEFAULT_SDXL_MODEL_FOR_LORA: str
+    DEFAULT_FLUX_MODEL_FOR_LORA: str
+    LANGUAGE: str = "en"
+    DEVICE: str = "auto"
+    BUILD_DEMO_MODELS: bool = True
+
+    def folders(self) -> tuple[Path, ...]:
+        return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR)
+
+
+_PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR"}
+_TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
+
+
+def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
+    known = set(_TYPES)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"config: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(known))}")
+    required = [f.name for f in dataclasses.fields(AppConfig) if f.default is dataclasses.MISSING]
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise UserError(f"config: missing key(s) {', '.join(missing)}")
+    values = {}
+    for key, value in raw.items():
+        expected = bool if _TYPES[key] == "bool" else str
+        if key in _PATH_KEYS:
+            expected = str
+        if not isinstance(value, expected) or (expected is str and isinstance(value, bool)):
+            raise UserError(f"config: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
+        values[key] = (base_dir / value).resolve() if key in _PATH_KEYS else value
+    config = AppConfig(**values)
+    if config.LANGUAGE not in LANGUAGES:
+        raise UserError(f"config: LANGUAGE must be one of {', '.join(LANGUAGES)}, got {config.LANGUAGE!r}")
+    if config.DEVICE not in DEVICES:
+        raise UserError(f"config: DEVICE must be one of {', '.join(DEVICES)}, got {config.DEVICE!r}")
+    return config
+
+
+def load_config(path: Path) -> AppConfig:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UserError(f"config: file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"config: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {path} must hold a JSON object")
+    return config_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def ensure_folders(config: AppConfig) -> None:
+    for folder in config.folders():
+        folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,252 @@
+"""Tiny SDXL and Flux models with random weights, built offline from real classes.
+
+They exist so the app opens, generates and trains on a machine with no GPU and no model
+hub, and so the tests exercise the same loading code as real checkpoints. Random
+weights draw noise: that is expected. Names say so, so nobody takes them for a real
+model. Run ``python -m core.demo_models [MODELS_DIR]`` to (re)build them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_SDXL_NAME = "demo-tiny-sdxl-RANDOM-WEIGHTS"
+DEMO_FLUX_NAME = "demo-tiny-flux-RANDOM-WEIGHTS"
+DEMO_IMAGE_SIZE = 64
+# Bump when the builders change so stale demo folders are rebuilt.
+DEMO_VERSION = "1"
+_STAMP = "lora_studio_demo.json"
+
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+def build_tiny_sdxl_pipeline(*, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from core.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    common_text = dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu", **common_text)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=48, intermediate_size=96, hidden_act="gelu", **common_text)
+    )
+    unet = UNet2DConditionModel(
+        sample_size=DEMO_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=32 + 48,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=DEMO_IMAGE_SIZE,
+        scaling_factor=0.13025,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+    )
+    return pipe
+
+
+def build_tiny_flux_pipeline(*, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from core.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_tiny_t5_tokenizer
+
+    torch.manual_seed(seed)
+    t5_tokenizer = build_tiny_t5_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16,
+        layers_per_block=1,
+        sample_size=DEMO_IMAGE_SIZE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer.eval(),
+    )
+
+
+@dataclass(frozen=True)
+class DemoModelPaths:
+    sdxl_folder: Path
+    sdxl_single_file: Path
+    flux_folder: Path
+
+
+def demo_model_paths(models_dir: Path) -> DemoModelPaths:
+    models_dir = Path(models_dir)
+    return DemoModelPaths(
+        sdxl_folder=models_dir / DEMO_SDXL_NAME,
+        sdxl_single_file=models_dir / f"{DEMO_SDXL_NAME}.safetensors",
+        flux_folder=models_dir / DEMO_FLUX_NAME,
+    )
+
+
+def _is_current(folder: Path) -> bool:
+    stamp = folder / _STAMP
+    try:
+        return json.loads(stamp.read_text())["version"] == DEMO_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _save_pipeline_folder(pipe, folder: Path) -> None:
+    from core.atomic import atomic_path
+
+    with atomic_path(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / _STAMP).write_text(json.dumps({"version": DEMO_VERSION, "random_weights": True}))
+
+
+def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPaths:
+    """Build the demo models into ``models_dir`` unless current ones are already there."""
+    from core.sdxl_single_file import save_sdxl_single_file
+
+    paths = demo_model_paths(models_dir)
+    if force or not _is_current(paths.sdxl_folder) or not paths.sdxl_single_file.is_file():
+        pipe = build_tiny_sdxl_pipeline(seed=0)
+        _save_pipeline_folder(pipe, paths.sdxl_folder)
+        save_sdxl_single_file(
+            pipe,
+            paths.sdxl_single_file,
+            metadata={
+                "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                "modelspec.title": DEMO_SDXL_NAME,
+                "lora_studio.diffusers_config": DEMO_SDXL_NAME,
+                "lora_studio.random_weights": "true",
+            },
+        )
+    if force or not _is_current(paths.flux_folder):
+        _save_pipeline_folder(build_tiny_flux_pipeline(seed=0), paths.flux_folder)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models_dir", nargs="?", default="models")
+    parser.add_argument("--force", action="store_true", help="rebuild even when current")
+    args = parser.parse_args(argv)
+    paths = ensure_demo_models(Path(args.models_dir), force=args.force)
+    for path in (paths.sdxl_folder, paths.sdxl_single_file, paths.flux_folder):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Diffusers-layout config folders (no weights) that single-file checkpoints load against.
+
+``from_single_file`` needs the pipeline's component configs and tokenizers. Online,
+diffusers fetches them from the hub; offline we write them here from the published
+SDXL base 1.0 configuration, with the real CLIP tokenizer rebuilt locally.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core.demo_models import SDXL_SCHEDULER_CONFIG
+
+SDXL_BASE_CONFIG_NAME = "sdxl-base"
+
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+SDXL_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+_CLIP_COMMON = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+    "layer_norm_eps": 1e-05,
+}
+SDXL_TEXT_ENCODER = {
+    **_CLIP_COMMON,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+SDXL_TEXT_ENCODER_2 = {
+    **_CLIP_COMMON,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def write_sdxl_base_config(folder: Path) -> Path:
+    """Write the SDXL base 1.0 config folder (idempotent, atomic)."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig
+
+    from core.atomic import atomic_path
+    from core.tokenizers import build_clip_tokenizer
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    with atomic_path(folder) as tmp:
+        _write_json(tmp / "model_index.json", SDXL_MODEL_INDEX)
+        _write_json(tmp / "unet" / "config.json", SDXL_UNET)
+        _write_json(tmp / "vae" / "config.json", SDXL_VAE)
+        text_1 = CLIPTextConfig(**SDXL_TEXT_ENCODER)
+        text_1.architectures = ["CLIPTextModel"]
+        text_1.save_pretrained(tmp / "text_encoder")
+        text_2 = CLIPTextConfig(**SDXL_TEXT_ENCODER_2)
+        text_2.architectures = ["CLIPTextModelWithProjection"]
+        text_2.save_pretrained(tmp / "text_encoder_2")
+        build_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+        build_clip_tokenizer(pad_token="!").save_pretrained(tmp / "tokenizer_2")
+        EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG).save_config(tmp / "scheduler")
+    return folder

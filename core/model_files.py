@@ -1,0 +1,118 @@
+"""Find base models and LoRAs on disk and tell which model family a file belongs to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+SDXL = "sdxl"
+FLUX = "flux"
+FAMILIES = (SDXL, FLUX)
+# Folders inside models/ that hold helpers, not base models.
+_NOT_BASE_MODELS = {"captioners", "configs"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    family: str
+    single_file: bool
+
+
+def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and header metadata, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys()), dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise UserError(f"{Path(path).name} is not a readable .safetensors file ({exc}).") from exc
+
+
+def family_of_state_keys(keys: list[str]) -> str | None:
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return SDXL
+    if any(k.startswith("model.diffusion_model.double_blocks.") or k.startswith("double_blocks.") for k in keys):
+        return FLUX
+    if any(k.startswith("transformer_blocks.") and ".attn.add_q_proj." in k for k in keys):
+        return FLUX
+    return None
+
+
+def detect_family(path: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model_index.json"
+        try:
+            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"{path.name}: no readable model_index.json, so this is not a diffusers model folder."
+            ) from exc
+        if "Flux" in class_name:
+            return FLUX
+        if "StableDiffusionXL" in class_name:
+            return SDXL
+        raise UserError(f"{path.name}: pipeline {class_name!r} is not supported; use an SDXL or Flux model.")
+    keys, _ = read_safetensors_header(path)
+    family = family_of_state_keys(keys)
+    if family is None:
+        raise UserError(f"{path.name}: not an SDXL or Flux checkpoint (unrecognised tensor names).")
+    return family
+
+
+def list_models(models_dir: Path) -> list[ModelEntry]:
+    """Every loadable base model in ``models_dir``; unreadable entries are left out."""
+    entries = []
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return entries
+    for path in sorted(models_dir.iterdir()):
+        if path.name.startswith(".") or path.name in _NOT_BASE_MODELS:
+            continue
+        is_model_folder = path.is_dir() and (path / "model_index.json").is_file()
+        is_file = path.is_file() and path.suffix == ".safetensors"
+        if not (is_model_folder or is_file):
+            continue
+        try:
+            family = detect_family(path)
+        except UserError:
+            continue
+        entries.append(ModelEntry(name=path.name, path=path, family=family, single_file=is_file))
+    return entries
+
+
+def list_loras(loras_dir: Path) -> list[str]:
+    """LoRA names relative to ``loras_dir`` (sub-folders allowed), sorted."""
+    loras_dir = Path(loras_dir)
+    if not loras_dir.is_dir():
+        return []
+    return sorted(
+        str(p.relative_to(loras_dir))
+        for p in loras_dir.rglob("*.safetensors")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(loras_dir).parts)
+    )
+
+
+def resolve_inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing anything that would land outside ``folder``."""
+    folder = Path(folder).resolve()
+    path = (folder / name).resolve()
+    if path != folder and folder not in path.parents:
+        raise UserError(f"{name!r} is outside {folder}.")
+    return path
+
+
+def native_image_size(entry: ModelEntry, *, demo_size: int = 64) -> int:
+    """The side length a model was trained at: 1024 for SDXL and Flux, small for the demo models."""
+    if entry.single_file:
+        _, metadata = read_safetensors_header(entry.path)
+        is_demo = metadata.get("lora_studio.random_weights") == "true"
+    else:
+        is_demo = (entry.path / "lora_studio_demo.json").is_file()
+    return demo_size if is_demo else 1024

@@ -1,0 +1,369 @@
+"""ModelManager: owns the one inference pipeline, its LoRAs and the GPU.
+
+One lock serialises every use of the pipeline. Training takes the GPU with
+``release()`` (or the ``lent_to()`` context manager): the pipeline is dropped and caches
+emptied; generate requests meanwhile get a clear "busy" message instead of an
+out-of-memory; ``restore()`` reloads the previous model and LoRAs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import GpuBusyError, UserError
+from core.model_files import (
+    FLUX,
+    SDXL,
+    ModelEntry,
+    detect_family,
+    list_loras,
+    list_models,
+    read_safetensors_header,
+    resolve_inside,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LORAS = 4
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 5.0
+    width: int = 1024
+    height: int = 1024
+    seed: int = -1
+    loras: tuple[LoraChoice, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: object  # PIL.Image.Image
+    seed: int
+    family: str
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    model: str | None
+    freed_bytes: int
+
+
+@dataclass
+class _LoadedAdapter:
+    adapter: str
+    fingerprint: tuple
+
+
+def pick_device(preference: str = "auto") -> str:
+    import torch
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("config: DEVICE is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'.")
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+def _file_fingerprint(path: Path) -> tuple:
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def _adapter_name(lora: str, fingerprint: tuple) -> str:
+    digest = hashlib.sha1(f"{lora}|{fingerprint}".encode()).hexdigest()[:12]
+    return f"lora_{digest}"
+
+
+def _gpu_bytes_in_use() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def validate_request(request: GenerationRequest, family: str) -> None:
+    if not request.prompt.strip():
+        raise UserError("The prompt is empty: describe the image you want.")
+    multiple = 16 if family == FLUX else 8
+    for label, value in (("Width", request.width), ("Height", request.height)):
+        if value % multiple or not 64 <= value <= MAX_SIDE:
+            raise UserError(
+                f"{label} {value} is not valid for {family.upper()}: use a multiple of {multiple} "
+                f"between 64 and {MAX_SIDE}."
+            )
+    if not 1 <= request.steps <= 200:
+        raise UserError(f"Steps must be between 1 and 200 (got {request.steps}).")
+    if not 0 <= request.guidance <= 50:
+        raise UserError(f"Guidance must be between 0 and 50 (got {request.guidance}).")
+    if len(request.loras) > MAX_LORAS:
+        raise UserError(f"At most {MAX_LORAS} LoRAs at once (got {len(request.loras)}).")
+
+
+class ModelManager:
+    def __init__(self, *, models_dir: Path, loras_dir: Path, device: str = "auto") -> None:
+        self.models_dir = Path(models_dir)
+        self.loras_dir = Path(loras_dir)
+        self._device_preference = device
+        self._lock = threading.RLock()
+        self._pipe = None
+        self._entry: ModelEntry | None = None
+        self._adapters: dict[str, _LoadedAdapter] = {}
+        self._busy_reason: str | None = None
+        self._released_model: str | None = None
+
+    # ----- listing -------------------------------------------------------------
+    def list_models(self) -> list[ModelEntry]:
+        return list_models(self.models_dir)
+
+    def list_loras(self) -> list[str]:
+        return list_loras(self.loras_dir)
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self._entry.name if self._entry else None
+
+    @property
+    def loaded_family(self) -> str | None:
+        return self._entry.family if self._entry else None
+
+    @property
+    def busy_reason(self) -> str | None:
+        return self._busy_reason
+
+    @property
+    def device(self) -> str:
+        return pick_device(self._device_preference)
+
+    # ----- loading -------------------------------------------------------------
+    def _entry_for(self, name: str) -> ModelEntry:
+        path = resolve_inside(self.models_dir, name)
+        if not path.exists():
+            raise UserError(f"Model {name!r} not found in {self.models_dir}. Put a checkpoint there and refresh.")
+        single_file = path.is_file()
+        return ModelEntry(name=name, path=path, family=detect_family(path), single_file=single_file)
+
+    def _single_file_config(self, path: Path) -> Path:
+        from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
+
+        _, metadata = read_safetensors_header(path)
+        named = metadata.get("lora_studio.diffusers_config")
+        if named:
+            folder = resolve_inside(self.models_dir, named)
+            if not (folder / "model_index.json").is_file():
+                raise UserError(f"{path.name} needs the config folder {folder}, which is missing.")
+            return folder
+        return write_sdxl_base_config(self.models_dir / "configs" / SDXL_BASE_CONFIG_NAME)
+
+    def _build_pipeline(self, entry: ModelEntry):
+        import torch
+        from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
+        device = self.device
+        on_gpu = device == "cuda"
+        if entry.family == SDXL:
+            dtype = torch.float16 if on_gpu else torch.float32
+            if entry.single_file:
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    str(entry.path), config=str(self._single_file_config(entry.path)), torch_dtype=dtype
+                )
+            else:
+                pipe = StableDiffusionXLPipeline.from_pretrained(str(entry.path), torch_dtype=dtype)
+        else:
+            if entry.single_file:
+                raise UserError(
+                    f"{entry.name}: a Flux transformer alone is not enough; use a Flux diffusers folder "
+                    "(model_index.json with transformer, VAE and both text encoders)."
+                )
+            dtype = torch.bfloat16 if on_gpu else torch.float32
+            pipe = FluxPipeline.from_pretrained(str(entry.path), torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    def load_model(self, name: str) -> ModelEntry:
+        """Load ``name`` (no-op when already loaded). On failure the current model stays."""
+        with self._lock:
+            self._raise_if_busy()
+            if self._entry and self._entry.name == name and self._pipe is not None:
+                return self._entry
+            entry = self._entry_for(name)
+            try:
+                pipe = self._build_pipeline(entry)
+            except UserError:
+                raise
+            except Exception as exc:
+                log.exception("loading %s failed", name)
+                raise UserError(
+                    f"Could not load model {name!r}: {type(exc).__name__}: {str(exc)[:300]}. "
+                    "The file may be corrupt or incomplete; download it again."
+                ) from exc
+            self._drop_pipeline()
+            self._pipe, self._entry = pipe, entry
+            log.info("loaded %s (%s) on %s", name, entry.family, self.device)
+            return entry
+
+    def _drop_pipeline(self) -> None:
+        self._pipe = None
+        self._entry = None
+        self._adapters.clear()
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def unload(self) -> None:
+        with self._lock:
+            self._drop_pipeline()
+
+    # ----- LoRAs ---------------------------------------------------------------
+    def _apply_loras(self, loras: tuple[LoraChoice, ...]) -> None:
+        pipe = self._pipe
+        wanted: list[tuple[str, float]] = []
+        for choice in loras:
+            path = resolve_inside(self.loras_dir, choice.name)
+            if not path.is_file():
+                raise UserError(f"LoRA {choice.name!r} not found in {self.loras_dir}; refresh the list.")
+            fingerprint = _file_fingerprint(path)
+            loaded = self._adapters.get(choice.name)
+            if loaded is None or loaded.fingerprint != fingerprint:
+                if loaded is not None:
+                    pipe.delete_adapters([loaded.adapter])
+                    del self._adapters[choice.name]
+                adapter = _adapter_name(choice.name, fingerprint)
+                self._load_adapter(path, adapter, choice.name)
+                self._adapters[choice.name] = _LoadedAdapter(adapter, fingerprint)
+            wanted.append((self._adapters[choice.name].adapter, float(choice.weight)))
+        if wanted:
+            pipe.enable_lora()
+            pipe.set_adapters([a for a, _ in wanted], adapter_weights=[w for _, w in wanted])
+        elif self._adapters:
+            pipe.disable_lora()
+
+    def _loaded_adapter_names(self) -> set[str]:
+        return {name for names in self._pipe.get_list_adapters().values() for name in names}
+
+    def _load_adapter(self, path: Path, adapter: str, lora: str) -> None:
+        pipe = self._pipe
+        model = self._entry.name
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=adapter)
+        except Exception as exc:
+            if adapter in self._loaded_adapter_names():
+                pipe.delete_adapters([adapter])
+            log.warning("LoRA %s failed on %s: %s", lora, model, exc)
+            raise UserError(
+                f"LoRA {lora!r} does not fit model {model!r} ({self._entry.family.upper()}): "
+                f"{str(exc).splitlines()[0][:300]}. It was probably trained for another base model."
+            ) from exc
+        if adapter not in self._loaded_adapter_names():
+            raise UserError(
+                f"LoRA {lora!r} has no weights that match model {model!r} ({self._entry.family.upper()}); "
+                "it was made for another model family."
+            )
+
+    # ----- generation ----------------------------------------------------------
+    def _raise_if_busy(self) -> None:
+        if self._busy_reason:
+            raise GpuBusyError(f"The GPU is in use: {self._busy_reason}. Generation is available again when it ends.")
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        import torch
+
+        self._raise_if_busy()
+        with self._lock:
+            self._raise_if_busy()
+            entry = self.load_model(request.model)
+            validate_request(request, entry.family)
+            self._apply_loras(request.loras)
+            seed = request.seed if request.seed >= 0 else random.randrange(2**31)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            kwargs = dict(
+                prompt=request.prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                width=request.width,
+                height=request.height,
+                generator=generator,
+            )
+            if entry.family == SDXL:
+                kwargs["negative_prompt"] = request.negative_prompt or None
+            with torch.inference_mode():
+                image = self._pipe(**kwargs).images[0]
+        parameters = {
+            "model": entry.name,
+            "family": entry.family,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt if entry.family == SDXL else "",
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "width": request.width,
+            "height": request.height,
+            "seed": seed,
+            "loras": [{"name": c.name, "weight": c.weight} for c in request.loras],
+        }
+        return GenerationResult(image=image, seed=seed, family=entry.family, parameters=parameters)
+
+    # ----- GPU hand-off --------------------------------------------------------
+    def release(self, reason: str) -> ReleaseInfo:
+        """Free the GPU for another job (waits for a generation in flight)."""
+        with self._lock:
+            if self._busy_reason:
+                raise GpuBusyError(f"The GPU is already in use: {self._busy_reason}.")
+            before = _gpu_bytes_in_use()
+            self._released_model = self.loaded_model
+            self._drop_pipeline()
+            self._busy_reason = reason
+            return ReleaseInfo(model=self._released_model, freed_bytes=max(0, before - _gpu_bytes_in_use()))
+
+    def restore(self) -> str | None:
+        """Give the GPU back to inference and reload the model that was loaded before."""
+        with self._lock:
+            model, self._released_model = self._released_model, None
+            self._busy_reason = None
+            if model is None:
+                return None
+            try:
+                self.load_model(model)
+            except UserError as exc:
+                log.error("could not restore %s after the GPU came back: %s", model, exc)
+                return None
+            return model
+
+    @contextlib.contextmanager
+    def lent_to(self, reason: str) -> Iterator[ReleaseInfo]:
+        info = self.release(reason)
+        try:
+            yield info
+        finally:
+            self.restore()
+
+
+def environment_summary() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"torch {torch.__version__}, GPU: {gpu}, CPU threads: {os.cpu_count()}"

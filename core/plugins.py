@@ -1,0 +1,111 @@
+"""Tab plugins: ``modules/<name>/module.json`` + a package exposing an init function.
+
+A plugin that fails to import, initialize or build its tab is logged and skipped; the
+app still starts. Plugins are initialized in dependency order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.i18n import module_strings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    folder: Path
+    manifest: dict
+    instance: object | None = None
+    error: str | None = None
+
+
+@dataclass
+class PluginManager:
+    """The host's module manager (``gestionnaire``): lets one tab reach another."""
+
+    modules_dir: Path
+    package: str = "modules"
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+
+    def discover(self) -> list[PluginInfo]:
+        found = []
+        for manifest_path in sorted(Path(self.modules_dir).glob("*/module.json")):
+            folder = manifest_path.parent
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+                if not isinstance(manifest, dict) or not isinstance(manifest.get("init_function"), str):
+                    raise ValueError("module.json needs an object with an 'init_function' string")
+            except (OSError, ValueError) as exc:
+                log.error("plugin %s skipped: bad module.json: %s", folder.name, exc)
+                self.plugins[folder.name] = PluginInfo(folder.name, folder, {}, error=f"bad module.json: {exc}")
+                continue
+            found.append(PluginInfo(manifest.get("name", folder.name), folder, manifest))
+        return _dependency_order(found)
+
+    def initialize_all(self, *, global_translations: dict, model_manager, global_config) -> None:
+        for info in self.discover():
+            self.plugins[info.name] = info
+            missing = [d for d in info.manifest.get("dependencies", []) if d not in self.loaded_names()]
+            if missing:
+                info.error = f"missing dependencies: {', '.join(missing)}"
+                log.error("plugin %s skipped: %s", info.name, info.error)
+                continue
+            try:
+                module = importlib.import_module(f"{self.package}.{info.folder.name}")
+                init = getattr(module, info.manifest["init_function"])
+                info.instance = init(global_translations, model_manager, self, global_config)
+            except Exception as exc:
+                info.error = f"{type(exc).__name__}: {exc}"
+                log.exception("plugin %s failed to initialize; skipped", info.name)
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, info in self.plugins.items() if info.instance is not None]
+
+    def get(self, name: str):
+        info = self.plugins.get(name)
+        return info.instance if info else None
+
+    def create_tabs(self, language: str) -> None:
+        """Call each plugin's ``create_tab`` inside the caller's ``gr.Tabs``."""
+        import gradio as gr
+
+        for info in self.plugins.values():
+            if info.instance is None:
+                continue
+            strings = module_strings(info.manifest.get("language", {}), language)
+            try:
+                info.instance.create_tab(strings)
+            except Exception as exc:
+                info.error = f"{type(exc).__name__}: {exc}"
+                info.instance = None
+                log.exception("plugin %s failed to build its tab; skipped", info.name)
+                gr.Markdown(f"Plugin **{info.name}** failed to load: {info.error}")
+
+    def failures(self) -> dict[str, str]:
+        return {name: info.error for name, info in self.plugins.items() if info.error}
+
+
+def _dependency_order(plugins: list[PluginInfo]) -> list[PluginInfo]:
+    by_name = {p.name: p for p in plugins}
+    ordered: list[PluginInfo] = []
+    visiting: set[str] = set()
+
+    def visit(plugin: PluginInfo) -> None:
+        if plugin in ordered or plugin.name in visiting:
+            return
+        visiting.add(plugin.name)
+        for dep in plugin.manifest.get("dependencies", []):
+            if dep in by_name:
+                visit(by_name[dep])
+        ordered.append(plugin)
+
+    for plugin in plugins:
+        visit(plugin)
+    return ordered

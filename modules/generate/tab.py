@@ -1,0 +1,180 @@
+"""The Generate tab: thin widgets over ModelManager.generate."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from core.errors import UserError
+from core.i18n import translate
+from core.model_files import native_image_size
+from core.model_manager import MAX_LORAS, GenerationRequest, LoraChoice
+from modules.generate.outputs import save_generation
+
+log = logging.getLogger(__name__)
+
+
+def lora_choices_from_args(args: tuple) -> tuple[LoraChoice, ...]:
+    """``(name1, weight1, name2, weight2, ...)`` → the chosen LoRAs, empty slots left out."""
+    choices = []
+    for name, weight in zip(args[0::2], args[1::2], strict=True):
+        if name:
+            choices.append(LoraChoice(name=str(name), weight=float(weight if weight is not None else 1.0)))
+    return tuple(choices)
+
+
+class GenerateTab:
+    def __init__(self, *, model_manager, config, translations: dict) -> None:
+        self.model_manager = model_manager
+        self.config = config
+        self.translations = translations
+        self.model_dropdown = None
+        self.prompt_box = None
+        self.lora_dropdowns: list = []
+
+    # ----- plain functions behind the widgets (also the API) --------------------
+    def model_names(self) -> list[str]:
+        return [entry.name for entry in self.model_manager.list_models()]
+
+    def lora_names(self) -> list[str]:
+        return self.model_manager.list_loras()
+
+    def default_model(self) -> str | None:
+        names = self.model_names()
+        preferred = self.config.DEFAULT_SDXL_MODEL_FOR_LORA
+        if preferred in names:
+            return preferred
+        return names[0] if names else None
+
+    def image_size_for(self, model: str | None) -> int:
+        for entry in self.model_manager.list_models():
+            if entry.name == model:
+                return native_image_size(entry)
+        return 1024
+
+    def run_generation(self, request: GenerationRequest, strings: dict) -> tuple[str, str]:
+        started = time.perf_counter()
+        result = self.model_manager.generate(request)
+        path = save_generation(result.image, result.parameters, self.config.OUTPUTS_DIR)
+        message = translate("done", strings, seed=result.seed, seconds=time.perf_counter() - started, path=path.name)
+        return str(path), message
+
+    # ----- UI ------------------------------------------------------------------
+    def refresh_lora_updates(self) -> list:
+        """Updates for every LoRA dropdown (other tabs call this after saving a LoRA)."""
+        import gradio as gr
+
+        names = self.lora_names()
+        return [gr.Dropdown(choices=names) for _ in self.lora_dropdowns]
+
+    def create_tab(self, strings: dict) -> None:
+        import gradio as gr
+
+        def t(key, **values):
+            return translate(key, strings, **values)
+
+        models = self.model_names()
+        default = self.default_model()
+        size = self.image_size_for(default)
+        with gr.Tab(t("tab_title"), id="generate"):
+            if not models:
+                gr.Markdown(t("no_models", folder=self.config.MODELS_DIR))
+            with gr.Row():
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        self.model_dropdown = gr.Dropdown(
+                            choices=models, value=default, label=t("model"), elem_id="generate-model", scale=4
+                        )
+                        refresh_models = gr.Button(t("refresh"), scale=1)
+                    self.prompt_box = gr.Textbox(
+                        label=t("prompt"), placeholder=t("prompt_placeholder"), lines=3, elem_id="generate-prompt"
+                    )
+                    negative = gr.Textbox(label=t("negative_prompt"), lines=2)
+                    with gr.Row():
+                        steps = gr.Slider(1, 100, value=20, step=1, label=t("steps"))
+                        guidance = gr.Slider(0.0, 20.0, value=5.0, step=0.5, label=t("guidance"))
+                    with gr.Row():
+                        width = gr.Number(value=size, precision=0, step=8, label=t("width"))
+                        height = gr.Number(value=size, precision=0, step=8, label=t("height"))
+                        seed = gr.Number(value=-1, precision=0, label=t("seed"))
+                    with gr.Accordion(t("loras"), open=True):
+                        lora_inputs = []
+                        self.lora_dropdowns = []
+                        for n in range(1, MAX_LORAS + 1):
+                            with gr.Row():
+                                dropdown = gr.Dropdown(
+                                    choices=self.lora_names(),
+                                    value=None,
+                                    label=t("lora_slot", n=n),
+                                    elem_id=f"generate-lora-{n}",
+                                    scale=3,
+                                )
+                                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n))
+                            self.lora_dropdowns.append(dropdown)
+                            lora_inputs += [dropdown, weight]
+                        refresh_loras = gr.Button(t("refresh"))
+                    generate_button = gr.Button(t("generate"), variant="primary", elem_id="generate-button")
+                with gr.Column(scale=2):
+                    output = gr.Image(label=t("output"), type="filepath", elem_id="generate-output")
+                    status = gr.Markdown(elem_id="generate-status")
+
+        def generate(model, prompt, negative_prompt, steps, guidance, width, height, seed, *lora_args):
+            if not model:
+                raise gr.Error(t("no_models", folder=self.config.MODELS_DIR))
+            try:
+                request = GenerationRequest(
+                    model=model,
+                    prompt=prompt or "",
+                    negative_prompt=negative_prompt or "",
+                    steps=int(steps),
+                    guidance=float(guidance),
+                    width=int(width),
+                    height=int(height),
+                    seed=int(seed if seed is not None else -1),
+                    loras=lora_choices_from_args(lora_args),
+                )
+                return self.run_generation(request, strings)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from exc
+            except Exception as exc:
+                log.exception("generation failed")
+                raise gr.Error(t("failed", error=f"{type(exc).__name__}: {exc}")) from exc
+
+        generate_button.click(
+            generate,
+            inputs=[self.model_dropdown, self.prompt_box, negative, steps, guidance, width, height, seed, *lora_inputs],
+            outputs=[output, status],
+            api_name="generate",
+        )
+
+        def refresh_model_list(current):
+            names = self.model_names()
+            value = current if current in names else self.default_model()
+            return gr.Dropdown(choices=names, value=value)
+
+        refresh_models.click(
+            refresh_model_list, inputs=[self.model_dropdown], outputs=[self.model_dropdown], api_visibility="private"
+        )
+        refresh_loras.click(self.refresh_lora_updates, outputs=self.lora_dropdowns, api_visibility="private")
+
+        def size_for_model(model):
+            side = self.image_size_for(model)
+            return side, side
+
+        self.model_dropdown.change(
+            size_for_model, inputs=[self.model_dropdown], outputs=[width, height], api_visibility="private"
+        )
+
+        def list_models() -> list[dict]:
+            """Base models in the models folder, with their family."""
+            return [
+                {"name": e.name, "family": e.family, "single_file": e.single_file}
+                for e in self.model_manager.list_models()
+            ]
+
+        def list_loras() -> list[str]:
+            """LoRA files in the shared loras folder."""
+            return self.lora_names()
+
+        gr.api(list_models, api_name="list_models")
+        gr.api(list_loras, api_name="list_loras")

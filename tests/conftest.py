@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny demo models built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models/ folder holding the demo SDXL (folder + single file) and Flux."""
+    from core.demo_models import ensure_demo_models
+
+    folder = tmp_path_factory.mktemp("models")
+    ensure_demo_models(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_paths(models_dir):
+    from core.demo_models import demo_model_paths
+
+    return demo_model_paths(models_dir)
+
+
+def write_config(folder: Path, models_dir: Path, **overrides) -> Path:
+    from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+
+    data = {
+        "MODELS_DIR": str(models_dir),
+        "LORAS_DIR": str(folder / "loras"),
+        "LORA_PROJECTS_DIR": str(folder / "projects"),
+        "OUTPUTS_DIR": str(folder / "outputs"),
+        "DEFAULT_SDXL_MODEL_FOR_LORA": DEMO_SDXL_NAME,
+        "DEFAULT_FLUX_MODEL_FOR_LORA": DEMO_FLUX_NAME,
+        "LANGUAGE": "en",
+        "DEVICE": "cpu",
+        "BUILD_DEMO_MODELS": True,
+    }
+    data.update(overrides)
+    path = folder / "config.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+@pytest.fixture
+def app_config(tmp_path, models_dir):
+    from core.config import ensure_folders, load_config
+
+    config = load_config(write_config(tmp_path, models_dir))
+    ensure_folders(config)
+    return config

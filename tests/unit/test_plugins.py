@@ -1,0 +1,51 @@
+import json
+import sys
+
+from core.plugins import PluginManager
+
+
+def _write_plugin(root, name, body, *, dependencies=()):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "module.json").write_text(
+        json.dumps({"name": name, "init_function": "initialize", "dependencies": list(dependencies), "language": {}})
+    )
+    (folder / "__init__.py").write_text(body)
+
+
+GOOD = """
+class Tab:
+    def __init__(self, manager):
+        self.manager = manager
+    def create_tab(self, strings):
+        pass
+
+def initialize(global_translations, model_manager, gestionnaire, global_config):
+    return Tab(gestionnaire)
+"""
+
+
+def test_broken_plugins_are_skipped_and_good_ones_load(tmp_path, monkeypatch):
+    package = tmp_path / "plugpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    _write_plugin(package, "good", GOOD)
+    _write_plugin(package, "import_error", "import does_not_exist_anywhere\n")
+    _write_plugin(package, "init_error", "def initialize(*args):\n    raise RuntimeError('boom')\n")
+    _write_plugin(package, "needs_missing", GOOD, dependencies=["absent"])
+    _write_plugin(package, "after_good", GOOD, dependencies=["good"])
+    (package / "bad_manifest").mkdir()
+    (package / "bad_manifest" / "module.json").write_text("[1, 2]")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    manager = PluginManager(modules_dir=package, package="plugpkg")
+    manager.initialize_all(global_translations={}, model_manager=None, global_config=None)
+
+    assert manager.loaded_names() == ["good", "after_good"]
+    assert manager.get("after_good").manager is manager
+    failures = manager.failures()
+    assert "ModuleNotFoundError" in failures["import_error"]
+    assert "boom" in failures["init_error"]
+    assert "absent" in failures["needs_missing"]
+    assert "bad module.json" in failures["bad_manifest"]
+    sys.modules.pop("plugpkg", None)
