@@ -83,7 +83,13 @@ class GenerateTab:
                 with gr.Column(scale=3):
                     with gr.Row():
                         self.model_dropdown = gr.Dropdown(
-                            choices=models, value=default, label=t("model"), elem_id="generate-model", scale=4
+                            choices=models,
+                            value=default,
+                            label=t("model"),
+                            elem_id="generate-model",
+                            scale=4,
+                            # Files added after the page loaded are valid too; ModelManager checks them.
+                            allow_custom_value=True,
                         )
                         refresh_models = gr.Button(t("refresh"), scale=1)
                     self.prompt_box = gr.Textbox(
@@ -108,6 +114,7 @@ class GenerateTab:
                                     label=t("lora_slot", n=n),
                                     elem_id=f"generate-lora-{n}",
                                     scale=3,
+                                    allow_custom_value=True,
                                 )
                                 weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n))
                             self.lora_dropdowns.append(dropdown)

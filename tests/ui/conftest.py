@@ -1,0 +1,40 @@
+"""Browser fixtures: Debian's Chromium driven by Playwright, a fresh profile per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.server import CHROMIUM, CHROMIUM_ARGS
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (./test.sh installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def screenshot(browser_page, request):
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def take(stage: str):
+        browser_page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{stage}.png"), full_page=True)
+
+    return take
