@@ -15,9 +15,10 @@ from pathlib import Path
 
 DEMO_SDXL_NAME = "demo-tiny-sdxl-RANDOM-WEIGHTS"
 DEMO_FLUX_NAME = "demo-tiny-flux-RANDOM-WEIGHTS"
+DEMO_FLORENCE_NAME = "demo-tiny-florence2-RANDOM-WEIGHTS"
 DEMO_IMAGE_SIZE = 64
 # Bump when the builders change so stale demo folders are rebuilt.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 _STAMP = "lora_studio_demo.json"
 
 SDXL_SCHEDULER_CONFIG = {
@@ -182,11 +183,69 @@ def build_tiny_flux_pipeline(*, seed: int = 0):
     )
 
 
+def build_tiny_florence2(*, seed: int = 2, image_size: int = 64):
+    """A tiny random Florence-2 (DaViT vision tower + BART) and its real processor classes.
+
+    With random weights the text is one repeated token; seed 2 makes it a printable one.
+    """
+    import torch
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
+
+    from core.tokenizers import build_tiny_bart_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_bart_tokenizer()
+    side = {"height": image_size, "width": image_size}
+    # DaViT downsamples 32x; the processor inserts one token per patch plus one pooled token.
+    image_processor = CLIPImageProcessor(
+        size=side, crop_size=side, do_center_crop=False, image_seq_length=(image_size // 32) ** 2 + 1
+    )
+    processor = Florence2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, post_processor_config={"pure_text": {}}
+    )
+    vision = Florence2VisionConfig(
+        depths=(1, 1, 1, 1),
+        embed_dim=(16, 32, 32, 32),
+        num_heads=(1, 2, 2, 2),
+        num_groups=(1, 2, 2, 2),
+        window_size=2,
+        projection_dim=32,
+        max_position_embeddings=8,
+        max_temporal_embeddings=4,
+    )
+    text = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id,
+    )
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    return Florence2ForConditionalGeneration(config).eval(), processor
+
+
 @dataclass(frozen=True)
 class DemoModelPaths:
     sdxl_folder: Path
     sdxl_single_file: Path
     flux_folder: Path
+    florence_folder: Path
 
 
 def demo_model_paths(models_dir: Path) -> DemoModelPaths:
@@ -195,6 +254,7 @@ def demo_model_paths(models_dir: Path) -> DemoModelPaths:
         sdxl_folder=models_dir / DEMO_SDXL_NAME,
         sdxl_single_file=models_dir / f"{DEMO_SDXL_NAME}.safetensors",
         flux_folder=models_dir / DEMO_FLUX_NAME,
+        florence_folder=models_dir / "captioners" / DEMO_FLORENCE_NAME,
     )
 
 
@@ -206,11 +266,13 @@ def _is_current(folder: Path) -> bool:
         return False
 
 
-def _save_pipeline_folder(pipe, folder: Path) -> None:
+def _save_pipeline_folder(folder: Path, *parts) -> None:
+    """Save a pipeline (or a model and its processor) into one stamped folder, atomically."""
     from core.atomic import atomic_path
 
     with atomic_path(folder) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        for part in parts:
+            part.save_pretrained(tmp)
         (tmp / _STAMP).write_text(json.dumps({"version": DEMO_VERSION, "random_weights": True}))
 
 
@@ -221,7 +283,7 @@ def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPat
     paths = demo_model_paths(models_dir)
     if force or not _is_current(paths.sdxl_folder) or not paths.sdxl_single_file.is_file():
         pipe = build_tiny_sdxl_pipeline(seed=0)
-        _save_pipeline_folder(pipe, paths.sdxl_folder)
+        _save_pipeline_folder(paths.sdxl_folder, pipe)
         save_sdxl_single_file(
             pipe,
             paths.sdxl_single_file,
@@ -233,7 +295,9 @@ def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPat
             },
         )
     if force or not _is_current(paths.flux_folder):
-        _save_pipeline_folder(build_tiny_flux_pipeline(seed=0), paths.flux_folder)
+        _save_pipeline_folder(paths.flux_folder, build_tiny_flux_pipeline(seed=0))
+    if force or not _is_current(paths.florence_folder):
+        _save_pipeline_folder(paths.florence_folder, *build_tiny_florence2())
     return paths
 
 
@@ -243,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when current")
     args = parser.parse_args(argv)
     paths = ensure_demo_models(Path(args.models_dir), force=args.force)
-    for path in (paths.sdxl_folder, paths.sdxl_single_file, paths.flux_folder):
+    for path in (paths.sdxl_folder, paths.sdxl_single_file, paths.flux_folder, paths.florence_folder):
         print(path)
     return 0
 

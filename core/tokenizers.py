@@ -87,3 +87,20 @@ def build_tiny_t5_tokenizer(*, vocab_size: int = 200):
     raw.train_from_iterator(_T5_TRAINING_TEXT, trainer=trainer)
     vocab = [tuple(entry) for entry in json.loads(raw.to_str())["model"]["vocab"]]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_bart_tokenizer(*, vocab_size: int = 300):
+    """A small byte-level BPE BART tokenizer trained in code, with Florence-2's image token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import BartTokenizer
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(
+        _T5_TRAINING_TEXT,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    model = json.loads(trainer._tokenizer.to_str())["model"]
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return BartTokenizer(vocab=model["vocab"], merges=merges, extra_special_tokens={"image_token": "<image>"})

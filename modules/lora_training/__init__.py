@@ -1,0 +1,1 @@
+"""LoRA Training: dataset preparation and training (UI-free core + a thin Gradio tab)."""

@@ -1,0 +1,3 @@
+from modules.lora_training.cli import main
+
+raise SystemExit(main())

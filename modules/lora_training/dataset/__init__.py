@@ -1,0 +1,1 @@
+"""Dataset preparation: scan → validate → crop to buckets → caption → trigger word."""

@@ -1,0 +1,130 @@
+"""Find candidate files under a folder and decode each into a clean RGB image, or a reason why not."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Larger than any photo a camera takes (~100 MP), far below what exhausts memory.
+MAX_PIXELS = 120_000_000
+NEUTRAL_BACKGROUND = (128, 128, 128)
+CAPTION_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path  # as found under the folder (may be a symlink)
+    relative: str
+
+
+@dataclass
+class LoadedImage:
+    image: object  # PIL.Image.Image, RGB
+    sha256: str
+    width: int
+    height: int
+
+
+class RejectedImage(Exception):
+    """Why a file cannot be used; the message is the per-file reason shown to the user."""
+
+
+def find_source_files(folder: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+    """Every non-caption file under ``folder`` (recursive, symlinked folders not followed).
+
+    Returns the files and ``(relative path, reason)`` for entries refused outright:
+    symlinks that leave the folder, loop or dangle.
+    """
+    folder = Path(folder).resolve()
+    files: list[SourceFile] = []
+    refused: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirname in dirnames:
+            if (Path(dirpath) / dirname).is_symlink():
+                refused.append((str((Path(dirpath) / dirname).relative_to(folder)), "symlinked folder not followed"))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            relative = str(path.relative_to(folder))
+            if name.startswith(".") or name.lower().endswith(CAPTION_SUFFIX):
+                continue
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    refused.append((relative, "broken or looping symlink"))
+                    continue
+                if folder not in target.parents:
+                    refused.append((relative, "symlink points outside the image folder"))
+                    continue
+            files.append(SourceFile(path=path, relative=relative))
+    return files, refused
+
+
+def _to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.uint32)
+        peak = 65535 if array.max() > 255 else 255
+        image = Image.fromarray((array * 255 // peak).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, NEUTRAL_BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def load_image(path: Path) -> LoadedImage:
+    """Decode fully, apply EXIF orientation, first frame only, convert to RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RejectedImage(f"cannot be read ({exc.strerror or exc})") from exc
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                if opened.width * opened.height > MAX_PIXELS:
+                    raise RejectedImage(
+                        f"too large ({opened.width}x{opened.height}); possible decompression bomb, "
+                        f"limit is {MAX_PIXELS // 1_000_000} megapixels"
+                    )
+                opened.seek(0)
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                image = _to_rgb(image)
+    except RejectedImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RejectedImage("too large; possible decompression bomb") from exc
+    except UnidentifiedImageError as exc:
+        raise RejectedImage("not an image (unrecognised format)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RejectedImage(f"corrupt or truncated image ({exc})") from exc
+    return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height)
+
+
+def difference_hash(image, *, size: int = 8) -> int:
+    """A 64-bit perceptual hash: nearby images differ in few bits."""
+    gray = np.asarray(image.convert("L").resize((size + 1, size)), dtype=np.int16)
+    bits = (gray[:, 1:] > gray[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()

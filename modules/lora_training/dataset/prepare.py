@@ -1,0 +1,306 @@
+"""prepare(): a messy folder of photos → cropped, captioned training images + a manifest.
+
+Sources are only read. Re-running is incremental: images are matched by content hash,
+unchanged crops and captions are reused, captions the user edited are kept (unless
+``recaption``), and images no longer in the folder are dropped from the project.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.atomic import atomic_path, write_text_atomic
+from core.errors import UserError
+from modules.lora_training.config import PrepareConfig, config_to_dict
+from modules.lora_training.dataset.buckets import Bucket, apply_crop, make_buckets, nearest_bucket, plan_crop
+from modules.lora_training.dataset.captioners import Captioner, make_captioner
+from modules.lora_training.dataset.captions import (
+    CLIP_CONTENT_TOKENS,
+    count_clip_tokens,
+    inject_trigger,
+    merge_existing,
+    needs_captioner,
+)
+from modules.lora_training.dataset.images import (
+    CAPTION_SUFFIX,
+    RejectedImage,
+    difference_hash,
+    find_source_files,
+    hamming,
+    load_image,
+)
+from modules.lora_training.events import EventSink, Log, PrepFinished, PrepProgress, ignore_events
+from modules.lora_training.project import ProjectPaths, read_json, write_json
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class PrepareResult:
+    project_dir: Path
+    used: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    captioned: int = 0
+
+    def bucket_histogram(self) -> dict[str, int]:
+        return dict(sorted(Counter(f"{e['bucket'][0]}x{e['bucket'][1]}" for e in self.used).items()))
+
+    def skip_reasons(self) -> dict[str, int]:
+        return dict(Counter(_reason_kind(e["reason"]) for e in self.skipped).most_common())
+
+    def truncated(self) -> list[dict]:
+        return [e for e in self.used if e.get("caption_truncated")]
+
+    def summary(self) -> str:
+        lines = [f"Prepared {len(self.used)} image(s) in {self.project_dir}; skipped {len(self.skipped)}."]
+        for entry in self.skipped:
+            lines.append(f"  skipped {entry['source']}: {entry['reason']}")
+        if self.used:
+            buckets = ", ".join(f"{k}: {v}" for k, v in self.bucket_histogram().items())
+            lines.append(f"Buckets: {buckets}")
+        lines.append(f"Captioned now: {self.captioned}; reused: {len(self.used) - self.captioned}.")
+        for entry in self.truncated():
+            lines.append(
+                f"  caption of {entry['source']} has {entry['caption_tokens']} tokens; CLIP reads the first "
+                f"{CLIP_CONTENT_TOKENS}, the rest is cut"
+            )
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" (")[0].split(" of ")[0]
+
+
+def _slug(stem: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
+    return (slug or "image")[:40]
+
+
+def _read_caption_beside(path: Path) -> str | None:
+    candidate = path.with_suffix(CAPTION_SUFFIX)
+    try:
+        return candidate.read_text(encoding="utf-8").strip() if candidate.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _check_inputs(config: PrepareConfig, projects_dir: Path) -> tuple[ProjectPaths, Path]:
+    paths = ProjectPaths.for_project(projects_dir, config.project)
+    if not str(config.images_dir).strip():
+        raise UserError("No image folder given: choose the folder that holds your photos.")
+    images_dir = Path(config.images_dir).expanduser()
+    if not images_dir.exists():
+        raise UserError(f"Image folder {images_dir} does not exist.")
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir} is a file; choose the folder that holds your photos.")
+    images_dir = images_dir.resolve()
+    if images_dir == paths.root or paths.root in images_dir.parents:
+        raise UserError("The image folder is inside the project folder; choose your original photos instead.")
+    if not config.trigger.strip():
+        raise UserError("The trigger word is empty: pick a rare word (e.g. ohwx) that will call your LoRA.")
+    return paths, images_dir
+
+
+class _Preparation:
+    def __init__(self, config: PrepareConfig, paths: ProjectPaths, images_dir: Path, on_event: EventSink) -> None:
+        self.config = config
+        self.paths = paths
+        self.images_dir = images_dir
+        self.on_event = on_event
+        self.buckets = make_buckets(config.resolution)
+        old = read_json(paths.manifest, default={}) or {}
+        self.old_by_hash = {e["sha256"]: e for e in old.get("images", []) if e.get("status") == "used"}
+        self.result = PrepareResult(project_dir=paths.root)
+
+    def skip(self, source: str, reason: str, sha256: str | None = None) -> None:
+        self.result.skipped.append({"source": source, "status": "skipped", "reason": reason, "sha256": sha256})
+
+    def scan_and_crop(self) -> None:
+        files, refused = find_source_files(self.images_dir)
+        for relative, reason in refused:
+            self.skip(relative, reason)
+        if not files and not refused:
+            raise UserError(f"Image folder {self.images_dir} is empty: add some photos (JPEG, PNG, WebP...).")
+        seen_hashes: dict[str, str] = {}
+        seen_dhashes: list[tuple[int, str]] = []
+        self.paths.images.mkdir(parents=True, exist_ok=True)
+        for index, source in enumerate(files):
+            self.on_event(PrepProgress(stage="scan", done=index, total=len(files), item=source.relative))
+            try:
+                loaded = load_image(source.path)
+            except RejectedImage as exc:
+                self.skip(source.relative, str(exc))
+                continue
+            short = min(loaded.width, loaded.height)
+            if short < self.config.minimum_side:
+                self.skip(
+                    source.relative,
+                    f"too small ({loaded.width}x{loaded.height}; the short side needs at least "
+                    f"{self.config.minimum_side} px for resolution {self.config.resolution})",
+                    loaded.sha256,
+                )
+                continue
+            if loaded.sha256 in seen_hashes:
+                self.skip(source.relative, f"duplicate of {seen_hashes[loaded.sha256]}", loaded.sha256)
+                continue
+            dhash = difference_hash(loaded.image)
+            twin = next(
+                (name for h, name in seen_dhashes if hamming(h, dhash) <= self.config.duplicate_threshold), None
+            )
+            if twin:
+                self.skip(source.relative, f"near-duplicate of {twin}", loaded.sha256)
+                continue
+            seen_hashes[loaded.sha256] = source.relative
+            seen_dhashes.append((dhash, source.relative))
+            self.result.used.append(self._crop(source, loaded))
+        self.on_event(PrepProgress(stage="scan", done=len(files), total=len(files)))
+        if not self.result.used:
+            raise UserError(
+                f"No usable image in {self.images_dir}: {len(self.result.skipped)} file(s) skipped "
+                f"({', '.join(f'{k}: {v}' for k, v in self.result.skip_reasons().items())})."
+            )
+
+    def _crop(self, source, loaded) -> dict:
+        bucket: Bucket = nearest_bucket(loaded.width, loaded.height, self.buckets)
+        crop = plan_crop(loaded.width, loaded.height, bucket)
+        name = f"{_slug(Path(source.relative).stem)}-{loaded.sha256[:10]}"
+        image_path = self.paths.images / f"{name}.png"
+        entry = {
+            "source": source.relative,
+            "sha256": loaded.sha256,
+            "status": "used",
+            "reason": "",
+            "image": image_path.name,
+            "caption_file": f"{name}{CAPTION_SUFFIX}",
+            "original_size": [loaded.width, loaded.height],
+            "bucket": [bucket.width, bucket.height],
+            "crop": {"resized": [crop.resized_width, crop.resized_height], "left": crop.left, "top": crop.top},
+            "source_caption": _read_caption_beside(source.path),
+        }
+        old = self.old_by_hash.get(loaded.sha256)
+        reusable = old and old.get("bucket") == entry["bucket"] and old.get("crop") == entry["crop"]
+        if not (reusable and image_path.is_file()):
+            with atomic_path(image_path) as tmp:
+                apply_crop(loaded.image, crop).save(tmp, format="PNG")
+        return entry
+
+    def _caption_by(self) -> str:
+        if self.config.captioner == "none":
+            return "none"
+        return f"{self.config.captioner}:{self.config.caption_task}:{self.config.caption_model or 'default'}"
+
+    def caption(self, models_dir: Path) -> None:
+        """Decide each caption; run the captioner only on images that need it."""
+        caption_by = self._caption_by()
+        to_caption: list[dict] = []
+        for entry in self.result.used:
+            old = self.old_by_hash.get(entry["sha256"])
+            caption_path = self.paths.images / entry["caption_file"]
+            current = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None
+            edited = old is not None and current is not None and current != old.get("caption")
+            if edited and not self.config.recaption:
+                entry.update(caption=current, caption_raw=old.get("caption_raw", ""), caption_origin="edited by user")
+                continue
+            same_inputs = (
+                old is not None
+                and old.get("caption_by") == caption_by
+                and old.get("source_caption") == entry["source_caption"]
+                and old.get("existing_captions") == self.config.existing_captions
+            )
+            if same_inputs and not self.config.recaption:
+                entry.update(caption_raw=old.get("caption_raw", ""), caption_origin=old.get("caption_origin", ""))
+            elif needs_captioner(entry["source_caption"], self.config.existing_captions) and caption_by != "none":
+                to_caption.append(entry)
+                continue
+            else:
+                entry.update(
+                    caption_raw=merge_existing(entry["source_caption"], None, self.config.existing_captions),
+                    caption_origin="existing .txt" if entry["source_caption"] else "trigger only",
+                )
+            entry["caption"] = inject_trigger(entry["caption_raw"], self.config.trigger)
+        if to_caption:
+            self._run_captioner(to_caption, models_dir)
+        for entry in self.result.used:
+            entry["caption_by"] = caption_by
+            entry["existing_captions"] = self.config.existing_captions
+
+    def _run_captioner(self, entries: list[dict], models_dir: Path) -> None:
+        from PIL import Image
+
+        captioner: Captioner = make_captioner(
+            self.config.captioner, model=self.config.caption_model, task=self.config.caption_task, models_dir=models_dir
+        )
+        self.on_event(Log(f"Captioning {len(entries)} image(s) with {captioner.name} ({self.config.caption_task})"))
+        try:
+            batch_size = 8
+            for start in range(0, len(entries), batch_size):
+                batch = entries[start : start + batch_size]
+                self.on_event(PrepProgress(stage="caption", done=start, total=len(entries), item=batch[0]["source"]))
+                images = []
+                for entry in batch:
+                    with Image.open(self.paths.images / entry["image"]) as opened:
+                        images.append(opened.convert("RGB"))
+                for entry, generated in zip(batch, captioner.caption(images), strict=True):
+                    entry["caption_raw"] = merge_existing(
+                        entry["source_caption"], generated, self.config.existing_captions
+                    )
+                    entry["caption_origin"] = captioner.name
+                    entry["caption"] = inject_trigger(entry["caption_raw"], self.config.trigger)
+                    self.result.captioned += 1
+            self.on_event(PrepProgress(stage="caption", done=len(entries), total=len(entries)))
+        finally:
+            captioner.close()
+
+    def count_tokens(self) -> None:
+        from core.tokenizers import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer()
+        for entry in self.result.used:
+            entry["caption_tokens"] = count_clip_tokens(tokenizer, entry["caption"])
+            entry["caption_truncated"] = entry["caption_tokens"] > CLIP_CONTENT_TOKENS
+
+    def write(self) -> None:
+        keep = set()
+        for entry in self.result.used:
+            keep.update((entry["image"], entry["caption_file"]))
+            caption_path = self.paths.images / entry["caption_file"]
+            current = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None
+            if current != entry["caption"]:
+                write_text_atomic(caption_path, entry["caption"] + "\n")
+        for stale in self.paths.images.iterdir():
+            if stale.is_file() and stale.name not in keep:
+                stale.unlink()
+        write_json(
+            self.paths.manifest,
+            {
+                "version": MANIFEST_VERSION,
+                "source_dir": str(self.images_dir),
+                "config": config_to_dict(self.config),
+                "images": self.result.used + self.result.skipped,
+                "buckets": self.result.bucket_histogram(),
+            },
+        )
+
+
+def prepare(config: PrepareConfig, *, projects_dir: Path, models_dir: Path, on_event: EventSink = ignore_events):
+    """Prepare ``config.images_dir`` into the project folder; returns a PrepareResult."""
+    paths, images_dir = _check_inputs(config, projects_dir)
+    is_new_project = not paths.root.exists()
+    work = _Preparation(config, paths, images_dir, on_event)
+    try:
+        work.scan_and_crop()
+        work.caption(models_dir)
+        work.count_tokens()
+        work.write()
+    except BaseException:
+        if is_new_project:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    result = work.result
+    on_event(Log(result.summary()))
+    on_event(PrepFinished(project_dir=str(paths.root), used=len(result.used), skipped=len(result.skipped)))
+    return result

@@ -1,0 +1,62 @@
+"""Where a LoRA project's files live: ``LoRA_Projects_Internal/<project>/``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.atomic import write_text_atomic
+from modules.lora_training.names import validate_name
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @classmethod
+    def for_project(cls, projects_dir: Path, name: str) -> ProjectPaths:
+        return cls(Path(projects_dir).resolve() / validate_name(name))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def training_config(self) -> Path:
+        return self.root / "training_config.json"
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def write_json(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
