@@ -23,6 +23,18 @@ def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` (a decompression bomb's header), with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def folder_hashes(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -47,6 +59,14 @@ def make_messy_folder(folder: Path) -> dict[str, str]:
     (folder / "rotated.jpg").write_bytes(jpeg_bytes(noise_image(360, 240, seed=5), exif=exif))
     noise_image(300, 260, seed=6, mode="RGBA").save(folder / "transparent.png")
     (folder / "print.jpg").write_bytes(jpeg_bytes(noise_image(280, 320, seed=7, mode="CMYK")))
+    noise_image(320, 320, seed=10).save(folder / "café 🌅 Soleil.PNG")
+    (folder / "portrait.txt").write_text(", ".join(f"detail number {i}" for i in range(40)))
+
+    outside = folder.parent / "outside.png"
+    noise_image(300, 300, seed=11).save(outside)
+    (folder / "link-out.png").symlink_to(outside)
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "bomb.png").write_bytes(png_header_only(20000, 20000))
 
     (folder / "truncated.jpg").write_bytes(jpeg_bytes(noise_image(300, 300, seed=8))[:2000])
     (folder / "empty.png").write_bytes(b"")
@@ -59,6 +79,9 @@ def make_messy_folder(folder: Path) -> dict[str, str]:
         "notes.jpg": "not an image",
         "tiny.png": "too small",
         "zz copy of square.png": "duplicate of",
+        "link-out.png": "symlink points outside",
+        "loop.png": "broken or looping symlink",
+        "bomb.png": "too large",
     }
 
 
@@ -70,4 +93,5 @@ GOOD_SOURCES = {
     "rotated.jpg",
     "transparent.png",
     "print.jpg",
+    "café 🌅 Soleil.PNG",
 }

@@ -53,6 +53,8 @@ def test_prepare_keeps_the_good_images_and_explains_skips(tmp_path, messy, model
     assert by_source["rotated.jpg"]["original_size"] == [240, 360], "EXIF orientation applied"
     assert by_source["more/panorama.png"]["caption"] == "ohwx, a wide view of a valley"
     assert by_source["landscape.jpg"]["bucket"][0] > by_source["landscape.jpg"]["bucket"][1]
+    assert [e["source"] for e in result.truncated()] == ["portrait.webp"]
+    assert "CLIP reads the first 75" in result.summary()
 
     manifest = json.loads((result.project_dir / "manifest.json").read_text())
     assert len(manifest["images"]) == len(GOOD_SOURCES) + len(expected_skips)
@@ -68,7 +70,7 @@ def test_florence2_captions_with_trigger_and_incremental_rerun(tmp_path, messy, 
     config = _config(images, captioner="florence2", caption_model=str(demo_paths.florence_folder))
     projects = tmp_path / "projects"
     first = prepare(config, projects_dir=projects, models_dir=models_dir)
-    assert first.captioned == len(GOOD_SOURCES) - 1, "the image with a .txt keeps it (mode keep)"
+    assert first.captioned == len(GOOD_SOURCES) - 2, "the two images with a .txt keep it (mode keep)"
     captioner = Florence2Captioner(demo_paths.florence_folder, task=config.caption_task)
     for entry in first.used:
         assert entry["caption"].split(", ")[0] == "ohwx"
@@ -144,6 +146,6 @@ def test_cli_prepare(tmp_path, messy, models_dir):
     args = ["--project", "cli", "--images", str(images), "--trigger", "ohwx", "--resolution", "256"]
     done = subprocess.run(command + args + ["--captioner", "none"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "Prepared 7 image(s)" in done.stdout
+    assert "Prepared 8 image(s)" in done.stdout
     bad = subprocess.run(command + args + ["--captioner", "blip"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "captioner must be one of" in bad.stderr

@@ -51,4 +51,4 @@ def needs_captioner(existing: str | None, mode: str) -> bool:
 
 
 def count_clip_tokens(tokenizer, caption: str) -> int:
-    return len(tokenizer(caption, add_special_tokens=False, truncation=False).input_ids)
+    return len(tokenizer.tokenize(caption))
