@@ -32,6 +32,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp.unlink()
     try:
         yield tmp
+        if tmp.is_file():
+            tmp.chmod(0o644)  # mkstemp creates 0600; results are ordinary files
         _fsync_tree(tmp)
         if final.is_dir() and tmp.is_dir():
             old = final.with_name(f".{final.name}.old")

@@ -27,7 +27,6 @@ from core.model_files import (
     detect_family,
     list_loras,
     list_models,
-    read_safetensors_header,
     resolve_inside,
 )
 
@@ -160,45 +159,19 @@ class ModelManager:
         path = resolve_inside(self.models_dir, name)
         if not path.exists():
             raise UserError(f"Model {name!r} not found in {self.models_dir}. Put a checkpoint there and refresh.")
-        single_file = path.is_file()
-        return ModelEntry(name=name, path=path, family=detect_family(path), single_file=single_file)
-
-    def _single_file_config(self, path: Path) -> Path:
-        from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
-
-        _, metadata = read_safetensors_header(path)
-        named = metadata.get("lora_studio.diffusers_config")
-        if named:
-            folder = resolve_inside(self.models_dir, named)
-            if not (folder / "model_index.json").is_file():
-                raise UserError(f"{path.name} needs the config folder {folder}, which is missing.")
-            return folder
-        return write_sdxl_base_config(self.models_dir / "configs" / SDXL_BASE_CONFIG_NAME)
+        return ModelEntry(name=name, path=path, family=detect_family(path), single_file=path.is_file())
 
     def _build_pipeline(self, entry: ModelEntry):
         import torch
-        from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
-        device = self.device
-        on_gpu = device == "cuda"
+        from core.pipelines import load_pipeline
+
+        on_gpu = self.device == "cuda"
         if entry.family == SDXL:
             dtype = torch.float16 if on_gpu else torch.float32
-            if entry.single_file:
-                pipe = StableDiffusionXLPipeline.from_single_file(
-                    str(entry.path), config=str(self._single_file_config(entry.path)), torch_dtype=dtype
-                )
-            else:
-                pipe = StableDiffusionXLPipeline.from_pretrained(str(entry.path), torch_dtype=dtype)
         else:
-            if entry.single_file:
-                raise UserError(
-                    f"{entry.name}: a Flux transformer alone is not enough; use a Flux diffusers folder "
-                    "(model_index.json with transformer, VAE and both text encoders)."
-                )
             dtype = torch.bfloat16 if on_gpu else torch.float32
-            pipe = FluxPipeline.from_pretrained(str(entry.path), torch_dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return load_pipeline(entry, models_dir=self.models_dir, dtype=dtype).to(self.device)
 
     def load_model(self, name: str) -> ModelEntry:
         """Load ``name`` (no-op when already loaded). On failure the current model stays."""

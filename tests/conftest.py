@@ -60,3 +60,23 @@ def app_config(tmp_path, models_dir):
     config = load_config(write_config(tmp_path, models_dir))
     ensure_folders(config)
     return config
+
+
+@pytest.fixture(scope="session")
+def sdxl_project(tmp_path_factory, models_dir):
+    """A prepared project of four 64-px images for the demo SDXL: (projects_dir, project name)."""
+    from modules.lora_training.config import PrepareConfig, config_from_dict
+    from modules.lora_training.dataset.prepare import prepare
+    from tests.image_folders import noise_image
+
+    root = tmp_path_factory.mktemp("sdxl_project")
+    photos = root / "photos"
+    photos.mkdir()
+    for index in range(4):
+        noise_image(96 + 16 * index, 96, seed=100 + index).save(photos / f"photo{index}.png")
+    config = config_from_dict(
+        PrepareConfig,
+        {"project": "tiny", "images_dir": str(photos), "trigger": "ohwx", "resolution": 64, "captioner": "none"},
+    )
+    prepare(config, projects_dir=root / "projects", models_dir=models_dir)
+    return root / "projects", "tiny"

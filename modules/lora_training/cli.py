@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
 from core.errors import UserError
-from modules.lora_training.config import PrepareConfig, config_from_dict
-from modules.lora_training.events import Log, PrepProgress
+from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict
+from modules.lora_training.events import (
+    CheckpointSaved,
+    Failed,
+    Finished,
+    Log,
+    PrepProgress,
+    SampleSaved,
+    StepDone,
+    Stopped,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,8 +37,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, *, renames: dict[str
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
+            continue
         parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float) else str, default=None, help=help_text)
 
 
@@ -40,8 +53,40 @@ def _print_event(event) -> None:
     if isinstance(event, PrepProgress):
         if event.total and (event.done == event.total or event.done % 10 == 0):
             print(f"[{event.stage}] {event.done}/{event.total} {event.item}", file=sys.stderr)
+    elif isinstance(event, StepDone):
+        if event.step == event.total_steps or event.step % 10 == 0 or event.step == 1:
+            print(
+                f"step {event.step}/{event.total_steps} epoch {event.epoch} loss {event.loss:.4f} "
+                f"lr {event.lr:.2e} {event.s_per_step:.2f} s/step"
+            )
+    elif isinstance(event, CheckpointSaved):
+        print(f"checkpoint saved: {event.path}")
+    elif isinstance(event, SampleSaved):
+        print(f"sample saved: {event.path}")
+    elif isinstance(event, Stopped):
+        print(f"stopped at step {event.step}; resume from {event.checkpoint_path} with --resume")
+    elif isinstance(event, Finished):
+        print(f"LoRA saved: {event.lora_path}")
+    elif isinstance(event, Failed):
+        print(f"failed: {event.message}", file=sys.stderr)
     elif isinstance(event, Log):
         print(event.message)
+
+
+def _train_options(args: argparse.Namespace) -> dict:
+    """Options from --config run.json, overridden by flags given on the command line."""
+    options = {}
+    if args.run_config:
+        import json
+
+        try:
+            options = json.loads(Path(args.run_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {args.run_config}: {exc}") from exc
+        if not isinstance(options, dict):
+            raise UserError(f"{args.run_config} must hold a JSON object of training options")
+    options.update(_collect(args, TrainConfig))
+    return options
 
 
 def _app_config(path: Path):
@@ -56,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="validate, crop and caption a folder of images")
     _add_config_flags(prepare, PrepareConfig, renames={"images_dir": "images"})
+    train = commands.add_parser("train", help="train a LoRA on a prepared project")
+    train.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    _add_config_flags(train, TrainConfig, renames={})
     return parser
 
 
@@ -73,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                 models_dir=app_config.MODELS_DIR,
                 on_event=_print_event,
             )
+        if args.command == "train":
+            from modules.lora_training.train import train
+
+            config = config_from_dict(TrainConfig, _train_options(args))
+            result = train(
+                config,
+                projects_dir=app_config.LORA_PROJECTS_DIR,
+                models_dir=app_config.MODELS_DIR,
+                loras_dir=app_config.LORAS_DIR,
+                on_event=_print_event,
+                resume=args.resume,
+            )
+            return 1 if result.status == "failed" else 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -112,3 +112,71 @@ class PrepareConfig:
     @property
     def minimum_side(self) -> int:
         return self.min_side if self.min_side is not None else self.resolution // 2
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "lion", "prodigy")
+LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+LORA_TARGETS = ("attention", "attention+feedforward")
+TIMESTEP_SAMPLING = ("sigmoid", "uniform", "shift")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    project: str
+    base_model: str = field(metadata={"help": "a model in models/ or a path"})
+    name: str | None = field(default=None, metadata={"help": "output LoRA name (default: the project name)"})
+    family: str = choice("auto", ("auto", *FAMILIES), "model family (auto: detected from the base model)")
+    # schedule
+    epochs: int = bounded(10, minimum=1, maximum=100_000, help="passes over the set (ignored when steps is set)")
+    steps: int | None = bounded(None, minimum=1, maximum=10_000_000, help="optimizer steps (overrides epochs)")
+    batch_size: int = bounded(1, minimum=1, maximum=256)
+    gradient_accumulation: int = bounded(1, minimum=1, maximum=1024)
+    repeats: int = bounded(1, minimum=1, maximum=1000, help="times each image is seen per epoch")
+    # LoRA
+    rank: int = bounded(16, minimum=1, maximum=1024)
+    alpha: float = bounded(16.0, minimum=0.0, maximum=4096.0)
+    lora_targets: str = choice("attention", LORA_TARGETS, "which layers get LoRA")
+    train_text_encoder: bool = False
+    # optimisation
+    learning_rate: float = bounded(1e-4, minimum=0.0, maximum=10.0)
+    text_encoder_lr: float = bounded(5e-5, minimum=0.0, maximum=10.0)
+    optimizer: str = choice("adamw", OPTIMIZERS)
+    weight_decay: float = bounded(1e-2, minimum=0.0, maximum=1.0)
+    lr_scheduler: str = choice("constant", LR_SCHEDULERS)
+    lr_warmup_steps: int = bounded(0, minimum=0)
+    lr_num_cycles: int = bounded(1, minimum=1, help="restarts for cosine_with_restarts")
+    lr_power: float = bounded(1.0, minimum=0.0, help="power for polynomial")
+    max_grad_norm: float = bounded(1.0, minimum=0.0, help="gradient clipping (0 = off)")
+    mixed_precision: str = choice("auto", PRECISIONS, "auto: fp16 on a CUDA GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    # noise
+    prediction_type: str = choice("auto", ("auto", "epsilon", "v_prediction"), "SDXL target (auto: the model's)")
+    min_snr_gamma: float = bounded(0.0, minimum=0.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")
+    noise_offset: float = bounded(0.0, minimum=0.0, maximum=1.0)
+    multires_noise_iterations: int = bounded(0, minimum=0, maximum=10, help="0 = off")
+    multires_noise_discount: float = bounded(0.3, minimum=0.0, maximum=1.0)
+    timestep_sampling: str = choice("sigmoid", TIMESTEP_SAMPLING, "Flux timestep sampling")
+    guidance_scale: float = bounded(1.0, minimum=0.0, maximum=100.0, help="Flux guidance embedding value")
+    # data
+    caption_dropout: float = bounded(0.0, minimum=0.0, maximum=1.0)
+    flip: bool = False
+    shuffle: bool = True
+    seed: int = bounded(42, minimum=0)
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
+    # outputs
+    save_every_steps: int = bounded(0, minimum=0, help="resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = bounded(3, minimum=1)
+    sample_every_steps: int = bounded(0, minimum=0, help="0 = no samples")
+    sample_prompts: tuple[str, ...] = field(default=("{trigger}",), metadata={"help": "{trigger} is replaced"})
+    sample_steps: int = bounded(20, minimum=1, maximum=200)
+    sample_seed: int = bounded(1234, minimum=0)
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing LoRA of the same name"})
+    device: str = choice("auto", ("auto", "cpu", "cuda"))
+
+    @property
+    def output_name(self) -> str:
+        from modules.lora_training.names import validate_name
+
+        return validate_name(self.name or self.project, what="LoRA name")

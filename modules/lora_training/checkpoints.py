@@ -1,0 +1,109 @@
+"""Resumable checkpoints: ``checkpoints/step-000250/`` written whole or not at all.
+
+Each holds the LoRA weights (safetensors), the optimizer, LR-scheduler and grad-scaler
+states (``torch.save``, read back with ``weights_only=True``), RNG states, the step and
+the config. Only our own files are ever read back with torch.load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.atomic import atomic_path
+
+_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    step: int
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    torch_rng: torch.Tensor
+    python_rng: object
+    config: dict
+
+
+def checkpoint_dir(checkpoints: Path, step: int) -> Path:
+    return Path(checkpoints) / f"{_PREFIX}{step:06d}"
+
+
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one has no state.json and is ignored)."""
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    found = list_checkpoints(checkpoints)
+    return found[-1] if found else None
+
+
+def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(checkpoints, state.step)
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(state.lora, str(tmp / "lora.safetensors"))
+        torch.save(
+            {
+                "optimizer": state.optimizer,
+                "scheduler": state.scheduler,
+                "scaler": state.scaler,
+                "torch_rng": state.torch_rng,
+            },
+            tmp / "training_state.pt",
+        )
+        (tmp / "config.json").write_text(json.dumps(state.config, indent=2))
+        # Written last: its presence marks the checkpoint complete.
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "python_rng": _jsonable(state.python_rng)}))
+    for old in list_checkpoints(checkpoints)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path) -> CheckpointState:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / "state.json").read_text())
+    training = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    return CheckpointState(
+        step=int(meta["step"]),
+        lora=load_file(str(folder / "lora.safetensors")),
+        optimizer=training["optimizer"],
+        scheduler=training["scheduler"],
+        scaler=training["scaler"],
+        torch_rng=training["torch_rng"],
+        python_rng=_python_state(meta["python_rng"]),
+        config=json.loads((folder / "config.json").read_text()),
+    )
+
+
+def _jsonable(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _python_state(data):
+    return (data[0], tuple(data[1]), data[2])
+
+
+def capture_rng() -> tuple[torch.Tensor, object]:
+    return torch.get_rng_state(), random.getstate()
+
+
+def restore_rng(torch_rng: torch.Tensor, python_rng) -> None:
+    torch.set_rng_state(torch_rng)
+    random.setstate(python_rng)

@@ -1,0 +1,201 @@
+"""What every model family shares: loading, freezing, LoRA adapters, caches, saving.
+
+A family subclass supplies the parts that differ: how text and images are encoded, how
+noise is added and what the model must predict, and which pipeline renders samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from core.atomic import atomic_path
+from core.model_files import ModelEntry
+from core.pipelines import load_pipeline
+from modules.lora_training.data import TrainItem
+
+
+class LoraFamily:
+    name = ""
+    denoiser_attr = ""  # "unet" or "transformer"
+    text_encoder_attrs: tuple[str, ...] = ()
+    pipeline_adapter_kwarg = ""  # e.g. "unet_lora_adapter_metadata"
+    pipeline_layers_kwarg = ""  # e.g. "unet_lora_layers"
+    text_encoder_layer_kwargs: tuple[str, ...] = ()
+    attention_targets: tuple[str, ...] = ()
+    feedforward_targets: tuple[str, ...] = ()
+    text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __init__(self, entry: ModelEntry, *, models_dir: Path, device: str, weight_dtype: torch.dtype) -> None:
+        self.entry = entry
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.pipe = load_pipeline(entry, models_dir=models_dir, dtype=weight_dtype)
+        self.lora_config = None
+        self.text_lora_config = None
+        for module in self.all_modules():
+            module.requires_grad_(False)
+            module.eval()
+        # The SDXL VAE overflows in fp16: encode and decode in fp32.
+        self.pipe.vae.to(dtype=torch.float32)
+        self.denoiser.to(self.device)
+
+    # ----- components -----------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, attr) for attr in self.text_encoder_attrs]
+
+    def all_modules(self) -> list[torch.nn.Module]:
+        return [self.denoiser, self.vae, *self.text_encoders()]
+
+    def model_key(self) -> str:
+        """Identifies the base model in cache file names."""
+        stat = self.entry.path.stat()
+        return hashlib.sha1(f"{self.entry.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+    def place_encoders(self, device: str | torch.device) -> None:
+        """Move the VAE and text encoders (e.g. off the GPU once their outputs are cached)."""
+        self.vae.to(device)
+        for encoder in self.text_encoders():
+            encoder.to(device)
+
+    # ----- LoRA -----------------------------------------------------------------
+    def add_lora(self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool) -> None:
+        from peft import LoraConfig
+
+        modules = list(self.attention_targets)
+        if targets == "attention+feedforward":
+            modules += list(self.feedforward_targets)
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules)
+        self.denoiser.add_adapter(self.lora_config)
+        if train_text_encoder:
+            self.text_lora_config = LoraConfig(
+                r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.text_encoder_targets)
+            )
+            for encoder in self.text_encoders_with_lora():
+                encoder.add_adapter(self.text_lora_config)
+        # Trainable parameters stay fp32 even when the frozen weights are fp16/bf16.
+        for param in self.lora_parameters():
+            param.data = param.data.float()
+
+    def text_encoders_with_lora(self) -> list[torch.nn.Module]:
+        """Text encoders that get LoRA when ``train_text_encoder`` is on."""
+        return self.text_encoders()
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"denoiser": self.denoiser}
+        if self.text_lora_config is not None:
+            for index, encoder in enumerate(self.text_encoders_with_lora()):
+                modules[f"text_encoder_{index}"] = encoder
+        return modules
+
+    def lora_parameters(self, part: str | None = None) -> list[torch.nn.Parameter]:
+        params = []
+        for name, module in self.lora_modules().items():
+            if part is None or (part == "denoiser") == (name == "denoiser"):
+                params += [p for n, p in module.named_parameters() if "lora_" in n]
+        return params
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {}
+        for name, module in self.lora_modules().items():
+            for key, value in get_peft_model_state_dict(module).items():
+                state[f"{name}/{key}"] = value.detach().float().cpu().contiguous()
+        return state
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for name, module in self.lora_modules().items():
+            prefix = f"{name}/"
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(module, part)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"checkpoint does not match the LoRA layout of {name}: {result.unexpected_keys[:3]}")
+
+    def save_lora(self, path: Path, *, metadata: dict[str, str]) -> None:
+        """Diffusers-format LoRA (``save_lora_weights`` with adapter metadata) + our header metadata."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        kwargs = {
+            self.pipeline_layers_kwarg: convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser)),
+            self.pipeline_adapter_kwarg: self.lora_config.to_dict(),
+        }
+        if self.text_lora_config is not None:
+            for kwarg, encoder in zip(self.text_encoder_layer_kwargs, self.text_encoders_with_lora(), strict=False):
+                kwargs[kwarg] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+                kwargs[kwarg.replace("_layers", "_adapter_metadata")] = self.text_lora_config.to_dict()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".saving-") as scratch:
+            type(self.pipe).save_lora_weights(scratch, weight_name="lora.safetensors", **kwargs)
+            written = Path(scratch) / "lora.safetensors"
+            with safe_open(str(written), framework="pt") as handle:
+                header = dict(handle.metadata() or {})
+                tensors = {key: handle.get_tensor(key).to(torch.float16).contiguous() for key in handle.keys()}  # noqa: SIM118
+            header.update(metadata)
+            with atomic_path(Path(path)) as tmp:
+                save_file(tensors, str(tmp), metadata=header)
+
+    # ----- caching ----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior parameters (mean and log-variance) for images in [-1, 1], computed in fp32."""
+        pixels = pixels.to(self.vae.device, torch.float32)
+        return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return self.scale_latents(mean + std * noise)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_loss(
+        self,
+        *,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        items: list[TrainItem],
+        generator,
+        config,
+        fixed_t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample loss for one micro-batch. ``fixed_t`` (fractions of the schedule) and ``noise``
+        replace the random draws, for evaluation at fixed points."""
+        raise NotImplementedError
+
+    def sample_pipeline(self):
+        """A pipeline sharing the trained modules, for sample images."""
+        return self.pipe
+
+    def sample_kwargs(self, config) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {"family": self.name, "base_model": self.entry.name}
+
+
+def metadata_json(data) -> str:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True)

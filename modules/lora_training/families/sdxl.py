@@ -1,0 +1,117 @@
+"""SDXL: DDPM noise from the checkpoint's own schedule, two CLIP encoders, size conditioning."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modules.lora_training.families.base import LoraFamily
+
+
+class SDXLFamily(LoraFamily):
+    name = "sdxl"
+    denoiser_attr = "unet"
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    pipeline_adapter_kwarg = "unet_lora_adapter_metadata"
+    pipeline_layers_kwarg = "unet_lora_layers"
+    text_encoder_layer_kwargs = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
+    attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+    def __init__(self, *args, **kwargs) -> None:
+        from diffusers import DDPMScheduler
+
+        super().__init__(*args, **kwargs)
+        # Train on the DDPM schedule the checkpoint was trained with, not the inference sampler.
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.vae.config.scaling_factor
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        hidden = []
+        for tokenizer, encoder in zip((self.pipe.tokenizer, self.pipe.tokenizer_2), self.text_encoders(), strict=True):
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+        # The pooled embedding comes from the second encoder, the one with a projection.
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": output.text_embeds}
+
+    def prediction_type(self, config) -> str:
+        if config.prediction_type != "auto":
+            return config.prediction_type
+        return self.noise_scheduler.config.prediction_type
+
+    def _noise(self, latents: torch.Tensor, generator: torch.Generator, config) -> torch.Tensor:
+        shape = latents.shape
+        noise = torch.randn(shape, generator=generator).to(latents.device, latents.dtype)
+        if config.noise_offset:
+            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator).to(latents.device, latents.dtype)
+            noise = noise + config.noise_offset * offset
+        for level in range(1, config.multires_noise_iterations + 1):
+            scale = 2**level
+            height, width = max(1, shape[2] // scale), max(1, shape[3] // scale)
+            coarse = torch.randn((shape[0], shape[1], height, width), generator=generator)
+            coarse = F.interpolate(coarse, size=shape[2:], mode="bilinear", align_corners=False)
+            noise = noise + coarse.to(latents.device, latents.dtype) * config.multires_noise_discount**level
+        if config.multires_noise_iterations:
+            noise = noise / noise.std(dim=(1, 2, 3), keepdim=True)
+        return noise
+
+    def time_ids(self, items) -> torch.Tensor:
+        rows = []
+        for item in items:
+            width, height = item.original_size
+            top, left = item.crop_top_left
+            bucket_w, bucket_h = item.bucket
+            rows.append([height, width, top, left, bucket_h, bucket_w])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def training_loss(self, *, latents, text, items, generator, config, fixed_t=None, noise=None) -> torch.Tensor:
+        batch = latents.shape[0]
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if noise is None:
+            noise = self._noise(latents, generator, config)
+        if fixed_t is None:
+            timesteps = torch.randint(0, steps, (batch,), generator=generator)
+        else:
+            timesteps = (fixed_t * steps).long().clamp(0, steps - 1)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = self.prediction_type(config)
+        if prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        dtype = self.weight_dtype
+        prediction = self.denoiser(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=text["prompt_embeds"].to(latents.device, dtype),
+            added_cond_kwargs={
+                "text_embeds": text["pooled"].to(latents.device, dtype),
+                "time_ids": self.time_ids(items).to(latents.device, dtype),
+            },
+        ).sample
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            loss = loss * self._min_snr_weights(timesteps.cpu(), config.min_snr_gamma, prediction_type).to(loss.device)
+        return loss
+
+    def _min_snr_weights(self, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+        alpha_bar = self.alphas_cumprod[timesteps]
+        snr = alpha_bar / (1 - alpha_bar)
+        weights = torch.clamp(snr, max=gamma) / snr
+        if prediction_type == "v_prediction":
+            weights = torch.clamp(snr, max=gamma) / (snr + 1)
+        return weights
+
+    def sample_kwargs(self, config) -> dict:
+        return {"guidance_scale": 5.0}

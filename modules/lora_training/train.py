@@ -1,0 +1,569 @@
+"""train(): one readable loop shared by every model family.
+
+    setup  → load base model, cache latents and text embeddings, add LoRA, optimizer
+    loop   → per step: micro-batches (accumulated), clip, optimizer + LR step,
+             metrics, checkpoint every N steps, samples every N steps, stop check
+    finish → final checkpoint, LoRA written atomically to loras/<name>.safetensors
+
+Runs in one process or under ``accelerate launch`` / ``torchrun`` (LoRA gradients are
+averaged across processes; only rank 0 writes files and emits events).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.errors import UserError
+from core.pipelines import model_entry
+from modules.lora_training import checkpoints as ckpt
+from modules.lora_training.config import TrainConfig, config_to_dict
+from modules.lora_training.data import BatchStream, TrainItem, load_items, step_seed
+from modules.lora_training.events import (
+    CheckpointSaved,
+    EventSink,
+    Failed,
+    Finished,
+    Log,
+    SampleSaved,
+    StepDone,
+    Stopped,
+    ignore_events,
+)
+from modules.lora_training.families import family_class
+from modules.lora_training.optim import build_optimizer, build_scheduler
+from modules.lora_training.project import ProjectPaths, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 5
+OOM_ADVICE = (
+    "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
+    "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: str  # finished | stopped | failed
+    step: int
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    use_scaler: bool
+    label: str
+
+
+def choose_device(preference: str) -> str:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available.")
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+def choose_precision(mixed_precision: str, device: str) -> Precision:
+    """Frozen weights in half precision on a GPU; LoRA weights always fp32."""
+    on_gpu = device == "cuda"
+    if mixed_precision == "auto":
+        mixed_precision = "fp16" if on_gpu else "fp32"
+    if mixed_precision == "fp32":
+        return Precision(torch.float32, None, False, "fp32")
+    if mixed_precision == "bf16":
+        return Precision(torch.bfloat16 if on_gpu else torch.float32, torch.bfloat16, False, "bf16")
+    return Precision(torch.float16 if on_gpu else torch.float32, torch.float16, True, "fp16 + GradScaler")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.safetensors") if p.is_file())
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_pixels(item: TrainItem, *, flip: bool) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(item.image_path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tensor = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return tensor.flip(-1) if flip else tensor
+
+
+class _Caches:
+    """Latents and text embeddings on disk, keyed by content hash, model and bucket."""
+
+    def __init__(self, family, paths: ProjectPaths, *, device: str) -> None:
+        self.family = family
+        self.model_key = family.model_key()
+        self.latent_dir = paths.cache / "latents"
+        self.text_dir = paths.cache / "text"
+        self.device = device
+
+    def latent_path(self, item: TrainItem, flip: bool) -> Path:
+        width, height = item.bucket
+        return (
+            self.latent_dir
+            / f"{item.sha256[:20]}-{width}x{height}-{'flip' if flip else 'orig'}-{self.model_key}.safetensors"
+        )
+
+    def text_path(self, caption: str) -> Path:
+        digest = hashlib.sha256(caption.encode()).hexdigest()[:20]
+        return self.text_dir / f"{digest}-{self.model_key}.safetensors"
+
+    def fill_latents(self, items: list[TrainItem], *, flips: tuple[bool, ...], on_event: EventSink) -> int:
+        from safetensors.torch import save_file
+
+        from core.atomic import atomic_path
+
+        missing = [(item, flip) for item in items for flip in flips if not self.latent_path(item, flip).is_file()]
+        if missing:
+            self.family.vae.to(self.device)
+            for index, (item, flip) in enumerate(missing):
+                moments = self.family.encode_image_moments(_load_pixels(item, flip=flip)[None])[0]
+                with atomic_path(self.latent_path(item, flip)) as tmp:
+                    save_file({"moments": moments.cpu().contiguous()}, str(tmp))
+                if index % 10 == 0:
+                    on_event(Log(f"Caching latents {index + 1}/{len(missing)}"))
+        return len(missing)
+
+    def fill_text(self, captions: list[str], *, on_event: EventSink) -> int:
+        from safetensors.torch import save_file
+
+        from core.atomic import atomic_path
+
+        missing = sorted({c for c in captions if not self.text_path(c).is_file()})
+        if missing:
+            for encoder in self.family.text_encoders():
+                encoder.to(self.device)
+            for caption in missing:
+                with torch.no_grad():
+                    encoded = self.family.encode_text([caption])
+                with atomic_path(self.text_path(caption)) as tmp:
+                    save_file({k: v[0].float().cpu().contiguous() for k, v in encoded.items()}, str(tmp))
+            on_event(Log(f"Cached text embeddings for {len(missing)} caption(s)"))
+        return len(missing)
+
+    def moments(self, item: TrainItem, flip: bool) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.latent_path(item, flip)))["moments"]
+
+    def text(self, caption: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.text_path(caption)))
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` executes it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        projects_dir: Path,
+        models_dir: Path,
+        loras_dir: Path,
+        on_event: EventSink,
+        should_stop: Callable[[], bool],
+        resume: bool,
+    ) -> None:
+        self.config = config
+        self.paths = ProjectPaths.for_project(projects_dir, config.project)
+        self.models_dir = Path(models_dir)
+        self.loras_dir = Path(loras_dir)
+        self.should_stop = should_stop
+        self.resume = resume
+        self.rank, self.world = _distributed()
+        self.is_main = self.rank == 0
+        self.on_event = on_event if self.is_main else ignore_events
+        self.lora_path = self.loras_dir / f"{config.output_name}.safetensors"
+
+    # ----- setup ------------------------------------------------------------------
+    def _check_before_loading(self) -> None:
+        if self.lora_path.exists() and not self.config.overwrite and not self.resume:
+            raise UserError(
+                f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}. "
+                "Choose another name or allow overwriting."
+            )
+        self.items = load_items(self.paths)
+        manifest = read_json(self.paths.manifest) or {}
+        self.prep_config = manifest.get("config", {})
+        self.trigger = self.prep_config.get("trigger", "")
+        self.entry = model_entry(self.models_dir, self.config.base_model)
+        family = self.entry.family if self.config.family == "auto" else self.config.family
+        if family != self.entry.family:
+            raise UserError(
+                f"Base model {self.entry.name} is {self.entry.family.upper()}, but family {family!r} was asked for."
+            )
+        self.family_name = family
+
+    def setup(self) -> None:
+        self._check_before_loading()
+        config = self.config
+        self.device = choose_device(config.device)
+        self.precision = choose_precision(config.mixed_precision, self.device)
+        self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)
+        self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
+        self.family = family_class(self.family_name)(
+            self.entry, models_dir=self.models_dir, device=self.device, weight_dtype=self.precision.weight_dtype
+        )
+        self.stream = BatchStream(
+            self.items, batch_size=config.batch_size, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
+        )
+        micro_per_step = config.gradient_accumulation * self.world
+        self.total_steps = config.steps or max(1, math.ceil(self.stream.per_epoch * config.epochs / micro_per_step))
+        if self.is_main:
+            write_json(self.paths.training_config, config_to_dict(config))
+        self._fill_caches()
+        # The LoRA's random initialisation follows the run's seed, without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.family.add_lora(
+                rank=config.rank,
+                alpha=config.alpha,
+                targets=config.lora_targets,
+                train_text_encoder=config.train_text_encoder,
+            )
+        if config.gradient_checkpointing:
+            self.family.denoiser.enable_gradient_checkpointing()
+        self.family.denoiser.train()
+        groups = [{"params": self.family.lora_parameters("denoiser"), "lr": config.learning_rate}]
+        if config.train_text_encoder:
+            groups.append({"params": self.family.lora_parameters("text"), "lr": config.text_encoder_lr})
+        self.trainable = [p for group in groups for p in group["params"]]
+        self.optimizer = build_optimizer(config.optimizer, groups, weight_decay=config.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps=self.total_steps)
+        device_type = torch.device(self.device).type
+        self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
+        self.start_step = self._resume_state() if self.resume else 0
+        self.on_event(Log(self._describe_run()))
+
+    def _fill_caches(self) -> None:
+        config = self.config
+        self.caches = _Caches(self.family, self.paths, device=self.device)
+        self.flips = (False, True) if config.flip else (False,)
+        self.cached_text = config.cache_text_embeddings and not config.train_text_encoder
+        if self.is_main and config.cache_latents:
+            made = self.caches.fill_latents(self.items, flips=self.flips, on_event=self.on_event)
+            self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
+        if self.is_main and self.cached_text:
+            self.caches.fill_text(self._all_captions(), on_event=self.on_event)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        # Encoders whose outputs are cached leave the GPU; the others stay where training needs them.
+        self.family.vae.to(self.device if not config.cache_latents else "cpu")
+        for encoder in self.family.text_encoders():
+            encoder.to(self.device if not self.cached_text else "cpu")
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _all_captions(self) -> list[str]:
+        captions = [item.caption for item in self.items]
+        return captions + [""] if self.config.caption_dropout > 0 else captions
+
+    def _resume_state(self) -> int:
+        latest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        if latest is None:
+            raise UserError(f"Project {self.paths.name!r} has no checkpoint to resume from; start a new run.")
+        state = ckpt.load_checkpoint(latest)
+        for key in ("rank", "alpha", "lora_targets", "train_text_encoder", "base_model"):
+            if state.config.get(key) != getattr(self.config, key):
+                raise UserError(
+                    f"Cannot resume: {key} was {state.config.get(key)!r} in the checkpoint, now {getattr(self.config, key)!r}."
+                )
+        self.family.load_lora_state_dict(state.lora)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        ckpt.restore_rng(state.torch_rng, state.python_rng)
+        self.on_event(Log(f"Resumed from {latest} (step {state.step})"))
+        return state.step
+
+    def _describe_run(self) -> str:
+        config = self.config
+        active = [
+            f"precision {self.precision.label}",
+            f"optimizer {config.optimizer}",
+            f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
+            f"rank {config.rank} alpha {config.alpha:g} on {config.lora_targets}",
+            f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
+            f"{len(self.items)} images, {self.stream.per_epoch} batches per epoch, {self.total_steps} steps",
+        ]
+        if config.gradient_checkpointing:
+            active.append("gradient checkpointing")
+        if config.cache_latents:
+            active.append("cached latents (VAE off the GPU)")
+        if self.cached_text:
+            active.append("cached text embeddings (text encoders off the GPU)")
+        if config.train_text_encoder:
+            active.append(f"text encoder LoRA (lr {config.text_encoder_lr:g})")
+        return "Training: " + "; ".join(active)
+
+    # ----- one step ---------------------------------------------------------------
+    def _batch_inputs(self, items: list[TrainItem], generator: torch.Generator):
+        config = self.config
+        flips = [config.flip and bool(torch.rand((), generator=generator) < 0.5) for _ in items]
+        dropped = [
+            config.caption_dropout > 0 and bool(torch.rand((), generator=generator) < config.caption_dropout)
+            for _ in items
+        ]
+        captions = ["" if drop else item.caption for item, drop in zip(items, dropped, strict=True)]
+        if config.cache_latents:
+            moments = torch.stack([self.caches.moments(item, flip) for item, flip in zip(items, flips, strict=True)])
+        else:
+            pixels = torch.stack([_load_pixels(item, flip=flip) for item, flip in zip(items, flips, strict=True)])
+            moments = self.family.encode_image_moments(pixels)
+        latents = self.family.latents_from_moments(moments.to(self.device), generator)
+        if self.cached_text:
+            rows = [self.caches.text(caption) for caption in captions]
+            text = {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
+        else:
+            with torch.no_grad() if not config.train_text_encoder else contextlib.nullcontext():
+                text = self.family.encode_text(captions)
+        return latents, text
+
+    def _autocast(self):
+        if self.precision.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.precision.autocast_dtype)
+
+    def _step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns (loss, epoch)."""
+        config = self.config
+        accumulation = config.gradient_accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        epoch = 0
+        for micro in range(accumulation):
+            index = (step * accumulation + micro) * self.world + self.rank
+            epoch, items = self.stream.micro_batch(index)
+            generator = torch.Generator().manual_seed(step_seed(config.seed, step, micro, self.rank))
+            latents, text = self._batch_inputs(items, generator)
+            with self._autocast():
+                loss = self.family.training_loss(
+                    latents=latents, text=text, items=items, generator=generator, config=config
+                ).mean()
+            scaled = loss / accumulation
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach().float()
+        if self.world > 1:
+            self._average_gradients()
+            import torch.distributed as dist
+
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            total /= self.world
+        loss_value = (total / accumulation).item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        finite = math.isfinite(loss_value)
+        if config.max_grad_norm and finite:
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients are inf/NaN
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss_value, epoch
+
+    def _average_gradients(self) -> None:
+        import torch.distributed as dist
+
+        for param in self.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= self.world
+
+    # ----- outputs ----------------------------------------------------------------
+    def _checkpoint(self, step: int) -> Path | None:
+        if not self.is_main:
+            return None
+        torch_rng, python_rng = ckpt.capture_rng()
+        state = ckpt.CheckpointState(
+            step=step,
+            lora=self.family.lora_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            torch_rng=torch_rng,
+            python_rng=python_rng,
+            config=config_to_dict(self.config),
+        )
+        path = ckpt.save_checkpoint(self.paths.checkpoints, state, keep=self.config.keep_checkpoints)
+        self.on_event(CheckpointSaved(path=str(path), step=step))
+        return path
+
+    def _metrics(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.paths.logs / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _samples(self, step: int) -> None:
+        if not self.is_main:
+            return
+        from modules.lora_training.samples import render_samples
+
+        prompts = [p.replace("{trigger}", self.trigger) for p in self.config.sample_prompts]
+        width, height = Counter(item.bucket for item in self.items).most_common(1)[0][0]
+        for path, prompt in render_samples(
+            self.family,
+            prompts=prompts,
+            seed=self.config.sample_seed,
+            size=(width, height),
+            steps=self.config.sample_steps,
+            folder=self.paths.samples,
+            step=step,
+            device=self.device,
+        ):
+            self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
+
+    def _final_metadata(self, step: int) -> dict[str, str]:
+        from modules.lora_training.families.base import metadata_json
+
+        return {
+            "lora_studio.family": self.family_name,
+            "lora_studio.base_model": self.entry.name,
+            "lora_studio.base_model_sha256": self.base_hash.result(),
+            "lora_studio.resolution": str(self.prep_config.get("resolution", "")),
+            "lora_studio.steps": str(step),
+            "lora_studio.trigger_word": self.trigger,
+            "lora_studio.rank": str(self.config.rank),
+            "lora_studio.alpha": f"{self.config.alpha:g}",
+            "lora_studio.training_config": metadata_json(config_to_dict(self.config)),
+        }
+
+    # ----- the loop ---------------------------------------------------------------
+    def run(self) -> TrainResult:
+        config = self.config
+        step = self.start_step
+        bad_steps = 0
+        last_checkpoint = ckpt.latest_checkpoint(self.paths.checkpoints)
+        if self.is_main:
+            from modules.lora_training.metrics import write_loss_plot
+        while step < self.total_steps:
+            if self._stop_requested():
+                last_checkpoint = self._checkpoint(step) or last_checkpoint
+                self.on_event(Stopped(checkpoint_path=str(last_checkpoint), step=step))
+                return TrainResult("stopped", step, checkpoint=last_checkpoint, message=f"stopped at step {step}")
+            started = time.perf_counter()
+            loss, epoch = self._step(step)
+            step += 1
+            bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
+            if bad_steps >= MAX_BAD_STEPS:
+                message = (
+                    f"The loss was not finite for {bad_steps} steps in a row (step {step}). "
+                    "Lower the learning rate, or use bf16/fp32 precision."
+                )
+                self.on_event(Failed(message))
+                return TrainResult("failed", step, checkpoint=last_checkpoint, message=message)
+            seconds = time.perf_counter() - started
+            lr = self.scheduler.get_last_lr()[0]
+            self._metrics({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "seconds": round(seconds, 4)})
+            self.on_event(
+                StepDone(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss, lr=lr, s_per_step=seconds)
+            )
+            if config.save_every_steps and step % config.save_every_steps == 0 and step < self.total_steps:
+                last_checkpoint = self._checkpoint(step) or last_checkpoint
+                if self.is_main:
+                    write_loss_plot(self.paths.logs)
+            if config.sample_every_steps and step % config.sample_every_steps == 0:
+                self._samples(step)
+        last_checkpoint = self._checkpoint(step) or last_checkpoint
+        if not self.is_main:
+            return TrainResult("finished", step, checkpoint=last_checkpoint)
+        write_loss_plot(self.paths.logs)
+        self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
+        self.on_event(Log(f"Saved {self.lora_path}"))
+        self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
+        return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
+
+    def _stop_requested(self) -> bool:
+        stop = bool(self.should_stop())
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+
+def train(
+    config: TrainConfig,
+    *,
+    projects_dir: Path,
+    models_dir: Path,
+    loras_dir: Path,
+    on_event: EventSink = ignore_events,
+    should_stop: Callable[[], bool] = lambda: False,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a LoRA on a prepared project. Bad input raises UserError before any work;
+    a failure during training (out of memory, a loss that stays NaN) ends in a ``Failed`` event."""
+    trainer = Trainer(
+        config,
+        projects_dir=projects_dir,
+        models_dir=models_dir,
+        loras_dir=loras_dir,
+        on_event=on_event,
+        should_stop=should_stop,
+        resume=resume,
+    )
+    try:
+        trainer.setup()
+        return trainer.run()
+    except torch.cuda.OutOfMemoryError:
+        log.exception("out of memory")
+        on_event(Failed(OOM_ADVICE))
+        latest = ckpt.latest_checkpoint(trainer.paths.checkpoints)
+        return TrainResult("failed", 0, checkpoint=latest, message=OOM_ADVICE)
+    finally:
+        if hasattr(trainer, "hash_pool"):
+            trainer.hash_pool.shutdown(wait=False)
+        if trainer.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
