@@ -1,0 +1,120 @@
+"""Flux: flow matching on packed latents, T5 + CLIP conditioning, guidance embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from modules.lora_training.families.base import LoraFamily
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H/2 · W/2, 4C): 2×2 patches as tokens, the layout the transformer reads."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def _image_ids(height: int, width: int) -> torch.Tensor:
+    """Positions (0, row, column) of each packed token for the rotary embedding."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class FluxFamily(LoraFamily):
+    name = "flux"
+    denoiser_attr = "transformer"
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    pipeline_adapter_kwarg = "transformer_lora_adapter_metadata"
+    pipeline_layers_kwarg = "transformer_lora_layers"
+    text_encoder_layer_kwargs = ("text_encoder_lora_layers",)
+    attention_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+
+    def text_encoders_with_lora(self) -> list[torch.nn.Module]:
+        # Diffusers' Flux LoRA format carries the CLIP encoder only; T5 stays frozen.
+        return [self.pipe.text_encoder]
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def max_sequence_length(self) -> int:
+        return min(512, self.pipe.tokenizer_2.model_max_length)
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = self.text_encoders()
+        clip_ids = self.pipe.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(clip.device)
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = self.pipe.tokenizer_2(
+            captions, padding="max_length", max_length=self.max_sequence_length(), truncation=True, return_tensors="pt"
+        ).input_ids.to(t5.device)
+        return {"prompt_embeds": t5(t5_ids, output_hidden_states=False)[0], "pooled": pooled}
+
+    def _shift(self, sigmas: torch.Tensor, image_tokens: int) -> torch.Tensor:
+        config = self.scheduler_config
+        if config.get("use_dynamic_shifting"):
+            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+            mu = base_shift + (max_shift - base_shift) * (image_tokens - base_len) / (max_len - base_len)
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        shift = config.get("shift", 1.0)
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def _sigmas(self, batch: int, image_tokens: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
+        if sampling == "uniform":
+            return torch.rand(batch, generator=generator).clamp(1e-4, 1 - 1e-4)
+        sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
+        if sampling == "shift":
+            sigmas = self._shift(sigmas, image_tokens)
+        return sigmas
+
+    def training_loss(self, *, latents, text, items, generator, config, fixed_t=None, noise=None) -> torch.Tensor:
+        batch, _, height, width = latents.shape
+        image_tokens = (height // 2) * (width // 2)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            if config.noise_offset:
+                offset = torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
+                noise = noise + config.noise_offset * offset.to(latents.device, latents.dtype)
+        sigmas = (
+            fixed_t if fixed_t is not None else self._sigmas(batch, image_tokens, generator, config.timestep_sampling)
+        )
+        sigmas = sigmas.to(latents.device, torch.float32)
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy = (1.0 - s) * latents + s * noise
+        target = _pack(noise - latents)  # flow matching: the velocity from data to noise
+        dtype = self.weight_dtype
+        transformer = self.denoiser
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), config.guidance_scale, device=latents.device, dtype=torch.float32)
+        prompt_embeds = text["prompt_embeds"].to(latents.device, dtype)
+        prediction = transformer(
+            hidden_states=_pack(noisy).to(dtype),
+            timestep=sigmas.to(dtype),
+            guidance=guidance,
+            pooled_projections=text["pooled"].to(latents.device, dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            img_ids=_image_ids(height, width).to(latents.device, dtype),
+            return_dict=False,
+        )[0]
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
+
+    def sample_kwargs(self, config) -> dict:
+        return {"guidance_scale": 3.5, "max_sequence_length": self.max_sequence_length()}
