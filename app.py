@@ -28,7 +28,8 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None):
     plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
     with gr.Blocks(title=translate("app_title", strings)) as demo:
         gr.Markdown(f"# {translate('app_title', strings)}\n{translate('app_subtitle', strings)}")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            plugins.tabs = tabs  # lets a tab switch to another (e.g. "Use in Generate")
             plugins.create_tabs(config.LANGUAGE)
         failures = plugins.failures()
         if failures:

@@ -261,7 +261,9 @@ class ModelManager:
     # ----- generation ----------------------------------------------------------
     def _raise_if_busy(self) -> None:
         if self._busy_reason:
-            raise GpuBusyError(f"The GPU is in use: {self._busy_reason}. Generation is available again when it ends.")
+            raise GpuBusyError(
+                f"The GPU is busy: {self._busy_reason} is in progress. Generation is available again when it ends."
+            )
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         import torch

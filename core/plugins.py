@@ -33,6 +33,7 @@ class PluginManager:
     modules_dir: Path
     package: str = "modules"
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    tabs: object | None = None  # the host's gr.Tabs, set while the UI is built
 
     def discover(self) -> list[PluginInfo]:
         found = []

@@ -125,6 +125,21 @@ class GenerateTab:
                     output = gr.Image(label=t("output"), type="filepath", elem_id="generate-output")
                     status = gr.Markdown(elem_id="generate-status")
 
+            # API-only endpoints live inside the tab: gr.Tabs may hold only gr.Tab children.
+            def list_models() -> list[dict]:
+                """Base models in the models folder, with their family."""
+                return [
+                    {"name": e.name, "family": e.family, "single_file": e.single_file}
+                    for e in self.model_manager.list_models()
+                ]
+
+            def list_loras() -> list[str]:
+                """LoRA files in the shared loras folder."""
+                return self.lora_names()
+
+            gr.api(list_models, api_name="list_models")
+            gr.api(list_loras, api_name="list_loras")
+
         def generate(model, prompt, negative_prompt, steps, guidance, width, height, seed, *lora_args):
             if not model:
                 raise gr.Error(t("no_models", folder=self.config.MODELS_DIR))
@@ -171,17 +186,3 @@ class GenerateTab:
         self.model_dropdown.change(
             size_for_model, inputs=[self.model_dropdown], outputs=[width, height], api_visibility="private"
         )
-
-        def list_models() -> list[dict]:
-            """Base models in the models folder, with their family."""
-            return [
-                {"name": e.name, "family": e.family, "single_file": e.single_file}
-                for e in self.model_manager.list_models()
-            ]
-
-        def list_loras() -> list[str]:
-            """LoRA files in the shared loras folder."""
-            return self.lora_names()
-
-        gr.api(list_models, api_name="list_models")
-        gr.api(list_loras, api_name="list_loras")

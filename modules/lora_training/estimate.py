@@ -1,0 +1,148 @@
+"""Before training: a memory estimate for the chosen settings, from the checkpoint's tensor shapes.
+
+Weights, LoRA parameters, gradients and optimizer states are counted exactly from the
+safetensors headers (nothing is loaded). Activations are scaled from per-family
+figures at 1024² and batch 1; they are the rough part of the estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.model_files import ModelEntry
+
+GIB = 2**30
+# Activation memory per image at 1024², batch 1, half precision (with / without gradient checkpointing).
+ACTIVATIONS_GIB = {"sdxl": (1.6, 8.0), "flux": (3.0, 16.0)}
+CUDA_OVERHEAD_GIB = 0.8
+OPTIMIZER_BYTES_PER_PARAM = {
+    "adamw": 8,
+    "adamw8bit": 2,
+    "paged_adamw8bit": 2,
+    "lion": 4,
+    "lion8bit": 1,
+    "prodigy": 16,
+}
+_DENOISER_PREFIX = {"sdxl": ("unet", "model.diffusion_model."), "flux": ("transformer", "")}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    total_bytes: int
+    parts: dict[str, int]
+    device: str
+    device_bytes: int | None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.total_bytes <= self.device_bytes
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.parts.items())
+        line = f"Estimated peak memory: {self.total_bytes / GIB:.1f} GiB ({parts} GiB) on {self.device}."
+        if self.fits is False:
+            line += (
+                f" This will not fit in {self.device_bytes / GIB:.1f} GiB: turn on gradient checkpointing, "
+                "an 8-bit optimizer and caching, or lower the batch size, resolution or rank."
+            )
+        return line
+
+
+def _denoiser_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    subfolder, prefix = _DENOISER_PREFIX[entry.family]
+    files = [entry.path] if entry.single_file else sorted((entry.path / subfolder).glob("*.safetensors"))
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if entry.single_file and not key.startswith(prefix):
+                    continue
+                shapes[key[len(prefix) :] if entry.single_file else key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def lora_parameter_count(shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int) -> int:
+    total = 0
+    for key, shape in shapes.items():
+        if len(shape) == 2 and any(key.endswith(f".{t}.weight") for t in targets):
+            total += rank * (shape[0] + shape[1])
+    return total
+
+
+def estimate_memory(
+    *,
+    entry: ModelEntry,
+    rank: int,
+    targets: tuple[str, ...],
+    optimizer: str,
+    resolution: int,
+    batch_size: int,
+    gradient_checkpointing: bool,
+    weight_bytes: int,
+    device: str,
+    device_bytes: int | None,
+) -> MemoryEstimate:
+    shapes = _denoiser_shapes(entry)
+    weights = sum(_numel(s) for s in shapes.values()) * weight_bytes
+    lora = lora_parameter_count(shapes, targets, rank)
+    with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
+    per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
+    parts = {
+        "weights": weights,
+        "LoRA + gradients": lora * 8,
+        "optimizer": lora * OPTIMIZER_BYTES_PER_PARAM[optimizer],
+        "activations": int(per_image * batch_size),
+    }
+    if device == "cuda":
+        parts["CUDA context"] = int(CUDA_OVERHEAD_GIB * GIB)
+    return MemoryEstimate(total_bytes=sum(parts.values()), parts=parts, device=device, device_bytes=device_bytes)
+
+
+def detected_device() -> tuple[str, int | None]:
+    """("cuda" and the GPU's memory) or ("cpu" and the machine's RAM)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_properties(0).total_memory
+    try:
+        pages = __import__("os").sysconf("SC_PHYS_PAGES") * __import__("os").sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        pages = None
+    return "cpu", pages
+
+
+def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryEstimate:
+    from core.pipelines import model_entry
+    from modules.lora_training.families import family_class
+    from modules.lora_training.train import choose_device, choose_precision
+
+    entry = model_entry(models_dir, config.base_model)
+    family = family_class(entry.family)
+    targets = family.attention_targets + (
+        family.feedforward_targets if config.lora_targets == "attention+feedforward" else ()
+    )
+    device, device_bytes = detected_device()
+    device = choose_device(config.device) if config.device != "auto" else device
+    precision = choose_precision(config.mixed_precision, device)
+    return estimate_memory(
+        entry=entry,
+        rank=config.rank,
+        targets=targets,
+        optimizer=config.optimizer,
+        resolution=resolution,
+        batch_size=config.batch_size,
+        gradient_checkpointing=config.gradient_checkpointing,
+        weight_bytes=precision.weight_dtype.itemsize,
+        device=device,
+        device_bytes=device_bytes,
+    )

@@ -1,0 +1,321 @@
+"""Background jobs: prepare and/or train in a server thread, one at a time, observable by polling.
+
+A job belongs to the server, not to a browser tab: any page (or API client) reads its
+state with ``snapshot()``, and ``stop()`` ends it within one step. The inference model
+is released before training and restored after, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import GpuBusyError, UserError
+from modules.lora_training.config import PrepareConfig, TrainConfig
+from modules.lora_training.events import (
+    CheckpointSaved,
+    Failed,
+    Finished,
+    Log,
+    PrepFinished,
+    PrepProgress,
+    SampleSaved,
+    StepDone,
+    Stopped,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_LINES = 500
+
+
+@dataclass
+class JobState:
+    job_id: int
+    project: str
+    kind: str  # prepare | train | prepare+train
+    state: str = "starting"  # preparing | training | stopping | prepared | finished | stopped | failed
+    started: float = field(default_factory=time.time)
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    s_per_step: float | None = None
+    prep_done: int = 0
+    prep_total: int = 0
+    prep_stage: str = ""
+    message: str = ""
+    lora_path: str | None = None
+    checkpoint: str | None = None
+    trigger: str = ""
+    base_model: str = ""
+    log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    losses: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("starting", "preparing", "training", "stopping")
+
+    def eta_seconds(self) -> float | None:
+        if not self.s_per_step or not self.total_steps:
+            return None
+        return max(0.0, (self.total_steps - self.step) * self.s_per_step)
+
+    def as_dict(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "project": self.project,
+            "kind": self.kind,
+            "state": self.state,
+            "running": self.running,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": self.loss,
+            "s_per_step": self.s_per_step,
+            "eta_seconds": self.eta_seconds(),
+            "prep_stage": self.prep_stage,
+            "prep_done": self.prep_done,
+            "prep_total": self.prep_total,
+            "message": self.message,
+            "lora_path": self.lora_path,
+            "checkpoint": self.checkpoint,
+            "trigger": self.trigger,
+            "base_model": self.base_model,
+            "log": list(self.log),
+            "losses": list(self.losses),
+            "samples": list(self.samples),
+        }
+
+
+def _line(text: str) -> str:
+    return f"{time.strftime('%H:%M:%S')}  {text}"
+
+
+class TrainingJobs:
+    """Runs one preparation/training job at a time for the whole server."""
+
+    def __init__(self, *, model_manager, app_config) -> None:
+        self.model_manager = model_manager
+        self.app_config = app_config
+        self._lock = threading.Lock()
+        self._job: JobState | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._next_id = 1
+        self.lora_version = 0  # bumps each time a LoRA is saved, so lists can refresh
+
+    # ----- queries -----------------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self._lock:
+            if self._job is None:
+                return {"state": "idle", "running": False, "log": [], "losses": [], "samples": [], "job_id": 0}
+            return self._job.as_dict()
+
+    def is_running(self) -> bool:
+        with self._lock:
+            return self._job is not None and self._job.running
+
+    def wait(self, timeout: float | None = None) -> dict:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.snapshot()
+
+    # ----- commands ----------------------------------------------------------------
+    def start(
+        self,
+        *,
+        prepare_config: PrepareConfig | None = None,
+        train_config: TrainConfig | None = None,
+        resume: bool = False,
+    ) -> dict:
+        if prepare_config is None and train_config is None:
+            raise UserError("Nothing to do: give preparation settings, training settings or both.")
+        project = (train_config or prepare_config).project
+        kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
+        with self._lock:
+            if self._job is not None and self._job.running:
+                raise UserError(
+                    f"A job is already running ({self._job.kind} of {self._job.project!r}); "
+                    "stop it or wait for it to finish."
+                )
+            job = JobState(job_id=self._next_id, project=project, kind=kind)
+            if train_config is not None:
+                job.base_model = train_config.base_model
+            if prepare_config is not None:
+                job.trigger = prepare_config.trigger
+            self._next_id += 1
+            self._job = job
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run,
+                args=(job, prepare_config, train_config, resume),
+                name=f"lora-job-{job.job_id}",
+                daemon=True,
+            )
+            self._thread.start()
+            return job.as_dict()
+
+    def stop(self) -> str:
+        with self._lock:
+            job = self._job
+            if job is None or not job.running:
+                return "No job is running."
+            if job.state == "stopping":
+                return "Already stopping: the run ends after the current step."
+            self._stop.set()
+            job.state = "stopping"
+            job.log.append(_line("Stop requested: finishing the current step and saving a checkpoint..."))
+            return "Stopping after the current step; a resumable checkpoint will be saved."
+
+    # ----- the worker --------------------------------------------------------------
+    def _record(self, job: JobState, event) -> None:
+        with self._lock:
+            if isinstance(event, PrepProgress):
+                job.prep_stage, job.prep_done, job.prep_total = event.stage, event.done, event.total
+            elif isinstance(event, PrepFinished):
+                job.log.append(_line(f"Prepared {event.used} image(s), skipped {event.skipped}."))
+            elif isinstance(event, StepDone):
+                job.step, job.total_steps, job.loss, job.s_per_step = (
+                    event.step,
+                    event.total_steps,
+                    event.loss,
+                    event.s_per_step,
+                )
+                job.losses.append((event.step, event.loss))
+                if event.step == 1 or event.step % 10 == 0 or event.step == event.total_steps:
+                    job.log.append(
+                        _line(
+                            f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  "
+                            f"lr {event.lr:.2e}  {event.s_per_step:.2f} s/step"
+                        )
+                    )
+            elif isinstance(event, CheckpointSaved):
+                job.checkpoint = event.path
+                job.log.append(_line(f"Checkpoint saved: {event.path}"))
+            elif isinstance(event, SampleSaved):
+                job.samples = ([(event.path, f"step {event.step}: {event.prompt}")] + job.samples)[:8]
+                job.log.append(_line(f"Sample saved: {Path(event.path).name}"))
+            elif isinstance(event, Stopped):
+                job.checkpoint = event.checkpoint_path
+                job.log.append(_line(f"Stopped at step {event.step}. Checkpoint: {event.checkpoint_path}"))
+            elif isinstance(event, Finished):
+                job.lora_path = event.lora_path
+                job.log.append(_line(f"LoRA saved: {event.lora_path}"))
+            elif isinstance(event, Failed):
+                job.message = event.message
+                job.log.append(_line(f"Failed: {event.message}"))
+            elif isinstance(event, Log):
+                for text in event.message.splitlines():
+                    job.log.append(_line(text))
+
+    def _set(self, job: JobState, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(job, key, value)
+
+    def _run(self, job, prepare_config, train_config, resume) -> None:
+        from modules.lora_training.dataset.prepare import prepare
+        from modules.lora_training.train import train
+
+        config = self.app_config
+        try:
+            if prepare_config is not None:
+                self._set(job, state="preparing")
+                prepare(
+                    prepare_config,
+                    projects_dir=config.LORA_PROJECTS_DIR,
+                    models_dir=config.MODELS_DIR,
+                    on_event=lambda e: self._record(job, e),
+                )
+                if train_config is None:
+                    self._set(job, state="prepared", message="Preparation finished.")
+                    return
+            if self._stop.is_set():
+                self._set(job, state="stopped", message="Stopped before training started.")
+                return
+            self._train(job, train_config, resume, train)
+        except UserError as exc:
+            self._record(job, Failed(str(exc)))
+            self._set(job, state="failed", message=str(exc))
+        except Exception as exc:  # a bug or an environment problem: keep the server alive, say what happened
+            log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
+            message = f"Unexpected error: {type(exc).__name__}: {exc}. See the server log for details."
+            self._record(job, Failed(message))
+            self._set(job, state="failed", message=message)
+
+    def _train(self, job, train_config, resume, train) -> None:
+        config = self.app_config
+        try:
+            info = self.model_manager.release(f"training LoRA {train_config.output_name!r}")
+        except GpuBusyError as exc:
+            raise UserError(str(exc)) from exc
+        freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
+        self._record(job, Log(f"Inference model {info.model or '(none)'} released for training{freed}."))
+        self._set(job, state="stopping" if self._stop.is_set() else "training")
+        try:
+            result = train(
+                train_config,
+                projects_dir=config.LORA_PROJECTS_DIR,
+                models_dir=config.MODELS_DIR,
+                loras_dir=config.LORAS_DIR,
+                on_event=lambda e: self._record(job, e),
+                should_stop=self._stop.is_set,
+                resume=resume,
+            )
+        finally:
+            restored = self.model_manager.restore()
+            if restored:
+                self._record(job, Log(f"Inference model {restored} restored."))
+        if result.status == "finished":
+            self.lora_version += 1
+            self._set(job, state="finished", message=f"Finished: {Path(result.lora_path).name} is ready to use.")
+        elif result.status == "stopped":
+            self._set(
+                job,
+                state="stopped",
+                message=f"Stopped at step {result.step}. Resume continues from {result.checkpoint}.",
+            )
+        else:
+            self._set(job, state="failed", message=result.message)
+
+
+def resumable_config(projects_dir: Path, project: str) -> TrainConfig:
+    """The training config a stopped or interrupted run of ``project`` was started with."""
+    from modules.lora_training.checkpoints import latest_checkpoint
+    from modules.lora_training.config import config_from_dict
+    from modules.lora_training.project import ProjectPaths, read_json
+
+    paths = ProjectPaths.for_project(projects_dir, project)
+    raw = read_json(paths.training_config)
+    if not raw or latest_checkpoint(paths.checkpoints) is None:
+        raise UserError(f"Project {project!r} has no stopped run to resume; start a new training.")
+    return config_from_dict(TrainConfig, raw)
+
+
+def interrupted_projects(projects_dir: Path, loras_dir: Path) -> list[str]:
+    """Projects with a checkpoint but no finished LoRA: runs a crash or a Stop left to resume."""
+    from modules.lora_training.checkpoints import latest_checkpoint
+    from modules.lora_training.config import config_from_dict
+    from modules.lora_training.project import ProjectPaths, read_json
+
+    found = []
+    for folder in sorted(Path(projects_dir).iterdir()) if Path(projects_dir).is_dir() else []:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            paths = ProjectPaths.for_project(projects_dir, folder.name)
+            raw = read_json(paths.training_config)
+            if not raw or latest_checkpoint(paths.checkpoints) is None:
+                continue
+            config = config_from_dict(TrainConfig, raw)
+        except (UserError, ValueError, OSError):
+            continue
+        if not (Path(loras_dir) / f"{config.output_name}.safetensors").exists():
+            found.append(folder.name)
+    return found

@@ -1,0 +1,96 @@
+"""Training jobs in the server: GPU hand-off, one job at a time, stop/resume, status."""
+
+import time
+
+import pytest
+
+from core.demo_models import DEMO_SDXL_NAME
+from core.errors import GpuBusyError, UserError
+from core.model_manager import GenerationRequest, ModelManager
+from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict
+from modules.lora_training.jobs import TrainingJobs, interrupted_projects, resumable_config
+from tests.image_folders import noise_image
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        noise_image(80, 80, seed=200 + index).save(folder / f"p{index}.png")
+    return folder
+
+
+@pytest.fixture
+def jobs(app_config):
+    manager = ModelManager(models_dir=app_config.MODELS_DIR, loras_dir=app_config.LORAS_DIR, device="cpu")
+    return TrainingJobs(model_manager=manager, app_config=app_config)
+
+
+def _configs(photos, **options):
+    prepare = config_from_dict(
+        PrepareConfig,
+        {"project": "job", "images_dir": str(photos), "trigger": "ohwx", "resolution": 64, "captioner": "none"},
+    )
+    train = config_from_dict(
+        TrainConfig, {"project": "job", "base_model": DEMO_SDXL_NAME, "steps": 400, "rank": 4, **options}
+    )
+    return prepare, train
+
+
+def _wait_for(jobs, predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snapshot = jobs.snapshot()
+        if predicate(snapshot):
+            return snapshot
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; last state {jobs.snapshot()['state']}")
+
+
+def test_training_releases_the_model_and_restores_it(jobs, photos):
+    manager = jobs.model_manager
+    request = GenerationRequest(model=DEMO_SDXL_NAME, prompt="a cat", steps=2, width=64, height=64, seed=1)
+    manager.generate(request)
+    assert manager.loaded_model == DEMO_SDXL_NAME
+
+    prepare, train = _configs(photos)
+    jobs.start(prepare_config=prepare, train_config=train)
+    _wait_for(jobs, lambda s: s["state"] == "training" and s["step"] >= 2)
+    assert manager.loaded_model is None, "inference model released while training"
+    with pytest.raises(GpuBusyError, match="training LoRA 'job'"):
+        manager.generate(request)
+    with pytest.raises(UserError, match="already running"):
+        jobs.start(prepare_config=prepare, train_config=train)
+
+    assert "Stopping" in jobs.stop()
+    assert "Already stopping" in jobs.stop()
+    snapshot = jobs.wait(60)
+    assert snapshot["state"] == "stopped" and snapshot["checkpoint"]
+    assert any("released for training" in line for line in snapshot["log"])
+    assert manager.loaded_model == DEMO_SDXL_NAME, "restored after the job"
+    assert manager.generate(request).image.size == (64, 64)
+    assert jobs.stop() == "No job is running."
+
+    assert interrupted_projects(jobs.app_config.LORA_PROJECTS_DIR, jobs.app_config.LORAS_DIR) == ["job"]
+    resumed = resumable_config(jobs.app_config.LORA_PROJECTS_DIR, "job")
+    assert resumed.steps == 400
+    quick = config_from_dict(TrainConfig, {**resumed.__dict__, "steps": snapshot["step"] + 2})
+    jobs.start(train_config=quick, resume=True)
+    final = jobs.wait(120)
+    assert final["state"] == "finished", final["message"]
+    assert any("Resumed from" in line for line in final["log"])
+    assert jobs.lora_version == 1
+    assert "job.safetensors" in manager.list_loras()
+
+
+def test_a_failing_job_never_leaves_the_server_stuck(jobs, photos, tmp_path):
+    prepare, train = _configs(photos)
+    bad = config_from_dict(PrepareConfig, {**prepare.__dict__, "images_dir": str(tmp_path / "missing")})
+    jobs.start(prepare_config=bad, train_config=train)
+    snapshot = jobs.wait(30)
+    assert snapshot["state"] == "failed" and "does not exist" in snapshot["message"]
+    assert not jobs.is_running()
+    assert jobs.model_manager.busy_reason is None
+    with pytest.raises(UserError, match="Nothing to do"):
+        jobs.start()
