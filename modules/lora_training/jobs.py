@@ -147,8 +147,7 @@ class TrainingJobs:
             job = JobState(job_id=self._next_id, project=project, kind=kind)
             if train_config is not None:
                 job.base_model = train_config.base_model
-            if prepare_config is not None:
-                job.trigger = prepare_config.trigger
+            job.trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
             self._next_id += 1
             self._job = job
             self._stop.clear()
@@ -160,6 +159,12 @@ class TrainingJobs:
             )
             self._thread.start()
             return job.as_dict()
+
+    def _prepared_trigger(self, project: str) -> str:
+        from modules.lora_training.project import ProjectPaths, read_json
+
+        manifest = read_json(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project).manifest) or {}
+        return manifest.get("config", {}).get("trigger", "")
 
     def stop(self) -> str:
         with self._lock:
@@ -274,7 +279,7 @@ class TrainingJobs:
                 self._record(job, Log(f"Inference model {restored} restored."))
         if result.status == "finished":
             self.lora_version += 1
-            self._set(job, state="finished", message=f"Finished: {Path(result.lora_path).name} is ready to use.")
+            self._set(job, state="finished", message=f"{Path(result.lora_path).name} is ready in the Generate tab.")
         elif result.status == "stopped":
             self._set(
                 job,

@@ -545,10 +545,8 @@ class LoraTrainingTab:
                     raise gr.Error(t("no_lora_yet"))
                 name = str(Path(lora).relative_to(self.config.LORAS_DIR))
                 names = self.model_manager.list_loras()
-                updates = [
-                    gr.Dropdown(choices=names, value=name if i == 0 else gr.skip())
-                    for i, _ in enumerate(generate_tab.lora_dropdowns)
-                ]
+                updates = [gr.Dropdown(choices=names, value=name)]
+                updates += [gr.Dropdown(choices=names) for _ in generate_tab.lora_dropdowns[1:]]
                 prompt = f"{snapshot.get('trigger') or ''}, " if snapshot.get("trigger") else gr.skip()
                 tab_update = gr.Tabs(selected="generate") if host_tabs is not None else gr.skip()
                 return [snapshot.get("base_model") or gr.skip(), prompt, *updates, tab_update]

@@ -1,0 +1,84 @@
+"""A person trains a LoRA in the browser: Prepare and Train, Stop, Resume, then generates with it."""
+
+import re
+
+import pytest
+
+from tests.conftest import write_config
+from tests.image_folders import noise_image
+from tests.server import running_app
+
+pytestmark = pytest.mark.ui
+
+
+def _field(page, elem_id):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def _log_text(page):
+    return _field(page, "lt-log").input_value()
+
+
+def _wait_for_log(page, pattern, timeout=120_000):
+    page.wait_for_function(
+        "([selector, pattern]) => new RegExp(pattern).test(document.querySelector(selector)?.value || '')",
+        arg=["#lt-log textarea", pattern],
+        timeout=timeout,
+    )
+
+
+def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, browser_page, screenshot):
+    page = browser_page
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        noise_image(96, 80 + 8 * index, seed=400 + index).save(photos / f"photo {index}.png")
+    config = write_config(tmp_path, models_dir)
+    with running_app(config, tmp_path / "app.log") as url:
+        page.goto(url)
+        page.get_by_role("tab", name="LoRA Training").click()
+        _field(page, "lt-images").fill(str(photos))
+        _field(page, "lt-project").fill("ui-test")
+        _field(page, "lt-trigger").fill("ohwx")
+        page.get_by_text("Training", exact=True).click()  # opens the accordion
+        for elem_id, value in (("lt-steps", "150"), ("lt-save-every", "0"), ("lt-sample-every", "0")):
+            _field(page, elem_id).fill(value)
+            _field(page, elem_id).press("Tab")
+        screenshot("1-filled")
+
+        page.locator("#lt-train").click()
+        _wait_for_log(page, r"step 10/150")
+        page.wait_for_function("() => Number(document.querySelector('#lt-progress progress')?.value) >= 10")
+        screenshot("2-training")
+
+        page.reload()  # the run belongs to the server: a new page re-attaches to it
+        page.get_by_role("tab", name="LoRA Training").click()
+        _wait_for_log(page, r"step \d+/150")
+        assert "Training ui-test" in page.locator("#lt-status").inner_text()
+
+        page.locator("#lt-stop").click()
+        page.get_by_text(re.compile(r"Stopped ui-test")).wait_for(timeout=60_000)
+        _wait_for_log(page, r"Checkpoint saved: .*step-")
+        assert "Resume continues from" in page.locator("#lt-status").inner_text()
+        screenshot("3-stopped")
+
+        _field(page, "lt-project").fill("ui-test")
+        page.locator("#lt-resume").click()
+        page.get_by_text(re.compile(r"Finished ui-test")).wait_for(timeout=180_000)
+        assert "Resumed from" in _log_text(page)
+        screenshot("4-finished")
+
+        page.locator("#lt-use").click()
+        page.locator("#generate-button").wait_for(state="visible")
+        page.wait_for_function(
+            "() => document.querySelector('#generate-lora-1 input')?.value === 'ui-test.safetensors'",
+            timeout=30_000,
+        )
+        assert _field(page, "generate-prompt").input_value().startswith("ohwx")
+        page.locator("#generate-lora-1 input").click()
+        page.get_by_role("option", name="ui-test.safetensors").wait_for()
+        page.keyboard.press("Escape")
+        page.locator("#generate-button").click()
+        page.locator("#generate-output img").wait_for(state="visible", timeout=120_000)
+        screenshot("5-generated")
+        assert page.locator("#generate-status").inner_text().startswith("Done")
