@@ -54,7 +54,8 @@ def _rename_resnet(rest: str) -> str:
     raise KeyError(f"unexpected resnet key {rest!r}")
 
 
-def _unet_key(key: str, layers_per_block: int) -> str:
+def unet_key_to_original(key: str, layers_per_block: int) -> str:
+    """A diffusers U-Net key (``down_blocks.1.attentions.0...``) in original naming (``input_blocks.4.1...``)."""
     for new, old in _UNET_FIXED.items():
         if key.startswith(new):
             return old + key[len(new) :]
@@ -92,7 +93,7 @@ def _unet_state(unet) -> dict[str, torch.Tensor]:
             slot = 2 if up_has_attention[block] else 1
             new = f"output_blocks.{block * per_block + layers}.{slot}.conv.{m[2]}"
         else:
-            new = _unet_key(key, layers)
+            new = unet_key_to_original(key, layers)
         out[_UNET_PREFIX + new] = value
     return out
 

@@ -21,6 +21,7 @@ from modules.lora_training.events import (
     StepDone,
     Stopped,
 )
+from modules.lora_training.export import FORMATS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     _add_config_flags(train, TrainConfig, renames={})
+    export = commands.add_parser("export", help="write a LoRA in kohya/webui or diffusers format, verified")
+    export.add_argument("--lora", type=Path, required=True, help="the LoRA file to export")
+    export.add_argument("--format", dest="fmt", choices=FORMATS, required=True)
+    export.add_argument("--out", type=Path, help="output file (default: loras/webui/ or loras/diffusers/)")
+    inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
+    inspect.add_argument("file", type=Path)
     return parser
 
 
@@ -122,6 +129,21 @@ def main(argv: list[str] | None = None) -> int:
                 models_dir=app_config.MODELS_DIR,
                 on_event=_print_event,
             )
+        if args.command == "export":
+            from modules.lora_training.export import export_lora
+
+            result = export_lora(args.lora, fmt=args.fmt, out=args.out)
+            check = result.verification
+            print(
+                f"Wrote {result.path} ({result.format}); verified {check.layers} layers through diffusers' loader, "
+                f"max weight difference {check.max_difference:.3g} ({check.relative:.3%} of the largest change)"
+            )
+            return 0
+        if args.command == "inspect":
+            from modules.lora_training.export import inspect_lora
+
+            print(inspect_lora(args.file))
+            return 0
         if args.command == "train":
             from modules.lora_training.train import train
 

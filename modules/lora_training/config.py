@@ -173,6 +173,9 @@ class TrainConfig:
     sample_steps: int = bounded(20, minimum=1, maximum=200)
     sample_seed: int = bounded(1234, minimum=0)
     overwrite: bool = field(default=False, metadata={"help": "replace an existing LoRA of the same name"})
+    also_save_webui: bool = field(
+        default=True, metadata={"help": "also write loras/webui/<name>.safetensors for A1111/Forge/ComfyUI"}
+    )
     device: str = choice("auto", ("auto", "cpu", "cuda"))
 
     @property

@@ -473,7 +473,30 @@ class Trainer:
             "lora_studio.rank": str(self.config.rank),
             "lora_studio.alpha": f"{self.config.alpha:g}",
             "lora_studio.training_config": metadata_json(config_to_dict(self.config)),
+            "lora_studio.tag_frequency": metadata_json({self.paths.name: self._tag_counts()}),
         }
+
+    def _tag_counts(self) -> dict[str, int]:
+        counts: Counter = Counter()
+        for item in self.items:
+            counts.update(tag.strip() for tag in item.caption.split(",") if tag.strip())
+        return dict(counts.most_common(200))
+
+    def _save_webui_copy(self) -> None:
+        from modules.lora_training.export import export_lora
+
+        try:
+            result = export_lora(self.lora_path, fmt="kohya")
+        except UserError as exc:
+            self.on_event(Log(f"No webui copy written: {exc}", level="warning"))
+            return
+        check = result.verification
+        self.on_event(
+            Log(
+                f"Webui/kohya copy: {result.path} (verified on {check.layers} layers, "
+                f"max weight difference {check.max_difference:.2g})"
+            )
+        )
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -517,6 +540,8 @@ class Trainer:
         write_loss_plot(self.paths.logs)
         self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
         self.on_event(Log(f"Saved {self.lora_path}"))
+        if config.also_save_webui:
+            self._save_webui_copy()
         self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
 
