@@ -41,13 +41,13 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         _field(page, "lt-project").fill("ui-test")
         _field(page, "lt-trigger").fill("ohwx")
         page.get_by_text("Training", exact=True).click()  # opens the accordion
-        for elem_id, value in (("lt-steps", "60"), ("lt-save-every", "0"), ("lt-sample-every", "0")):
+        for elem_id, value in (("lt-steps", "100"), ("lt-save-every", "0"), ("lt-sample-every", "0")):
             _field(page, elem_id).fill(value)
             _field(page, elem_id).press("Tab")
         screenshot("1-filled")
 
         page.locator("#lt-train").click()
-        _wait_for_log(page, r"step 1/60")
+        _wait_for_log(page, r"step 1/100")
         page.wait_for_function("() => Number(document.querySelector('#lt-progress progress')?.value) >= 2")
         screenshot("2-training")
 
