@@ -53,7 +53,7 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
 
         page.reload()  # the run belongs to the server: a new page re-attaches to it
         page.get_by_role("tab", name="LoRA Training").click()
-        _wait_for_log(page, r"step \d+/60")
+        _wait_for_log(page, r"step \d+/100")
         assert "Training ui-test" in page.locator("#lt-status").inner_text()
 
         page.locator("#lt-stop").click()
