@@ -83,9 +83,16 @@ class BatchStream:
         self.repeats = repeats
         self.seed = seed
         self.shuffle = shuffle
+        self._plan: tuple[int, list[list[int]]] | None = None
         self.per_epoch = len(self._epoch(0))
 
     def _epoch(self, epoch: int) -> list[list[int]]:
+        # Steps walk an epoch in order: keep its plan instead of reshuffling at every step.
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self._make_epoch(epoch))
+        return self._plan[1]
+
+    def _make_epoch(self, epoch: int) -> list[list[int]]:
         return epoch_batches(
             self.items,
             batch_size=self.batch_size,

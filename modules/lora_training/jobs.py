@@ -254,6 +254,19 @@ class TrainingJobs:
             self._record(job, Failed(message))
             self._set(job, state="failed", message=message)
 
+    def _log_estimate(self, job, train_config) -> None:
+        from modules.lora_training.estimate import estimate_for_config
+        from modules.lora_training.project import ProjectPaths, read_json
+
+        manifest = read_json(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, job.project).manifest) or {}
+        resolution = int(manifest.get("config", {}).get("resolution", 1024))
+        try:
+            estimate = estimate_for_config(train_config, models_dir=self.app_config.MODELS_DIR, resolution=resolution)
+        except (UserError, OSError, ValueError) as exc:
+            self._record(job, Log(f"No memory estimate: {exc}"))
+            return
+        self._record(job, Log(estimate.describe(), level="warning" if estimate.fits is False else "info"))
+
     def _train(self, job, train_config, resume, train) -> None:
         config = self.app_config
         try:
@@ -263,6 +276,7 @@ class TrainingJobs:
         freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
         self._record(job, Log(f"Inference model {info.model or '(none)'} released for training{freed}."))
         self._set(job, state="stopping" if self._stop.is_set() else "training")
+        self._log_estimate(job, train_config)
         try:
             result = train(
                 train_config,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from core.atomic import remove_stale_partials
 from core.errors import UserError
 from core.pipelines import model_entry
 from modules.lora_training import checkpoints as ckpt
@@ -133,6 +134,7 @@ class _Caches:
         self.latent_dir = paths.cache / "latents"
         self.text_dir = paths.cache / "text"
         self.device = device
+        self._memory: dict[Path, dict[str, torch.Tensor]] = {}
 
     def latent_path(self, item: TrainItem, flip: bool) -> Path:
         width, height = item.bucket
@@ -179,14 +181,18 @@ class _Caches:
         return len(missing)
 
     def moments(self, item: TrainItem, flip: bool) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.latent_path(item, flip)))["moments"]
+        return self._read(self.latent_path(item, flip))["moments"]
 
     def text(self, caption: str) -> dict[str, torch.Tensor]:
+        return self._read(self.text_path(caption))
+
+    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+        """Each cache file is read from disk once per run, then served from memory."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.text_path(caption)))
+        if path not in self._memory:
+            self._memory[path] = load_file(str(path))
+        return self._memory[path]
 
 
 class Trainer:
@@ -213,6 +219,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.on_event = on_event if self.is_main else ignore_events
         self.lora_path = self.loras_dir / f"{config.output_name}.safetensors"
+        self.timings: dict[str, float] = {}  # seconds per phase: load, cache, first_step, train, save
 
     # ----- setup ------------------------------------------------------------------
     def _check_before_loading(self) -> None:
@@ -235,12 +242,16 @@ class Trainer:
 
     def setup(self) -> None:
         self._check_before_loading()
+        if self.is_main:
+            for folder in (self.paths.checkpoints, self.loras_dir):
+                remove_stale_partials(folder)
         config = self.config
         self.device = choose_device(config.device)
         self.precision = choose_precision(config.mixed_precision, self.device)
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)
         self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
+        clock = time.perf_counter()
         self.family = family_class(self.family_name)(
             self.entry, models_dir=self.models_dir, device=self.device, weight_dtype=self.precision.weight_dtype
         )
@@ -251,7 +262,10 @@ class Trainer:
         self.total_steps = config.steps or max(1, math.ceil(self.stream.per_epoch * config.epochs / micro_per_step))
         if self.is_main:
             write_json(self.paths.training_config, config_to_dict(config))
+        self.timings["load"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         self._fill_caches()
+        self.timings["cache"] = time.perf_counter() - clock
         # The LoRA's random initialisation follows the run's seed, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -513,6 +527,9 @@ class Trainer:
                 return TrainResult("stopped", step, checkpoint=last_checkpoint, message=f"stopped at step {step}")
             started = time.perf_counter()
             loss, epoch = self._step(step)
+            if step == self.start_step:
+                self.timings["first_step"] = time.perf_counter() - started
+            self.timings["train"] = self.timings.get("train", 0.0) + time.perf_counter() - started
             step += 1
             bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
             if bad_steps >= MAX_BAD_STEPS:
@@ -537,11 +554,14 @@ class Trainer:
         last_checkpoint = self._checkpoint(step) or last_checkpoint
         if not self.is_main:
             return TrainResult("finished", step, checkpoint=last_checkpoint)
+        clock = time.perf_counter()
         write_loss_plot(self.paths.logs)
         self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
         self.on_event(Log(f"Saved {self.lora_path}"))
         if config.also_save_webui:
             self._save_webui_copy()
+        self.timings["save"] = time.perf_counter() - clock
+        self.on_event(Log("Time spent: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())))
         self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
 
@@ -554,6 +574,24 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
+
+
+def _write_failure_message(exc: OSError, trainer: Trainer) -> str:
+    import errno
+
+    where = exc.filename or "the project or loras folder"
+    reason = exc.strerror or str(exc)
+    needed = ""
+    family = getattr(trainer, "family", None)
+    if family is not None and family.lora_config is not None:
+        # A checkpoint holds the LoRA weights plus optimizer state: about 3x the weights in fp32.
+        size = sum(p.numel() for p in family.lora_parameters()) * 4 * 4
+        needed = f" A checkpoint needs about {size / 2**20:.0f} MiB free."
+    hint = " Free some disk space" if exc.errno == errno.ENOSPC else " Check the folder's permissions"
+    return (
+        f"Could not write {where}: {reason}.{needed}{hint}, then Resume: the last complete checkpoint "
+        "and any existing LoRA were left untouched."
+    )
 
 
 def train(
@@ -585,6 +623,12 @@ def train(
         on_event(Failed(OOM_ADVICE))
         latest = ckpt.latest_checkpoint(trainer.paths.checkpoints)
         return TrainResult("failed", 0, checkpoint=latest, message=OOM_ADVICE)
+    except OSError as exc:  # a write that failed: full disk, permissions, a vanished folder
+        message = _write_failure_message(exc, trainer)
+        log.error("training stopped by a failed write: %s", exc)
+        on_event(Failed(message))
+        latest = ckpt.latest_checkpoint(trainer.paths.checkpoints)
+        return TrainResult("failed", 0, checkpoint=latest, message=message)
     finally:
         if hasattr(trainer, "hash_pool"):
             trainer.hash_pool.shutdown(wait=False)

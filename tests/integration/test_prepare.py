@@ -149,3 +149,23 @@ def test_cli_prepare(tmp_path, messy, models_dir):
     assert "Prepared 8 image(s)" in done.stdout
     bad = subprocess.run(command + args + ["--captioner", "blip"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "captioner must be one of" in bad.stderr
+
+
+def test_bad_input_corpus_each_file_gets_a_reason(tmp_path, models_dir):
+    """Flat images, mixed-case extensions, odd names and a `..` path: reasons, no crash."""
+    from PIL import Image
+
+    from tests.image_folders import noise_image
+
+    photos = tmp_path / "corpus"
+    photos.mkdir()
+    Image.new("RGB", (200, 200), (0, 0, 0)).save(photos / "black.png")
+    Image.new("RGB", (200, 200), (255, 255, 255)).save(photos / "white.png")
+    noise_image(200, 160, seed=1).save(photos / "UPPER CASE.JPG")
+    noise_image(160, 200, seed=2).save(photos / "emoji 🐈 ünïcode.JpEg")
+    weird = tmp_path / "corpus" / ".." / "corpus"
+    result = prepare(_config(weird, resolution=128), projects_dir=tmp_path / "projects", models_dir=models_dir)
+    assert {e["source"] for e in result.used} == {"UPPER CASE.JPG", "emoji 🐈 ünïcode.JpEg"}
+    reasons = {e["source"]: e["reason"] for e in result.skipped}
+    assert reasons == {"black.png": reasons["black.png"], "white.png": reasons["white.png"]}
+    assert all(r.startswith("blank image") for r in reasons.values()), "not mistaken for duplicates of each other"

@@ -128,3 +128,9 @@ def difference_hash(image, *, size: int = 8) -> int:
 
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
+
+
+def brightness_and_spread(image) -> tuple[float, float]:
+    """Mean and standard deviation of the luminance (0-255), on a small copy."""
+    gray = np.asarray(image.convert("L").resize((64, 64)), dtype=np.float32)
+    return float(gray.mean()), float(gray.std())

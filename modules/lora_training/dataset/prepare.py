@@ -28,6 +28,7 @@ from modules.lora_training.dataset.captions import (
 from modules.lora_training.dataset.images import (
     CAPTION_SUFFIX,
     RejectedImage,
+    brightness_and_spread,
     difference_hash,
     find_source_files,
     hamming,
@@ -37,6 +38,7 @@ from modules.lora_training.events import EventSink, Log, PrepFinished, PrepProgr
 from modules.lora_training.project import ProjectPaths, read_json, write_json
 
 MANIFEST_VERSION = 1
+BLANK_SPREAD = 2.0  # luminance standard deviation below which an image is one flat colour
 
 
 @dataclass
@@ -126,7 +128,7 @@ class _Preparation:
         if not files and not refused:
             raise UserError(f"Image folder {self.images_dir} is empty: add some photos (JPEG, PNG, WebP...).")
         seen_hashes: dict[str, str] = {}
-        seen_dhashes: list[tuple[int, str]] = []
+        seen_dhashes: list[tuple[int, float, str]] = []
         self.paths.images.mkdir(parents=True, exist_ok=True)
         for index, source in enumerate(files):
             self.on_event(PrepProgress(stage="scan", done=index, total=len(files), item=source.relative))
@@ -147,15 +149,24 @@ class _Preparation:
             if loaded.sha256 in seen_hashes:
                 self.skip(source.relative, f"duplicate of {seen_hashes[loaded.sha256]}", loaded.sha256)
                 continue
+            brightness, spread = brightness_and_spread(loaded.image)
+            if spread < BLANK_SPREAD:
+                self.skip(source.relative, "blank image (one flat colour, nothing to learn)", loaded.sha256)
+                continue
             dhash = difference_hash(loaded.image)
             twin = next(
-                (name for h, name in seen_dhashes if hamming(h, dhash) <= self.config.duplicate_threshold), None
+                (
+                    name
+                    for h, level, name in seen_dhashes
+                    if hamming(h, dhash) <= self.config.duplicate_threshold and abs(level - brightness) < 16
+                ),
+                None,
             )
             if twin:
                 self.skip(source.relative, f"near-duplicate of {twin}", loaded.sha256)
                 continue
             seen_hashes[loaded.sha256] = source.relative
-            seen_dhashes.append((dhash, source.relative))
+            seen_dhashes.append((dhash, brightness, source.relative))
             self.result.used.append(self._crop(source, loaded))
         self.on_event(PrepProgress(stage="scan", done=len(files), total=len(files)))
         if not self.result.used:

@@ -142,7 +142,7 @@ class LoraFamily:
                 kwargs[kwarg] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
                 kwargs[kwarg.replace("_layers", "_adapter_metadata")] = self.text_lora_config.to_dict()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".saving-") as scratch:
+        with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".saving-", suffix=".partial") as scratch:
             type(self.pipe).save_lora_weights(scratch, weight_name="lora.safetensors", **kwargs)
             written = Path(scratch) / "lora.safetensors"
             with safe_open(str(written), framework="pt") as handle:
