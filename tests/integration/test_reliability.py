@@ -121,6 +121,14 @@ def test_files_outside_the_app_folders_cannot_be_read(tmp_path, models_dir):
     (tmp_path / "app").mkdir()
     config = write_config(tmp_path / "app", models_dir)
     with running_app(config, tmp_path / "app.log") as url:
+        from gradio_client import Client
+
+        # Control: a file the app did produce is served through the same URL form.
+        produced, _ = Client(url, verbose=False).predict(
+            DEMO_SDXL_NAME, "a cat", "", 2, 5.0, 64, 64, 1, *(None, 1.0) * 4, api_name="/generate"
+        )
+        status, body = _fetch(f"{url}gradio_api/file={produced}")
+        assert status == 200 and body.startswith(b"\x89PNG")
         for prefix in ("gradio_api/file=", "file=", "gradio_api/file=../../", "file=/"):
             for target in (str(secret), str(ROOT / "config.json"), "/etc/passwd"):
                 status, body = _fetch(f"{url}{prefix}{target}")
