@@ -8,7 +8,7 @@ Prints a table and writes ``bench/results.json``:
 4. generate overhead: ModelManager with a LoRA vs a direct diffusers call with the same LoRA
 5. peak memory (RSS) of our training step vs the reference step, each in its own process
 
-Tiny demo models on the CPU by default. ``--gpu`` is accepted but needs CUDA.
+Tiny demo models on the CPU by default (``--resolution`` sets the image size). ``--gpu`` is accepted but needs CUDA.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGES = 8
-RESOLUTION = 64
+RESOLUTION = int(os.environ.get("LORA_STUDIO_BENCH_RESOLUTION", "64"))
 RANK = 16
 
 
@@ -45,7 +45,8 @@ def _build_workspace(root: Path) -> dict:
     photos = root / "photos"
     photos.mkdir(parents=True, exist_ok=True)
     for index in range(IMAGES):
-        noise_image(96 + 8 * index, 96, seed=index).save(photos / f"p{index}.png")
+        side = RESOLUTION * 3 // 2
+        noise_image(side + 8 * index, side, seed=index).save(photos / f"p{index}.png")
     timings = {}
     events = []
 
@@ -295,16 +296,33 @@ def _memory_part(part: str, workspace_root: Path) -> None:
     }
     if part == "ours":
         trainer = _trainer(workspace, Path(tempfile.mkdtemp()))
-        for step in range(10):
-            trainer._step(step)
+        step = trainer._step
     else:
         from core.demo_models import demo_model_paths
 
         reference = ReferenceStep(demo_model_paths(workspace["models"]).sdxl_folder, rank=RANK)
-        for _ in range(10):
+
+        def step(_index):
             reference.step()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak_kib / 1024}))
+
+    step(0)
+    _reset_peak_rss()
+    for index in range(1, 11):
+        step(index)
+    print(json.dumps({"peak_mib": _peak_rss_kib() / 1024}))
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _peak_rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def bench_memory(workspace_root: Path) -> dict:
@@ -317,9 +335,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="full-size SDXL on a CUDA GPU (not available on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training image side (multiple of 64)")
     parser.add_argument("--memory-part", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.resolution != RESOLUTION:
+        # Child processes and module constants read it from the environment.
+        os.environ["LORA_STUDIO_BENCH_RESOLUTION"] = str(args.resolution)
+        return subprocess.call([sys.executable, __file__, *sys.argv[1:]], env=os.environ)
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -334,6 +357,7 @@ def main() -> int:
         workspace = _build_workspace(root)
         results = {
             "device": "cpu",
+            "resolution": RESOLUTION,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "step_overhead": bench_step_overhead(workspace, root),
