@@ -34,15 +34,29 @@ SDXL_SCHEDULER_CONFIG = {
 }
 
 
-def build_tiny_sdxl_pipeline(*, seed: int = 0):
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _tiny_vae(**family_specific):
+    """A two-block AutoencoderKL (2x downsampling) with the family's latent channels and scaling."""
+    from diffusers import AutoencoderKL
 
-    from core.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        sample_size=DEMO_IMAGE_SIZE,
+        **family_specific,
+    )
 
-    torch.manual_seed(seed)
-    common_text = dict(
+
+def _tiny_clip_config(**sizes):
+    """A two-layer CLIP text config over the real 49,408-token vocabulary."""
+    from transformers import CLIPTextConfig
+
+    from core.tokenizers import CLIP_VOCAB_SIZE
+
+    return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=77,
         bos_token_id=49406,
@@ -51,12 +65,21 @@ def build_tiny_sdxl_pipeline(*, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         projection_dim=32,
+        **sizes,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu", **common_text)
-    )
+
+
+def build_tiny_sdxl_pipeline(*, seed: int = 0):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from core.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=48, intermediate_size=96, hidden_act="gelu", **common_text)
+        _tiny_clip_config(hidden_size=48, intermediate_size=96, hidden_act="gelu")
     )
     unet = UNet2DConditionModel(
         sample_size=DEMO_IMAGE_SIZE // 2,
@@ -75,17 +98,7 @@ def build_tiny_sdxl_pipeline(*, seed: int = 0):
         projection_class_embeddings_input_dim=6 * 8 + 32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=DEMO_IMAGE_SIZE,
-        scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025)
     pipe = StableDiffusionXLPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -100,28 +113,14 @@ def build_tiny_sdxl_pipeline(*, seed: int = 0):
 
 def build_tiny_flux_pipeline(*, seed: int = 0):
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from core.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_tiny_t5_tokenizer
+    from core.tokenizers import build_clip_tokenizer, build_tiny_t5_tokenizer
 
     torch.manual_seed(seed)
     t5_tokenizer = build_tiny_t5_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu"))
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
@@ -149,19 +148,8 @@ def build_tiny_flux_pipeline(*, seed: int = 0):
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=16,
-        layers_per_block=1,
-        sample_size=DEMO_IMAGE_SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+    vae = _tiny_vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
