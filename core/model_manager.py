@@ -271,8 +271,9 @@ class ModelManager:
         self._raise_if_busy()
         with self._lock:
             self._raise_if_busy()
+            # Check the request before loading anything, so a bad one never replaces the loaded model.
+            validate_request(request, self._entry_for(request.model).family)
             entry = self.load_model(request.model)
-            validate_request(request, entry.family)
             self._apply_loras(request.loras)
             seed = request.seed if request.seed >= 0 else random.randrange(2**31)
             generator = torch.Generator(device="cpu").manual_seed(seed)

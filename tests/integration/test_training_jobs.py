@@ -94,3 +94,23 @@ def test_a_failing_job_never_leaves_the_server_stuck(jobs, photos, tmp_path):
     assert jobs.model_manager.busy_reason is None
     with pytest.raises(UserError, match="Nothing to do"):
         jobs.start()
+
+
+def test_train_clicked_while_generating_waits_for_the_image(jobs, photos):
+    """The hand-off waits for a generation in flight; both finish, neither errors."""
+    import threading
+
+    manager = jobs.model_manager
+    request = GenerationRequest(model=DEMO_SDXL_NAME, prompt="a cat", steps=40, width=64, height=64, seed=1)
+    manager.load_model(DEMO_SDXL_NAME)
+    results = {}
+    generating = threading.Thread(target=lambda: results.setdefault("image", manager.generate(request).image))
+    generating.start()
+    time.sleep(0.3)  # the generation holds the GPU lock now
+    prepare, train = _configs(photos, steps=3)
+    jobs.start(prepare_config=prepare, train_config=train)
+    generating.join(120)
+    final = jobs.wait(120)
+    assert results["image"].size == (64, 64)
+    assert final["state"] == "finished", final["message"]
+    assert manager.loaded_model == DEMO_SDXL_NAME
