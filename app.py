@@ -43,6 +43,18 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None):
     return demo
 
 
+def parse_auth(value: str) -> tuple[str, str] | None:
+    """``"user:password"`` → ``(user, password)``; empty → no authentication."""
+    from core.errors import UserError
+
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("authentication takes user:password")
+    return user, password
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LoRA Studio: generate images and train LoRAs.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="path to config.json")
@@ -68,15 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}")
         return 2
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            print("error: --auth takes user:password")
-            return 2
-        auth = (user, password)
+    try:
+        auth = parse_auth(args.auth or config.AUTH)
+    except UserError as exc:
+        print(f"error: {exc}")
+        return 2
     if args.listen and auth is None and not args.insecure_no_auth:
-        print("error: --listen exposes the app to your network; add --auth user:password (or --insecure-no-auth).")
+        print(
+            "error: --listen exposes the app to your network; add --auth user:password "
+            '(or "AUTH": "user:password" in config.json), or --insecure-no-auth.'
+        )
         return 2
     ensure_folders(config)
     if config.BUILD_DEMO_MODELS and not args.no_demo_models:

@@ -24,6 +24,7 @@ class AppConfig:
     LANGUAGE: str = "en"
     DEVICE: str = "auto"
     BUILD_DEMO_MODELS: bool = True
+    AUTH: str = ""  # "user:password" required to open the app; needed with --listen
 
     def folders(self) -> tuple[Path, ...]:
         return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,15 @@ def test_shipped_config_is_valid():
     config = load_config(ROOT / "config.json")
     assert config.MODELS_DIR == ROOT / "models"
     assert json.loads((ROOT / "config.json").read_text())["LANGUAGE"] == "en"
+
+
+def test_auth_from_flag_or_config():
+    from app import parse_auth
+
+    assert parse_auth("") is None
+    assert parse_auth("ann:s3cret:with:colons") == ("ann", "s3cret:with:colons")
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(UserError, match="user:password"):
+            parse_auth(bad)
+    config = config_from_dict({**VALID, "AUTH": "bob:pw"}, base_dir=Path("/tmp"))
+    assert parse_auth(config.AUTH) == ("bob", "pw")
