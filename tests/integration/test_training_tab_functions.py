@@ -1,0 +1,62 @@
+"""The plain functions behind the LoRA Training tab's widgets (gallery, captions, presets)."""
+
+import shutil
+
+import pytest
+
+from core.config import config_from_dict
+from core.errors import UserError
+from core.model_manager import ModelManager
+from modules.lora_training.jobs import TrainingJobs
+from modules.lora_training.ui import LoraTrainingTab, format_eta, sample_prompt_list
+
+
+@pytest.fixture
+def tab(sdxl_project, models_dir, tmp_path):
+    projects, name = sdxl_project
+    shutil.copytree(projects, tmp_path / "projects")
+    config = config_from_dict(
+        {
+            "MODELS_DIR": str(models_dir),
+            "LORAS_DIR": "loras",
+            "LORA_PROJECTS_DIR": "projects",
+            "OUTPUTS_DIR": "outputs",
+            "DEFAULT_SDXL_MODEL_FOR_LORA": "demo-tiny-sdxl-RANDOM-WEIGHTS",
+            "DEFAULT_FLUX_MODEL_FOR_LORA": "demo-tiny-flux-RANDOM-WEIGHTS",
+        },
+        base_dir=tmp_path,
+    )
+    manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device="cpu")
+    jobs = TrainingJobs(model_manager=manager, app_config=config)
+    return LoraTrainingTab(jobs=jobs, model_manager=manager, gestionnaire=None, config=config), name
+
+
+def test_gallery_and_caption_editing(tab, tmp_path):
+    tab, name = tab
+    gallery = tab.prepared_gallery(name)
+    assert len(gallery) == 4 and all(caption.startswith("ohwx") for _, caption in gallery)
+    image, _ = gallery[0]
+    assert tab.save_caption(name, image, "ohwx, edited by hand ") == image.split("/")[-1]
+    assert tab.prepared_gallery(name)[0][1] == "ohwx, edited by hand"
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    with pytest.raises(UserError, match="not part of this project"):
+        tab.save_caption(name, str(outside), "nope")
+    assert tab.prepared_gallery("../escape") == []
+
+
+def test_presets_models_and_helpers(tab):
+    tab, _ = tab
+    assert {"sdxl-8gb", "sdxl-24gb", "flux-24gb"} <= set(tab.presets())
+    assert tab.read_preset("sdxl-8gb")["options"]["optimizer"] == "adamw8bit"
+    saved = tab.write_preset("mine", resolution=768, options={"rank": 8, "optimizer": "lion"})
+    assert saved == "mine" and "mine" in tab.presets()
+    with pytest.raises(UserError, match="optimizer must be one of"):
+        tab.write_preset("bad", resolution=768, options={"optimizer": "sgd"})
+    with pytest.raises(UserError, match="not found"):
+        tab.read_preset("missing")
+    assert ("demo-tiny-flux-RANDOM-WEIGHTS (FLUX)", "demo-tiny-flux-RANDOM-WEIGHTS") in tab.model_choices()
+    assert tab.resolution_for("demo-tiny-sdxl-RANDOM-WEIGHTS") == 64
+    assert format_eta(3725) == "1h02m" and format_eta(65) == "1m05s" and format_eta(None) == "?"
+    assert sample_prompt_list("", "man") == ("photo of {trigger} man",)
+    assert sample_prompt_list("{trigger} as a {class}\n\n", "dog") == ("{trigger} as a dog",)
