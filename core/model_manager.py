@@ -12,7 +12,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import os
 import random
 import threading
 from collections.abc import Iterator
@@ -76,10 +75,11 @@ class _LoadedAdapter:
 
 
 def pick_device(preference: str = "auto") -> str:
+    """ "auto" → "cuda" when a GPU is present, else "cpu"; asking for "cuda" without one is an error."""
     import torch
 
     if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("config: DEVICE is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'.")
+        raise UserError("Device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'.")
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference
@@ -336,10 +336,3 @@ class ModelManager:
             yield info
         finally:
             self.restore()
-
-
-def environment_summary() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"torch {torch.__version__}, GPU: {gpu}, CPU threads: {os.cpu_count()}"

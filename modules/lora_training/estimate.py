@@ -122,9 +122,10 @@ def detected_device() -> tuple[str, int | None]:
 
 
 def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryEstimate:
+    from core.model_manager import pick_device
     from core.pipelines import model_entry
     from modules.lora_training.families import family_class
-    from modules.lora_training.train import choose_device, choose_precision
+    from modules.lora_training.train import choose_precision
 
     entry = model_entry(models_dir, config.base_model)
     family = family_class(entry.family)
@@ -132,7 +133,7 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryE
         family.feedforward_targets if config.lora_targets == "attention+feedforward" else ()
     )
     device, device_bytes = detected_device()
-    device = choose_device(config.device) if config.device != "auto" else device
+    device = pick_device(config.device) if config.device != "auto" else device
     precision = choose_precision(config.mixed_precision, device)
     return estimate_memory(
         entry=entry,

@@ -319,20 +319,12 @@ def resumable_config(projects_dir: Path, project: str) -> TrainConfig:
 
 def interrupted_projects(projects_dir: Path, loras_dir: Path) -> list[str]:
     """Projects with a checkpoint but no finished LoRA: runs a crash or a Stop left to resume."""
-    from modules.lora_training.checkpoints import latest_checkpoint
-    from modules.lora_training.config import config_from_dict
-    from modules.lora_training.project import ProjectPaths, read_json
-
     found = []
     for folder in sorted(Path(projects_dir).iterdir()) if Path(projects_dir).is_dir() else []:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         try:
-            paths = ProjectPaths.for_project(projects_dir, folder.name)
-            raw = read_json(paths.training_config)
-            if not raw or latest_checkpoint(paths.checkpoints) is None:
-                continue
-            config = config_from_dict(TrainConfig, raw)
+            config = resumable_config(projects_dir, folder.name)
         except (UserError, ValueError, OSError):
             continue
         if not (Path(loras_dir) / f"{config.output_name}.safetensors").exists():

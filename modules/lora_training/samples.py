@@ -30,7 +30,7 @@ def render_samples(
                     height=size[1],
                     num_inference_steps=steps,
                     generator=generator,
-                    **family.sample_kwargs(None),
+                    **family.sample_kwargs(),
                 ).images[0]
             path = folder / f"step-{step:06d}-{index}.png"
             with atomic_path(path) as tmp:

@@ -28,6 +28,7 @@ import torch
 
 from core.atomic import remove_stale_partials
 from core.errors import UserError
+from core.model_manager import pick_device
 from core.pipelines import model_entry
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_to_dict
@@ -71,14 +72,6 @@ class Precision:
     autocast_dtype: torch.dtype | None
     use_scaler: bool
     label: str
-
-
-def choose_device(preference: str) -> str:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is available.")
-    if preference == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return preference
 
 
 def choose_precision(mixed_precision: str, device: str) -> Precision:
@@ -246,7 +239,7 @@ class Trainer:
             for folder in (self.paths.checkpoints, self.loras_dir):
                 remove_stale_partials(folder)
         config = self.config
-        self.device = choose_device(config.device)
+        self.device = pick_device(config.device)
         self.precision = choose_precision(config.mixed_precision, self.device)
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)

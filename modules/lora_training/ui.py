@@ -101,9 +101,7 @@ class LoraTrainingTab:
         return names[0] if names else None
 
     def default_captioner(self) -> str:
-        local = Path(resolve_florence_model(None, self.config.MODELS_DIR))
-        demo = self.config.MODELS_DIR / "captioners"
-        return "florence2" if local.is_dir() or any(demo.glob("*/config.json")) else "none"
+        return "florence2" if self.caption_model() else "none"
 
     def caption_model(self) -> str | None:
         """The local Florence-2 folder to use: a real one if present, else the demo one."""

@@ -190,11 +190,9 @@ class LoraFamily:
         """A pipeline sharing the trained modules, for sample images."""
         return self.pipe
 
-    def sample_kwargs(self, config) -> dict:
+    def sample_kwargs(self) -> dict:
+        """Pipeline arguments for sample images beyond prompt, size, steps and seed."""
         return {}
-
-    def describe(self) -> dict:
-        return {"family": self.name, "base_model": self.entry.name}
 
 
 def metadata_json(data) -> str:

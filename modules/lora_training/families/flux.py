@@ -116,5 +116,5 @@ class FluxFamily(LoraFamily):
         )[0]
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
 
-    def sample_kwargs(self, config) -> dict:
+    def sample_kwargs(self) -> dict:
         return {"guidance_scale": 3.5, "max_sequence_length": self.max_sequence_length()}

@@ -113,5 +113,5 @@ class SDXLFamily(LoraFamily):
             weights = torch.clamp(snr, max=gamma) / (snr + 1)
         return weights
 
-    def sample_kwargs(self, config) -> dict:
+    def sample_kwargs(self) -> dict:
         return {"guidance_scale": 5.0}
