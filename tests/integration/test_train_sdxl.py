@@ -1,6 +1,7 @@
 """SDXL LoRA training on the tiny model, CPU: correct, deterministic, resumable, loadable."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from core.demo_models import DEMO_SDXL_NAME
 from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
-from modules.lora_training.events import CheckpointSaved, Finished, StepDone, Stopped
+from modules.lora_training.events import CheckpointSaved, Finished, SampleSaved, StepDone, Stopped
 from modules.lora_training.train import train
 
 
@@ -195,8 +196,20 @@ def test_cached_latents_mean_no_vae_encoding_during_training(project, models_dir
 
 def test_checkpoints_rotate_and_existing_lora_is_protected(project, models_dir, tmp_path):
     loras = tmp_path / "loras"
-    result, events = _run(project, models_dir, loras, steps=6, save_every_steps=1, keep_checkpoints=2)
+    result, events = _run(
+        project,
+        models_dir,
+        loras,
+        steps=6,
+        save_every_steps=1,
+        keep_checkpoints=2,
+        sample_every_steps=3,
+        sample_steps=2,
+    )
     assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [1, 2, 3, 4, 5, 6]
+    samples = [e for e in events if isinstance(e, SampleSaved)]
+    assert [(e.step, e.prompt) for e in samples] == [(3, "ohwx"), (6, "ohwx")], "fixed prompt, trigger filled in"
+    assert all(Path(e.path).is_file() and Path(e.path).name.startswith(f"step-{e.step:06d}") for e in samples)
     remaining = sorted(p.name for p in (project[0] / project[1] / "checkpoints").iterdir())
     assert remaining == ["step-000005", "step-000006"]
     before = result.lora_path.read_bytes()
