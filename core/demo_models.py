@@ -233,6 +233,7 @@ class DemoModelPaths:
     sdxl_folder: Path
     sdxl_single_file: Path
     flux_folder: Path
+    flux_single_file: Path
     florence_folder: Path
 
 
@@ -242,6 +243,7 @@ def demo_model_paths(models_dir: Path) -> DemoModelPaths:
         sdxl_folder=models_dir / DEMO_SDXL_NAME,
         sdxl_single_file=models_dir / f"{DEMO_SDXL_NAME}.safetensors",
         flux_folder=models_dir / DEMO_FLUX_NAME,
+        flux_single_file=models_dir / f"{DEMO_FLUX_NAME}.safetensors",
         florence_folder=models_dir / "captioners" / DEMO_FLORENCE_NAME,
     )
 
@@ -266,6 +268,7 @@ def _save_pipeline_folder(folder: Path, *parts) -> None:
 
 def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPaths:
     """Build the demo models into ``models_dir`` unless current ones are already there."""
+    from core.flux_single_file import save_flux_single_file
     from core.sdxl_single_file import save_sdxl_single_file
 
     paths = demo_model_paths(models_dir)
@@ -282,8 +285,19 @@ def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPat
                 "lora_studio.random_weights": "true",
             },
         )
-    if force or not _is_current(paths.flux_folder):
-        _save_pipeline_folder(paths.flux_folder, build_tiny_flux_pipeline(seed=0))
+    if force or not _is_current(paths.flux_folder) or not paths.flux_single_file.is_file():
+        pipe = build_tiny_flux_pipeline(seed=0)
+        _save_pipeline_folder(paths.flux_folder, pipe)
+        save_flux_single_file(
+            pipe.transformer,
+            paths.flux_single_file,
+            metadata={
+                "modelspec.architecture": "Flux.1-dev",
+                "modelspec.title": DEMO_FLUX_NAME,
+                "lora_studio.diffusers_config": DEMO_FLUX_NAME,
+                "lora_studio.random_weights": "true",
+            },
+        )
     if force or not _is_current(paths.florence_folder):
         _save_pipeline_folder(paths.florence_folder, *build_tiny_florence2())
     return paths
@@ -295,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when current")
     args = parser.parse_args(argv)
     paths = ensure_demo_models(Path(args.models_dir), force=args.force)
-    for path in (paths.sdxl_folder, paths.sdxl_single_file, paths.flux_folder, paths.florence_folder):
+    for path in (
+        paths.sdxl_folder,
+        paths.sdxl_single_file,
+        paths.flux_folder,
+        paths.flux_single_file,
+        paths.florence_folder,
+    ):
         print(path)
     return 0
 

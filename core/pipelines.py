@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from core.errors import UserError
@@ -22,6 +23,43 @@ def single_file_config_folder(path: Path, models_dir: Path) -> Path:
     return write_sdxl_base_config(Path(models_dir) / "configs" / SDXL_BASE_CONFIG_NAME)
 
 
+def flux_components_folder(path: Path, models_dir: Path) -> Path:
+    """The Flux diffusers folder whose VAE, text encoders and scheduler go with a transformer single file.
+
+    The file's header may name one (``lora_studio.diffusers_config``); otherwise the Flux folders in
+    ``models_dir`` whose text encoders fit the file's input widths are candidates, one with the same
+    guidance embedding (dev vs schnell, which also differ in scheduler) first.
+    """
+    from core.flux_single_file import checkpoint_shapes, transformer_config_from_shapes
+    from core.model_files import list_models
+
+    _, metadata = read_safetensors_header(path)
+    named = metadata.get("lora_studio.diffusers_config")
+    if named:
+        folder = resolve_inside(models_dir, named)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{path.name} needs the Flux folder {folder}, which is missing.")
+        return folder
+    wanted = transformer_config_from_shapes(checkpoint_shapes(path))
+    candidates = []
+    for entry in list_models(models_dir):
+        if entry.family != FLUX or entry.single_file:
+            continue
+        try:
+            config = json.loads((entry.path / "transformer" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        widths = ("joint_attention_dim", "pooled_projection_dim")
+        if all(config.get(key) == wanted[key] for key in widths):
+            candidates.append((config.get("guidance_embeds") != wanted["guidance_embeds"], entry.name, entry.path))
+    if not candidates:
+        raise UserError(
+            f"{path.name} is a Flux transformer alone: put a Flux diffusers folder (e.g. FLUX.1-dev; its "
+            f"transformer weights are not needed) in {models_dir} for the VAE and text encoders."
+        )
+    return min(candidates)[2]
+
+
 def load_pipeline(entry: ModelEntry, *, models_dir: Path, dtype):
     """The diffusers pipeline for ``entry`` on the CPU, in ``dtype``."""
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
@@ -34,11 +72,13 @@ def load_pipeline(entry: ModelEntry, *, models_dir: Path, dtype):
             pipe = StableDiffusionXLPipeline.from_pretrained(str(entry.path), dtype=dtype)
     elif entry.family == FLUX:
         if entry.single_file:
-            raise UserError(
-                f"{entry.name}: a Flux transformer alone is not enough; use a Flux diffusers folder "
-                "(model_index.json with transformer, VAE and both text encoders)."
-            )
-        pipe = FluxPipeline.from_pretrained(str(entry.path), dtype=dtype)
+            from core.flux_single_file import load_flux_transformer, rope_axes_of
+
+            components = flux_components_folder(entry.path, models_dir)
+            transformer = load_flux_transformer(entry.path, rope_axes=rope_axes_of(components), dtype=dtype)
+            pipe = FluxPipeline.from_pretrained(str(components), transformer=transformer, dtype=dtype)
+        else:
+            pipe = FluxPipeline.from_pretrained(str(entry.path), dtype=dtype)
     else:
         raise UserError(f"Unknown model family {entry.family!r}.")
     pipe.set_progress_bar_config(disable=True)

@@ -1,5 +1,6 @@
 """The demo models load through the same code as real checkpoints, in both SDXL layouts."""
 
+import pytest
 import torch
 
 from core.model_files import detect_family, list_models
@@ -12,6 +13,8 @@ def test_models_are_listed_with_their_family(models_dir, demo_paths):
     assert entries[demo_paths.sdxl_single_file.name].single_file
     assert entries[demo_paths.flux_folder.name].family == "flux"
     assert detect_family(demo_paths.flux_folder) == "flux"
+    assert entries[demo_paths.flux_single_file.name].family == "flux"
+    assert entries[demo_paths.flux_single_file.name].single_file
 
 
 def test_single_file_holds_the_same_weights_as_the_folder(demo_paths):
@@ -27,6 +30,36 @@ def test_single_file_holds_the_same_weights_as_the_folder(demo_paths):
         assert expected.keys() == actual.keys(), component
         for key, value in expected.items():
             assert torch.equal(value, actual[key]), f"{component}.{key}"
+
+
+def test_flux_single_file_loads_the_same_transformer_with_the_folder_components(models_dir, demo_paths, tmp_path):
+    import shutil
+
+    from diffusers import FluxPipeline
+
+    from core.errors import UserError
+    from core.pipelines import load_pipeline, model_entry
+
+    folder = FluxPipeline.from_pretrained(demo_paths.flux_folder)
+    single = load_pipeline(
+        model_entry(models_dir, demo_paths.flux_single_file.name), models_dir=models_dir, dtype=torch.float32
+    )
+    expected, actual = folder.transformer.state_dict(), single.transformer.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(value, actual[key]) for key, value in expected.items())
+    assert single.transformer.config.axes_dims_rope == folder.transformer.config.axes_dims_rope
+
+    # Without the header's pointer, a Flux folder whose text encoders fit is found in models/.
+    from safetensors.torch import load_file, save_file
+
+    alone = tmp_path / "models"
+    shutil.copytree(demo_paths.flux_folder, alone / demo_paths.flux_folder.name)
+    save_file(load_file(str(demo_paths.flux_single_file)), str(alone / "flux1-dev.safetensors"))
+    found = load_pipeline(model_entry(alone, "flux1-dev.safetensors"), models_dir=alone, dtype=torch.float32)
+    assert torch.equal(found.transformer.x_embedder.weight, folder.transformer.x_embedder.weight)
+    shutil.rmtree(alone / demo_paths.flux_folder.name)
+    with pytest.raises(UserError, match="Flux diffusers folder"):
+        load_pipeline(model_entry(alone, "flux1-dev.safetensors"), models_dir=alone, dtype=torch.float32)
 
 
 def test_sdxl_base_config_folder_describes_the_real_model(tmp_path):
