@@ -119,6 +119,7 @@ LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polyno
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("attention", "attention+feedforward")
 TIMESTEP_SAMPLING = ("sigmoid", "uniform", "shift")
+QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class TrainConfig:
     max_grad_norm: float = bounded(1.0, minimum=0.0, help="gradient clipping (0 = off)")
     mixed_precision: str = choice("auto", PRECISIONS, "auto: fp16 on a CUDA GPU, fp32 on CPU")
     gradient_checkpointing: bool = False
+    base_quantization: str = choice(
+        "none", QUANTIZATIONS, "frozen base transformer/U-Net blocks in 8-bit or NF4 (bitsandbytes) to save VRAM"
+    )
     # noise
     prediction_type: str = choice("auto", ("auto", "epsilon", "v_prediction"), "SDXL target (auto: the model's)")
     min_snr_gamma: float = bounded(0.0, minimum=0.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")

@@ -52,6 +52,8 @@ class MemoryEstimate:
 def _denoiser_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
+    if entry.family == "flux" and entry.single_file:
+        return _flux_single_file_shapes(entry.path)
     subfolder, prefix = _DENOISER_PREFIX[entry.family]
     files = [entry.path] if entry.single_file else sorted((entry.path / subfolder).glob("*.safetensors"))
     shapes = {}
@@ -62,6 +64,29 @@ def _denoiser_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]]:
                     continue
                 shapes[key[len(prefix) :] if entry.single_file else key] = tuple(handle.get_slice(key).get_shape())
     return shapes
+
+
+def _flux_single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Diffusers-named shapes of a BFL-layout transformer file (fused q/k/v split), nothing read but the header."""
+    import torch
+
+    from core.flux_single_file import checkpoint_shapes, original_to_diffusers
+
+    empty = {key: torch.empty(shape, device="meta") for key, shape in checkpoint_shapes(path).items()}
+    return {key: tuple(tensor.shape) for key, tensor in original_to_diffusers(empty).items()}
+
+
+def weight_bytes_of(shapes: dict[str, tuple[int, ...]], *, weight_bytes: int, quantization: str) -> int:
+    """Bytes of the frozen weights, the quantized block layers counted at their packed size."""
+    from modules.lora_training.quantize import is_quantized_weight, quantized_bytes
+
+    total = 0
+    for key, shape in shapes.items():
+        if quantization != "none" and len(shape) == 2 and is_quantized_weight(key):
+            total += quantized_bytes(shape, quantization)
+        else:
+            total += _numel(shape) * weight_bytes
+    return total
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -91,9 +116,10 @@ def estimate_memory(
     weight_bytes: int,
     device: str,
     device_bytes: int | None,
+    quantization: str = "none",
 ) -> MemoryEstimate:
     shapes = _denoiser_shapes(entry)
-    weights = sum(_numel(s) for s in shapes.values()) * weight_bytes
+    weights = weight_bytes_of(shapes, weight_bytes=weight_bytes, quantization=quantization)
     lora = lora_parameter_count(shapes, targets, rank)
     with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
     per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
@@ -144,6 +170,7 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryE
         batch_size=config.batch_size,
         gradient_checkpointing=config.gradient_checkpointing,
         weight_bytes=precision.weight_dtype.itemsize,
+        quantization=config.base_quantization,
         device=device,
         device_bytes=device_bytes,
     )

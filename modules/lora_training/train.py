@@ -246,7 +246,11 @@ class Trainer:
         self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
         clock = time.perf_counter()
         self.family = family_class(self.family_name)(
-            self.entry, models_dir=self.models_dir, device=self.device, weight_dtype=self.precision.weight_dtype
+            self.entry,
+            models_dir=self.models_dir,
+            device=self.device,
+            weight_dtype=self.precision.weight_dtype,
+            base_quantization=config.base_quantization,
         )
         self.stream = BatchStream(
             self.items, batch_size=config.batch_size, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
@@ -336,6 +340,11 @@ class Trainer:
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
             f"{len(self.items)} images, {self.stream.per_epoch} batches per epoch, {self.total_steps} steps",
         ]
+        if config.base_quantization != "none":
+            active.append(
+                f"base {self.family.denoiser_attr} in {config.base_quantization} "
+                f"({self.family.quantized_layers} layers, {self.family.quantized_share:.0%} of its weights)"
+            )
         if config.gradient_checkpointing:
             active.append("gradient checkpointing")
         if config.cache_latents:

@@ -17,6 +17,7 @@ from modules.lora_training.config import (
     LR_SCHEDULERS,
     OPTIMIZERS,
     PRECISIONS,
+    QUANTIZATIONS,
     PrepareConfig,
     TrainConfig,
     config_from_dict,
@@ -51,6 +52,7 @@ OPTION_FIELDS = (
     "min_snr_gamma",
     "noise_offset",
     "lora_targets",
+    "base_quantization",
 )
 
 
@@ -272,6 +274,9 @@ class LoraTrainingTab:
                             min_snr_gamma = gr.Number(value=5.0, label=t("min_snr_gamma"))
                             noise_offset = gr.Number(value=0.0, label=t("noise_offset"))
                             lora_targets = gr.Dropdown(list(LORA_TARGETS), value="attention", label=t("lora_targets"))
+                            base_quantization = gr.Dropdown(
+                                list(QUANTIZATIONS), value="none", label=t("base_quantization")
+                            )
                         with gr.Row():
                             preset_name = gr.Textbox(label=t("preset_name"), scale=3)
                             save_preset = gr.Button(t("save_preset"), scale=1)
@@ -321,6 +326,7 @@ class LoraTrainingTab:
             min_snr_gamma,
             noise_offset,
             lora_targets,
+            base_quantization,
         ]
         integer_fields = {"epochs", "steps", "batch_size", "rank", "lr_warmup_steps", "save_every_steps"}
         integer_fields |= {"sample_every_steps", "seed"}

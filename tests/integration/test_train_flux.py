@@ -118,6 +118,34 @@ def test_flux_transformer_single_file_trains_and_generates(project, models_dir, 
     assert np.abs(np.asarray(manager.generate(with_lora).image, dtype=np.int16) - base).max() > 10
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_base_still_learns_and_the_lora_fits_the_full_precision_model(
+    project, models_dir, demo_paths, tmp_path, quantization
+):
+    """QLoRA: the frozen transformer blocks in bitsandbytes 4/8-bit, the LoRA in fp32."""
+    from diffusers import FluxPipeline
+
+    from modules.lora_training.evaluate import denoising_loss
+    from modules.lora_training.events import Log
+
+    projects, name = project
+    config = _config(name, steps=40, learning_rate=1e-2, rank=8, alpha=8.0, base_quantization=quantization)
+    logs = []
+    before = denoising_loss(config, projects_dir=projects, models_dir=models_dir)
+    result = train(
+        config,
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=tmp_path / "loras",
+        on_event=lambda e: logs.append(e.message) if isinstance(e, Log) else None,
+    )
+    after = denoising_loss(config, projects_dir=projects, models_dir=models_dir, lora_path=result.lora_path)
+    assert after < 0.9 * before, (before, after)
+    assert any(f"base transformer in {quantization} (26 layers" in line for line in logs), logs
+    pipe = FluxPipeline.from_pretrained(demo_paths.flux_folder)
+    pipe.load_lora_weights(str(result.lora_path))
+
+
 def test_families_share_one_training_loop():
     from modules.lora_training.families import base, flux, sdxl
 

@@ -7,6 +7,8 @@ import pytest
 from core.config import config_from_dict
 from core.errors import UserError
 from core.model_manager import ModelManager
+from modules.lora_training.config import TrainConfig
+from modules.lora_training.config import config_from_dict as train_config_from_dict
 from modules.lora_training.jobs import TrainingJobs
 from modules.lora_training.ui import LoraTrainingTab, format_eta, sample_prompt_list
 
@@ -47,8 +49,12 @@ def test_gallery_and_caption_editing(tab, tmp_path):
 
 def test_presets_models_and_helpers(tab):
     tab, _ = tab
-    assert {"sdxl-8gb", "sdxl-24gb", "flux-24gb"} <= set(tab.presets())
+    assert {"sdxl-8gb", "sdxl-24gb", "flux-24gb", "flux-16gb", "flux-12gb"} <= set(tab.presets())
     assert tab.read_preset("sdxl-8gb")["options"]["optimizer"] == "adamw8bit"
+    for shipped in ("sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb", "flux-12gb", "flux-16gb", "flux-24gb"):
+        options = tab.read_preset(shipped)["options"]
+        train_config_from_dict(TrainConfig, {"project": "p", "base_model": "m", **options})
+    assert tab.read_preset("flux-12gb")["options"]["base_quantization"] == "nf4"
     saved = tab.write_preset("mine", resolution=768, options={"rank": 8, "optimizer": "lion"})
     assert saved == "mine" and "mine" in tab.presets()
     with pytest.raises(UserError, match="optimizer must be one of"):

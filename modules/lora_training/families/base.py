@@ -17,6 +17,7 @@ from core.atomic import atomic_path
 from core.model_files import ModelEntry
 from core.pipelines import load_pipeline
 from modules.lora_training.data import TrainItem
+from modules.lora_training.quantize import quantize_block_linears
 
 
 class LoraFamily:
@@ -30,7 +31,15 @@ class LoraFamily:
     feedforward_targets: tuple[str, ...] = ()
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def __init__(self, entry: ModelEntry, *, models_dir: Path, device: str, weight_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        entry: ModelEntry,
+        *,
+        models_dir: Path,
+        device: str,
+        weight_dtype: torch.dtype,
+        base_quantization: str = "none",
+    ) -> None:
         self.entry = entry
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -42,6 +51,9 @@ class LoraFamily:
             module.eval()
         # The SDXL VAE overflows in fp16: encode and decode in fp32.
         self.pipe.vae.to(dtype=torch.float32)
+        self.quantized_layers, self.quantized_share = quantize_block_linears(
+            self.denoiser, mode=base_quantization, compute_dtype=weight_dtype
+        )
         self.denoiser.to(self.device)
 
     # ----- components -----------------------------------------------------------
