@@ -174,3 +174,30 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryE
         device=device,
         device_bytes=device_bytes,
     )
+
+
+def estimate_step_time_for_config(config, *, models_dir: Path, resolution: int):
+    """Seconds per optimizer step for ``config`` at ``resolution``, on the device training would use."""
+    from core.model_manager import pick_device
+    from core.pipelines import model_entry
+    from modules.lora_training.families import family_class
+    from modules.lora_training.step_time import (
+        count_step_work,
+        estimate_step_seconds,
+        measure_device,
+        measure_host_seconds,
+    )
+    from modules.lora_training.train import choose_precision
+
+    entry = model_entry(models_dir, config.base_model)
+    family = family_class(entry.family)
+    targets = family.attention_targets + (
+        family.feedforward_targets if config.lora_targets == "attention+feedforward" else ()
+    )
+    device = pick_device(config.device)
+    precision = choose_precision(config.mixed_precision, device)
+    shape = {"targets": targets, "rank": config.rank, "gradient_checkpointing": config.gradient_checkpointing}
+    work = count_step_work(entry, models_dir=models_dir, batch=config.batch_size, side=resolution, **shape)
+    speed = measure_device(device, precision.autocast_dtype or precision.weight_dtype)
+    host = measure_host_seconds(entry, models_dir=models_dir, speed=speed, optimizer=config.optimizer, **shape)
+    return estimate_step_seconds(work, speed, host_seconds=host, micro_batches=config.gradient_accumulation)

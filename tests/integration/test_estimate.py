@@ -59,3 +59,33 @@ def test_weights_and_lora_parts_are_exact(models_dir, demo_paths, layout, quanti
     assert estimate.parts["weights"] == measured_weights
     assert estimate.parts["LoRA + gradients"] == lora_params * 8
     assert estimate.parts["optimizer"] == lora_params * 8
+
+
+def test_step_time_counts_the_work_that_training_does(models_dir, demo_paths):
+    """Counted on the meta device: batch and checkpointing change the work as they change training."""
+    from modules.lora_training.step_time import count_step_work
+
+    entry = model_entry(models_dir, demo_paths.sdxl_folder.name)
+    targets = family_class("sdxl").attention_targets
+
+    def work(**options):
+        values = {"targets": targets, "rank": 4, "batch": 1, "side": 64, "gradient_checkpointing": False}
+        return count_step_work(entry, models_dir=models_dir, **{**values, **options})
+
+    single, double = work(), work(batch=2)
+    assert 1.8 < double.total_flops / single.total_flops < 2.2
+    assert work(gradient_checkpointing=True).total_flops > 1.3 * single.total_flops
+    assert work(side=128).total_flops > 3 * single.total_flops
+    assert any(kind[0] == "attention" for kind in single.counts), "attention counted as one fused op"
+
+
+def test_step_time_estimate_for_a_config(models_dir, demo_paths):
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.estimate import estimate_step_time_for_config
+
+    for model in (demo_paths.sdxl_single_file.name, demo_paths.flux_single_file.name):
+        config = config_from_dict(TrainConfig, {"project": "p", "base_model": model, "gradient_accumulation": 2})
+        estimate = estimate_step_time_for_config(config, models_dir=models_dir, resolution=64)
+        assert estimate.seconds_per_step > 0 and estimate.micro_batches == 2
+        assert estimate.replayed_share > 0.9, "the heavy operations were timed on the device"
+        assert "s/step on cpu" in estimate.describe()
