@@ -8,8 +8,9 @@ Prints a table and writes ``bench/results.json``:
 4. generate overhead: ModelManager with a LoRA vs a direct diffusers call with the same LoRA
 5. peak memory (RSS) of our training step vs the reference step, each in its own process
 
-Tiny demo models on the CPU (``--resolution`` sets the image size). A full-size SDXL
-benchmark on a GPU is not written yet.
+Tiny demo models on the CPU (``--resolution`` sets the image size). ``--gpu`` instead
+trains full-size SDXL (random weights, 1024², the sdxl-8gb preset) on a CUDA GPU and
+reports peak VRAM and s/step against the tab's predictions (bench/full_size.py).
 """
 
 from __future__ import annotations
@@ -111,43 +112,66 @@ def _trainer(workspace: dict, loras: Path, **options):
 
 
 class ReferenceStep:
-    """The bare loop: PEFT LoRA on the same U-Net, one forward, one backward, one optimizer step."""
+    """The bare loop: PEFT LoRA on the same U-Net, one forward, one backward, one optimizer step.
 
-    def __init__(self, model_dir: Path, *, rank: int) -> None:
+    fp32 on the CPU; on a GPU, fp16 weights with fp32 LoRA under autocast and a GradScaler,
+    the same numerics as our fp16 mode.
+    """
+
+    def __init__(self, model_dir: Path, *, rank: int, device: str = "cpu", resolution: int = RESOLUTION) -> None:
         import torch
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
-        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        self.device = device
+        half = device == "cuda"
+        self.unet = UNet2DConditionModel.from_pretrained(
+            model_dir, subfolder="unet", torch_dtype=torch.float16 if half else torch.float32
+        ).to(device)
         self.unet.requires_grad_(False)
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        for param in params:
+            param.data = param.data.float()
+        if half:
+            self.unet.enable_gradient_checkpointing()
         self.unet.train()
         self.scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-        params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
-        side = RESOLUTION // 2
+        self.scaler = torch.amp.GradScaler("cuda") if half else None
+        vae_blocks = len(json.loads((Path(model_dir) / "vae" / "config.json").read_text())["block_out_channels"])
+        side = resolution // 2 ** (vae_blocks - 1)
         generator = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(1, 4, side, side, generator=generator)
-        self.text = torch.randn(1, 77, self.unet.config.cross_attention_dim, generator=generator)
-        pooled = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
-        self.pooled = torch.randn(1, pooled, generator=generator)
-        self.time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]], dtype=torch.float32)
+        config = self.unet.config
+        self.latents = torch.randn(1, 4, side, side, generator=generator).to(device)
+        self.text = torch.randn(1, 77, config.cross_attention_dim, generator=generator).to(device)
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        self.pooled = torch.randn(1, pooled, generator=generator).to(device)
+        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        self.time_ids = self.time_ids.to(device)
 
     def step(self) -> None:
         import torch
         import torch.nn.functional as F
 
         noise = torch.randn_like(self.latents)
-        timesteps = torch.randint(0, 1000, (1,))
+        timesteps = torch.randint(0, 1000, (1,), device=self.device)
         noisy = self.scheduler.add_noise(self.latents, noise, timesteps)
-        prediction = self.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=self.text,
-            added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids},
-        ).sample
-        F.mse_loss(prediction, noise).backward()
-        self.optimizer.step()
+        with torch.autocast(self.device, dtype=torch.float16, enabled=self.scaler is not None):
+            prediction = self.unet(
+                noisy,
+                timesteps,
+                encoder_hidden_states=self.text,
+                added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids},
+            ).sample
+            loss = F.mse_loss(prediction.float(), noise)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -182,7 +206,63 @@ def bench_step_overhead(workspace: dict, root: Path) -> dict:
         "ours_s": seconds["ours"],
         "reference_s": seconds["reference"],
         "ratio": seconds["ours"] / seconds["reference"],
+        "config": trainer.config,
     }
+
+
+def bench_step_estimate(workspace: dict, *, config, measured_s: float) -> dict:
+    """The tab's s/step prediction for the config just measured, against the measurement."""
+    from modules.lora_training.estimate import estimate_step_time_for_config
+
+    estimate = estimate_step_time_for_config(config, models_dir=workspace["models"], resolution=RESOLUTION)
+    return {
+        "predicted_s": estimate.seconds_per_step,
+        "measured_s": measured_s,
+        "replayed_share": estimate.replayed_share,
+        "ratio": estimate.seconds_per_step / measured_s,
+    }
+
+
+def caching_by_counted_flops(side: int = 1024) -> dict:
+    """For the full-size SDXL architecture: what the caches remove, by counted FLOPs (no weights needed).
+
+    The step is the LoRA training forward + backward of the U-Net; without caches each step also
+    runs the VAE encoder on the image (text encoders are negligible next to it).
+    """
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from core.model_configs import write_sdxl_base_config
+    from core.model_files import ModelEntry
+    from modules.lora_training.families import family_class
+    from modules.lora_training.step_time import count_step_work
+
+    folder = write_sdxl_base_config(Path(tempfile.mkdtemp()) / "sdxl-base")
+    entry = ModelEntry(name="sdxl-base", path=folder, family="sdxl", single_file=False)
+    targets = family_class("sdxl").attention_targets
+    results = {}
+    for checkpointing in (False, True):
+        work = count_step_work(
+            entry,
+            models_dir=folder.parent,
+            targets=targets,
+            rank=RANK,
+            batch=1,
+            side=side,
+            gradient_checkpointing=checkpointing,
+        )
+        results["step_tflop" + ("_checkpointing" if checkpointing else "")] = work.total_flops / 1e12
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        with FlopCounterMode(display=False) as counter:
+            vae.encode(torch.empty(1, 3, side, side))
+    results["vae_encode_tflop"] = counter.get_total_flops() / 1e12
+    results["ratio"] = (results["step_tflop"] + results["vae_encode_tflop"]) / results["step_tflop"]
+    results["ratio_checkpointing"] = (results["step_tflop_checkpointing"] + results["vae_encode_tflop"]) / results[
+        "step_tflop_checkpointing"
+    ]
+    return results
 
 
 def bench_caching(workspace: dict, root: Path) -> dict:
@@ -336,6 +416,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training image side (multiple of 64)")
+    parser.add_argument("--gpu", action="store_true", help="full-size SDXL at 1024² on a CUDA GPU")
+    parser.add_argument("--preset", default="sdxl-8gb", help="preset for --gpu")
     parser.add_argument("--memory-part", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,15 +432,21 @@ def main() -> int:
         _memory_part(args.memory_part, args.workspace)
         return 0
     root = Path(tempfile.mkdtemp(prefix="lora-studio-bench-"))
+    if args.gpu:
+        return _gpu_main(root, args)
     try:
         workspace = _build_workspace(root)
+        step_overhead = bench_step_overhead(workspace, root)
+        step_config = step_overhead.pop("config")
         results = {
             "device": "cpu",
             "resolution": RESOLUTION,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "step_overhead": bench_step_overhead(workspace, root),
+            "step_overhead": step_overhead,
+            "step_estimate": bench_step_estimate(workspace, config=step_config, measured_s=step_overhead["ours_s"]),
             "caching": bench_caching(workspace, root),
+            "caching_full_size_by_flops": caching_by_counted_flops(),
             "end_to_end": bench_end_to_end(workspace, root),
             "generate": bench_generate(workspace, root),
             "memory": bench_memory(root),
@@ -368,7 +456,9 @@ def main() -> int:
     args.out.write_text(json.dumps(results, indent=2))
     rows = [
         ("training step: ours / bare PEFT step", results["step_overhead"], "s"),
+        ("s/step: tab's estimate / measured", results["step_estimate"], ""),
         ("epoch: uncached / cached", results["caching"], ""),
+        ("full-size SDXL, counted FLOPs: uncached / cached", results["caching_full_size_by_flops"], ""),
         ("generate: ModelManager / direct diffusers", results["generate"], "s"),
         ("peak RSS: ours / reference (MiB)", results["memory"], ""),
     ]
@@ -380,6 +470,36 @@ def main() -> int:
     print(f"{'time to first step (s)':45} {e2e['time_to_first_step_s']:7.2f}")
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e2e["phases_s"].items()))
     print(f"results written to {args.out}")
+    return 0
+
+
+def _gpu_main(root: Path, args) -> int:
+    from bench.full_size import run_gpu_bench
+
+    resolution = args.resolution if args.resolution != 64 else 1024
+    try:
+        result = run_gpu_bench(root, resolution=resolution, preset=args.preset, reference=ReferenceStep)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = args.out.with_name("results-gpu.json") if args.out.name == "results.json" else args.out
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"{result['device_name']}: full-size SDXL (random weights), {result['resolution']}², preset {result['preset']}"
+    )
+    print(
+        f"peak VRAM: predicted {result['predicted_peak_gib']:.2f} GiB, measured {result['measured_peak_gib']:.2f} GiB"
+        f" (context {result['context_gib']:.2f} + reserved {result['training_peak_reserved_gib']:.2f};"
+        f" allocated {result['training_peak_allocated_gib']:.2f}; setup peak {result['setup_peak_reserved_gib']:.2f})"
+        f", error {result['estimate_error']:+.1%}"
+    )
+    print(f"s/step: predicted {result['predicted_s_per_step']:.3f}, measured {result['measured_s_per_step']:.3f}")
+    overhead = result["step_overhead"]
+    print(
+        f"training step, ours / bare PEFT step (fp16, checkpointing): {overhead['ratio']:.3f}"
+        f" ({overhead['ours_s']:.3f} s vs {overhead['reference_s']:.3f} s)"
+    )
+    print("predicted parts (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in result["predicted_parts_gib"].items()))
+    print(f"results written to {out}")
     return 0
 
 

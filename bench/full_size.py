@@ -1,0 +1,217 @@
+"""The GPU part of the bench: full-size SDXL with random weights, trained with a memory preset.
+
+``bench/run.py --gpu`` builds the SDXL base 1.0 architecture from its offline config with
+random weights (nothing to download), saves it as a diffusers folder and trains a LoRA on
+it through the app's own code path with the chosen preset, measuring peak VRAM and s/step
+against the tab's predictions. :func:`measure_training` runs on the CPU too (that is how
+the test suite checks this code on the tiny model); VRAM figures exist only on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+
+
+def build_random_sdxl(config_folder: Path, out_folder: Path, *, device: str, dtype: torch.dtype, seed: int = 0):
+    """An SDXL diffusers folder at ``out_folder`` with the architecture of ``config_folder``, random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from core.atomic import atomic_path
+
+    config_folder = Path(config_folder)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_folder / "text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.to(dtype),
+        text_encoder=text_encoder.to(dtype),
+        text_encoder_2=text_encoder_2.to(dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(config_folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(config_folder / "tokenizer_2"),
+        unet=unet.to(dtype),
+        scheduler=EulerDiscreteScheduler.from_pretrained(config_folder / "scheduler"),
+    )
+    with atomic_path(Path(out_folder)) as tmp:
+        pipe.save_pretrained(tmp)
+    del pipe, unet, vae, text_encoder, text_encoder_2
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Path(out_folder)
+
+
+def read_preset(name: str) -> dict:
+    path = Path(__file__).resolve().parents[1] / "modules" / "lora_training" / "presets" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _prepare_project(root: Path, *, models_dir: Path, resolution: int, images: int) -> Path:
+    from modules.lora_training.config import PrepareConfig, config_from_dict
+    from modules.lora_training.dataset.prepare import prepare
+    from tests.image_folders import noise_image
+
+    photos = root / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for index in range(images):
+        noise_image(resolution + 16 * index, resolution, seed=index).save(photos / f"p{index}.png")
+    values = {"project": "bench", "images_dir": str(photos), "trigger": "ohwx", "resolution": resolution}
+    prepare(
+        config_from_dict(PrepareConfig, {**values, "captioner": "none"}),
+        projects_dir=root / "projects",
+        models_dir=models_dir,
+    )
+    return root / "projects"
+
+
+def _cuda_peak(reset: bool = False) -> dict:
+    if reset:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return {}
+    torch.cuda.synchronize()
+    return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+
+
+def measure_training(
+    models_dir: Path,
+    model: str,
+    *,
+    work_dir: Path,
+    preset: str,
+    resolution: int,
+    device: str,
+    steps: int = 10,
+    make_reference=None,
+) -> dict:
+    """Train ``steps`` steps of a LoRA on ``model`` with ``preset``; predicted and measured memory and time.
+
+    With ``make_reference`` (building a bare step on the same U-Net), also our step against it, side by side.
+    """
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.estimate import estimate_for_config, estimate_step_time_for_config
+    from modules.lora_training.train import Trainer
+
+    projects = _prepare_project(work_dir, models_dir=models_dir, resolution=resolution, images=4)
+    options = {**read_preset(preset)["options"], "save_every_steps": 0, "sample_every_steps": 0}
+    values = {"project": "bench", "base_model": model, "steps": 1000, "device": device, "also_save_webui": False}
+    config = config_from_dict(TrainConfig, {**options, **values})
+
+    on_gpu = device == "cuda"
+    if on_gpu:
+        free, total = torch.cuda.mem_get_info()
+        context = total - free  # the CUDA context (and anything else already on the card)
+    predicted_memory = estimate_for_config(config, models_dir=models_dir, resolution=resolution)
+    predicted_time = estimate_step_time_for_config(config, models_dir=models_dir, resolution=resolution)
+
+    trainer = Trainer(
+        config,
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=work_dir / "loras",
+        on_event=lambda event: None,
+        should_stop=lambda: False,
+        resume=False,
+    )
+    if on_gpu:
+        _cuda_peak(reset=True)
+    trainer.setup()
+    setup_peak = _cuda_peak() if on_gpu else {}
+    warm_up = 2
+    for step in range(warm_up):
+        trainer._step(step)
+    if on_gpu:
+        _cuda_peak(reset=True)
+    seconds = []
+    for step in range(warm_up, steps):
+        started = time.perf_counter()
+        trainer._step(step)
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    steps_peak = _cuda_peak() if on_gpu else {}
+    result = {
+        "model": model,
+        "preset": preset,
+        "resolution": resolution,
+        "device": device,
+        "precision": trainer.precision.label,
+        "predicted_s_per_step": predicted_time.seconds_per_step,
+        "measured_s_per_step": statistics.median(seconds),
+        "predicted_peak_gib": predicted_memory.total_bytes / GIB,
+        "predicted_parts_gib": {name: size / GIB for name, size in predicted_memory.parts.items()},
+    }
+    if on_gpu:
+        result.update(
+            device_name=torch.cuda.get_device_name(0),
+            context_gib=context / GIB,
+            setup_peak_reserved_gib=setup_peak["reserved"] / GIB,
+            training_peak_allocated_gib=steps_peak["allocated"] / GIB,
+            training_peak_reserved_gib=steps_peak["reserved"] / GIB,
+            # What the card shows in use while training: the context plus the allocator's pool.
+            measured_peak_gib=(context + steps_peak["reserved"]) / GIB,
+        )
+        result["estimate_error"] = result["predicted_peak_gib"] / result["measured_peak_gib"] - 1
+    if make_reference is not None:
+        # Built only now, so that its weights do not count in the peak measured above.
+        result["step_overhead"] = _step_overhead(trainer, make_reference(), first_step=steps, device=device)
+    return result
+
+
+def _step_overhead(trainer, reference, *, first_step: int, device: str) -> dict:
+    """Our full step against the bare reference step, alternating blocks, medians."""
+    counter = {"step": first_step}
+
+    def ours():
+        trainer._step(counter["step"])
+        counter["step"] += 1
+
+    def timed(function) -> float:
+        started = time.perf_counter()
+        for _ in range(3):
+            function()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / 3
+
+    reference.step()
+    samples = {"ours": [], "reference": []}
+    for _ in range(5):
+        samples["ours"].append(timed(ours))
+        samples["reference"].append(timed(reference.step))
+    ours_s, reference_s = statistics.median(samples["ours"]), statistics.median(samples["reference"])
+    return {"ours_s": ours_s, "reference_s": reference_s, "ratio": ours_s / reference_s}
+
+
+def run_gpu_bench(work_dir: Path, *, resolution: int = 1024, preset: str = "sdxl-8gb", reference=None) -> dict:
+    """Full-size SDXL (random weights) on the CUDA GPU, trained with ``preset`` at ``resolution``."""
+    from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU; none is visible to torch.")
+    models = Path(work_dir) / "models"
+    config = write_sdxl_base_config(models / "configs" / SDXL_BASE_CONFIG_NAME)
+    started = time.perf_counter()
+    build_random_sdxl(config, models / "sdxl-base-random", device="cuda", dtype=torch.float16)
+    built_s = time.perf_counter() - started
+    model = models / "sdxl-base-random"
+    result = measure_training(
+        models,
+        model.name,
+        work_dir=Path(work_dir) / "run",
+        preset=preset,
+        resolution=resolution,
+        device="cuda",
+        make_reference=(lambda: reference(model, rank=16, device="cuda", resolution=resolution)) if reference else None,
+    )
+    result["build_model_s"] = built_s
+    return result
