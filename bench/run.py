@@ -462,12 +462,12 @@ def main() -> int:
         ("generate: ModelManager / direct diffusers", results["generate"], "s"),
         ("peak RSS: ours / reference (MiB)", results["memory"], ""),
     ]
-    print(f"{'measure':45} {'ratio':>7}  details")
+    print(f"{'measure':50} {'ratio':>7}  details")
     for label, data, _ in rows:
         details = ", ".join(f"{k} {v:.4g}" for k, v in data.items() if k != "ratio")
-        print(f"{label:45} {data['ratio']:7.3f}  {details}")
+        print(f"{label:50} {data['ratio']:7.3f}  {details}")
     e2e = results["end_to_end"]
-    print(f"{'time to first step (s)':45} {e2e['time_to_first_step_s']:7.2f}")
+    print(f"{'time to first step (s)':50} {e2e['time_to_first_step_s']:7.2f}")
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e2e["phases_s"].items()))
     print(f"results written to {args.out}")
     return 0
