@@ -98,7 +98,11 @@ def measure_training(
     With ``make_reference`` (building a bare step on the same U-Net), also our step against it, side by side.
     """
     from modules.lora_training.config import TrainConfig, config_from_dict
-    from modules.lora_training.estimate import estimate_for_config, estimate_step_time_for_config
+    from modules.lora_training.estimate import (
+        count_work_for_config,
+        estimate_for_config,
+        estimate_step_time_for_config,
+    )
     from modules.lora_training.train import Trainer
 
     projects = _prepare_project(work_dir, models_dir=models_dir, resolution=resolution, images=4)
@@ -110,8 +114,10 @@ def measure_training(
     if on_gpu:
         free, total = torch.cuda.mem_get_info()
         context = total - free  # the CUDA context (and anything else already on the card)
-    predicted_memory = estimate_for_config(config, models_dir=models_dir, resolution=resolution)
-    predicted_time = estimate_step_time_for_config(config, models_dir=models_dir, resolution=resolution)
+    where = {"models_dir": models_dir, "resolution": resolution}
+    work = count_work_for_config(config, **where)
+    predicted_memory = estimate_for_config(config, work=work, **where)
+    predicted_time = estimate_step_time_for_config(config, work=work, **where)
 
     trainer = Trainer(
         config,

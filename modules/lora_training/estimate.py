@@ -1,8 +1,10 @@
-"""Before training: a memory estimate for the chosen settings, from the checkpoint's tensor shapes.
+"""Before training: peak memory and seconds per step for the chosen settings.
 
 Weights, LoRA parameters, gradients and optimizer states are counted exactly from the
-safetensors headers (nothing is loaded). Activations are scaled from per-family
-figures at 1024² and batch 1; they are the rough part of the estimate.
+safetensors headers (nothing is loaded). Activations are the tensors autograd keeps for
+the backward pass, counted in one forward + backward on the meta device
+(:func:`count_work_for_config`, also the basis of the time estimate in ``step_time``);
+the quick estimate logged when a run starts scales a per-family figure at 1024² instead.
 """
 
 from __future__ import annotations
@@ -117,17 +119,20 @@ def estimate_memory(
     device: str,
     device_bytes: int | None,
     quantization: str = "none",
+    activation_bytes: int | None = None,
 ) -> MemoryEstimate:
     shapes = _denoiser_shapes(entry)
     weights = weight_bytes_of(shapes, weight_bytes=weight_bytes, quantization=quantization)
     lora = lora_parameter_count(shapes, targets, rank)
-    with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
-    per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
+    if activation_bytes is None:
+        with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
+        per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
+        activation_bytes = int(per_image * batch_size)
     parts = {
         "weights": weights,
         "LoRA + gradients": lora * 8,
         "optimizer": lora * OPTIMIZER_BYTES_PER_PARAM[optimizer],
-        "activations": int(per_image * batch_size),
+        "activations": activation_bytes,
     }
     if device == "cuda":
         parts["CUDA context"] = int(CUDA_OVERHEAD_GIB * GIB)
@@ -147,7 +152,19 @@ def detected_device() -> tuple[str, int | None]:
     return "cpu", pages
 
 
-def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryEstimate:
+@dataclass(frozen=True)
+class _ConfigPlan:
+    """What an estimate needs to know about a config: the model, its LoRA layers, device and dtype."""
+
+    entry: ModelEntry
+    targets: tuple[str, ...]
+    device: str
+    device_bytes: int | None
+    weight_dtype: object
+    compute_dtype: object
+
+
+def _plan(config, *, models_dir: Path) -> _ConfigPlan:
     from core.model_manager import pick_device
     from core.pipelines import model_entry
     from modules.lora_training.families import family_class
@@ -161,43 +178,73 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int) -> MemoryE
     device, device_bytes = detected_device()
     device = pick_device(config.device) if config.device != "auto" else device
     precision = choose_precision(config.mixed_precision, device)
-    return estimate_memory(
+    return _ConfigPlan(
         entry=entry,
-        rank=config.rank,
         targets=targets,
+        device=device,
+        device_bytes=device_bytes,
+        weight_dtype=precision.weight_dtype,
+        compute_dtype=precision.autocast_dtype or precision.weight_dtype,
+    )
+
+
+def count_work_for_config(config, *, models_dir: Path, resolution: int):
+    """The training work of one micro-batch of ``config``, counted on the meta device (a few seconds
+    for full-size SDXL); shared by the memory and the time estimate."""
+    from modules.lora_training.step_time import count_step_work
+
+    plan = _plan(config, models_dir=models_dir)
+    return count_step_work(
+        plan.entry,
+        models_dir=models_dir,
+        targets=plan.targets,
+        rank=config.rank,
+        batch=config.batch_size,
+        side=resolution,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def estimate_for_config(config, *, models_dir: Path, resolution: int, work=None) -> MemoryEstimate:
+    """Peak memory of training ``config``. With ``work`` (from :func:`count_work_for_config`) the
+    activations are the tensors autograd keeps, counted; without, a per-family figure scaled by size."""
+    plan = _plan(config, models_dir=models_dir)
+    activation_bytes = None
+    if work is not None:
+        scale = plan.compute_dtype.itemsize / 4  # counted at 4 bytes per value
+        # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
+        activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
+    return estimate_memory(
+        entry=plan.entry,
+        rank=config.rank,
+        targets=plan.targets,
         optimizer=config.optimizer,
         resolution=resolution,
         batch_size=config.batch_size,
         gradient_checkpointing=config.gradient_checkpointing,
-        weight_bytes=precision.weight_dtype.itemsize,
+        weight_bytes=plan.weight_dtype.itemsize,
         quantization=config.base_quantization,
-        device=device,
-        device_bytes=device_bytes,
+        device=plan.device,
+        device_bytes=plan.device_bytes,
+        activation_bytes=activation_bytes,
     )
 
 
-def estimate_step_time_for_config(config, *, models_dir: Path, resolution: int):
+def estimate_step_time_for_config(config, *, models_dir: Path, resolution: int, work=None):
     """Seconds per optimizer step for ``config`` at ``resolution``, on the device training would use."""
-    from core.model_manager import pick_device
-    from core.pipelines import model_entry
-    from modules.lora_training.families import family_class
-    from modules.lora_training.step_time import (
-        count_step_work,
-        estimate_step_seconds,
-        measure_device,
-        measure_host_seconds,
-    )
-    from modules.lora_training.train import choose_precision
+    from modules.lora_training.step_time import estimate_step_seconds, measure_device, measure_host_seconds
 
-    entry = model_entry(models_dir, config.base_model)
-    family = family_class(entry.family)
-    targets = family.attention_targets + (
-        family.feedforward_targets if config.lora_targets == "attention+feedforward" else ()
+    plan = _plan(config, models_dir=models_dir)
+    if work is None:
+        work = count_work_for_config(config, models_dir=models_dir, resolution=resolution)
+    speed = measure_device(plan.device, plan.compute_dtype)
+    host = measure_host_seconds(
+        plan.entry,
+        models_dir=models_dir,
+        targets=plan.targets,
+        rank=config.rank,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer,
+        speed=speed,
     )
-    device = pick_device(config.device)
-    precision = choose_precision(config.mixed_precision, device)
-    shape = {"targets": targets, "rank": config.rank, "gradient_checkpointing": config.gradient_checkpointing}
-    work = count_step_work(entry, models_dir=models_dir, batch=config.batch_size, side=resolution, **shape)
-    speed = measure_device(device, precision.autocast_dtype or precision.weight_dtype)
-    host = measure_host_seconds(entry, models_dir=models_dir, speed=speed, optimizer=config.optimizer, **shape)
     return estimate_step_seconds(work, speed, host_seconds=host, micro_batches=config.gradient_accumulation)

@@ -51,6 +51,8 @@ class StepWork:
     flops: dict = field(default_factory=dict)  # kind → FLOPs of one call
     moved: dict = field(default_factory=dict)  # kind → bytes of one call, at 4 bytes per value
     replays: dict = field(default_factory=dict)  # heavy kind → (function, meta args, meta kwargs)
+    activation_bytes: float = 0.0  # what autograd keeps for the backward pass, at 4 bytes per value
+    largest_activation: float = 0.0  # the biggest single tensor among them
 
     def add(self, kind, *, flops: float, moved: float, replay=None) -> None:
         if kind not in self.counts:
@@ -96,7 +98,9 @@ class _AttentionOp(torch.autograd.Function):
     def forward(ctx, work, query, key, value):
         ctx.work, ctx.shapes = work, (query.shape, key.shape, value.shape)
         _record_attention(work, query, key, value, backward=False)
-        return query.new_empty(*query.shape[:-1], value.shape[-1])
+        output = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, output)  # what a fused kernel keeps (plus a small logsumexp)
+        return output
 
     @staticmethod
     def backward(ctx, grad):
@@ -146,6 +150,68 @@ class _FusedAttention(TorchFunctionMode):
             named = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs
             return _AttentionOp.apply(self.work, named["query"], named["key"], named["value"])
         return func(*args, **kwargs)
+
+
+class _SavedActivations:
+    """Bytes autograd keeps for the backward pass, and what gradient checkpointing would keep.
+
+    Installed as the denoiser's checkpointing function when checkpointing is on: each block
+    then runs its forward once more (the recomputation, so it is counted) and once for
+    real, with the tensors it saves attributed to it. With checkpointing, what stays is
+    everything saved outside the blocks, the blocks' inputs, and one block's own tensors
+    at a time while the backward pass recomputes it.
+    """
+
+    def __init__(self, parameters) -> None:
+        self.parameters = {p.untyped_storage()._cdata for p in parameters}
+        self.saved: dict[int, int] = {}
+        self.blocks: list[dict[int, int]] = []
+        self.block_inputs: dict[int, int] = {}
+        self._current: dict[int, int] | None = None
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.parameters:
+            self.saved[storage._cdata] = storage.nbytes()
+            if self._current is not None:
+                self._current[storage._cdata] = storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def checkpoint(self, block, *args, **kwargs):
+        with torch.no_grad():
+            block(*args, **kwargs)
+        for value in tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor):
+                self.block_inputs[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
+        outer, self._current = self._current, {}
+        try:
+            return block(*args, **kwargs)
+        finally:
+            self.blocks.append(self._current)
+            self._current = outer
+
+    def kept_bytes(self, *, checkpointing: bool) -> int:
+        if not checkpointing:
+            return sum(self.saved.values())
+        inside = {key for block in self.blocks for key in block}
+        outside = sum(size for key, size in self.saved.items() if key not in inside)
+        largest_block = max((sum(block.values()) for block in self.blocks), default=0)
+        return outside + sum(self.block_inputs.values()) + largest_block
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` without passing through ``__torch_function__``: a mode's handler runs
+    with the mode switched off, and the backward pass (with the forward that gradient
+    checkpointing recomputes in it) must still see the fused attention."""
+    from torch.autograd.graph import _engine_run_backward
+
+    _engine_run_backward(
+        (loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True
+    )
 
 
 class _OperationCounter(TorchDispatchMode):
@@ -405,6 +471,9 @@ def count_step_work(
     model_class, config = denoiser_blueprint(entry, models_dir=models_dir)
     with torch.device("meta"):
         model = _trainable(model_class, config, targets=targets, rank=rank, gradient_checkpointing=False)
+    activations = _SavedActivations(model.parameters())
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=activations.checkpoint)
     downscale, text_length = latent_geometry(entry, models_dir)
     inputs = denoiser_inputs(
         entry.family,
@@ -415,13 +484,13 @@ def count_step_work(
         make=lambda *shape: torch.empty(*shape, device="meta"),
     )
     work = StepWork()
+    hooks = torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack)
     with _FusedAttention(work), _OperationCounter(work):
-        if gradient_checkpointing:
-            # Checkpointing runs the blocks' forward once more during the backward pass.
-            with torch.no_grad():
-                model(**inputs)
-        output = model(**inputs)[0]
-        output.float().square().mean().backward()
+        with hooks:
+            output = model(**inputs)[0]
+        _backward(output.float().square().mean())
+    work.activation_bytes = float(activations.kept_bytes(checkpointing=gradient_checkpointing))
+    work.largest_activation = float(max(activations.saved.values(), default=0))
     lora_values = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work.add(("optimizer step",), flops=0.0, moved=4.0 * _OPTIMIZER_ACCESSES * lora_values)
     return work

@@ -262,6 +262,7 @@ class Trainer:
         self.timings["load"] = time.perf_counter() - clock
         clock = time.perf_counter()
         self._fill_caches()
+        self.family.place_denoiser()
         self.timings["cache"] = time.perf_counter() - clock
         # The LoRA's random initialisation follows the run's seed, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):

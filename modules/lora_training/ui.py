@@ -386,16 +386,19 @@ class LoraTrainingTab:
             try:
                 options = collect_options(option_values, prompts_text, class_text)
                 config = self.train_config(project="estimate", base_model=model, options=options)
-                from modules.lora_training.estimate import estimate_for_config, estimate_step_time_for_config
+                from modules.lora_training.estimate import (
+                    count_work_for_config,
+                    estimate_for_config,
+                    estimate_step_time_for_config,
+                )
 
-                models_dir, side = self.config.MODELS_DIR, int(res)
-                lines = [estimate_for_config(config, models_dir=models_dir, resolution=side).describe()]
+                where = {"models_dir": self.config.MODELS_DIR, "resolution": int(res)}
+                work = count_work_for_config(config, **where)
+                lines = [estimate_for_config(config, work=work, **where).describe()]
                 if self.jobs.is_running():
                     lines.append(t("estimate_time_busy"))
                 else:
-                    lines.append(
-                        estimate_step_time_for_config(config, models_dir=models_dir, resolution=side).describe()
-                    )
+                    lines.append(estimate_step_time_for_config(config, work=work, **where).describe())
                 return "\n\n".join(lines)
             except UserError as exc:
                 return str(exc)

@@ -12,11 +12,12 @@ def test_random_model_from_a_config_folder_trains_with_a_preset(demo_paths, tmp_
         demo_paths.sdxl_folder, models / "random-sdxl", device="cpu", dtype=__import__("torch").float32
     )
     assert (folder / "model_index.json").is_file()
-    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
-        with safe_open(
-            str(demo_paths.sdxl_folder / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt"
-        ) as demo:
-            assert set(handle.keys()) == set(demo.keys()), "same architecture as its config folder"
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    with (
+        safe_open(str(folder / weights), framework="pt") as built,
+        safe_open(str(demo_paths.sdxl_folder / weights), framework="pt") as demo,
+    ):
+        assert set(built.keys()) == set(demo.keys()), "same architecture as its config folder"
 
     result = measure_training(
         models,

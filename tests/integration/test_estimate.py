@@ -40,6 +40,7 @@ def test_weights_and_lora_parts_are_exact(models_dir, demo_paths, layout, quanti
     family = family_class(entry.family)(
         entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32, base_quantization=quantization
     )
+    family.place_denoiser()  # quantizes, when asked
     measured_weights = _stored_bytes(family.denoiser)
     family.add_lora(rank=4, alpha=4.0, targets="attention+feedforward", train_text_encoder=False)
     estimate = estimate_memory(
@@ -89,3 +90,28 @@ def test_step_time_estimate_for_a_config(models_dir, demo_paths):
         assert estimate.seconds_per_step > 0 and estimate.micro_batches == 2
         assert estimate.replayed_share > 0.9, "the heavy operations were timed on the device"
         assert "s/step on cpu" in estimate.describe()
+
+
+@pytest.mark.parametrize("layout", ["sdxl_folder", "flux_single_file"])
+def test_counted_activations_match_what_the_real_model_keeps(models_dir, demo_paths, layout):
+    """The meta count of the tensors kept for backward, against the same model run for real."""
+    from modules.lora_training import step_time
+
+    entry = model_entry(models_dir, getattr(demo_paths, layout).name)
+    targets = family_class(entry.family).attention_targets
+    options = {"targets": targets, "rank": 4, "batch": 1, "side": 128}
+    counted = step_time.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=False, **options)
+    checkpointed = step_time.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=True, **options)
+
+    model_class, config = step_time.denoiser_blueprint(entry, models_dir=models_dir)
+    model = step_time._trainable(model_class, config, targets=targets, rank=4, gradient_checkpointing=False)
+    downscale, text_length = step_time.latent_geometry(entry, models_dir)
+    inputs = step_time.denoiser_inputs(
+        entry.family, config, batch=1, latent_side=128 // downscale, text_length=text_length, make=torch.randn
+    )
+    kept = step_time._SavedActivations(model.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(kept.pack, kept.unpack):
+        model(**inputs)
+    real = kept.kept_bytes(checkpointing=False)
+    assert 0.9 < counted.activation_bytes / real < 1.15, (counted.activation_bytes, real)
+    assert checkpointed.activation_bytes < 0.6 * counted.activation_bytes

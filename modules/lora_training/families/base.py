@@ -54,6 +54,13 @@ class LoraFamily:
         self.quantized_layers, self.quantized_share = quantize_block_linears(
             self.denoiser, mode=base_quantization, compute_dtype=weight_dtype
         )
+
+    def place_denoiser(self) -> None:
+        """Move the denoiser to the training device, quantizing its block layers on the way when asked.
+
+        The trainer does this once the caches are filled, so that the VAE encodes in fp32
+        without the denoiser's weights beside it on the GPU.
+        """
         self.denoiser.to(self.device)
 
     # ----- components -----------------------------------------------------------
