@@ -96,6 +96,20 @@ def _app_config(path: Path):
     return load_config(path)
 
 
+def _print_estimates(config: TrainConfig, resolution: int | None, app_config) -> None:
+    from modules.lora_training.estimate import count_work_for_config, estimate_for_config, estimate_step_time_for_config
+    from modules.lora_training.project import ProjectPaths, read_json
+
+    if resolution is None:
+        manifest = read_json(ProjectPaths.for_project(app_config.LORA_PROJECTS_DIR, config.project).manifest) or {}
+        resolution = int(manifest.get("config", {}).get("resolution", 1024))
+    where = {"models_dir": app_config.MODELS_DIR, "resolution": resolution}
+    print(f"{config.base_model} at {resolution}², batch {config.batch_size}, rank {config.rank}:")
+    work = count_work_for_config(config, **where)
+    print(estimate_for_config(config, work=work, **where).describe())
+    print(estimate_step_time_for_config(config, work=work, **where).describe())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modules.lora_training", description="LoRA Studio training tools")
     parser.add_argument("--app-config", type=Path, default=ROOT / "config.json", help="the app's config.json")
@@ -106,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     _add_config_flags(train, TrainConfig, renames={})
+    estimate = commands.add_parser("estimate", help="peak memory and s/step that training with these options needs")
+    estimate.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
+    estimate.add_argument(
+        "--resolution", type=int, help="training resolution (default: the prepared project's, or 1024)"
+    )
+    _add_config_flags(estimate, TrainConfig, renames={})
     export = commands.add_parser("export", help="write a LoRA in kohya/webui or diffusers format, verified")
     export.add_argument("--lora", type=Path, required=True, help="the LoRA file to export")
     export.add_argument("--format", dest="fmt", choices=FORMATS, required=True)
@@ -143,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             from modules.lora_training.export import inspect_lora
 
             print(inspect_lora(args.file))
+            return 0
+        if args.command == "estimate":
+            _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0
         if args.command == "train":
             from modules.lora_training.train import train

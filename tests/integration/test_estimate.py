@@ -115,3 +115,15 @@ def test_counted_activations_match_what_the_real_model_keeps(models_dir, demo_pa
     real = kept.kept_bytes(checkpointing=False)
     assert 0.9 < counted.activation_bytes / real < 1.15, (counted.activation_bytes, real)
     assert checkpointed.activation_bytes < 0.6 * counted.activation_bytes
+
+
+def test_estimate_command(models_dir, demo_paths, tmp_path, capsys):
+    from modules.lora_training.cli import main
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path, models_dir)
+    flags = ["--project", "p", "--base-model", demo_paths.flux_folder.name, "--base-quantization", "nf4"]
+    assert main(["--app-config", str(config), "estimate", *flags, "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "at 64², batch 1, rank 16" in out
+    assert "Estimated peak memory" in out and "s/step on cpu" in out
