@@ -35,6 +35,7 @@ class MemoryEstimate:
     parts: dict[str, int]
     device: str
     device_bytes: int | None
+    activations_counted: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -42,7 +43,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.parts.items())
-        line = f"Estimated peak memory: {self.total_bytes / GIB:.1f} GiB ({parts} GiB) on {self.device}."
+        how = "counted" if self.activations_counted else "approximated, Estimate counts them"
+        line = f"Estimated peak memory: {self.total_bytes / GIB:.1f} GiB ({parts} GiB; activations {how}) on {self.device}."
         if self.fits is False:
             line += (
                 f" This will not fit in {self.device_bytes / GIB:.1f} GiB: turn on gradient checkpointing, "
@@ -124,6 +126,7 @@ def estimate_memory(
     shapes = _denoiser_shapes(entry)
     weights = weight_bytes_of(shapes, weight_bytes=weight_bytes, quantization=quantization)
     lora = lora_parameter_count(shapes, targets, rank)
+    counted = activation_bytes is not None
     if activation_bytes is None:
         with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
         per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
@@ -136,7 +139,13 @@ def estimate_memory(
     }
     if device == "cuda":
         parts["CUDA context"] = int(CUDA_OVERHEAD_GIB * GIB)
-    return MemoryEstimate(total_bytes=sum(parts.values()), parts=parts, device=device, device_bytes=device_bytes)
+    return MemoryEstimate(
+        total_bytes=sum(parts.values()),
+        parts=parts,
+        device=device,
+        device_bytes=device_bytes,
+        activations_counted=counted,
+    )
 
 
 def detected_device() -> tuple[str, int | None]:

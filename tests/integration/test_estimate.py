@@ -126,4 +126,4 @@ def test_estimate_command(models_dir, demo_paths, tmp_path, capsys):
     assert main(["--app-config", str(config), "estimate", *flags, "--resolution", "64"]) == 0
     out = capsys.readouterr().out
     assert "at 64², batch 1, rank 16" in out
-    assert "Estimated peak memory" in out and "s/step on cpu" in out
+    assert "Estimated peak memory" in out and "activations counted" in out and "s/step on cpu" in out
