@@ -236,7 +236,7 @@ def caching_by_counted_flops(side: int = 1024) -> dict:
     from core.model_configs import write_sdxl_base_config
     from core.model_files import ModelEntry
     from modules.lora_training.families import family_class
-    from modules.lora_training.step_time import count_step_work
+    from modules.lora_training.step_work import count_step_work
 
     folder = write_sdxl_base_config(Path(tempfile.mkdtemp()) / "sdxl-base")
     entry = ModelEntry(name="sdxl-base", path=folder, family="sdxl", single_file=False)

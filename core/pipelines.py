@@ -13,14 +13,20 @@ def single_file_config_folder(path: Path, models_dir: Path) -> Path:
     """The diffusers-layout config folder a single-file SDXL checkpoint loads against (offline)."""
     from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
 
+    named = _folder_named_in_header(path, models_dir)
+    return named or write_sdxl_base_config(Path(models_dir) / "configs" / SDXL_BASE_CONFIG_NAME)
+
+
+def _folder_named_in_header(path: Path, models_dir: Path) -> Path | None:
+    """The diffusers folder a single file's header names as its companion (our demo files do)."""
     _, metadata = read_safetensors_header(path)
     named = metadata.get("lora_studio.diffusers_config")
-    if named:
-        folder = resolve_inside(models_dir, named)
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{path.name} needs the config folder {folder}, which is missing.")
-        return folder
-    return write_sdxl_base_config(Path(models_dir) / "configs" / SDXL_BASE_CONFIG_NAME)
+    if not named:
+        return None
+    folder = resolve_inside(models_dir, named)
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{path.name} needs the model folder {folder}, which is missing.")
+    return folder
 
 
 def flux_components_folder(path: Path, models_dir: Path) -> Path:
@@ -33,13 +39,9 @@ def flux_components_folder(path: Path, models_dir: Path) -> Path:
     from core.flux_single_file import checkpoint_shapes, transformer_config_from_shapes
     from core.model_files import list_models
 
-    _, metadata = read_safetensors_header(path)
-    named = metadata.get("lora_studio.diffusers_config")
+    named = _folder_named_in_header(path, models_dir)
     if named:
-        folder = resolve_inside(models_dir, named)
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{path.name} needs the Flux folder {folder}, which is missing.")
-        return folder
+        return named
     wanted = transformer_config_from_shapes(checkpoint_shapes(path))
     candidates = []
     for entry in list_models(models_dir):

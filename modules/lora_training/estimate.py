@@ -3,7 +3,7 @@
 Weights, LoRA parameters, gradients and optimizer states are counted exactly from the
 safetensors headers (nothing is loaded). Activations are the tensors autograd keeps for
 the backward pass, counted in one forward + backward on the meta device
-(:func:`count_work_for_config`, also the basis of the time estimate in ``step_time``);
+(:func:`count_work_for_config` and ``step_work``, also the basis of the time estimate);
 the quick estimate logged when a run starts scales a per-family figure at 1024² instead.
 """
 
@@ -200,7 +200,7 @@ def _plan(config, *, models_dir: Path) -> _ConfigPlan:
 def count_work_for_config(config, *, models_dir: Path, resolution: int):
     """The training work of one micro-batch of ``config``, counted on the meta device (a few seconds
     for full-size SDXL); shared by the memory and the time estimate."""
-    from modules.lora_training.step_time import count_step_work
+    from modules.lora_training.step_work import count_step_work
 
     plan = _plan(config, models_dir=models_dir)
     return count_step_work(

@@ -64,7 +64,7 @@ def test_weights_and_lora_parts_are_exact(models_dir, demo_paths, layout, quanti
 
 def test_step_time_counts_the_work_that_training_does(models_dir, demo_paths):
     """Counted on the meta device: batch and checkpointing change the work as they change training."""
-    from modules.lora_training.step_time import count_step_work
+    from modules.lora_training.step_work import count_step_work
 
     entry = model_entry(models_dir, demo_paths.sdxl_folder.name)
     targets = family_class("sdxl").attention_targets
@@ -95,21 +95,21 @@ def test_step_time_estimate_for_a_config(models_dir, demo_paths):
 @pytest.mark.parametrize("layout", ["sdxl_folder", "flux_single_file"])
 def test_counted_activations_match_what_the_real_model_keeps(models_dir, demo_paths, layout):
     """The meta count of the tensors kept for backward, against the same model run for real."""
-    from modules.lora_training import step_time
+    from modules.lora_training import step_work
 
     entry = model_entry(models_dir, getattr(demo_paths, layout).name)
     targets = family_class(entry.family).attention_targets
     options = {"targets": targets, "rank": 4, "batch": 1, "side": 128}
-    counted = step_time.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=False, **options)
-    checkpointed = step_time.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=True, **options)
+    counted = step_work.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=False, **options)
+    checkpointed = step_work.count_step_work(entry, models_dir=models_dir, gradient_checkpointing=True, **options)
 
-    model_class, config = step_time.denoiser_blueprint(entry, models_dir=models_dir)
-    model = step_time._trainable(model_class, config, targets=targets, rank=4, gradient_checkpointing=False)
-    downscale, text_length = step_time.latent_geometry(entry, models_dir)
-    inputs = step_time.denoiser_inputs(
+    model_class, config = step_work.denoiser_blueprint(entry, models_dir=models_dir)
+    model = step_work.trainable_denoiser(model_class, config, targets=targets, rank=4, gradient_checkpointing=False)
+    downscale, text_length = step_work.latent_geometry(entry, models_dir)
+    inputs = step_work.denoiser_inputs(
         entry.family, config, batch=1, latent_side=128 // downscale, text_length=text_length, make=torch.randn
     )
-    kept = step_time._SavedActivations(model.parameters())
+    kept = step_work.SavedActivations(model.parameters())
     with torch.autograd.graph.saved_tensors_hooks(kept.pack, kept.unpack):
         model(**inputs)
     real = kept.kept_bytes(checkpointing=False)
