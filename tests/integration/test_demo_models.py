@@ -62,6 +62,36 @@ def test_flux_single_file_loads_the_same_transformer_with_the_folder_components(
         load_pipeline(model_entry(alone, "flux1-dev.safetensors"), models_dir=alone, dtype=torch.float32)
 
 
+def test_flux_all_in_one_fp8_file_loads_its_transformer(models_dir, demo_paths, tmp_path):
+    """ComfyUI-style checkpoints: fp8 weights under model.diffusion_model., VAE and text encoders beside."""
+    import shutil
+
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file, save_file
+
+    from core.pipelines import load_pipeline, model_entry
+
+    models = tmp_path / "models"
+    shutil.copytree(demo_paths.flux_folder, models / demo_paths.flux_folder.name)
+    state = {
+        f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn)
+        for k, v in load_file(str(demo_paths.flux_single_file)).items()
+    }
+    state["vae.decoder.conv_in.weight"] = torch.zeros(4, 4)
+    state["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.zeros(4)
+    save_file(state, str(models / "flux1-dev-fp8.safetensors"))
+
+    entry = model_entry(models, "flux1-dev-fp8.safetensors")
+    assert entry.family == "flux"
+    pipe = load_pipeline(entry, models_dir=models, dtype=torch.bfloat16)
+    reference = FluxPipeline.from_pretrained(demo_paths.flux_folder).transformer.state_dict()
+    loaded = pipe.transformer.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        assert loaded[key].dtype == torch.bfloat16
+        assert torch.allclose(loaded[key].float(), value, rtol=0.13, atol=0.02), key  # fp8 keeps ~2 significant digits
+
+
 def test_sdxl_base_config_folder_describes_the_real_model(tmp_path):
     """The offline config for real single files builds SDXL base at its published size."""
     from diffusers import UNet2DConditionModel
