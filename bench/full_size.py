@@ -9,7 +9,6 @@ the test suite checks this code on the tiny model); VRAM figures exist only on C
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -48,11 +47,6 @@ def build_random_sdxl(config_folder: Path, out_folder: Path, *, device: str, dty
     if device == "cuda":
         torch.cuda.empty_cache()
     return Path(out_folder)
-
-
-def read_preset(name: str) -> dict:
-    path = Path(__file__).resolve().parents[1] / "modules" / "lora_training" / "presets" / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _prepare_project(root: Path, *, models_dir: Path, resolution: int, images: int) -> Path:
@@ -103,6 +97,7 @@ def measure_training(
         estimate_for_config,
         estimate_step_time_for_config,
     )
+    from modules.lora_training.preset_files import read_preset
     from modules.lora_training.train import Trainer
 
     projects = _prepare_project(work_dir, models_dir=models_dir, resolution=resolution, images=4)

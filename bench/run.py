@@ -123,6 +123,9 @@ class ReferenceStep:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
+        from core.model_files import ModelEntry
+        from modules.lora_training.step_work import latent_geometry
+
         self.device = device
         half = device == "cuda"
         self.unet = UNet2DConditionModel.from_pretrained(
@@ -139,8 +142,9 @@ class ReferenceStep:
         self.scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.scaler = torch.amp.GradScaler("cuda") if half else None
-        vae_blocks = len(json.loads((Path(model_dir) / "vae" / "config.json").read_text())["block_out_channels"])
-        side = resolution // 2 ** (vae_blocks - 1)
+        entry = ModelEntry(name=Path(model_dir).name, path=Path(model_dir), family="sdxl", single_file=False)
+        downscale, _ = latent_geometry(entry, Path(model_dir).parent)
+        side = resolution // downscale
         generator = torch.Generator().manual_seed(0)
         config = self.unet.config
         self.latents = torch.randn(1, 4, side, side, generator=generator).to(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,11 +23,11 @@ from modules.lora_training.config import (
 )
 from modules.lora_training.dataset.captioners import CAPTIONERS, FLORENCE_TASKS, resolve_florence_model
 from modules.lora_training.jobs import interrupted_projects, resumable_config
+from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths, read_json
 
 log = logging.getLogger(__name__)
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 # Training options shown as widgets, in the order the handlers receive them.
 OPTION_FIELDS = (
     "epochs",
@@ -174,16 +173,10 @@ class LoraTrainingTab:
         return image.name
 
     def presets(self) -> list[str]:
-        user = self.config.LORA_PROJECTS_DIR / ".presets"
-        names = [p.stem for p in sorted(PRESETS_DIR.glob("*.json"))]
-        return names + [p.stem for p in sorted(user.glob("*.json"))] if user.is_dir() else names
+        return preset_names(self.config.LORA_PROJECTS_DIR / ".presets")
 
     def read_preset(self, name: str) -> dict:
-        for folder in (PRESETS_DIR, self.config.LORA_PROJECTS_DIR / ".presets"):
-            path = folder / f"{name}.json"
-            if path.is_file():
-                return json.loads(path.read_text(encoding="utf-8"))
-        raise UserError(f"Preset {name!r} not found.")
+        return read_preset(name, user_dir=self.config.LORA_PROJECTS_DIR / ".presets")
 
     def write_preset(self, name: str, *, resolution: int, options: dict) -> str:
         from modules.lora_training.names import validate_name
