@@ -70,6 +70,7 @@ def load_pipeline(entry: ModelEntry, *, models_dir: Path, dtype):
         if entry.single_file:
             config = single_file_config_folder(entry.path, models_dir)
             pipe = StableDiffusionXLPipeline.from_single_file(str(entry.path), config=str(config), dtype=dtype)
+            pipe.scheduler = scheduler_for_single_file(pipe.scheduler, entry.path)
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(str(entry.path), dtype=dtype)
     elif entry.family == FLUX:
@@ -85,6 +86,22 @@ def load_pipeline(entry: ModelEntry, *, models_dir: Path, dtype):
         raise UserError(f"Unknown model family {entry.family!r}.")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def scheduler_for_single_file(scheduler, path: Path):
+    """The config folder's scheduler, switched to v-prediction / zero terminal SNR when the file says so.
+
+    v-prediction SDXL fine-tunes carry an empty ``v_pred`` tensor (and ``ztsnr`` for a schedule
+    rescaled to zero terminal SNR), the markers A1111, Forge and ComfyUI read; the config folder
+    cannot know.
+    """
+    keys, _ = read_safetensors_header(path)
+    changes = {}
+    if "v_pred" in keys:
+        changes["prediction_type"] = "v_prediction"
+    if "ztsnr" in keys:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
 
 
 def model_entry(models_dir: Path, name_or_path: str) -> ModelEntry:

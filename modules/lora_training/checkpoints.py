@@ -30,6 +30,7 @@ class CheckpointState:
     torch_rng: torch.Tensor
     python_rng: object
     config: dict
+    skipped: int = 0  # steps whose update was skipped (non-finite gradients): they moved the data on
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -68,7 +69,9 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int) -> 
         )
         (tmp / "config.json").write_text(json.dumps(state.config, indent=2))
         # Written last: its presence marks the checkpoint complete.
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "python_rng": _jsonable(state.python_rng)}))
+        (tmp / "state.json").write_text(
+            json.dumps({"step": state.step, "skipped": state.skipped, "python_rng": _jsonable(state.python_rng)})
+        )
     for old in list_checkpoints(checkpoints)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -89,6 +92,7 @@ def load_checkpoint(folder: Path) -> CheckpointState:
         torch_rng=training["torch_rng"],
         python_rng=_python_state(meta["python_rng"]),
         config=json.loads((folder / "config.json").read_text()),
+        skipped=int(meta.get("skipped", 0)),
     )
 
 

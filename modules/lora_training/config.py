@@ -117,9 +117,22 @@ class PrepareConfig:
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "lion", "prodigy")
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-LORA_TARGETS = ("attention", "attention+feedforward")
+LORA_TARGETS = ("auto", "attention", "attention+feedforward")
 TIMESTEP_SAMPLING = ("sigmoid", "uniform", "shift")
 QUANTIZATIONS = ("none", "int8", "nf4")
+ADAMW_LR = 1e-4
+# Prodigy estimates the step size itself: its lr is a multiplier, ~1.0. Lion's sign updates are
+# larger than AdamW's for the same lr: 3-10x lower is usual.
+DEFAULT_LEARNING_RATES = {"prodigy": 1.0, "lion": ADAMW_LR / 3, "lion8bit": ADAMW_LR / 3}
+
+
+def default_learning_rate(optimizer: str) -> float:
+    return DEFAULT_LEARNING_RATES.get(optimizer, ADAMW_LR)
+
+
+def default_text_encoder_lr(optimizer: str, learning_rate: float) -> float:
+    """Half the denoiser's rate; the same for Prodigy, whose lr is a multiplier of its own estimate."""
+    return learning_rate if optimizer == "prodigy" else learning_rate / 2
 
 
 @dataclass(frozen=True)
@@ -137,11 +150,20 @@ class TrainConfig:
     # LoRA
     rank: int = bounded(16, minimum=1, maximum=1024)
     alpha: float = bounded(16.0, minimum=0.0, maximum=4096.0)
-    lora_targets: str = choice("attention", LORA_TARGETS, "which layers get LoRA")
+    lora_targets: str = choice(
+        "auto", LORA_TARGETS, "which layers get LoRA (auto: attention for SDXL, attention + feed-forward for Flux)"
+    )
     train_text_encoder: bool = False
     # optimisation
-    learning_rate: float = bounded(1e-4, minimum=0.0, maximum=10.0)
-    text_encoder_lr: float = bounded(5e-5, minimum=0.0, maximum=10.0)
+    learning_rate: float | None = bounded(
+        None,
+        minimum=0.0,
+        maximum=10.0,
+        help="default: the optimizer's usual rate (AdamW 1e-4, Lion 3.3e-5, Prodigy 1.0)",
+    )
+    text_encoder_lr: float | None = bounded(
+        None, minimum=0.0, maximum=10.0, help="default: half the denoiser's rate (Prodigy: the same)"
+    )
     optimizer: str = choice("adamw", OPTIMIZERS)
     weight_decay: float = bounded(1e-2, minimum=0.0, maximum=1.0)
     lr_scheduler: str = choice("constant", LR_SCHEDULERS)
@@ -149,13 +171,18 @@ class TrainConfig:
     lr_num_cycles: int = bounded(1, minimum=1, help="restarts for cosine_with_restarts")
     lr_power: float = bounded(1.0, minimum=0.0, help="power for polynomial")
     max_grad_norm: float = bounded(1.0, minimum=0.0, help="gradient clipping (0 = off)")
-    mixed_precision: str = choice("auto", PRECISIONS, "auto: fp16 on a CUDA GPU, fp32 on CPU")
+    mixed_precision: str = choice(
+        "auto", PRECISIONS, "auto: fp32 on the CPU; on a CUDA GPU fp16 for SDXL, bf16 for Flux"
+    )
     gradient_checkpointing: bool = False
     base_quantization: str = choice(
         "none", QUANTIZATIONS, "frozen base transformer/U-Net blocks in 8-bit or NF4 (bitsandbytes) to save VRAM"
     )
     # noise
     prediction_type: str = choice("auto", ("auto", "epsilon", "v_prediction"), "SDXL target (auto: the model's)")
+    zero_terminal_snr: bool = field(
+        default=False, metadata={"help": "SDXL: rescale the noise schedule to zero terminal SNR (for v-prediction)"}
+    )
     min_snr_gamma: float = bounded(0.0, minimum=0.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")
     noise_offset: float = bounded(0.0, minimum=0.0, maximum=1.0)
     multires_noise_iterations: int = bounded(0, minimum=0, maximum=10, help="0 = off")
@@ -181,6 +208,13 @@ class TrainConfig:
         default=True, metadata={"help": "also write loras/webui/<name>.safetensors for A1111/Forge/ComfyUI"}
     )
     device: str = choice("auto", ("auto", "cpu", "cuda"))
+
+    def __post_init__(self):
+        # An unset learning rate means the optimizer's usual one; the config then always holds numbers.
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", default_learning_rate(self.optimizer))
+        if self.text_encoder_lr is None:
+            object.__setattr__(self, "text_encoder_lr", default_text_encoder_lr(self.optimizer, self.learning_rate))
 
     @property
     def output_name(self) -> str:

@@ -24,6 +24,8 @@ class TrainItem:
     bucket: tuple[int, int]  # width, height
     original_size: tuple[int, int]  # width, height of the source after EXIF rotation
     crop_top_left: tuple[int, int]  # top, left in the resized image
+    resized_size: tuple[int, int] = (0, 0)  # width, height of the image the crop was cut from
+    flipped: bool = False  # mirrored for this step (random horizontal flip)
 
 
 def load_items(paths: ProjectPaths) -> list[TrainItem]:
@@ -48,6 +50,7 @@ def load_items(paths: ProjectPaths) -> list[TrainItem]:
                 bucket=tuple(entry["bucket"]),
                 original_size=tuple(entry["original_size"]),
                 crop_top_left=(entry["crop"]["top"], entry["crop"]["left"]),
+                resized_size=tuple(entry["crop"].get("resized") or entry["bucket"]),
             )
         )
     if not items:

@@ -181,12 +181,10 @@ def _plan(config, *, models_dir: Path) -> _ConfigPlan:
 
     entry = model_entry(models_dir, config.base_model)
     family = family_class(entry.family)
-    targets = family.attention_targets + (
-        family.feedforward_targets if config.lora_targets == "attention+feedforward" else ()
-    )
+    targets = family.target_modules(config.lora_targets)
     device, device_bytes = detected_device()
     device = pick_device(config.device) if config.device != "auto" else device
-    precision = choose_precision(config.mixed_precision, device)
+    precision = choose_precision(config.mixed_precision, device, family=entry.family)
     return _ConfigPlan(
         entry=entry,
         targets=targets,

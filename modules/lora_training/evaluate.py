@@ -30,6 +30,7 @@ def denoising_loss(
     """Mean loss of the base model (plus ``lora_path`` when given) over every image × fraction."""
     entry = model_entry(models_dir, config.base_model)
     family = family_class(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
+    family.configure(config)
     family.place_denoiser()
     if lora_path is not None:
         family.pipe.load_lora_weights(str(lora_path))

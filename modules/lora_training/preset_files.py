@@ -24,5 +24,15 @@ def read_preset(name: str, *, user_dir: Path | None = None) -> dict:
     for folder in folders:
         path = folder / f"{name}.json"
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+            return _with_learning_rate(json.loads(path.read_text(encoding="utf-8")))
     raise UserError(f"Preset {name!r} not found.")
+
+
+def _with_learning_rate(preset: dict) -> dict:
+    """A preset naming an optimizer but no learning rate gets that optimizer's usual one."""
+    from modules.lora_training.config import default_learning_rate
+
+    options = preset.get("options", {})
+    if "optimizer" in options and "learning_rate" not in options:
+        options["learning_rate"] = default_learning_rate(options["optimizer"])
+    return preset

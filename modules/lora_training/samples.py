@@ -1,7 +1,15 @@
-"""Sample images during training: fixed prompts and seeds, rendered with the LoRA being trained."""
+"""Sample images during training: fixed prompts and seeds, rendered with the LoRA being trained.
+
+The prompts' text embeddings are computed once, at the start of the run (unless the text
+encoders are being trained), so no text encoder visits the GPU for a sample. The pipeline
+stops at the latents and the family decodes them in the VAE's own dtype: the VAE stays fp32
+beside a half-precision denoiser. A sample that fails is reported and skipped: it never ends
+the run.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,33 +18,54 @@ from core.atomic import atomic_path
 
 
 def render_samples(
-    family, *, prompts: list[str], seed: int, size: tuple[int, int], steps: int, folder: Path, step: int, device: str
+    family,
+    *,
+    prompts: list[str],
+    text_for: Callable[[str], dict[str, torch.Tensor]],
+    seed: int,
+    size: tuple[int, int],
+    steps: int,
+    folder: Path,
+    step: int,
+    device: str,
+    on_failure: Callable[[str, Exception], None],
 ):
-    """Yield ``(path, prompt)`` for each saved sample; encoders visit the GPU only for this."""
-    pipe = family.sample_pipeline()
+    """Yield ``(path, prompt)`` for each saved sample; ``on_failure(prompt, error)`` for each that failed."""
     denoiser = family.denoiser
-    placed = {module: next(module.parameters()).device for module in (family.vae, *family.text_encoders())}
+    vae_device = next(family.vae.parameters()).device
     was_training = denoiser.training
     denoiser.eval()
     try:
-        family.place_encoders(device)
-        folder = Path(folder)
+        # Pipelines run on the device of their first module, the VAE; it also decodes there.
+        family.vae.to(device)
         for index, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + index)
-            with torch.no_grad():
-                image = pipe(
-                    prompt=prompt,
-                    width=size[0],
-                    height=size[1],
-                    num_inference_steps=steps,
-                    generator=generator,
-                    **family.sample_kwargs(),
-                ).images[0]
-            path = folder / f"step-{step:06d}-{index}.png"
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
+            path = Path(folder) / f"step-{step:06d}-{index}.png"
+            try:
+                _render_one(family, text=text_for(prompt), seed=seed + index, size=size, steps=steps, path=path)
+            except Exception as exc:  # noqa: BLE001 - whatever breaks a sample, training goes on
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                on_failure(prompt, exc)
+                continue
             yield path, prompt
     finally:
-        for module, where in placed.items():
-            module.to(where)
+        family.vae.to(vae_device)
         denoiser.train(was_training)
+
+
+def _render_one(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple[int, int], steps: int, path: Path):
+    width, height = size
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        latents = family.sample_pipeline()(
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            generator=generator,
+            output_type="latent",
+            **family.sample_kwargs(),
+            **family.sample_text_kwargs(text),
+        ).images
+        image = family.decode_latents(latents, width=width, height=height)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

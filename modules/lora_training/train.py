@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +52,9 @@ from modules.lora_training.project import ProjectPaths, read_json, write_json
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 5
+# fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
+MAX_BAD_STEPS_WITH_SCALER = 20
+PRODIGY_MIN_LR = 0.1
 OOM_ADVICE = (
     "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
     "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
@@ -74,16 +78,23 @@ class Precision:
     label: str
 
 
-def choose_precision(mixed_precision: str, device: str) -> Precision:
-    """Frozen weights in half precision on a GPU; LoRA weights always fp32."""
+def choose_precision(mixed_precision: str, device: str, *, family: str) -> Precision:
+    """The dtype of the frozen weights and of autocast, honoured on every device (LoRA weights stay fp32).
+
+    "auto" is fp32 on the CPU and the family's usual half precision on a GPU (fp16 for SDXL, bf16
+    for Flux). fp16/bf16 load the frozen weights in that dtype on the CPU too, so a CPU run takes
+    the same code path as a GPU one.
+    """
     on_gpu = device == "cuda"
     if mixed_precision == "auto":
-        mixed_precision = "fp16" if on_gpu else "fp32"
+        mixed_precision = family_class(family).auto_precision_on_gpu if on_gpu else "fp32"
     if mixed_precision == "fp32":
         return Precision(torch.float32, None, False, "fp32")
     if mixed_precision == "bf16":
-        return Precision(torch.bfloat16 if on_gpu else torch.float32, torch.bfloat16, False, "bf16")
-    return Precision(torch.float16 if on_gpu else torch.float32, torch.float16, True, "fp16 + GradScaler")
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            raise UserError("This GPU cannot compute in bf16: choose fp16 (or fp32) precision.")
+        return Precision(torch.bfloat16, torch.bfloat16, False, "bf16")
+    return Precision(torch.float16, torch.float16, True, "fp16 + GradScaler")
 
 
 def _distributed() -> tuple[int, int]:
@@ -124,6 +135,7 @@ class _Caches:
     def __init__(self, family, paths: ProjectPaths, *, device: str) -> None:
         self.family = family
         self.model_key = family.model_key()
+        self.text_key = family.text_cache_key()
         self.latent_dir = paths.cache / "latents"
         self.text_dir = paths.cache / "text"
         self.device = device
@@ -138,7 +150,7 @@ class _Caches:
 
     def text_path(self, caption: str) -> Path:
         digest = hashlib.sha256(caption.encode()).hexdigest()[:20]
-        return self.text_dir / f"{digest}-{self.model_key}.safetensors"
+        return self.text_dir / f"{digest}-{self.text_key}.safetensors"
 
     def fill_latents(self, items: list[TrainItem], *, flips: tuple[bool, ...], on_event: EventSink) -> int:
         from safetensors.torch import save_file
@@ -240,7 +252,7 @@ class Trainer:
                 remove_stale_partials(folder)
         config = self.config
         self.device = pick_device(config.device)
-        self.precision = choose_precision(config.mixed_precision, self.device)
+        self.precision = choose_precision(config.mixed_precision, self.device, family=self.family_name)
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)
         self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
@@ -252,6 +264,11 @@ class Trainer:
             weight_dtype=self.precision.weight_dtype,
             base_quantization=config.base_quantization,
         )
+        self.ignored_options = self.family.configure(config)
+        self.sample_prompts = (
+            [p.replace("{trigger}", self.trigger) for p in config.sample_prompts] if config.sample_every_steps else []
+        )
+        self.sample_text: dict[str, dict[str, torch.Tensor]] = {}
         self.stream = BatchStream(
             self.items, batch_size=config.batch_size, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
         )
@@ -284,8 +301,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps=self.total_steps)
         device_type = torch.device(self.device).type
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
+        self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
         self.on_event(Log(self._describe_run()))
+        for warning in self._setting_warnings():
+            self.on_event(Log(warning, level="warning"))
 
     def _fill_caches(self) -> None:
         config = self.config
@@ -297,6 +317,8 @@ class Trainer:
             self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
         if self.is_main and self.cached_text:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
+        if self.is_main and self.sample_prompts and not config.train_text_encoder:
+            self.sample_text = self._encode_prompts(self.sample_prompts)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -307,6 +329,13 @@ class Trainer:
             encoder.to(self.device if not self.cached_text else "cpu")
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+    def _encode_prompts(self, prompts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Text embeddings of the sample prompts, computed once so the encoders need not come back for samples."""
+        for encoder in self.family.text_encoders():
+            encoder.to(self.device)
+        with torch.no_grad():
+            return {p: {k: v.cpu() for k, v in self.family.encode_text([p]).items()} for p in dict.fromkeys(prompts)}
 
     def _all_captions(self) -> list[str]:
         captions = [item.caption for item in self.items]
@@ -328,6 +357,7 @@ class Trainer:
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         ckpt.restore_rng(state.torch_rng, state.python_rng)
+        self.skipped = state.skipped
         self.on_event(Log(f"Resumed from {latest} (step {state.step})"))
         return state.step
 
@@ -337,7 +367,7 @@ class Trainer:
             f"precision {self.precision.label}",
             f"optimizer {config.optimizer}",
             f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
-            f"rank {config.rank} alpha {config.alpha:g} on {config.lora_targets}",
+            f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
             f"{len(self.items)} images, {self.stream.per_epoch} batches per epoch, {self.total_steps} steps",
         ]
@@ -354,7 +384,25 @@ class Trainer:
             active.append("cached text embeddings (text encoders off the GPU)")
         if config.train_text_encoder:
             active.append(f"text encoder LoRA (lr {config.text_encoder_lr:g})")
+        prediction = self.family.prediction_type(config)
+        if prediction != "flow":
+            zero_snr = ", zero terminal SNR" if getattr(self.family, "zero_terminal_snr", False) else ""
+            active.append(f"{prediction} prediction{zero_snr}")
         return "Training: " + "; ".join(active)
+
+    def _setting_warnings(self) -> list[str]:
+        config = self.config
+        warnings = []
+        if self.ignored_options:
+            warnings.append(
+                f"Not used by {self.family_name.upper()} models, ignored: {', '.join(self.ignored_options)}."
+            )
+        if config.optimizer == "prodigy" and config.learning_rate < PRODIGY_MIN_LR:
+            warnings.append(
+                f"Prodigy runs with lr {config.learning_rate:g}: it adapts its own step size and its lr is a "
+                "multiplier, usually 1.0; below 0.1 the LoRA will barely change."
+            )
+        return warnings
 
     # ----- one step ---------------------------------------------------------------
     def _batch_inputs(self, items: list[TrainItem], generator: torch.Generator):
@@ -365,6 +413,7 @@ class Trainer:
             for _ in items
         ]
         captions = ["" if drop else item.caption for item, drop in zip(items, dropped, strict=True)]
+        items = [dataclasses.replace(item, flipped=flip) for item, flip in zip(items, flips, strict=True)]
         if config.cache_latents:
             moments = torch.stack([self.caches.moments(item, flip) for item, flip in zip(items, flips, strict=True)])
         else:
@@ -377,25 +426,28 @@ class Trainer:
         else:
             with torch.no_grad() if not config.train_text_encoder else contextlib.nullcontext():
                 text = self.family.encode_text(captions)
-        return latents, text
+        return latents, text, items
 
     def _autocast(self):
         if self.precision.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.device).type, dtype=self.precision.autocast_dtype)
 
-    def _step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns (loss, epoch)."""
+    def _step(self, step: int) -> tuple[float, int, bool]:
+        """One optimizer step; returns (loss, epoch, applied). A step whose loss or gradients are not
+        finite is not applied: no optimizer or LR-schedule step (fp16's GradScaler lowers its scale)."""
         config = self.config
         accumulation = config.gradient_accumulation
+        # Skipped steps move the data and noise on, so a retry sees another batch.
+        draw = step + self.skipped
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         epoch = 0
         for micro in range(accumulation):
-            index = (step * accumulation + micro) * self.world + self.rank
+            index = (draw * accumulation + micro) * self.world + self.rank
             epoch, items = self.stream.micro_batch(index)
-            generator = torch.Generator().manual_seed(step_seed(config.seed, step, micro, self.rank))
-            latents, text = self._batch_inputs(items, generator)
+            generator = torch.Generator().manual_seed(step_seed(config.seed, draw, micro, self.rank))
+            latents, text, items = self._batch_inputs(items, generator)
             with self._autocast():
                 loss = self.family.training_loss(
                     latents=latents, text=text, items=items, generator=generator, config=config
@@ -412,16 +464,20 @@ class Trainer:
         loss_value = (total / accumulation).item()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        finite = math.isfinite(loss_value)
-        if config.max_grad_norm and finite:
-            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        applied = math.isfinite(loss_value) and bool(torch.isfinite(norm))
+        if applied:
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(self.trainable, config.max_grad_norm, norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself when gradients are inf/NaN
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.scheduler.step()
-        return loss_value, epoch
+            self.scaler.update()  # after an overflow: a lower scale for the next try
+        return loss_value, epoch, applied
 
     def _average_gradients(self) -> None:
         import torch.distributed as dist
@@ -446,6 +502,7 @@ class Trainer:
             torch_rng=torch_rng,
             python_rng=python_rng,
             config=config_to_dict(self.config),
+            skipped=self.skipped,
         )
         path = ckpt.save_checkpoint(self.paths.checkpoints, state, keep=self.config.keep_checkpoints)
         self.on_event(CheckpointSaved(path=str(path), step=step))
@@ -463,19 +520,37 @@ class Trainer:
             return
         from modules.lora_training.samples import render_samples
 
-        prompts = [p.replace("{trigger}", self.trigger) for p in self.config.sample_prompts]
+        def failed(prompt: str, exc: Exception) -> None:
+            log.warning("sample %r at step %d failed", prompt, step, exc_info=exc)
+            self.on_event(
+                Log(
+                    f"Sample {prompt!r} at step {step} could not be rendered, training goes on: "
+                    f"{type(exc).__name__}: {exc}",
+                    level="warning",
+                )
+            )
+
         width, height = Counter(item.bucket for item in self.items).most_common(1)[0][0]
         for path, prompt in render_samples(
             self.family,
-            prompts=prompts,
+            prompts=self.sample_prompts,
+            text_for=self._sample_text,
             seed=self.config.sample_seed,
             size=(width, height),
             steps=self.config.sample_steps,
             folder=self.paths.samples,
             step=step,
             device=self.device,
+            on_failure=failed,
         ):
             self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
+
+    def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """Embeddings computed at the start, or now with the text encoders being trained."""
+        if prompt in self.sample_text:
+            return self.sample_text[prompt]
+        with torch.no_grad():
+            return self.family.encode_text([prompt])
 
     def _final_metadata(self, step: int) -> dict[str, str]:
         from modules.lora_training.families.base import metadata_json
@@ -489,6 +564,8 @@ class Trainer:
             "lora_studio.trigger_word": self.trigger,
             "lora_studio.rank": str(self.config.rank),
             "lora_studio.alpha": f"{self.config.alpha:g}",
+            "lora_studio.prediction_type": self.family.prediction_type(self.config),
+            "lora_studio.zero_terminal_snr": str(getattr(self.family, "zero_terminal_snr", False)).lower(),
             "lora_studio.training_config": metadata_json(config_to_dict(self.config)),
             "lora_studio.tag_frequency": metadata_json({self.paths.name: self._tag_counts()}),
         }
@@ -504,8 +581,10 @@ class Trainer:
 
         try:
             result = export_lora(self.lora_path, fmt="kohya")
-        except UserError as exc:
-            self.on_event(Log(f"No webui copy written: {exc}", level="warning"))
+        except Exception as exc:  # noqa: BLE001 - the main LoRA is written: a failed copy must not fail the run
+            if not isinstance(exc, UserError):
+                log.exception("webui copy failed")
+            self.on_event(Log(f"No webui copy written ({self.lora_path.name} is fine): {exc}", level="warning"))
             return
         check = result.verification
         self.on_event(
@@ -520,28 +599,25 @@ class Trainer:
         config = self.config
         step = self.start_step
         bad_steps = 0
-        last_checkpoint = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if self.is_main:
-            from modules.lora_training.metrics import write_loss_plot
+        self.last_checkpoint = ckpt.latest_checkpoint(self.paths.checkpoints)
         while step < self.total_steps:
             if self._stop_requested():
-                last_checkpoint = self._checkpoint(step) or last_checkpoint
-                self.on_event(Stopped(checkpoint_path=str(last_checkpoint), step=step))
-                return TrainResult("stopped", step, checkpoint=last_checkpoint, message=f"stopped at step {step}")
+                self.last_checkpoint = self._checkpoint(step) or self.last_checkpoint
+                self.on_event(Stopped(checkpoint_path=str(self.last_checkpoint), step=step))
+                return TrainResult("stopped", step, checkpoint=self.last_checkpoint, message=f"stopped at step {step}")
             started = time.perf_counter()
-            loss, epoch = self._step(step)
-            if step == self.start_step:
+            loss, epoch, applied = self._step(step)
+            if step == self.start_step and applied:
                 self.timings["first_step"] = time.perf_counter() - started
             self.timings["train"] = self.timings.get("train", 0.0) + time.perf_counter() - started
+            if not applied:
+                bad_steps += 1
+                failure = self._skipped_step(step, loss=loss, in_a_row=bad_steps)
+                if failure is not None:
+                    return failure
+                continue
+            bad_steps = 0
             step += 1
-            bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
-            if bad_steps >= MAX_BAD_STEPS:
-                message = (
-                    f"The loss was not finite for {bad_steps} steps in a row (step {step}). "
-                    "Lower the learning rate, or use bf16/fp32 precision."
-                )
-                self.on_event(Failed(message))
-                return TrainResult("failed", step, checkpoint=last_checkpoint, message=message)
             seconds = time.perf_counter() - started
             lr = self.scheduler.get_last_lr()[0]
             self._metrics({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "seconds": round(seconds, 4)})
@@ -549,21 +625,51 @@ class Trainer:
                 StepDone(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss, lr=lr, s_per_step=seconds)
             )
             if config.save_every_steps and step % config.save_every_steps == 0 and step < self.total_steps:
-                last_checkpoint = self._checkpoint(step) or last_checkpoint
+                self.last_checkpoint = self._checkpoint(step) or self.last_checkpoint
                 if self.is_main:
+                    from modules.lora_training.metrics import write_loss_plot
+
                     write_loss_plot(self.paths.logs)
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 self._samples(step)
-        last_checkpoint = self._checkpoint(step) or last_checkpoint
+        return self._finish(step)
+
+    def _skipped_step(self, step: int, *, loss: float, in_a_row: int) -> TrainResult | None:
+        """Report a step whose update was skipped; a ``failed`` result when too many came in a row."""
+        self.skipped += 1
+        cause = "loss" if not math.isfinite(loss) else "gradients"
+        scale = f"; fp16 loss scale now {self.scaler.get_scale():g}" if self.scaler is not None else ""
+        self.on_event(
+            Log(
+                f"Step {step + 1} not applied: non-finite {cause}{scale} ({self.skipped} skipped in this run)",
+                level="warning",
+            )
+        )
+        limit = MAX_BAD_STEPS_WITH_SCALER if self.scaler is not None else MAX_BAD_STEPS
+        if in_a_row < limit:
+            return None
+        message = (
+            f"The loss or gradients were not finite for {in_a_row} tries in a row (at step {step + 1}). "
+            "Lower the learning rate, or use bf16/fp32 precision."
+        )
+        self.on_event(Failed(message))
+        return TrainResult("failed", step, checkpoint=self.last_checkpoint, message=message)
+
+    def _finish(self, step: int) -> TrainResult:
+        last_checkpoint = self._checkpoint(step) or self.last_checkpoint
         if not self.is_main:
             return TrainResult("finished", step, checkpoint=last_checkpoint)
+        from modules.lora_training.metrics import write_loss_plot
+
         clock = time.perf_counter()
         write_loss_plot(self.paths.logs)
         self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
         self.on_event(Log(f"Saved {self.lora_path}"))
-        if config.also_save_webui:
+        if self.config.also_save_webui:
             self._save_webui_copy()
         self.timings["save"] = time.perf_counter() - clock
+        if self.skipped:
+            self.on_event(Log(f"{self.skipped} step(s) were not applied (non-finite loss or gradients)."))
         self.on_event(Log("Time spent: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())))
         self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)

@@ -20,6 +20,8 @@ from modules.lora_training.config import (
     PrepareConfig,
     TrainConfig,
     config_from_dict,
+    default_learning_rate,
+    default_text_encoder_lr,
 )
 from modules.lora_training.dataset.captioners import CAPTIONERS, FLORENCE_TASKS, resolve_florence_model
 from modules.lora_training.jobs import interrupted_projects, resumable_config
@@ -52,6 +54,7 @@ OPTION_FIELDS = (
     "noise_offset",
     "lora_targets",
     "base_quantization",
+    "zero_terminal_snr",
 )
 
 
@@ -266,10 +269,11 @@ class LoraTrainingTab:
                             flip = gr.Checkbox(value=False, label=t("flip"))
                             min_snr_gamma = gr.Number(value=5.0, label=t("min_snr_gamma"))
                             noise_offset = gr.Number(value=0.0, label=t("noise_offset"))
-                            lora_targets = gr.Dropdown(list(LORA_TARGETS), value="attention", label=t("lora_targets"))
+                            lora_targets = gr.Dropdown(list(LORA_TARGETS), value="auto", label=t("lora_targets"))
                             base_quantization = gr.Dropdown(
                                 list(QUANTIZATIONS), value="none", label=t("base_quantization")
                             )
+                            zero_terminal_snr = gr.Checkbox(value=False, label=t("zero_terminal_snr"))
                         with gr.Row():
                             preset_name = gr.Textbox(label=t("preset_name"), scale=3)
                             save_preset = gr.Button(t("save_preset"), scale=1)
@@ -320,7 +324,15 @@ class LoraTrainingTab:
             noise_offset,
             lora_targets,
             base_quantization,
+            zero_terminal_snr,
         ]
+        # Each optimizer has its usual learning rate (Prodigy ~1.0, Lion a third of AdamW's).
+        optimizer.input(
+            lambda name: (default_learning_rate(name), default_text_encoder_lr(name, default_learning_rate(name))),
+            inputs=[optimizer],
+            outputs=[learning_rate, text_encoder_lr],
+            api_visibility="private",
+        )
         integer_fields = {"epochs", "steps", "batch_size", "rank", "lr_warmup_steps", "save_every_steps"}
         integer_fields |= {"sample_every_steps", "seed"}
 

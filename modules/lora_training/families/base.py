@@ -29,7 +29,12 @@ class LoraFamily:
     text_encoder_layer_kwargs: tuple[str, ...] = ()
     attention_targets: tuple[str, ...] = ()
     feedforward_targets: tuple[str, ...] = ()
+    default_targets = "attention"  # what lora_targets "auto" means
+    excluded_modules: str | None = None  # modules a target name also matches but must not get LoRA (full match)
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # Options of TrainConfig this family has no use for: named in the run log when set.
+    unused_options: tuple[str, ...] = ()
+    auto_precision_on_gpu = "fp16"  # what mixed_precision "auto" means on a CUDA GPU
 
     def __init__(
         self,
@@ -83,20 +88,54 @@ class LoraFamily:
         stat = self.entry.path.stat()
         return hashlib.sha1(f"{self.entry.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
+    def text_cache_key(self) -> str:
+        """Identifies the text encoding in cache file names."""
+        return self.model_key()
+
     def place_encoders(self, device: str | torch.device) -> None:
         """Move the VAE and text encoders (e.g. off the GPU once their outputs are cached)."""
         self.vae.to(device)
         for encoder in self.text_encoders():
             encoder.to(device)
 
+    def configure(self, config) -> list[str]:
+        """Apply the run's family-specific options; returns ``name=value`` for set options this family ignores."""
+        import dataclasses
+
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        return [
+            f"{name}={getattr(config, name)!r}"
+            for name in self.unused_options
+            if getattr(config, name) != defaults[name]
+        ]
+
     # ----- LoRA -----------------------------------------------------------------
+    @classmethod
+    def resolve_targets(cls, lora_targets: str) -> str:
+        return cls.default_targets if lora_targets == "auto" else lora_targets
+
+    @classmethod
+    def target_modules(cls, lora_targets: str) -> tuple[str, ...]:
+        if cls.resolve_targets(lora_targets) == "attention+feedforward":
+            return cls.attention_targets + cls.feedforward_targets
+        return cls.attention_targets
+
+    @classmethod
+    def denoiser_lora_config(cls, *, rank: int, alpha: float, lora_targets: str):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(cls.target_modules(lora_targets)),
+            exclude_modules=cls.excluded_modules,
+        )
+
     def add_lora(self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool) -> None:
         from peft import LoraConfig
 
-        modules = list(self.attention_targets)
-        if targets == "attention+feedforward":
-            modules += list(self.feedforward_targets)
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules)
+        self.lora_config = self.denoiser_lora_config(rank=rank, alpha=alpha, lora_targets=targets)
         self.denoiser.add_adapter(self.lora_config)
         if train_text_encoder:
             self.text_lora_config = LoraConfig(
@@ -205,13 +244,34 @@ class LoraFamily:
         replace the random draws, for evaluation at fixed points."""
         raise NotImplementedError
 
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`scale_latents`: what the VAE decodes."""
+        raise NotImplementedError
+
+    # ----- samples ----------------------------------------------------------------
     def sample_pipeline(self):
         """A pipeline sharing the trained modules, for sample images."""
         return self.pipe
 
     def sample_kwargs(self) -> dict:
-        """Pipeline arguments for sample images beyond prompt, size, steps and seed."""
+        """Pipeline arguments for sample images beyond size, steps, seed and the prompt's embeddings."""
         return {}
+
+    def sample_text_kwargs(self, text: dict[str, torch.Tensor]) -> dict:
+        """Pipeline arguments carrying a prompt's embeddings (from :meth:`encode_text`, batch of one)."""
+        raise NotImplementedError
+
+    def latents_to_image_grid(self, latents: torch.Tensor, *, width: int, height: int) -> torch.Tensor:
+        """The pipeline's ``output_type="latent"`` result as (B, C, H, W) latents."""
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, width: int, height: int):
+        """A PIL image, decoded in the VAE's own dtype (the latents may be fp16/bf16 beside an fp32 VAE)."""
+        weight = next(self.vae.parameters())
+        latents = self.unscale_latents(self.latents_to_image_grid(latents, width=width, height=height))
+        image = self.vae.decode(latents.to(weight.device, weight.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
 def metadata_json(data) -> str:

@@ -17,6 +17,14 @@ def _pack(latents: torch.Tensor) -> torch.Tensor:
     return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
 
 
+def _unpack(packed: torch.Tensor, *, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`_pack` for latents of ``height`` x ``width``."""
+    batch, _, features = packed.shape
+    channels = features // 4
+    patches = packed.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, channels, height, width)
+
+
 def _image_ids(height: int, width: int) -> torch.Tensor:
     """Positions (0, row, column) of each packed token for the rotary embedding."""
     ids = torch.zeros(height // 2, width // 2, 3)
@@ -33,7 +41,19 @@ class FluxFamily(LoraFamily):
     pipeline_layers_kwarg = "transformer_lora_layers"
     text_encoder_layer_kwargs = ("text_encoder_lora_layers",)
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
-    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+    # The single blocks' proj_out is their attention output and MLP output at once.
+    feedforward_targets = (
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+        "proj_out",
+    )
+    excluded_modules = "proj_out"  # the transformer's own final projection (a full match), not the blocks'
+    default_targets = "attention+feedforward"  # as diffusers' Flux LoRA example trains
+    unused_options = ("prediction_type", "zero_terminal_snr", "min_snr_gamma", "multires_noise_iterations")
+    auto_precision_on_gpu = "bf16"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -47,8 +67,24 @@ class FluxFamily(LoraFamily):
         config = self.vae.config
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        return latents / config.scaling_factor + (config.shift_factor or 0.0)
+
+    def latents_to_image_grid(self, latents: torch.Tensor, *, width: int, height: int) -> torch.Tensor:
+        factor = self.pipe.vae_scale_factor
+        return _unpack(latents, height=2 * (height // (factor * 2)), width=2 * (width // (factor * 2)))
+
+    def text_cache_key(self) -> str:
+        return f"{self.model_key()}-t5x{self.max_sequence_length()}"
+
+    def prediction_type(self, config) -> str:
+        return "flow"
+
     def max_sequence_length(self) -> int:
-        return min(512, self.pipe.tokenizer_2.model_max_length)
+        """T5 tokens: 512 for dev, 256 for schnell (no guidance embedding), as their references use."""
+        length = 512 if self.denoiser.config.guidance_embeds else 256
+        return min(length, self.pipe.tokenizer_2.model_max_length)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         clip, t5 = self.text_encoders()
@@ -118,3 +154,7 @@ class FluxFamily(LoraFamily):
 
     def sample_kwargs(self) -> dict:
         return {"guidance_scale": 3.5, "max_sequence_length": self.max_sequence_length()}
+
+    def sample_text_kwargs(self, text: dict[str, torch.Tensor]) -> dict:
+        dtype = self.weight_dtype
+        return {"prompt_embeds": text["prompt_embeds"].to(dtype), "pooled_prompt_embeds": text["pooled"].to(dtype)}

@@ -17,6 +17,7 @@ class SDXLFamily(LoraFamily):
     text_encoder_layer_kwargs = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
     feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+    unused_options = ("timestep_sampling", "guidance_scale")
 
     def __init__(self, *args, **kwargs) -> None:
         from diffusers import DDPMScheduler
@@ -26,8 +27,42 @@ class SDXLFamily(LoraFamily):
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
 
+    def configure(self, config) -> list[str]:
+        """The noise schedule of the run: the model's prediction type unless overridden, and zero terminal
+        SNR when asked or when the model was trained so; samples use the same."""
+        from diffusers import DDPMScheduler
+
+        ignored = super().configure(config)
+        base = self.pipe.scheduler.config
+        prediction = self.prediction_type(config)
+        zero_snr = config.zero_terminal_snr or bool(base.get("rescale_betas_zero_snr"))
+        self.noise_scheduler = DDPMScheduler.from_config(
+            base, prediction_type=prediction, rescale_betas_zero_snr=zero_snr
+        )
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        changes = {"prediction_type": prediction}
+        if zero_snr:
+            changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        self.pipe.scheduler = type(self.pipe.scheduler).from_config(base, **changes)
+        self.zero_terminal_snr = zero_snr
+        return ignored
+
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.vae.config.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor
+
+    def sample_text_kwargs(self, text: dict[str, torch.Tensor]) -> dict:
+        # The negative prompt is empty: zeros, as SDXL base's pipeline does for an empty prompt.
+        dtype = self.weight_dtype
+        embeds, pooled = text["prompt_embeds"].to(dtype), text["pooled"].to(dtype)
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": torch.zeros_like(embeds),
+            "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+        }
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         hidden = []
@@ -71,6 +106,8 @@ class SDXLFamily(LoraFamily):
             width, height = item.original_size
             top, left = item.crop_top_left
             bucket_w, bucket_h = item.bucket
+            if item.flipped:  # the crop's left edge, seen in the mirrored image
+                left = item.resized_size[0] - bucket_w - left
             rows.append([height, width, top, left, bucket_h, bucket_w])
         return torch.tensor(rows, dtype=torch.float32)
 
@@ -108,10 +145,10 @@ class SDXLFamily(LoraFamily):
     def _min_snr_weights(self, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod[timesteps]
         snr = alpha_bar / (1 - alpha_bar)
-        weights = torch.clamp(snr, max=gamma) / snr
         if prediction_type == "v_prediction":
-            weights = torch.clamp(snr, max=gamma) / (snr + 1)
-        return weights
+            return torch.clamp(snr, max=gamma) / (snr + 1)
+        # With zero terminal SNR the last timestep has snr 0, where min(snr, γ)/snr tends to 1.
+        return torch.where(snr > 0, torch.clamp(snr, max=gamma) / snr.clamp(min=1e-12), torch.ones_like(snr))
 
     def sample_kwargs(self) -> dict:
         return {"guidance_scale": 5.0}
