@@ -167,6 +167,17 @@ def _all_original_names(double: int, single: int) -> list[str]:
     return names
 
 
+def linear_module_map(double_blocks: int, single_blocks: int) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Every Linear layer of a Flux transformer with that many blocks: BFL module name →
+    (the diffusers module(s) it holds in row order, "rename" / "fused" / "swapped")."""
+    names = _all_original_names(double_blocks, single_blocks)
+    return {
+        rule.original[: -len(".weight")]: (tuple(d[: -len(".weight")] for d in rule.diffusers), rule.kind)
+        for rule in _rules(names)
+        if rule.original.endswith(".weight")
+    }
+
+
 def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
     """The ``FluxTransformer2DModel`` arguments a BFL checkpoint's tensor shapes imply."""
     try:

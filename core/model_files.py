@@ -87,16 +87,23 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
     return entries
 
 
+# Copies written for other apps (kohya/BFL layout); diffusers cannot read every one of them.
+EXPORT_ONLY_FOLDERS = ("webui",)
+
+
 def list_loras(loras_dir: Path) -> list[str]:
-    """LoRA names relative to ``loras_dir`` (sub-folders allowed), sorted."""
+    """LoRA names relative to ``loras_dir`` (sub-folders allowed, ``webui/`` copies left out), sorted."""
     loras_dir = Path(loras_dir)
     if not loras_dir.is_dir():
         return []
-    return sorted(
-        str(p.relative_to(loras_dir))
-        for p in loras_dir.rglob("*.safetensors")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(loras_dir).parts)
-    )
+    names = []
+    for path in loras_dir.rglob("*.safetensors"):
+        parts = path.relative_to(loras_dir).parts
+        if any(part.startswith(".") for part in parts) or (len(parts) > 1 and parts[0] in EXPORT_ONLY_FOLDERS):
+            continue
+        if path.is_file():
+            names.append(str(path.relative_to(loras_dir)))
+    return sorted(names)
 
 
 def resolve_inside(folder: Path, name: str) -> Path:

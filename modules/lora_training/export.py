@@ -1,9 +1,21 @@
 """LoRA files that load everywhere: kohya/webui export, diffusers export, inspection, verification.
 
-Every LoRA is reduced to the same picture: per layer, ``down`` (A), ``up`` (B) and the
-scale ``alpha / rank``. Export writes that picture in another key layout; verification
-reads the written file back through diffusers' own loader and compares each layer's
-effective weight change ``up @ down * scale`` with the source's.
+Every LoRA is reduced to the same picture: per diffusers module, ``down`` (A), ``up`` (B)
+and the scale ``alpha / rank`` (:mod:`modules.lora_training.lora_layouts` names them).
+Export writes that picture in another layout; verification reads the written file back
+(SDXL kohya names through diffusers' own converter) and compares, layer by layer and rows
+in blocks, each module's weight change ``up @ down * alpha / rank`` with the source's.
+
+Memory stays bounded whatever the LoRA's size: tensors are read one at a time
+(:mod:`core.safetensors_stream`), the output is written one tensor at a time, and no more
+than one block of a weight change is held at once.
+
+Flux copies use the Black Forest Labs names kohya sd-scripts trains and reads
+(``lora_unet_double_blocks_N_img_attn_qkv``, ``..._single_blocks_N_linear1``): q, k and v
+(and a single block's MLP input) become one module whose down matrices are stacked and
+whose up matrices sit block-diagonally, alpha multiplied like the rank, so that
+ComfyUI, sd-scripts and diffusers (which all scale by alpha over the fused down's rows)
+apply exactly the diffusers LoRA's change.
 """
 
 from __future__ import annotations
@@ -11,19 +23,29 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from core.atomic import atomic_path
 from core.errors import UserError
-from core.sdxl_single_file import unet_key_to_original
+from core.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors_to
+from modules.lora_training.lora_layouts import (
+    FileModule,
+    adapter_alpha,
+    block_counts,
+    discover_modules,
+    flux_kohya_text_name,
+    flux_name_tables,
+    sdxl_kohya_name,
+)
 
 FORMATS = ("kohya", "diffusers")
-SDXL_LAYERS_PER_BLOCK = 2
 VERIFY_TOLERANCE = 1e-3  # relative to the largest change in the LoRA; fp16 storage rounds at ~1e-3
+BLOCK_ELEMENTS = 8 * 2**20  # one block of a weight change: 32 MiB in fp32
+FLUX_MLP_RATIO = 4  # the MLP width of a Flux block, in model widths (the only Flux variant we load)
+OUT_DTYPE = torch.float16
 
 
 @dataclass
@@ -40,168 +62,292 @@ class LoraLayer:
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
-    def delta(self) -> torch.Tensor:
-        down, up = self.down.float().flatten(1), self.up.float().flatten(1)
-        return up @ down * self.scale
-
 
 @dataclass
 class LoraFile:
     path: Path
     family: str  # sdxl | flux
-    format: str  # diffusers | kohya
-    layers: dict[str, LoraLayer]  # "unet.<diffusers module>" / "transformer.<module>" / "text_encoder.<module>"
+    format: str  # diffusers | kohya | comfyui
+    modules: list[FileModule]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        pairs: dict[tuple, int] = {}
-        for layer in self.layers.values():
-            key = (layer.rank, layer.alpha)
-            pairs[key] = pairs.get(key, 0) + 1
-        return {
-            f"rank {r}, alpha {'missing' if a is None else f'{a:g}'}": n for (r, a), n in sorted(pairs.items(), key=str)
-        }
+    def parts(self) -> list[str]:
+        """The diffusers modules this LoRA changes, in file order."""
+        return [part for module in self.modules for part in module.parts]
+
+    def open(self) -> SafetensorsReader:
+        return SafetensorsReader(self.path)
 
 
 # ----- reading -------------------------------------------------------------------------
-_DOWN_SUFFIXES = (
-    ".lora_A.weight",
-    ".lora.down.weight",
-    ".lora_down.weight",
-    ".lora_linear_layer.down.weight",
-    "_lora.down.weight",  # diffusers' old attention-processor names (to_q_lora, to_out_lora)
-)
-
-
-def _split_down_key(key: str) -> tuple[str, str] | None:
-    """(module, up-weight key) for a down-weight key, module names normalised across formats."""
-    suffix = next((s for s in _DOWN_SUFFIXES if key.endswith(s)), None)
-    if suffix is None:
-        return None
-    stem = key[: -len(suffix)]
-    up_key = stem + suffix.replace("lora_A", "lora_B").replace("down", "up")
-    module = stem.replace(".processor.", ".")
-    if suffix == "_lora.down.weight":
-        head, _, projection = module.rpartition(".")
-        if module.startswith("text_encoder"):
-            module = f"{head}.{projection[len('to_') :]}_proj"  # to_q → q_proj, to_out → out_proj
-        elif projection == "to_out":
-            module += ".0"
-    # transformers 5 CLIP models may or may not keep the text_model level: compare without it.
-    module = module.replace(".text_model.", ".")
-    return module, up_key
-
-
-def _layers(state: dict, alpha_for) -> dict[str, LoraLayer]:
-    layers = {}
-    for key, value in state.items():
-        split = _split_down_key(key)
-        if split is None:
-            continue
-        module, up_key = split
-        layers[module] = LoraLayer(down=value, up=state[up_key], alpha=alpha_for(key, module))
-    return layers
-
-
-def _family_from_keys(keys: list[str], metadata: dict) -> str:
-    if metadata.get("lora_studio.family") in ("sdxl", "flux"):
-        return metadata["lora_studio.family"]
-    joined = " ".join(keys[:2000])
-    if (
-        "transformer." in joined
-        or "double_blocks" in joined
-        or "single_blocks" in joined
-        or "lora_transformer_" in joined
-    ):
-        return "flux"
-    return "sdxl"
-
-
-def _adapter_alpha(metadata: dict, part: str) -> float | None:
-    """``lora_alpha`` from diffusers' adapter metadata for ``part`` (unet, transformer, text_encoder...)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    value = json.loads(raw).get(f"{part}.lora_alpha")
-    return float(value) if value is not None else None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
-    except Exception as exc:
-        raise UserError(f"{Path(path).name} is not a readable .safetensors LoRA ({exc}).") from exc
+def _read_alpha(reader: SafetensorsReader, module: FileModule, metadata: dict) -> float | None:
+    if module.alpha_key is not None:
+        value = reader.get(module.alpha_key)
+        if value.numel() != 1:
+            raise UserError(f"{reader.path.name}: {module.alpha_key} is not a single number")
+        return float(value.float().item())
+    if module.parts:
+        return adapter_alpha(metadata, module.parts[0].split(".")[0])
+    return None
 
 
 def read_lora(path: Path) -> LoraFile:
-    """Any LoRA we can load (ours, diffusers, kohya/webui, ComfyUI), converted by diffusers' own code."""
+    """Any LoRA layout we know (ours, diffusers/PEFT, kohya/webui, OneTrainer, ComfyUI): header and alphas only."""
     path = Path(path)
-    state, metadata = _read_safetensors(path)
-    if not state:
-        raise UserError(f"{path.name} holds no tensors.")
-    keys = list(state)
-    family = _family_from_keys(keys, metadata)
-    is_kohya = all(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys)
-    if not is_kohya:
-        layers = _layers(state, lambda key, module: _adapter_alpha(metadata, module.split(".")[0]))
-        return LoraFile(path, family, "diffusers", layers, metadata)
-    converted, alphas = _convert_with_diffusers(state, family)
-    alphas = alphas or {}
-    layers = _layers(converted, lambda key, module: alphas.get(key + ".alpha", alphas.get(f"{module}.alpha")))
-    return LoraFile(path, family, "kohya", layers, metadata)
+    with SafetensorsReader(path) as reader:
+        shapes = {name: info.shape for name, info in reader.tensors.items()}
+        if not shapes:
+            raise UserError(f"{path.name} holds no tensors.")
+        family, layout, modules = discover_modules(shapes, reader.metadata)
+        if not modules:
+            raise UserError(f"corrupt or not a LoRA file: {path.name} (no LoRA down/up weight pairs)")
+        modules = [replace(module, alpha=_read_alpha(reader, module, reader.metadata)) for module in modules]
+        return LoraFile(path, family, layout, modules, dict(reader.metadata))
 
 
-def _convert_with_diffusers(state: dict, family: str) -> tuple[dict, dict | None]:
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        config = SimpleNamespace(layers_per_block=SDXL_LAYERS_PER_BLOCK)
-        return StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=config)
-    from diffusers import FluxPipeline
-
-    converted = FluxPipeline.lora_state_dict(dict(state))
-    # Flux's converter folds alpha into the weights, so the scale is already 1.
-    return converted, {
-        k[: -len(".lora_A.weight")] + ".alpha": float(v.shape[0])
-        for k, v in converted.items()
-        if k.endswith(".lora_A.weight")
-    }
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
-# ----- writing -------------------------------------------------------------------------
-def _kohya_name(module: str) -> str:
-    """``unet.down_blocks.1...`` → ``lora_unet_input_blocks_4_1_...`` (original SDXL block names)."""
-    part, _, rest = module.partition(".")
-    if part == "unet":
-        original = unet_key_to_original(rest + ".weight", SDXL_LAYERS_PER_BLOCK)[: -len(".weight")]
-        return "lora_unet_" + original.replace(".", "_")
-    prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[part]
-    return prefix + "text_model_" + rest.replace(".", "_")
+def load_module(reader: SafetensorsReader, module: FileModule) -> LoraLayer:
+    """The module's tensors as written, rows in diffusers order (BFL's swapped modulation halves undone)."""
+    up = reader.get(module.up_key)
+    if module.kind == "swapped":
+        up = _swap_halves(up)
+    return LoraLayer(down=reader.get(module.down_key), up=up, alpha=module.alpha)
 
 
-# Flux layers the kohya-style "lora_transformer_" layout (read by ComfyUI and diffusers) can carry.
-_FLUX_KOHYA_LAYERS = re.compile(
-    r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-)
+def _is_block_diagonal(up: torch.Tensor, rows: tuple[int, ...], rank: int) -> bool:
+    count = len(rows)
+    if rank % count:
+        return False
+    width, start = rank // count, 0
+    for index, size in enumerate(rows):
+        block = up[start : start + size]
+        if block[:, : index * width].any() or block[:, (index + 1) * width :].any():
+            return False
+        start += size
+    return True
 
 
-def _flux_kohya_name(module: str) -> str:
-    part, _, rest = module.partition(".")
-    if part != "transformer":
-        return "lora_te1_text_model_" + rest.replace(".", "_")
-    if not _FLUX_KOHYA_LAYERS.fullmatch(rest):
-        raise UserError(
-            f"Flux layer {rest!r} has no kohya-layout equivalent that other tools read; "
-            "train with LoRA layers 'attention' for a webui export, or use the diffusers format."
-        )
-    return "lora_transformer_" + rest.replace(".", "_")
+def split_parts(layer: LoraLayer, module: FileModule) -> dict[str, LoraLayer]:
+    """Per diffusers module, the LoRA a (possibly fused) module holds; all-zero parts are left out."""
+    if len(module.parts) == 1:
+        return {module.parts[0]: layer}
+    rows = module.part_rows()
+    up = layer.up.flatten(1)
+    diagonal = _is_block_diagonal(up, rows, layer.rank)
+    width = layer.rank // len(rows)
+    alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
+    out, start = {}, 0
+    for index, (part, size) in enumerate(zip(module.parts, rows, strict=True)):
+        part_up = up[start : start + size]
+        start += size
+        if not part_up.any():
+            continue
+        if diagonal:
+            columns = slice(index * width, (index + 1) * width)
+            # Same alpha/rank as the fused module, at the part's own rank.
+            out[part] = LoraLayer(layer.down[columns], part_up[:, columns], alpha * width / layer.rank)
+        else:
+            out[part] = LoraLayer(layer.down, part_up, alpha)
+    return out
+
+
+class PartSource:
+    """The source LoRA's layers by diffusers module, read on demand (the last module read is kept)."""
+
+    def __init__(self, lora: LoraFile, reader: SafetensorsReader) -> None:
+        self.lora, self.reader = lora, reader
+        self.where = {part: module for module in lora.modules for part in module.parts}
+        self._last: tuple[FileModule | None, dict[str, LoraLayer]] = (None, {})
+
+    def get(self, part: str) -> LoraLayer | None:
+        module = self.where.get(part)
+        if module is None:
+            return None
+        if self._last[0] is not module:
+            self._last = (module, split_parts(load_module(self.reader, module), module))
+        return self._last[1].get(part)
+
+    def shape(self, part: str) -> tuple[int, int, int] | None:
+        """(rank, output rows, input features) of a part, from the header when the module is not fused."""
+        module = self.where.get(part)
+        if module is None:
+            return None
+        if len(module.parts) == 1:
+            return module.rank, module.out_features, module.in_features
+        layer = self.get(part)
+        return None if layer is None else (layer.rank, layer.up.shape[0], layer.down.flatten(1).shape[1])
+
+
+# ----- planning the output -------------------------------------------------------------
+@dataclass(frozen=True)
+class OutModule:
+    """One module of the file to write, built from source parts stacked along its rows."""
+
+    name: str
+    parts: tuple[str | None, ...]  # None: a part the source LoRA does not change (zero rows)
+    rows: tuple[int, ...]
+    ranks: tuple[int, ...]
+    down_shape: tuple[int, ...]
+    up_shape: tuple[int, ...]
+    swapped: bool = False  # BFL's final modulation: row halves exchanged
+
+
+def _single(name: str, part: str, source: PartSource, *, swapped: bool = False) -> OutModule:
+    module = source.where[part]
+    if len(module.parts) == 1:
+        down_shape, up_shape = module.down_shape, module.up_shape
+    else:
+        rank, rows, width = source.shape(part)
+        down_shape, up_shape = (rank, width), (rows, rank)
+    return OutModule(name, (part,), (up_shape[0],), (down_shape[0],), down_shape, up_shape, swapped)
+
+
+def _present_parts(source: PartSource) -> list[str]:
+    return [part for part in source.lora.parts() if source.shape(part) is not None]
+
+
+def _fused(name: str, members: tuple[str, ...], source: PartSource) -> OutModule:
+    shapes = [source.shape(part) for part in members]
+    rank, _, width = next(shape for shape in shapes if shape is not None)
+    rows, ranks = [], []
+    for index, (part, shape) in enumerate(zip(members, shapes, strict=True)):
+        if shape is not None:
+            rows.append(shape[1])
+            ranks.append(shape[0])
+            continue
+        ranks.append(rank)
+        if index < 3:
+            rows.append(width)  # q, k, v are as wide as the model
+        else:
+            linear2 = source.shape(part.replace(".proj_mlp", ".proj_out"))
+            rows.append(linear2[2] - width if linear2 else FLUX_MLP_RATIO * width)
+    parts = tuple(part if shape is not None else None for part, shape in zip(members, shapes, strict=True))
+    return OutModule(name, parts, tuple(rows), tuple(ranks), (sum(ranks), width), (sum(rows), sum(ranks)))
+
+
+def flux_kohya_plan(source: PartSource) -> list[OutModule]:
+    """Black Forest Labs module names (kohya sd-scripts' Flux LoRA layout), q/k/v(/MLP) fused."""
+    parts = _present_parts(source)
+    by_name, by_part = flux_name_tables(*block_counts(parts))
+    plan, done = [], set()
+    for part in parts:
+        if part.startswith("text_encoder."):
+            plan.append(_single(flux_kohya_text_name(part), part, source))
+            continue
+        if part not in by_part:
+            raise UserError(f"Flux layer {part!r} has no Black Forest Labs (kohya) name; use the diffusers format.")
+        name = "lora_unet_" + by_part[part][0].replace(".", "_")
+        if name in done:
+            continue
+        done.add(name)
+        members, kind = by_name[name]
+        if kind == "fused":
+            plan.append(_fused(name, members, source))
+        else:
+            plan.append(_single(name, part, source, swapped=kind == "swapped"))
+    return plan
+
+
+def sdxl_kohya_plan(source: PartSource) -> list[OutModule]:
+    plan = []
+    for part in _present_parts(source):
+        try:
+            name = sdxl_kohya_name(part)
+        except (KeyError, IndexError) as exc:
+            raise UserError(f"SDXL layer {part!r} has no kohya name; use the diffusers format.") from exc
+        plan.append(_single(name, part, source))
+    return plan
+
+
+# ----- building and writing ------------------------------------------------------------
+def build_layer(out: OutModule, source: PartSource) -> LoraLayer:
+    """The output module's down, up and alpha (never None: kohya readers want one)."""
+    layers = [source.get(part) if part else None for part in out.parts]
+    if len(layers) == 1:
+        layer = layers[0]
+        up = _swap_halves(layer.up) if out.swapped else layer.up
+        alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
+        return LoraLayer(layer.down.reshape(out.down_shape), up.reshape(out.up_shape), alpha)
+    scale = next(layer.scale for layer in layers if layer is not None)
+    down = torch.zeros(out.down_shape)
+    up = torch.zeros(out.up_shape)
+    column = row = 0
+    for layer, rows, rank in zip(layers, out.rows, out.ranks, strict=True):
+        if layer is not None:
+            down[column : column + rank] = layer.down.flatten(1)
+            # A part trained at another alpha/rank keeps its change: the ratio goes into its up block.
+            up[row : row + rows, column : column + rank] = layer.up.flatten(1).float() * (layer.scale / scale)
+        column, row = column + rank, row + rows
+    return LoraLayer(down, up, scale * sum(out.ranks))
+
+
+class _Builder:
+    """Builds each output module once, for the tensors written one after the other."""
+
+    def __init__(self, source: PartSource) -> None:
+        self.source = source
+        self._last: tuple[OutModule | None, LoraLayer | None] = (None, None)
+
+    def layer(self, out: OutModule) -> LoraLayer:
+        if self._last[0] is not out:
+            self._last = (out, build_layer(out, self.source))
+        return self._last[1]
+
+
+def kohya_specs(plan: list[OutModule], source: PartSource) -> list[TensorSpec]:
+    builder = _Builder(source)
+    specs = []
+    for out in plan:
+        specs += [
+            TensorSpec(f"{out.name}.alpha", torch.float32, (), lambda o=out: torch.tensor(builder.layer(o).alpha)),
+            TensorSpec(
+                f"{out.name}.lora_down.weight",
+                OUT_DTYPE,
+                out.down_shape,
+                lambda o=out: builder.layer(o).down.to(OUT_DTYPE),
+            ),
+            TensorSpec(
+                f"{out.name}.lora_up.weight", OUT_DTYPE, out.up_shape, lambda o=out: builder.layer(o).up.to(OUT_DTYPE)
+            ),
+        ]
+    return specs
+
+
+def diffusers_specs(source: PartSource) -> list[TensorSpec]:
+    """Diffusers/PEFT keys; each layer's scale is folded into ``up`` so no alpha can be lost."""
+    builder = _Builder(source)
+    specs = []
+    for part in _present_parts(source):
+        out = _single(part, part, source)
+        specs += [
+            TensorSpec(
+                f"{part}.lora_A.weight", OUT_DTYPE, out.down_shape, lambda o=out: builder.layer(o).down.to(OUT_DTYPE)
+            ),
+            TensorSpec(
+                f"{part}.lora_B.weight",
+                OUT_DTYPE,
+                out.up_shape,
+                lambda o=out: (builder.layer(o).up.float() * builder.layer(o).scale).to(OUT_DTYPE),
+            ),
+        ]
+    return specs
 
 
 def _tag_frequency(metadata: dict) -> str:
     return metadata.get("lora_studio.tag_frequency") or json.dumps({})
+
+
+def _network_dim_alpha(lora: LoraFile, source: PartSource) -> tuple[int, float]:
+    """The rank and alpha the LoRA was trained with (sd-scripts' ``network_dim`` / ``network_alpha``)."""
+    meta = lora.metadata
+    if meta.get("lora_studio.rank") and meta.get("lora_studio.alpha"):
+        return int(meta["lora_studio.rank"]), float(meta["lora_studio.alpha"])
+    first = source.get(_present_parts(source)[0])
+    return first.rank, first.alpha if first.alpha is not None else float(first.rank)
 
 
 def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]:
@@ -209,10 +355,10 @@ def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]
     resolution = meta.get("lora_studio.resolution") or "1024"
     title = meta.get("modelspec.title") or lora.path.stem
     trigger = meta.get("lora_studio.trigger_word", meta.get("modelspec.trigger_phrase", ""))
-    architecture = "stable-diffusion-xl-v1-base/lora" if lora.family == "sdxl" else "flux-1-dev/lora"
+    sdxl = lora.family == "sdxl"
     out = {
-        "ss_base_model_version": "sdxl_base_v1-0" if lora.family == "sdxl" else "flux1",
-        "ss_network_module": "networks.lora" if lora.family == "sdxl" else "networks.lora_flux",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "flux1",
+        "ss_network_module": "networks.lora" if sdxl else "networks.lora_flux",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
         "ss_resolution": f"({resolution}, {resolution})",
@@ -221,43 +367,24 @@ def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]
         "ss_steps": meta.get("lora_studio.steps", ""),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "flux-1-dev/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if lora.family == "sdxl"
+        if sdxl
         else "https://github.com/black-forest-labs/flux",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": trigger,
         "modelspec.date": meta.get("modelspec.date") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "epsilon" if lora.family == "sdxl" else "flow",
+        "modelspec.prediction_type": "epsilon" if sdxl else "flow",
     }
     out.update({k: v for k, v in meta.items() if k.startswith("lora_studio.")})
     return out
 
 
-def to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors: dict[str, torch.Tensor] = {}
-    name_of = _kohya_name if lora.family == "sdxl" else _flux_kohya_name
-    for module, layer in lora.layers.items():
-        name = name_of(module)
-        tensors[f"{name}.lora_down.weight"] = layer.down.to(torch.float16).contiguous()
-        tensors[f"{name}.lora_up.weight"] = layer.up.to(torch.float16).contiguous()
-        alpha = layer.alpha if layer.alpha is not None else float(layer.rank)
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    first = next(iter(lora.layers.values()))
-    alpha = first.alpha if first.alpha is not None else float(first.rank)
-    return tensors, kohya_metadata(lora, rank=first.rank, alpha=alpha)
-
-
-def to_diffusers(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Diffusers/PEFT keys; each layer's scale is folded into ``up`` so no alpha can be lost."""
-    tensors = {}
-    for module, layer in lora.layers.items():
-        tensors[f"{module}.lora_A.weight"] = layer.down.to(torch.float16).contiguous()
-        tensors[f"{module}.lora_B.weight"] = (layer.up.float() * layer.scale).to(torch.float16).contiguous()
+def _diffusers_metadata(lora: LoraFile) -> dict[str, str]:
     metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("ss_")}
     metadata.pop("lora_adapter_metadata", None)
-    return tensors, metadata
+    return metadata
 
 
 # ----- verification --------------------------------------------------------------------
@@ -276,17 +403,72 @@ class Verification:
         return self.relative <= VERIFY_TOLERANCE
 
 
+@dataclass
+class _Tally:
+    worst: float = 0.0
+    largest: float = 0.0
+
+    def add(self, block: torch.Tensor, *, expected: bool) -> None:
+        low, high = torch.aminmax(block)
+        peak = max(-low.item(), high.item())
+        if expected:
+            self.largest = max(self.largest, peak)
+        else:
+            self.worst = max(self.worst, peak)
+
+
+def _check_shapes(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None, name: str) -> None:
+    width = layer.down.flatten(1).shape[1]
+    fits = offset + rows <= layer.up.shape[0]
+    if ref is not None:
+        fits = fits and ref.up.shape[0] == rows and ref.down.flatten(1).shape[1] == width
+    if not fits:
+        raise UserError(f"Export check failed: {name} does not have the source layer's shape.")
+
+
+def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None, tally: _Tally) -> None:
+    """Compare rows ``offset:offset+rows`` of ``layer``'s weight change with ``ref``'s (zeros when None),
+    a block of rows at a time."""
+    down = layer.down.flatten(1).float()
+    up = layer.up.flatten(1)
+    ref_down = ref.down.flatten(1).float() if ref is not None else None
+    step = max(1, BLOCK_ELEMENTS // max(1, down.shape[1]))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        got = (up[offset + start : offset + stop].float() * layer.scale) @ down
+        if ref is not None:
+            expected = (ref.up.flatten(1)[start:stop].float() * ref.scale) @ ref_down
+            tally.add(expected, expected=True)
+            got -= expected
+            del expected
+        tally.add(got, expected=False)
+
+
 def compare(source: LoraFile, exported: LoraFile) -> Verification:
-    src = {m: layer.delta() for m, layer in source.layers.items()}
-    out = {m: layer.delta() for m, layer in exported.layers.items()}
-    if set(src) != set(out):
-        missing = sorted(set(src) ^ set(out))[:3]
-        raise UserError(f"Export check failed: layers differ after reloading ({missing}).")
-    worst = max((src[m] - out[m]).abs().max().item() for m in src)
-    largest = max(d.abs().max().item() for d in src.values())
-    return Verification(max_difference=worst, largest_change=largest, layers=len(src))
+    """Each exported module's weight change against the source's, module by module, in the exported
+    layout (a fused module against its parts' changes stacked along the rows, zeros for absent parts)."""
+    tally, seen = _Tally(), set()
+    with source.open() as source_reader, exported.open() as out_reader:
+        parts = PartSource(source, source_reader)
+        for module in exported.modules:
+            if not module.parts:
+                raise UserError(f"Export check failed: {module.name} is not a layer the reader knows.")
+            layer = load_module(out_reader, module)
+            offset = 0
+            for part, rows in zip(module.parts, module.part_rows(), strict=True):
+                ref = parts.get(part)
+                _check_shapes(layer, offset, rows, ref, module.name)
+                compare_rows(layer, offset, rows, ref, tally)
+                if ref is not None:
+                    seen.add(part)
+                offset += rows
+        missing = [part for part in _present_parts(parts) if part not in seen]
+    if missing:
+        raise UserError(f"Export check failed: layers missing after reloading ({missing[:3]}).")
+    return Verification(max_difference=tally.worst, largest_change=tally.largest, layers=len(seen))
 
 
+# ----- export --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
@@ -299,19 +481,28 @@ def default_export_path(source: Path, fmt: str) -> Path:
     return source.parent / ("webui" if fmt == "kohya" else "diffusers") / source.name
 
 
+def _write_export(source: LoraFile, tmp: Path, fmt: str) -> None:
+    with source.open() as reader:
+        parts = PartSource(source, reader)
+        if fmt == "diffusers":
+            specs, metadata = diffusers_specs(parts), _diffusers_metadata(source)
+        else:
+            plan = sdxl_kohya_plan(parts) if source.family == "sdxl" else flux_kohya_plan(parts)
+            rank, alpha = _network_dim_alpha(source, parts)
+            specs, metadata = kohya_specs(plan, parts), kohya_metadata(source, rank=rank, alpha=alpha)
+        write_safetensors_to(tmp, specs, metadata=metadata)
+
+
 def export_lora(source_path: Path, *, fmt: str, out: Path | None = None) -> ExportResult:
     """Write ``source_path`` in ``fmt`` (atomically), read it back, verify the weight changes match."""
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    from safetensors.torch import save_file
-
     source = read_lora(source_path)
-    tensors, metadata = to_kohya(source) if fmt == "kohya" else to_diffusers(source)
     out = Path(out) if out else default_export_path(source_path, fmt)
     if out.resolve() == Path(source_path).resolve():
         raise UserError("The export would overwrite its source; choose another --out.")
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        _write_export(source, tmp, fmt)
         check = compare(source, read_lora(tmp))
         if not check.ok:
             raise UserError(
@@ -323,27 +514,43 @@ def export_lora(source_path: Path, *, fmt: str, out: Path | None = None) -> Expo
 
 
 # ----- inspection ----------------------------------------------------------------------
-def inspect_lora(path: Path) -> str:
-    lora = read_lora(path)
-    meta = lora.metadata
-    lines = [f"{Path(path).name}: {lora.family.upper()} LoRA, {lora.format} format, {len(lora.layers)} layers"]
-    for pair, count in lora.summary().items():
-        lines.append(f"  {pair}: {count} layers")
-    targets = sorted({re.sub(r"^.*?\.(?=[a-z_]+(\.\d+)?$)", "", m.split(".", 1)[1]) for m in lora.layers})
-    lines.append(f"  target modules: {', '.join(targets)}")
+def _group_label(module: FileModule) -> str:
+    if module.kind != "fused":
+        return ""
+    return " (fused q/k/v/MLP)" if len(module.parts) == 4 else " (fused q/k/v)"
+
+
+def alpha_groups(lora: LoraFile) -> dict[str, int]:
+    """Layers per (rank, alpha as written in the file), fused modules apart."""
+    groups: dict[tuple, int] = {}
+    for module in lora.modules:
+        key = (module.rank, module.alpha, _group_label(module))
+        groups[key] = groups.get(key, 0) + 1
+    lines: dict[str, str] = {}
+    for (rank, alpha, label), count in sorted(groups.items(), key=str):
+        written = "missing" if alpha is None else f"{alpha:g}"
+        ratio = "" if alpha is None else f", alpha/rank {alpha / rank:g}"
+        key = f"rank {rank}, alpha {written}"
+        lines[key] = "; ".join(filter(None, [lines.get(key), f"{count} layers{label}{ratio}"]))
+    return lines
+
+
+def _trigger_words(meta: dict) -> str:
     trigger = meta.get("lora_studio.trigger_word") or meta.get("modelspec.trigger_phrase")
-    if not trigger and meta.get("ss_tag_frequency"):
-        try:
-            tags = json.loads(meta["ss_tag_frequency"])
-            counts: dict[str, int] = {}
-            for dataset in tags.values():
-                for tag, n in dataset.items():
-                    counts[tag] = counts.get(tag, 0) + n
-            trigger = ", ".join(t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
-        except (ValueError, AttributeError):
-            pass
-    lines.append(f"  trigger words: {trigger or '(none recorded)'}")
-    shown = set()
+    if trigger or not meta.get("ss_tag_frequency"):
+        return trigger or ""
+    try:
+        counts: dict[str, int] = {}
+        for dataset in json.loads(meta["ss_tag_frequency"]).values():
+            for tag, n in dataset.items():
+                counts[tag] = counts.get(tag, 0) + n
+    except (ValueError, AttributeError):
+        return ""
+    return ", ".join(t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+
+
+def _settings_lines(meta: dict) -> list[str]:
+    lines, shown = [], set()
     for key, label in (
         ("lora_studio.base_model", "base model"),
         ("ss_sd_model_name", "base model"),
@@ -351,15 +558,34 @@ def inspect_lora(path: Path) -> str:
         ("ss_steps", "steps"),
         ("lora_studio.resolution", "resolution"),
         ("ss_resolution", "resolution"),
+        ("ss_network_dim", "network dim (sd-scripts)"),
+        ("ss_network_alpha", "network alpha (sd-scripts)"),
     ):
         if meta.get(key) and label not in shown:
             shown.add(label)
             lines.append(f"  {label}: {meta[key]}")
-    if any(layer.alpha is None for layer in lora.layers.values()):
+    return lines
+
+
+def inspect_lora(path: Path) -> str:
+    """Family, layout, rank and the alphas written in the file, per group of layers (header and alphas only)."""
+    lora = read_lora(path)
+    meta = lora.metadata
+    lines = [f"{Path(path).name}: {lora.family.upper()} LoRA, {lora.format} format, {len(lora.modules)} layers"]
+    lines += [f"  {pair}: {counts}" for pair, counts in alpha_groups(lora).items()]
+    if any(m.kind == "fused" for m in lora.modules):
+        lines.append("  fused modules hold q, k, v (and the MLP input) stacked: rank and alpha scale together")
+    targets = sorted({re.sub(r"^.*?\.(?=[a-z_]+(\.\d+)?$)", "", p.split(".", 1)[1]) for p in lora.parts()})
+    lines.append(f"  target modules: {', '.join(targets) or '(none known)'}")
+    unknown = [m.name for m in lora.modules if not m.parts]
+    if unknown:
+        lines.append(f"  {len(unknown)} layers with names this app cannot map, e.g. {unknown[0]}")
+    lines.append(f"  trigger words: {_trigger_words(meta) or '(none recorded)'}")
+    lines += _settings_lines(meta)
+    if any(module.alpha is None for module in lora.modules):
         lines.append(
             "  WARNING: no alpha recorded for some layers; loaders will assume alpha = rank (full strength), "
             "which may not be what it was trained with."
         )
-    verbose = [f"    {m}: rank {layer.rank}, alpha {layer.alpha}" for m, layer in sorted(lora.layers.items())[:12]]
-    lines += ["  first layers:", *verbose]
-    return "\n".join(lines)
+    first = [f"    {m.name}: rank {m.rank}, alpha {m.alpha}" for m in lora.modules[:12]]
+    return "\n".join([*lines, "  first layers:", *first])

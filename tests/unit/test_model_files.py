@@ -19,9 +19,10 @@ def test_resolve_inside_refuses_escapes(tmp_path):
             resolve_inside(tmp_path, bad)
 
 
-def test_list_loras_skips_hidden_and_partial_files(tmp_path):
+def test_list_loras_skips_hidden_partial_and_webui_copies(tmp_path):
     (tmp_path / "sub").mkdir()
-    for name in ("a.safetensors", "sub/b.safetensors", ".a.safetensors.partial", "notes.txt"):
+    (tmp_path / "webui").mkdir()
+    for name in ("a.safetensors", "sub/b.safetensors", ".a.safetensors.partial", "notes.txt", "webui/a.safetensors"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / ".tmp").mkdir()
     (tmp_path / ".tmp" / "c.safetensors").write_bytes(b"x")
