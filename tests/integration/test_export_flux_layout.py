@@ -67,6 +67,15 @@ _DOWN_UP = {
 }
 
 
+def _peft_name(key: str) -> str:
+    # diffusers' kohya reader names CLIP layers the old attention-processor way (to_q_lora.down)
+    key = re.sub(r"\.to_(q|k|v|out)_lora\.(down|up)\.weight$", r".\1_proj.lora_\2.weight", key)
+    key = key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight")
+    for down, up in _DOWN_UP.items():
+        key = key.replace(down, ".lora_A.weight").replace(up, ".lora_B.weight")
+    return key
+
+
 def _source_deltas(path) -> dict[str, torch.Tensor]:
     """Per diffusers module, up @ down * alpha / rank, straight from the diffusers file."""
     import json
@@ -240,7 +249,7 @@ def test_diffusers_reads_the_full_size_bfl_copy_as_the_source(tmp_path):
     webui = export_lora(source, fmt="kohya").path
     with safe_open(str(webui), framework="pt") as handle:
         converted = FluxPipeline.lora_state_dict({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
-    converted = {k.replace(".text_model.", "."): v for k, v in converted.items()}
+    converted = {_peft_name(k.replace(".text_model.", ".")): v for k, v in converted.items()}
     probe = torch.Generator().manual_seed(1)
     checked = 0
     for key in converted:
