@@ -122,7 +122,10 @@ def estimate_memory(
     device_bytes: int | None,
     quantization: str = "none",
     activation_bytes: int | None = None,
+    sample_bytes: int = 0,
 ) -> MemoryEstimate:
+    """Peak memory of training; ``sample_bytes`` is what rendering a sample needs beside the weights,
+    LoRA and optimizer state (the VAE and its decode), counted where it exceeds the training activations."""
     shapes = _denoiser_shapes(entry)
     weights = weight_bytes_of(shapes, weight_bytes=weight_bytes, quantization=quantization)
     lora = lora_parameter_count(shapes, targets, rank)
@@ -137,6 +140,8 @@ def estimate_memory(
         "optimizer": lora * OPTIMIZER_BYTES_PER_PARAM[optimizer],
         "activations": activation_bytes,
     }
+    if sample_bytes > activation_bytes:
+        parts["sample images (VAE decode)"] = sample_bytes - activation_bytes
     if device == "cuda":
         parts["CUDA context"] = int(CUDA_OVERHEAD_GIB * GIB)
     return MemoryEstimate(
@@ -221,6 +226,15 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int, work=None)
         scale = plan.compute_dtype.itemsize / 4  # counted at 4 bytes per value
         # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
         activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
+    sample_bytes = 0
+    if config.sample_every_steps:
+        from modules.lora_training.sample_memory import vae_decode_bytes
+        from modules.lora_training.step_work import components_folder
+
+        vae_weights, decode = vae_decode_bytes(
+            components_folder(plan.entry, models_dir), width=resolution, height=resolution
+        )
+        sample_bytes = vae_weights + decode
     return estimate_memory(
         entry=plan.entry,
         rank=config.rank,
@@ -234,6 +248,7 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int, work=None)
         device=plan.device,
         device_bytes=plan.device_bytes,
         activation_bytes=activation_bytes,
+        sample_bytes=sample_bytes,
     )
 
 

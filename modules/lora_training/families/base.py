@@ -19,6 +19,8 @@ from core.pipelines import load_pipeline
 from modules.lora_training.data import TrainItem
 from modules.lora_training.quantize import quantize_block_linears
 
+SAMPLE_TILE = 512  # pixels: larger samples are decoded in overlapping tiles of this size
+
 
 class LoraFamily:
     name = ""
@@ -267,10 +269,24 @@ class LoraFamily:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, width: int, height: int):
-        """A PIL image, decoded in the VAE's own dtype (the latents may be fp16/bf16 beside an fp32 VAE)."""
-        weight = next(self.vae.parameters())
+        """A PIL image, decoded in the VAE's own dtype (the latents may be fp16/bf16 beside an fp32 VAE).
+
+        Above SAMPLE_TILE pixels the decode goes tile by tile: a whole 1024² fp32 decode needs
+        ~4 GiB, more than a small GPU has left beside training."""
+        vae = self.vae
+        weight = next(vae.parameters())
         latents = self.unscale_latents(self.latents_to_image_grid(latents, width=width, height=height))
-        image = self.vae.decode(latents.to(weight.device, weight.dtype), return_dict=False)[0]
+        latents = latents.to(weight.device, weight.dtype)
+        if max(width, height) <= SAMPLE_TILE:
+            image = vae.decode(latents, return_dict=False)[0]
+        else:
+            saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+            vae.tile_sample_min_size = SAMPLE_TILE
+            vae.tile_latent_min_size = SAMPLE_TILE // (2 ** (len(vae.config.block_out_channels) - 1))
+            try:
+                image = vae.tiled_decode(latents, return_dict=False)[0]
+            finally:
+                vae.tile_sample_min_size, vae.tile_latent_min_size = saved
         return self.pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
