@@ -42,8 +42,8 @@ from modules.lora_training.lora_layouts import (
 )
 
 FORMATS = ("kohya", "diffusers")
-VERIFY_TOLERANCE = 1e-3  # relative to the largest change in the LoRA; fp16 storage rounds at ~1e-3
-BLOCK_ELEMENTS = 8 * 2**20  # one block of a weight change: 32 MiB in fp32
+VERIFY_TOLERANCE = 1e-3  # relative to the largest response of a change; fp16 storage rounds at ~1e-3
+VERIFY_PROBES = 16  # random vectors each weight change is applied to when verifying an export
 FLUX_MLP_RATIO = 4  # the MLP width of a Flux block, in model widths (the only Flux variant we load)
 OUT_DTYPE = torch.float16
 
@@ -427,21 +427,20 @@ def _check_shapes(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | Non
 
 
 def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None, tally: _Tally) -> None:
-    """Compare rows ``offset:offset+rows`` of ``layer``'s weight change with ``ref``'s (zeros when None),
-    a block of rows at a time."""
+    """Compare rows ``offset:offset+rows`` of ``layer``'s weight change with ``ref``'s (zeros when None).
+
+    Both changes are applied to the same random probe vectors (Freivalds' check): two different
+    matrices give different responses with probability 1, and the cost is rank x (in + out) per
+    probe instead of in x out x rank, so a full-size Flux LoRA verifies in seconds."""
     down = layer.down.flatten(1).float()
-    up = layer.up.flatten(1)
-    ref_down = ref.down.flatten(1).float() if ref is not None else None
-    step = max(1, BLOCK_ELEMENTS // max(1, down.shape[1]))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        got = (up[offset + start : offset + stop].float() * layer.scale) @ down
-        if ref is not None:
-            expected = (ref.up.flatten(1)[start:stop].float() * ref.scale) @ ref_down
-            tally.add(expected, expected=True)
-            got -= expected
-            del expected
-        tally.add(got, expected=False)
+    generator = torch.Generator().manual_seed(down.shape[1])
+    probes = torch.randn(down.shape[1], VERIFY_PROBES, generator=generator)
+    got = (layer.up.flatten(1)[offset : offset + rows].float() * layer.scale) @ (down @ probes)
+    if ref is not None:
+        expected = (ref.up.flatten(1).float() * ref.scale) @ (ref.down.flatten(1).float() @ probes)
+        tally.add(expected, expected=True)
+        got -= expected
+    tally.add(got, expected=False)
 
 
 def compare(source: LoraFile, exported: LoraFile) -> Verification:
