@@ -7,6 +7,7 @@ Each field may carry ``choices`` or ``minimum``/``maximum`` in its metadata;
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,11 @@ def choice(default, choices: tuple, help: str = ""):
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
-def bounded(default, *, minimum=None, maximum=None, help: str = ""):
+MAX_STEPS = 1_000_000
+MAX_SEED = 2**63 - 1
+
+
+def bounded(default, *, minimum, maximum, help: str = ""):
     return field(default=default, metadata={"minimum": minimum, "maximum": maximum, "help": help})
 
 
@@ -39,6 +44,8 @@ def _check_type(name: str, value, annotation):
             return Path(value)
     elif annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number; got {value!r}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -56,6 +63,10 @@ def _check_type(name: str, value, annotation):
     raise UserError(f"{name} must be {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
+def _show(bound) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 def config_from_dict(cls, raw: dict):
     """Build ``cls`` from a plain dict (JSON, CLI flags), validating every value."""
     hints = typing.get_type_hints(cls)
@@ -71,10 +82,8 @@ def config_from_dict(cls, raw: dict):
         if choices and value not in choices:
             raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
         minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
-        if value is not None and minimum is not None and value < minimum:
-            raise UserError(f"{name} must be at least {minimum}; got {value!r}")
-        if value is not None and maximum is not None and value > maximum:
-            raise UserError(f"{name} must be at most {maximum}; got {value!r}")
+        if value is not None and minimum is not None and not minimum <= value <= maximum:
+            raise UserError(f"{name} must be between {_show(minimum)} and {_show(maximum)}; got {value!r}")
         values[name] = value
     missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING]
     if missing:
@@ -97,7 +106,7 @@ class PrepareConfig:
     trigger: str
     family: str = choice("sdxl", FAMILIES, "base model family the set is prepared for")
     resolution: int = bounded(1024, minimum=64, maximum=4096, help="bucket area is about resolution²")
-    min_side: int | None = bounded(None, minimum=8, help="shortest side an image needs (default: resolution/2)")
+    min_side: int | None = bounded(None, minimum=8, maximum=4096, help="shortest side an image needs (default: resolution/2)")
     captioner: str = choice("florence2", CAPTIONERS, "caption model, or 'none' for .txt + trigger only")
     caption_task: str = choice("<DETAILED_CAPTION>", FLORENCE_TASKS, "Florence-2 task")
     caption_model: str | None = field(default=None, metadata={"help": "captioner folder or hub id"})
@@ -143,7 +152,7 @@ class TrainConfig:
     family: str = choice("auto", ("auto", *FAMILIES), "model family (auto: detected from the base model)")
     # schedule
     epochs: int = bounded(10, minimum=1, maximum=100_000, help="passes over the set (ignored when steps is set)")
-    steps: int | None = bounded(None, minimum=1, maximum=10_000_000, help="optimizer steps (overrides epochs)")
+    steps: int | None = bounded(None, minimum=1, maximum=MAX_STEPS, help="optimizer steps (overrides epochs)")
     batch_size: int = bounded(1, minimum=1, maximum=256)
     gradient_accumulation: int = bounded(1, minimum=1, maximum=1024)
     repeats: int = bounded(1, minimum=1, maximum=1000, help="times each image is seen per epoch")
@@ -167,10 +176,10 @@ class TrainConfig:
     optimizer: str = choice("adamw", OPTIMIZERS)
     weight_decay: float = bounded(1e-2, minimum=0.0, maximum=1.0)
     lr_scheduler: str = choice("constant", LR_SCHEDULERS)
-    lr_warmup_steps: int = bounded(0, minimum=0)
-    lr_num_cycles: int = bounded(1, minimum=1, help="restarts for cosine_with_restarts")
-    lr_power: float = bounded(1.0, minimum=0.0, help="power for polynomial")
-    max_grad_norm: float = bounded(1.0, minimum=0.0, help="gradient clipping (0 = off)")
+    lr_warmup_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS)
+    lr_num_cycles: int = bounded(1, minimum=1, maximum=1000, help="restarts for cosine_with_restarts")
+    lr_power: float = bounded(1.0, minimum=0.0, maximum=10.0, help="power for polynomial")
+    max_grad_norm: float = bounded(1.0, minimum=0.0, maximum=1e4, help="gradient clipping (0 = off)")
     mixed_precision: str = choice(
         "auto", PRECISIONS, "auto: fp32 on the CPU; on a CUDA GPU fp16 for SDXL, bf16 for Flux"
     )
@@ -183,7 +192,7 @@ class TrainConfig:
     zero_terminal_snr: bool = field(
         default=False, metadata={"help": "SDXL: rescale the noise schedule to zero terminal SNR (for v-prediction)"}
     )
-    min_snr_gamma: float = bounded(0.0, minimum=0.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")
+    min_snr_gamma: float = bounded(0.0, minimum=0.0, maximum=100.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")
     noise_offset: float = bounded(0.0, minimum=0.0, maximum=1.0)
     multires_noise_iterations: int = bounded(0, minimum=0, maximum=10, help="0 = off")
     multires_noise_discount: float = bounded(0.3, minimum=0.0, maximum=1.0)
@@ -193,16 +202,16 @@ class TrainConfig:
     caption_dropout: float = bounded(0.0, minimum=0.0, maximum=1.0)
     flip: bool = False
     shuffle: bool = True
-    seed: int = bounded(42, minimum=0)
+    seed: int = bounded(42, minimum=0, maximum=MAX_SEED)
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     # outputs
-    save_every_steps: int = bounded(0, minimum=0, help="resumable checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = bounded(3, minimum=1)
-    sample_every_steps: int = bounded(0, minimum=0, help="0 = no samples")
+    save_every_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS, help="resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = bounded(3, minimum=1, maximum=1000)
+    sample_every_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS, help="0 = no samples")
     sample_prompts: tuple[str, ...] = field(default=("{trigger}",), metadata={"help": "{trigger} is replaced"})
     sample_steps: int = bounded(20, minimum=1, maximum=200)
-    sample_seed: int = bounded(1234, minimum=0)
+    sample_seed: int = bounded(1234, minimum=0, maximum=MAX_SEED)
     overwrite: bool = field(default=False, metadata={"help": "replace an existing LoRA of the same name"})
     also_save_webui: bool = field(
         default=True, metadata={"help": "also write loras/webui/<name>.safetensors for A1111/Forge/ComfyUI"}

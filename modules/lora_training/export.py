@@ -350,6 +350,13 @@ def _network_dim_alpha(lora: LoraFile, source: PartSource) -> tuple[int, float]:
     return first.rank, first.alpha if first.alpha is not None else float(first.rank)
 
 
+def _spec_prediction_type(meta: dict, *, sdxl: bool) -> str:
+    """modelspec's name for what the base model predicts: "epsilon", "v" or "flow"."""
+    if not sdxl:
+        return "flow"
+    return "v" if meta.get("lora_studio.prediction_type") == "v_prediction" else "epsilon"
+
+
 def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]:
     meta = lora.metadata
     resolution = meta.get("lora_studio.resolution") or "1024"
@@ -375,8 +382,11 @@ def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": trigger,
         "modelspec.date": meta.get("modelspec.date") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "epsilon" if sdxl else "flow",
+        "modelspec.prediction_type": _spec_prediction_type(meta, sdxl=sdxl),
     }
+    if sdxl:  # as sd-scripts writes them (str of a bool)
+        out["ss_v_parameterization"] = str(meta.get("lora_studio.prediction_type") == "v_prediction")
+        out["ss_zero_terminal_snr"] = str(meta.get("lora_studio.zero_terminal_snr") == "true")
     out.update({k: v for k, v in meta.items() if k.startswith("lora_studio.")})
     return out
 

@@ -32,6 +32,7 @@ from modules.lora_training.events import (
 log = logging.getLogger(__name__)
 
 LOG_LINES = 500
+LOSS_POINTS = 1000  # the most loss points a status carries: a long run's curve, evenly thinned
 
 
 @dataclass
@@ -87,9 +88,17 @@ class JobState:
             "trigger": self.trigger,
             "base_model": self.base_model,
             "log": list(self.log),
-            "losses": list(self.losses),
+            "losses": thinned(self.losses, limit=LOSS_POINTS),
             "samples": list(self.samples),
         }
+
+
+def thinned(points: list, *, limit: int) -> list:
+    """At most ``limit`` points, evenly spaced, always with the newest."""
+    if len(points) <= limit:
+        return list(points)
+    stride = -(-len(points) // (limit - 1))
+    return points[::stride] + points[-1:]
 
 
 def _line(text: str) -> str:

@@ -168,6 +168,10 @@ def test_v_prediction_single_file_is_trained_sampled_and_labelled_as_such(projec
         metadata = handle.metadata()
     assert metadata["lora_studio.prediction_type"] == "v_prediction"
     assert metadata["lora_studio.zero_terminal_snr"] == "true"
+    with safe_open(str(tmp_path / "loras" / "webui" / result.lora_path.name), framework="pt") as handle:
+        webui = handle.metadata()
+    assert webui["modelspec.prediction_type"] == "v"
+    assert webui["ss_v_parameterization"] == "True" and webui["ss_zero_terminal_snr"] == "True"
 
 
 def test_v_prediction_from_a_diffusers_folder_and_zero_snr_as_an_option(models_dir, tmp_path):

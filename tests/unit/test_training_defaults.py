@@ -111,3 +111,48 @@ def test_options_a_family_does_not_use_are_named():
         SDXLFamily.__new__(SDXLFamily), _config(timestep_sampling="shift", min_snr_gamma=5.0)
     )
     assert sdxl_ignored == ["timestep_sampling='shift'"]
+
+
+def test_every_number_is_finite_and_within_a_stated_range():
+    import dataclasses
+    import math
+
+    from core.errors import UserError
+    from modules.lora_training.config import PrepareConfig
+
+    for cls in (TrainConfig, PrepareConfig):
+        for f in dataclasses.fields(cls):
+            if "minimum" in f.metadata:
+                assert f.metadata["maximum"] is not None and math.isfinite(f.metadata["maximum"]), f.name
+    base = {"project": "p", "base_model": "m"}
+    for field, value in [
+        ("learning_rate", float("nan")),
+        ("learning_rate", float("inf")),
+        ("min_snr_gamma", float("inf")),
+        ("max_grad_norm", float("nan")),
+        ("alpha", float("-inf")),
+        ("seed", 2**70),
+        ("steps", 1_000_001),
+        ("rank", 1025),
+        ("sample_seed", -1),
+        ("lr_warmup_steps", 10**9),
+        ("seed", float("nan")),
+    ]:
+        with pytest.raises(UserError, match=field):
+            config_from_dict(TrainConfig, {**base, field: value})
+    with pytest.raises(UserError, match=r"seed must be between 0 and 9223372036854775807"):
+        config_from_dict(TrainConfig, {**base, "seed": 2**63})
+
+
+def test_status_carries_at_most_1000_loss_points_and_500_log_lines():
+    from modules.lora_training.jobs import LOG_LINES, JobState, thinned
+
+    job = JobState(job_id=1, project="p", kind="train")
+    job.losses = [(step, 1.0 / step) for step in range(1, 250_001)]
+    for line in range(2000):
+        job.log.append(f"line {line}")
+    status = job.as_dict()
+    assert len(status["losses"]) <= 1000 and status["losses"][0] == (1, 1.0)
+    assert status["losses"][-1] == (250_000, 1.0 / 250_000), "the newest point is always there"
+    assert len(status["log"]) == LOG_LINES == 500
+    assert thinned([1, 2, 3], limit=1000) == [1, 2, 3]
