@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
-from core.atomic import atomic_path
 from core.model_files import ModelEntry
 from core.pipelines import load_pipeline
 from modules.lora_training.data import TrainItem
@@ -187,30 +185,20 @@ class LoraFamily:
                 raise RuntimeError(f"checkpoint does not match the LoRA layout of {name}: {result.unexpected_keys[:3]}")
 
     def save_lora(self, path: Path, *, metadata: dict[str, str]) -> None:
-        """Diffusers-format LoRA (``save_lora_weights`` with adapter metadata) + our header metadata."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """The main LoRA file (:mod:`modules.lora_training.main_file`: names diffusers, ComfyUI and Forge
+        all apply, diffusers' adapter metadata with ``lora_alpha``) + our header ``metadata``, atomically."""
         from peft.utils import get_peft_model_state_dict
-        from safetensors import safe_open
-        from safetensors.torch import save_file
 
-        kwargs = {
-            self.pipeline_layers_kwarg: convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser)),
-            self.pipeline_adapter_kwarg: self.lora_config.to_dict(),
-        }
+        from modules.lora_training.main_file import write_main_lora
+
+        layers = {self.denoiser_attr: get_peft_model_state_dict(self.denoiser)}
+        configs = {self.denoiser_attr: self.lora_config.to_dict()}
         if self.text_lora_config is not None:
             for kwarg, encoder in zip(self.text_encoder_layer_kwargs, self.text_encoders_with_lora(), strict=False):
-                kwargs[kwarg] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-                kwargs[kwarg.replace("_layers", "_adapter_metadata")] = self.text_lora_config.to_dict()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".saving-", suffix=".partial") as scratch:
-            type(self.pipe).save_lora_weights(scratch, weight_name="lora.safetensors", **kwargs)
-            written = Path(scratch) / "lora.safetensors"
-            with safe_open(str(written), framework="pt") as handle:
-                header = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key).to(torch.float16).contiguous() for key in handle.keys()}  # noqa: SIM118
-            header.update(metadata)
-            with atomic_path(Path(path)) as tmp:
-                save_file(tensors, str(tmp), metadata=header)
+                component = kwarg.removesuffix("_lora_layers")
+                layers[component] = get_peft_model_state_dict(encoder)
+                configs[component] = self.text_lora_config.to_dict()
+        write_main_lora(Path(path), layers, configs, metadata=metadata)
 
     # ----- caching ----------------------------------------------------------------
     @torch.no_grad()
