@@ -25,6 +25,8 @@ class AppConfig:
     DEVICE: str = "auto"
     BUILD_DEMO_MODELS: bool = True
     AUTH: str = ""  # "user:password" required to open the app; needed with --listen
+    MAX_GENERATE_STEPS: int = 150  # the most sampling steps one Generate request may ask for
+    MAX_IMAGE_SIDE: int = 2048  # the largest width or height, in pixels, Generate accepts
 
     def folders(self) -> tuple[Path, ...]:
         return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR)
@@ -32,6 +34,9 @@ class AppConfig:
 
 _PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR"}
 _TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
+_JSON_TYPES = {"bool": bool, "int": int}
+# Below these nothing can be generated; above them one request can hold the GPU for hours.
+_INT_RANGES = {"MAX_GENERATE_STEPS": (1, 1000), "MAX_IMAGE_SIDE": (64, 8192)}
 
 
 def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
@@ -45,10 +50,10 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         raise UserError(f"config: missing key(s) {', '.join(missing)}")
     values = {}
     for key, value in raw.items():
-        expected = bool if _TYPES[key] == "bool" else str
+        expected = _JSON_TYPES.get(_TYPES[key], str)
         if key in _PATH_KEYS:
             expected = str
-        if not isinstance(value, expected) or (expected is str and isinstance(value, bool)):
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise UserError(f"config: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
         values[key] = (base_dir / value).resolve() if key in _PATH_KEYS else value
     config = AppConfig(**values)
@@ -56,6 +61,9 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         raise UserError(f"config: LANGUAGE must be one of {', '.join(LANGUAGES)}, got {config.LANGUAGE!r}")
     if config.DEVICE not in DEVICES:
         raise UserError(f"config: DEVICE must be one of {', '.join(DEVICES)}, got {config.DEVICE!r}")
+    for key, (low, high) in _INT_RANGES.items():
+        if not low <= getattr(config, key) <= high:
+            raise UserError(f"config: {key} must be between {low} and {high}, got {getattr(config, key)}")
     return config
 
 

@@ -87,12 +87,13 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
     return entries
 
 
-# Copies written for other apps (kohya/BFL layout); diffusers cannot read every one of them.
-EXPORT_ONLY_FOLDERS = ("webui",)
+# Export copies of LoRAs already in loras/: webui/ for other apps (kohya/BFL layout, which diffusers cannot
+# always read), diffusers/ as `export --format diffusers` writes them. Listing them would show a LoRA twice.
+EXPORT_ONLY_FOLDERS = ("webui", "diffusers")
 
 
 def list_loras(loras_dir: Path) -> list[str]:
-    """LoRA names relative to ``loras_dir`` (sub-folders allowed, ``webui/`` copies left out), sorted."""
+    """LoRA names relative to ``loras_dir`` (sub-folders allowed, export copies left out), sorted."""
     loras_dir = Path(loras_dir)
     if not loras_dir.is_dir():
         return []

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import math
 import random
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import GpuBusyError, UserError
+from core.lora_info import LoraInfo, read_lora_info
 from core.model_files import (
     FLUX,
     SDXL,
@@ -32,13 +34,27 @@ from core.model_files import (
 log = logging.getLogger(__name__)
 
 MAX_LORAS = 4
-MAX_SIDE = 4096
+MAX_LORA_WEIGHT = 5.0  # beyond ±5 a LoRA only burns the image
+MAX_GUIDANCE = 50.0
+
+
+@dataclass(frozen=True)
+class GenerateLimits:
+    """Bounds of one request; ``config.json`` sets them (MAX_GENERATE_STEPS, MAX_IMAGE_SIDE)."""
+
+    max_steps: int = 150
+    max_side: int = 2048
+
+    @classmethod
+    def from_config(cls, config) -> GenerateLimits:
+        return cls(max_steps=config.MAX_GENERATE_STEPS, max_side=config.MAX_IMAGE_SIDE)
 
 
 @dataclass(frozen=True)
 class LoraChoice:
     name: str
     weight: float = 1.0
+    slot: int | None = None  # the Generate tab's slot number, for messages
 
 
 @dataclass(frozen=True)
@@ -101,29 +117,54 @@ def _gpu_bytes_in_use() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
-def validate_request(request: GenerationRequest, family: str) -> None:
+def _check_whole(label: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{label} {value!r} is not allowed: use a whole number between {low} and {high}.")
+
+
+def _check_loras(loras: tuple[LoraChoice, ...]) -> None:
+    if len(loras) > MAX_LORAS:
+        raise UserError(f"At most {MAX_LORAS} LoRAs at once (got {len(loras)}).")
+    for index, choice in enumerate(loras, start=1):
+        weight = choice.weight
+        finite = isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight)
+        if not finite or abs(weight) > MAX_LORA_WEIGHT:
+            raise UserError(
+                f"LoRA {choice.slot or index} ({choice.name}) weight must be a number between "
+                f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g} (got {weight!r})."
+            )
+
+
+def validate_request(request: GenerationRequest, family: str, *, limits: GenerateLimits | None = None) -> None:
+    """Refuse a request whose numbers are out of range (NaN and infinities included) before any work."""
+    limits = limits or GenerateLimits()
     if not request.prompt.strip():
         raise UserError("The prompt is empty: describe the image you want.")
     multiple = 16 if family == FLUX else 8
     for label, value in (("Width", request.width), ("Height", request.height)):
-        if value % multiple or not 64 <= value <= MAX_SIDE:
+        _check_whole(label, value, 64, limits.max_side)
+        if value % multiple:
             raise UserError(
                 f"{label} {value} is not valid for {family.upper()}: use a multiple of {multiple} "
-                f"between 64 and {MAX_SIDE}."
+                f"between 64 and {limits.max_side}."
             )
-    if not 1 <= request.steps <= 200:
-        raise UserError(f"Steps must be between 1 and 200 (got {request.steps}).")
-    if not 0 <= request.guidance <= 50:
-        raise UserError(f"Guidance must be between 0 and 50 (got {request.guidance}).")
-    if len(request.loras) > MAX_LORAS:
-        raise UserError(f"At most {MAX_LORAS} LoRAs at once (got {len(request.loras)}).")
+    _check_whole("Steps", request.steps, 1, limits.max_steps)
+    _check_whole("Seed", request.seed, -(2**63), 2**63 - 1)
+    guidance = request.guidance
+    if not isinstance(guidance, int | float) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserError(f"Guidance must be a number between 0 and {MAX_GUIDANCE:g} (got {guidance!r}).")
+    _check_loras(request.loras)
 
 
 class ModelManager:
-    def __init__(self, *, models_dir: Path, loras_dir: Path, device: str = "auto") -> None:
+    def __init__(
+        self, *, models_dir: Path, loras_dir: Path, device: str = "auto", limits: GenerateLimits | None = None
+    ) -> None:
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir)
+        self.limits = limits or GenerateLimits()
         self._device_preference = device
+        self._lora_infos: dict[str, tuple[tuple, LoraInfo]] = {}
         self._lock = threading.RLock()
         self._pipe = None
         self._entry: ModelEntry | None = None
@@ -137,6 +178,40 @@ class ModelManager:
 
     def list_loras(self) -> list[str]:
         return list_loras(self.loras_dir)
+
+    def lora_info(self, name: str) -> LoraInfo:
+        """Family and trigger word of one LoRA (header only, re-read when the file changes)."""
+        path = resolve_inside(self.loras_dir, name)
+        if not path.is_file():
+            raise UserError(f"LoRA {name!r} not found in {self.loras_dir}; refresh the list.")
+        fingerprint = _file_fingerprint(path)
+        cached = self._lora_infos.get(name)
+        if cached is None or cached[0] != fingerprint:
+            cached = (fingerprint, read_lora_info(path, name))
+            self._lora_infos[name] = cached
+        return cached[1]
+
+    def lora_details(self) -> list[LoraInfo]:
+        """Every LoRA of :meth:`list_loras`, once each, with its family and trigger word."""
+        details = []
+        for name in self.list_loras():
+            try:
+                details.append(self.lora_info(name))
+            except (UserError, OSError):
+                continue  # removed since it was listed
+        return details
+
+    def check_loras_fit(self, loras: tuple[LoraChoice, ...], family: str) -> None:
+        """Refuse unreadable LoRAs and LoRAs of the other family, before any model is loaded."""
+        for choice in loras:
+            info = self.lora_info(choice.name)
+            if info.problem:
+                raise UserError(f"{info.problem}. Replace or remove it from {self.loras_dir}.")
+            if info.family != family:
+                raise UserError(
+                    f"{choice.name} is a {info.family.upper()} LoRA; the selected model is {family.upper()}. "
+                    f"Pick a {family.upper()} LoRA or a {info.family.upper()} base model."
+                )
 
     @property
     def loaded_model(self) -> str | None:
@@ -272,7 +347,9 @@ class ModelManager:
         with self._lock:
             self._raise_if_busy()
             # Check the request before loading anything, so a bad one never replaces the loaded model.
-            validate_request(request, self._entry_for(request.model).family)
+            family = self._entry_for(request.model).family
+            validate_request(request, family, limits=self.limits)
+            self.check_loras_fit(request.loras, family)
             entry = self.load_model(request.model)
             self._apply_loras(request.loras)
             seed = request.seed if request.seed >= 0 else random.randrange(2**31)
