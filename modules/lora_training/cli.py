@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -110,6 +111,44 @@ def _print_estimates(config: TrainConfig, resolution: int | None, app_config) ->
     print(estimate_step_time_for_config(config, work=work, **where).describe())
 
 
+def export_target(source: Path, fmt: str, out: str | None, *, overwrite: bool) -> Path:
+    """Where ``export`` writes: ``--out`` as a file, or inside it when it is a folder (the source's file name);
+    refused when the file exists (without ``overwrite``) or when a folder named by ``--out`` is missing."""
+    from modules.lora_training.export import default_export_path
+
+    if out is None:
+        target = default_export_path(source, fmt)  # its folder is created on demand
+    elif Path(out).is_dir():
+        target = Path(out) / Path(source).name
+    elif out.endswith(("/", os.sep)):
+        raise UserError(f"--out folder {out} does not exist; create it first or choose another --out.")
+    else:
+        target = Path(out)
+        if not target.parent.is_dir():
+            raise UserError(
+                f"--out {out}: folder {target.parent} does not exist; create it first or choose another --out."
+            )
+    if os.path.lexists(target) and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it, or choose another --out.")
+    return target
+
+
+def _export(args: argparse.Namespace) -> int:
+    from modules.lora_training.export import export_lora
+
+    target = export_target(args.lora, args.fmt, args.out, overwrite=args.overwrite)
+    try:
+        result = export_lora(args.lora, fmt=args.fmt, out=target)
+    except OSError as exc:
+        raise UserError(f"cannot export {args.lora} to {target}: {exc.strerror or exc}") from exc
+    check = result.verification
+    print(
+        f"Wrote {result.path} ({result.format}); verified {check.layers} layers through diffusers' loader, "
+        f"max weight difference {check.max_difference:.3g} ({check.relative:.3%} of the largest change)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modules.lora_training", description="LoRA Studio training tools")
     parser.add_argument("--app-config", type=Path, default=ROOT / "config.json", help="the app's config.json")
@@ -129,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a LoRA in kohya/webui or diffusers format, verified")
     export.add_argument("--lora", type=Path, required=True, help="the LoRA file to export")
     export.add_argument("--format", dest="fmt", choices=FORMATS, required=True)
-    export.add_argument("--out", type=Path, help="output file (default: loras/webui/ or loras/diffusers/)")
+    export.add_argument(
+        "--out",
+        help="output file, or an existing folder to write the source's file name into (default: loras/webui/ "
+        "or loras/diffusers/ beside the source)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace the output file when it exists")
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
     return parser
@@ -150,19 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                 on_event=_print_event,
             )
         if args.command == "export":
-            from modules.lora_training.export import export_lora
-
-            result = export_lora(args.lora, fmt=args.fmt, out=args.out)
-            check = result.verification
-            print(
-                f"Wrote {result.path} ({result.format}); verified {check.layers} layers through diffusers' loader, "
-                f"max weight difference {check.max_difference:.3g} ({check.relative:.3%} of the largest change)"
-            )
-            return 0
+            return _export(args)
         if args.command == "inspect":
             from modules.lora_training.export import inspect_lora
 
-            print(inspect_lora(args.file))
+            try:
+                print(inspect_lora(args.file))
+            except OSError as exc:
+                raise UserError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
             return 0
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
