@@ -1,0 +1,46 @@
+"""The Generate tab's LoRA list in a browser: one entry per LoRA, the other family marked and refused."""
+
+import pytest
+import torch
+
+from core.demo_models import DEMO_FLUX_NAME
+from modules.lora_training.main_file import write_main_lora
+from tests.conftest import write_config
+from tests.server import running_app
+
+pytestmark = pytest.mark.ui
+
+
+def _flux_lora(path) -> None:
+    layers = {"transformer": {"x.lora_A.weight": torch.ones(1, 4), "x.lora_B.weight": torch.ones(4, 1)}}
+    metadata = {"lora_studio.family": "flux", "lora_studio.trigger_word": "ohwx"}
+    write_main_lora(path, layers, {"transformer": {"r": 1, "lora_alpha": 1}}, metadata=metadata)
+
+
+def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_page, screenshot):
+    page = browser_page
+    config = write_config(tmp_path, models_dir)
+    _flux_lora(tmp_path / "loras" / "my_cat.safetensors")
+    _flux_lora(tmp_path / "loras" / "webui" / "my_cat.safetensors")
+    (tmp_path / "loras" / "broken.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with running_app(config, tmp_path / "app.log") as url:
+        page.goto(url)
+        page.get_by_text("LoRA Studio").first.wait_for(timeout=60_000)
+        page.locator("#generate-prompt textarea").fill("a cat")
+        page.locator("#generate-lora-1 input").click()
+        marked = page.get_by_role("option", name="my_cat (FLUX, not for SDXL) · trigger: ohwx", exact=True)
+        marked.wait_for(timeout=10_000)
+        assert page.get_by_role("option", name="broken (unreadable: not a LoRA file)", exact=True).count() == 1
+        assert page.get_by_role("option").count() == 2, "one entry per LoRA, the webui copy left out"
+        screenshot("list")
+        marked.click()
+        page.locator("#generate-button").click()
+        page.get_by_text("my_cat.safetensors is a FLUX LoRA; the selected model is SDXL").first.wait_for(timeout=60_000)
+        screenshot("refused")
+
+        model = page.locator("#generate-model input")
+        model.click()
+        model.fill(DEMO_FLUX_NAME)
+        page.get_by_role("option", name=DEMO_FLUX_NAME, exact=True).click()
+        page.locator("#generate-lora-2 input").click()
+        page.get_by_role("option", name="my_cat · FLUX · trigger: ohwx", exact=True).wait_for(timeout=10_000)
