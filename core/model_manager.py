@@ -142,10 +142,10 @@ def validate_request(request: GenerationRequest, family: str, *, limits: Generat
         raise UserError("The prompt is empty: describe the image you want.")
     multiple = 16 if family == FLUX else 8
     for label, value in (("Width", request.width), ("Height", request.height)):
-        _check_whole(label, value, 64, limits.max_side)
-        if value % multiple:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or value % multiple or not 64 <= value <= limits.max_side:
             raise UserError(
-                f"{label} {value} is not valid for {family.upper()}: use a multiple of {multiple} "
+                f"{label} {value!r} is not valid for {family.upper()}: use a multiple of {multiple} "
                 f"between 64 and {limits.max_side}."
             )
     _check_whole("Steps", request.steps, 1, limits.max_steps)

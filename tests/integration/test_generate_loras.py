@@ -116,8 +116,8 @@ def test_a_fifo_in_the_loras_folder_never_blocks(manager, loras):
     [
         ({"steps": 151}, "Steps 151 is not allowed: use a whole number between 1 and 150"),
         ({"steps": 0}, "Steps 0 is not allowed: use a whole number between 1 and 150"),
-        ({"width": 2064}, "Width 2064 is not allowed: use a whole number between 64 and 2048"),
-        ({"height": 4096}, "Height 4096 is not allowed: use a whole number between 64 and 2048"),
+        ({"width": 2064}, "Width 2064 is not valid for SDXL: use a multiple of 8 between 64 and 2048"),
+        ({"height": 4096}, "Height 4096 is not valid for SDXL: use a multiple of 8 between 64 and 2048"),
         ({"width": 100}, "Width 100 is not valid for SDXL: use a multiple of 8"),
         ({"guidance": math.nan}, "Guidance must be a number between 0 and 50 (got nan)"),
         ({"guidance": math.inf}, "Guidance must be a number between 0 and 50 (got inf)"),
