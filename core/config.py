@@ -27,14 +27,18 @@ class AppConfig:
     AUTH: str = ""  # "user:password" required to open the app; needed with --listen
     MAX_GENERATE_STEPS: int = 150  # the most sampling steps one Generate request may ask for
     MAX_IMAGE_SIDE: int = 2048  # the largest width or height, in pixels, Generate accepts
+    DATASETS_DIR: Path | None = None  # config_from_dict fills it: "datasets" beside config.json
+    IMAGE_ROOTS: tuple[Path, ...] = ()  # the only folders Prepare reads from (tab and API); never empty
+    MAX_IMAGE_FILE_MB: int = 200  # image files larger than this are skipped, not read
 
     def folders(self) -> tuple[Path, ...]:
-        return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR)
+        datasets = (self.DATASETS_DIR,) if self.DATASETS_DIR else ()
+        return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR, *datasets)
 
 
-_PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR"}
+_PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR", "DATASETS_DIR"}
+_JSON_TYPES = {"bool": bool, "int": int, "tuple[Path, ...]": list}
 _TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
-_JSON_TYPES = {"bool": bool, "int": int}
 # Below these nothing can be generated; above them one request can hold the GPU for hours.
 _INT_RANGES = {"MAX_GENERATE_STEPS": (1, 1000), "MAX_IMAGE_SIDE": (64, 8192)}
 
@@ -56,7 +60,11 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise UserError(f"config: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
         values[key] = (base_dir / value).resolve() if key in _PATH_KEYS else value
+    values.setdefault("DATASETS_DIR", (base_dir / "datasets").resolve())
+    values["IMAGE_ROOTS"] = _image_roots(raw.get("IMAGE_ROOTS"), base_dir=base_dir, datasets=values["DATASETS_DIR"])
     config = AppConfig(**values)
+    if config.MAX_IMAGE_FILE_MB < 1:
+        raise UserError(f"config: MAX_IMAGE_FILE_MB must be at least 1, got {config.MAX_IMAGE_FILE_MB}")
     if config.LANGUAGE not in LANGUAGES:
         raise UserError(f"config: LANGUAGE must be one of {', '.join(LANGUAGES)}, got {config.LANGUAGE!r}")
     if config.DEVICE not in DEVICES:
@@ -65,6 +73,21 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         if not low <= getattr(config, key) <= high:
             raise UserError(f"config: {key} must be between {low} and {high}, got {getattr(config, key)}")
     return config
+
+
+def _image_roots(raw: list | None, *, base_dir: Path, datasets: Path) -> tuple[Path, ...]:
+    """IMAGE_ROOTS resolved (``~`` expanded, relative to config.json); default: home and DATASETS_DIR."""
+    if raw is None:
+        return (Path.home().resolve(), datasets)
+    if not raw:
+        raise UserError(
+            'config: IMAGE_ROOTS is empty; list the folders the app may read photos from, e.g. ["~", "datasets"] '
+            "(an empty list does not mean no restriction)"
+        )
+    bad = [entry for entry in raw if not isinstance(entry, str) or not entry.strip()]
+    if bad:
+        raise UserError(f"config: IMAGE_ROOTS must list folder paths as strings, got {bad[0]!r}")
+    return tuple((base_dir / Path(entry).expanduser()).resolve() for entry in raw)
 
 
 def load_config(path: Path) -> AppConfig:

@@ -46,6 +46,7 @@ def write_config(folder: Path, models_dir: Path, **overrides) -> Path:
         "LANGUAGE": "en",
         "DEVICE": "cpu",
         "BUILD_DEMO_MODELS": True,
+        "IMAGE_ROOTS": [str(folder)],  # the tests' photos live in their tmp folder, not under home
     }
     data.update(overrides)
     path = folder / "config.json"

@@ -113,8 +113,12 @@ class PrepareConfig:
     existing_captions: str = choice("keep", EXISTING_CAPTION_MODES, "what to do with .txt beside the sources")
     recaption: bool = field(default=False, metadata={"help": "caption again, overwriting edited captions"})
     duplicate_threshold: int = bounded(4, minimum=0, maximum=32, help="perceptual-hash bits for near-duplicates")
+    include_subfolders: bool = field(default=False, metadata={"help": "also read the photos in subfolders"})
 
     def __post_init__(self):
+        from modules.lora_training.dataset.scan import require_folder_text
+
+        require_folder_text(self.images_dir)
         if self.resolution % 64:
             raise UserError(f"resolution must be a multiple of 64; got {self.resolution}")
 

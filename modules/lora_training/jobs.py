@@ -146,6 +146,10 @@ class TrainingJobs:
         if prepare_config is None and train_config is None:
             raise UserError("Nothing to do: give preparation settings, training settings or both.")
         project = (train_config or prepare_config).project
+        if prepare_config is not None:
+            from modules.lora_training.dataset.scan import check_within_roots
+
+            check_within_roots(prepare_config.images_dir, self.app_config.IMAGE_ROOTS)
         kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
         with self._lock:
             if self._job is not None and self._job.running:
@@ -183,7 +187,10 @@ class TrainingJobs:
             if job.state == "stopping":
                 return "Already stopping: the run ends after the current step."
             self._stop.set()
-            job.state = "stopping"
+            preparing, job.state = job.state in ("starting", "preparing"), "stopping"
+            if preparing:
+                job.log.append(_line("Stop requested: preparation ends after the current image."))
+                return "Stopping the preparation after the current image."
             job.log.append(_line("Stop requested: finishing the current step and saving a checkpoint..."))
             return "Stopping after the current step; a resumable checkpoint will be saved."
 
@@ -235,18 +242,27 @@ class TrainingJobs:
 
     def _run(self, job, prepare_config, train_config, resume) -> None:
         from modules.lora_training.dataset.prepare import prepare
+        from modules.lora_training.dataset.scan import ScanLimits
         from modules.lora_training.train import train
 
         config = self.app_config
         try:
             if prepare_config is not None:
-                self._set(job, state="preparing")
-                prepare(
+                if not self._stop.is_set():
+                    self._set(job, state="preparing")
+                prepared = prepare(
                     prepare_config,
                     projects_dir=config.LORA_PROJECTS_DIR,
                     models_dir=config.MODELS_DIR,
                     on_event=lambda e: self._record(job, e),
+                    should_stop=self._stop.is_set,
+                    image_roots=config.IMAGE_ROOTS,
+                    limits=ScanLimits(max_image_bytes=config.MAX_IMAGE_FILE_MB * 2**20),
                 )
+                if prepared.status == "stopped":
+                    message = "Preparation stopped; the prepared set is unchanged. Prepare again to finish."
+                    self._set(job, state="stopped", message=message)
+                    return
                 if train_config is None:
                     self._set(job, state="prepared", message="Preparation finished.")
                     return

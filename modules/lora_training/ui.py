@@ -121,7 +121,9 @@ class LoraTrainingTab:
                 return native_image_size(entry)
         return 1024
 
-    def prepare_config(self, *, images_dir, project, trigger, base_model, captioner, caption_task, resolution):
+    def prepare_config(
+        self, *, images_dir, project, trigger, base_model, captioner, caption_task, resolution, include_subfolders=False
+    ):
         family = next((e.family for e in self.model_manager.list_models() if e.name == base_model), "sdxl")
         return config_from_dict(
             PrepareConfig,
@@ -134,6 +136,7 @@ class LoraTrainingTab:
                 "captioner": captioner,
                 "caption_task": caption_task,
                 "caption_model": self.caption_model() if captioner == "florence2" else None,
+                "include_subfolders": bool(include_subfolders),
             },
         )
 
@@ -208,9 +211,17 @@ class LoraTrainingTab:
                 gr.Markdown(t("interrupted", projects=", ".join(interrupted)), elem_id="lt-interrupted")
             with gr.Row():
                 with gr.Column(scale=3):
-                    images_dir = gr.Textbox(
-                        label=t("images_dir"), placeholder=t("images_placeholder"), elem_id="lt-images"
-                    )
+                    with gr.Row():
+                        images_dir = gr.Textbox(
+                            label=t("images_dir"),
+                            placeholder=t("images_placeholder"),
+                            info=t("images_roots", roots=", ".join(map(str, self.config.IMAGE_ROOTS))),
+                            elem_id="lt-images",
+                            scale=4,
+                        )
+                        subfolders = gr.Checkbox(
+                            value=False, label=t("include_subfolders"), elem_id="lt-subfolders", scale=1
+                        )
                     with gr.Row():
                         project = gr.Textbox(label=t("project"), elem_id="lt-project")
                         trigger = gr.Textbox(
@@ -345,9 +356,9 @@ class LoraTrainingTab:
             options["sample_prompts"] = sample_prompt_list(prompts_text, class_text)
             return options
 
-        prep_inputs = [images_dir, project, trigger, base_model, captioner, caption_task, resolution]
+        prep_inputs = [images_dir, project, trigger, base_model, captioner, caption_task, resolution, subfolders]
 
-        def as_prepare(images, name, word, model, capt, task, res):
+        def as_prepare(images, name, word, model, capt, task, res, sub):
             return self.prepare_config(
                 images_dir=images,
                 project=name,
@@ -356,6 +367,7 @@ class LoraTrainingTab:
                 captioner=capt,
                 caption_task=task,
                 resolution=res or 1024,
+                include_subfolders=sub,
             )
 
         def on_prepare(*values):
@@ -586,6 +598,7 @@ class LoraTrainingTab:
             captioner: str = "none",
             caption_task: str = "<DETAILED_CAPTION>",
             resolution: int = 1024,
+            include_subfolders: bool = False,
         ) -> dict:
             """Start preparing a folder of images (crop to buckets, caption, add the trigger word)."""
             try:
@@ -597,6 +610,7 @@ class LoraTrainingTab:
                     captioner=captioner,
                     caption_task=caption_task,
                     resolution=resolution,
+                    include_subfolders=include_subfolders,
                 )
                 return tab.start(prepare=config, train=None)
             except UserError as exc:
@@ -611,6 +625,7 @@ class LoraTrainingTab:
             prepare: bool = True,
             captioner: str = "none",
             resolution: int = 1024,
+            include_subfolders: bool = False,
         ) -> dict:
             """Prepare (optional) and train a LoRA in the background. `options` holds TrainConfig fields."""
             try:
@@ -624,6 +639,7 @@ class LoraTrainingTab:
                         captioner=captioner,
                         caption_task="<DETAILED_CAPTION>",
                         resolution=resolution,
+                        include_subfolders=include_subfolders,
                     )
                 train_config = tab.train_config(project=project, base_model=base_model, options=dict(options or {}))
                 return tab.start(prepare=prepare_config, train=train_config)

@@ -16,6 +16,7 @@ RESOLUTION = 256
 
 def _config(images, **changes):
     values = dict(project="messy", images_dir=str(images), trigger="ohwx", resolution=RESOLUTION, captioner="none")
+    values["include_subfolders"] = True  # the messy folder keeps one photo in a subfolder
     values.update(changes)
     return config_from_dict(PrepareConfig, values)
 
@@ -144,6 +145,7 @@ def test_cli_prepare(tmp_path, messy, models_dir):
     config = write_config(tmp_path, models_dir)
     command = [sys.executable, "-m", "modules.lora_training", "--app-config", str(config), "prepare"]
     args = ["--project", "cli", "--images", str(images), "--trigger", "ohwx", "--resolution", "256"]
+    args.append("--include-subfolders")
     done = subprocess.run(command + args + ["--captioner", "none"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Prepared 8 image(s)" in done.stdout

@@ -1,13 +1,16 @@
-"""Captioners behind one small interface: ``caption(images) -> list[str]`` and ``close()``.
+"""Captioners behind one small interface: ``caption(images, should_stop=...) -> list[str]`` and ``close()``.
 
 Florence-2 uses transformers' native classes (no remote code). It loads from a local
 folder (``models/captioners/...``) or, when online, a hub id; runs batched, in fp16 on
-a GPU; and frees its memory on ``close()``.
+a GPU; and frees its memory on ``close()``. ``should_stop`` is checked at every generated
+token (a batch takes seconds on a CPU): once it is true, ``caption`` returns early with
+fewer captions than images, and the caller discards them.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -21,9 +24,24 @@ CAPTIONERS = ("florence2", "none")
 class Captioner(Protocol):
     name: str
 
-    def caption(self, images: list) -> list[str]: ...
+    def caption(self, images: list, *, should_stop: Callable[[], bool] = ...) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+def _never() -> bool:
+    return False
+
+
+def _stop_criteria(should_stop: Callable[[], bool]):
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopFlag(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopFlag()])
 
 
 class NoCaptioner:
@@ -31,7 +49,7 @@ class NoCaptioner:
 
     name = "none"
 
-    def caption(self, images: list) -> list[str]:
+    def caption(self, images: list, *, should_stop: Callable[[], bool] = _never) -> list[str]:
         return ["" for _ in images]
 
     def close(self) -> None:
@@ -72,11 +90,14 @@ class Florence2Captioner:
             ) from exc
         self.model.to(self.device).eval()
 
-    def caption(self, images: list) -> list[str]:
+    def caption(self, images: list, *, should_stop: Callable[[], bool] = _never) -> list[str]:
         import torch
 
         captions: list[str] = []
+        stopping = _stop_criteria(should_stop)
         for start in range(0, len(images), self.batch_size):
+            if should_stop():
+                break
             batch = images[start : start + self.batch_size]
             inputs = self.processor(text=[self.task] * len(batch), images=batch, return_tensors="pt")
             inputs = {
@@ -85,8 +106,14 @@ class Florence2Captioner:
             }
             with torch.inference_mode():
                 generated = self.model.generate(
-                    **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
+                    **inputs,
+                    max_new_tokens=self.max_new_tokens,
+                    num_beams=self.num_beams,
+                    do_sample=False,
+                    stopping_criteria=stopping,
                 )
+            if should_stop():
+                break
             texts = self.processor.batch_decode(generated, skip_special_tokens=False)
             for text, image in zip(texts, batch, strict=True):
                 parsed = self.processor.post_process_generation(text, task=self.task, image_size=image.size)
@@ -98,8 +125,10 @@ class Florence2Captioner:
 
         self.model = None
         self.processor = None
-        gc.collect()
+        # Only GPU memory needs freeing at once (training comes next); on the CPU a full collection
+        # takes most of a second on a busy machine, which a Stop should not wait for.
         if torch.cuda.is_available():
+            gc.collect()
             torch.cuda.empty_cache()
 
 

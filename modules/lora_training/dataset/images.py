@@ -1,25 +1,16 @@
-"""Find candidate files under a folder and decode each into a clean RGB image, or a reason why not."""
+"""Decode an image file's bytes into a clean RGB image, or a reason why not; compare images."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 # Larger than any photo a camera takes (~100 MP), far below what exhausts memory.
 MAX_PIXELS = 120_000_000
 NEUTRAL_BACKGROUND = (128, 128, 128)
-CAPTION_SUFFIX = ".txt"
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    path: Path  # as found under the folder (may be a symlink)
-    relative: str
 
 
 @dataclass
@@ -32,38 +23,6 @@ class LoadedImage:
 
 class RejectedImage(Exception):
     """Why a file cannot be used; the message is the per-file reason shown to the user."""
-
-
-def find_source_files(folder: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
-    """Every non-caption file under ``folder`` (recursive, symlinked folders not followed).
-
-    Returns the files and ``(relative path, reason)`` for entries refused outright:
-    symlinks that leave the folder, loop or dangle.
-    """
-    folder = Path(folder).resolve()
-    files: list[SourceFile] = []
-    refused: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for dirname in dirnames:
-            if (Path(dirpath) / dirname).is_symlink():
-                refused.append((str((Path(dirpath) / dirname).relative_to(folder)), "symlinked folder not followed"))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            relative = str(path.relative_to(folder))
-            if name.startswith(".") or name.lower().endswith(CAPTION_SUFFIX):
-                continue
-            if path.is_symlink():
-                try:
-                    target = path.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    refused.append((relative, "broken or looping symlink"))
-                    continue
-                if folder not in target.parents:
-                    refused.append((relative, "symlink points outside the image folder"))
-                    continue
-            files.append(SourceFile(path=path, relative=relative))
-    return files, refused
 
 
 def _to_rgb(image):
@@ -83,17 +42,14 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> LoadedImage:
-    """Decode fully, apply EXIF orientation, first frame only, convert to RGB."""
+def load_image(data: bytes) -> LoadedImage:
+    """Decode an image file's bytes fully, apply EXIF orientation, first frame only, convert to RGB."""
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RejectedImage(f"cannot be read ({exc.strerror or exc})") from exc
     if not data:
         raise RejectedImage("empty file (0 bytes)")
-    import io
 
     try:
         with warnings.catch_warnings():

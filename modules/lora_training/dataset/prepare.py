@@ -1,8 +1,11 @@
 """prepare(): a messy folder of photos → cropped, captioned training images + a manifest.
 
-Sources are only read. Re-running is incremental: images are matched by content hash,
-unchanged crops and captions are reused, captions the user edited are kept (unless
-``recaption``), and images no longer in the folder are dropped from the project.
+Sources are only read, and only regular image files (see ``scan.py``). Re-running is
+incremental: images are matched by content hash, unchanged crops and captions are reused,
+captions the user edited are kept (unless ``recaption``), and images no longer in the
+folder are dropped from the project. ``should_stop`` ends a run between files or
+caption batches: the manifest is written only by a complete run, so a stopped one leaves
+the project as it was (plus complete crop files no manifest names yet).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +30,25 @@ from modules.lora_training.dataset.captions import (
     needs_captioner,
 )
 from modules.lora_training.dataset.images import (
-    CAPTION_SUFFIX,
     RejectedImage,
     brightness_and_spread,
     difference_hash,
-    find_source_files,
     hamming,
     load_image,
+)
+from modules.lora_training.dataset.scan import (
+    CAPTION_SUFFIX,
+    DEFAULT_LIMITS,
+    IMAGE_SIZE_SETTING,
+    RejectedFile,
+    ScanLimits,
+    StopRequested,
+    check_within_roots,
+    never_stop,
+    read_caption_beside,
+    read_regular_file,
+    require_folder_text,
+    scan_folder,
 )
 from modules.lora_training.events import EventSink, Log, PrepFinished, PrepProgress, ignore_events
 from modules.lora_training.project import ProjectPaths, read_json, write_json
@@ -45,14 +61,16 @@ BLANK_SPREAD = 2.0  # luminance standard deviation below which an image is one f
 class PrepareResult:
     project_dir: Path
     used: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # image-like files only: they are named
+    not_read: Counter = field(default_factory=Counter)  # every other entry, by reason, never named
     captioned: int = 0
+    status: str = "finished"  # or "stopped"
 
     def bucket_histogram(self) -> dict[str, int]:
         return dict(sorted(Counter(f"{e['bucket'][0]}x{e['bucket'][1]}" for e in self.used).items()))
 
     def skip_reasons(self) -> dict[str, int]:
-        return dict(Counter(_reason_kind(e["reason"]) for e in self.skipped).most_common())
+        return dict((Counter(_reason_kind(e["reason"]) for e in self.skipped) + self.not_read).most_common())
 
     def truncated(self) -> list[dict]:
         return [e for e in self.used if e.get("caption_truncated")]
@@ -61,6 +79,11 @@ class PrepareResult:
         lines = [f"Prepared {len(self.used)} image(s) in {self.project_dir}; skipped {len(self.skipped)}."]
         for entry in self.skipped:
             lines.append(f"  skipped {entry['source']}: {entry['reason']}")
+        for reason, count in self.not_read.most_common():
+            lines.append(f"  not read: {count} x {reason}")
+        for entry in self.used:
+            if entry.get("caption_note"):
+                lines.append(f"  {entry['source']}: {entry['caption_note']}")
         if self.used:
             buckets = ", ".join(f"{k}: {v}" for k, v in self.bucket_histogram().items())
             lines.append(f"Buckets: {buckets}")
@@ -82,19 +105,12 @@ def _slug(stem: str) -> str:
     return (slug or "image")[:40]
 
 
-def _read_caption_beside(path: Path) -> str | None:
-    candidate = path.with_suffix(CAPTION_SUFFIX)
-    try:
-        return candidate.read_text(encoding="utf-8").strip() if candidate.is_file() else None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _check_inputs(config: PrepareConfig, projects_dir: Path) -> tuple[ProjectPaths, Path]:
+def _check_inputs(config: PrepareConfig, projects_dir: Path, image_roots) -> tuple[ProjectPaths, Path]:
     paths = ProjectPaths.for_project(projects_dir, config.project)
-    if not str(config.images_dir).strip():
-        raise UserError("No image folder given: choose the folder that holds your photos.")
+    require_folder_text(config.images_dir)
     images_dir = Path(config.images_dir).expanduser()
+    if image_roots is not None:
+        check_within_roots(images_dir, image_roots)
     if not images_dir.exists():
         raise UserError(f"Image folder {images_dir} does not exist.")
     if not images_dir.is_dir():
@@ -108,11 +124,22 @@ def _check_inputs(config: PrepareConfig, projects_dir: Path) -> tuple[ProjectPat
 
 
 class _Preparation:
-    def __init__(self, config: PrepareConfig, paths: ProjectPaths, images_dir: Path, on_event: EventSink) -> None:
+    def __init__(
+        self,
+        config: PrepareConfig,
+        paths: ProjectPaths,
+        images_dir: Path,
+        *,
+        on_event: EventSink,
+        should_stop: Callable[[], bool],
+        limits: ScanLimits,
+    ) -> None:
         self.config = config
         self.paths = paths
         self.images_dir = images_dir
         self.on_event = on_event
+        self.should_stop = should_stop
+        self.limits = limits
         self.buckets = make_buckets(config.resolution)
         old = read_json(paths.manifest, default={}) or {}
         self.old_by_hash = {e["sha256"]: e for e in old.get("images", []) if e.get("status") == "used"}
@@ -121,59 +148,85 @@ class _Preparation:
     def skip(self, source: str, reason: str, sha256: str | None = None) -> None:
         self.result.skipped.append({"source": source, "status": "skipped", "reason": reason, "sha256": sha256})
 
-    def scan_and_crop(self) -> None:
-        files, refused = find_source_files(self.images_dir)
-        for relative, reason in refused:
+    def check_stop(self) -> None:
+        if self.should_stop():
+            raise StopRequested()
+
+    def scan(self) -> list:
+        found = scan_folder(
+            self.images_dir,
+            include_subfolders=self.config.include_subfolders,
+            limits=self.limits,
+            should_stop=self.should_stop,
+        )
+        for relative, reason in found.refused:
             self.skip(relative, reason)
-        if not files and not refused:
-            raise UserError(f"Image folder {self.images_dir} is empty: add some photos (JPEG, PNG, WebP...).")
-        seen_hashes: dict[str, str] = {}
-        seen_dhashes: list[tuple[int, float, str]] = []
+        self.result.not_read = found.ignored
+        if not found.files and not found.refused:
+            if not found.ignored:
+                raise UserError(f"Image folder {self.images_dir} is empty: add some photos (JPEG, PNG, WebP...).")
+            counts = ", ".join(f"{count} x {reason}" for reason, count in found.ignored.most_common())
+            raise UserError(f"Image folder {self.images_dir} holds no image files (JPEG, PNG, WebP...): {counts}.")
+        return found.files
+
+    def scan_and_crop(self) -> None:
+        files = self.scan()
+        self.seen_hashes: dict[str, str] = {}
+        self.seen_dhashes: list[tuple[int, float, str]] = []
         self.paths.images.mkdir(parents=True, exist_ok=True)
         for index, source in enumerate(files):
+            self.check_stop()
             self.on_event(PrepProgress(stage="scan", done=index, total=len(files), item=source.relative))
-            try:
-                loaded = load_image(source.path)
-            except RejectedImage as exc:
-                self.skip(source.relative, str(exc))
-                continue
-            short = min(loaded.width, loaded.height)
-            if short < self.config.minimum_side:
-                self.skip(
-                    source.relative,
-                    f"too small ({loaded.width}x{loaded.height}; the short side needs at least "
-                    f"{self.config.minimum_side} px for resolution {self.config.resolution})",
-                    loaded.sha256,
-                )
-                continue
-            if loaded.sha256 in seen_hashes:
-                self.skip(source.relative, f"duplicate of {seen_hashes[loaded.sha256]}", loaded.sha256)
-                continue
-            brightness, spread = brightness_and_spread(loaded.image)
-            if spread < BLANK_SPREAD:
-                self.skip(source.relative, "blank image (one flat colour, nothing to learn)", loaded.sha256)
-                continue
-            dhash = difference_hash(loaded.image)
-            twin = next(
-                (
-                    name
-                    for h, level, name in seen_dhashes
-                    if hamming(h, dhash) <= self.config.duplicate_threshold and abs(level - brightness) < 16
-                ),
-                None,
-            )
-            if twin:
-                self.skip(source.relative, f"near-duplicate of {twin}", loaded.sha256)
-                continue
-            seen_hashes[loaded.sha256] = source.relative
-            seen_dhashes.append((dhash, brightness, source.relative))
-            self.result.used.append(self._crop(source, loaded))
+            self.take(source)
         self.on_event(PrepProgress(stage="scan", done=len(files), total=len(files)))
         if not self.result.used:
             raise UserError(
                 f"No usable image in {self.images_dir}: {len(self.result.skipped)} file(s) skipped "
                 f"({', '.join(f'{k}: {v}' for k, v in self.result.skip_reasons().items())})."
             )
+
+    def take(self, source) -> None:
+        """Use ``source`` (crop it into the project) or record why not."""
+        try:
+            data = read_regular_file(
+                source.path, folder=self.images_dir, max_bytes=self.limits.max_image_bytes, setting=IMAGE_SIZE_SETTING
+            )
+            loaded = load_image(data)
+        except (RejectedFile, RejectedImage) as exc:
+            self.skip(source.relative, str(exc))
+            return
+        del data
+        short = min(loaded.width, loaded.height)
+        if short < self.config.minimum_side:
+            self.skip(
+                source.relative,
+                f"too small ({loaded.width}x{loaded.height}; the short side needs at least "
+                f"{self.config.minimum_side} px for resolution {self.config.resolution})",
+                loaded.sha256,
+            )
+            return
+        if loaded.sha256 in self.seen_hashes:
+            self.skip(source.relative, f"duplicate of {self.seen_hashes[loaded.sha256]}", loaded.sha256)
+            return
+        brightness, spread = brightness_and_spread(loaded.image)
+        if spread < BLANK_SPREAD:
+            self.skip(source.relative, "blank image (one flat colour, nothing to learn)", loaded.sha256)
+            return
+        dhash = difference_hash(loaded.image)
+        twin = next(
+            (
+                name
+                for h, level, name in self.seen_dhashes
+                if hamming(h, dhash) <= self.config.duplicate_threshold and abs(level - brightness) < 16
+            ),
+            None,
+        )
+        if twin:
+            self.skip(source.relative, f"near-duplicate of {twin}", loaded.sha256)
+            return
+        self.seen_hashes[loaded.sha256] = source.relative
+        self.seen_dhashes.append((dhash, brightness, source.relative))
+        self.result.used.append(self._crop(source, loaded))
 
     def _crop(self, source, loaded) -> dict:
         bucket: Bucket = nearest_bucket(loaded.width, loaded.height, self.buckets)
@@ -190,8 +243,12 @@ class _Preparation:
             "original_size": [loaded.width, loaded.height],
             "bucket": [bucket.width, bucket.height],
             "crop": {"resized": [crop.resized_width, crop.resized_height], "left": crop.left, "top": crop.top},
-            "source_caption": _read_caption_beside(source.path),
         }
+        entry["source_caption"], note = read_caption_beside(
+            source.path, folder=self.images_dir, max_bytes=self.limits.max_caption_bytes
+        )
+        if note:
+            entry["caption_note"] = note
         old = self.old_by_hash.get(loaded.sha256)
         reusable = old and old.get("bucket") == entry["bucket"] and old.get("crop") == entry["crop"]
         if not (reusable and image_path.is_file()):
@@ -247,15 +304,18 @@ class _Preparation:
         )
         self.on_event(Log(f"Captioning {len(entries)} image(s) with {captioner.name} ({self.config.caption_task})"))
         try:
-            batch_size = 8
+            batch_size = getattr(captioner, "batch_size", 4)
             for start in range(0, len(entries), batch_size):
+                self.check_stop()
                 batch = entries[start : start + batch_size]
                 self.on_event(PrepProgress(stage="caption", done=start, total=len(entries), item=batch[0]["source"]))
                 images = []
                 for entry in batch:
                     with Image.open(self.paths.images / entry["image"]) as opened:
                         images.append(opened.convert("RGB"))
-                for entry, generated in zip(batch, captioner.caption(images), strict=True):
+                captions = captioner.caption(images, should_stop=self.should_stop)
+                self.check_stop()
+                for entry, generated in zip(batch, captions, strict=True):
                     entry["caption_raw"] = merge_existing(
                         entry["source_caption"], generated, self.config.existing_captions
                     )
@@ -293,20 +353,41 @@ class _Preparation:
                 "config": config_to_dict(self.config),
                 "images": self.result.used + self.result.skipped,
                 "buckets": self.result.bucket_histogram(),
+                "not_read": dict(self.result.not_read),
             },
         )
 
 
-def prepare(config: PrepareConfig, *, projects_dir: Path, models_dir: Path, on_event: EventSink = ignore_events):
-    """Prepare ``config.images_dir`` into the project folder; returns a PrepareResult."""
-    paths, images_dir = _check_inputs(config, projects_dir)
+def prepare(
+    config: PrepareConfig,
+    *,
+    projects_dir: Path,
+    models_dir: Path,
+    on_event: EventSink = ignore_events,
+    should_stop: Callable[[], bool] = never_stop,
+    image_roots: Iterable[Path] | None = None,
+    limits: ScanLimits = DEFAULT_LIMITS,
+) -> PrepareResult:
+    """Prepare ``config.images_dir`` into the project folder; returns a PrepareResult.
+
+    ``image_roots``: the folder must lie inside one of them (the app passes its IMAGE_ROOTS;
+    None, for the CLI and library use, reads any folder the caller can). ``should_stop``
+    ends the run early: the result's status is then "stopped".
+    """
+    paths, images_dir = _check_inputs(config, projects_dir, image_roots)
     is_new_project = not paths.root.exists()
-    work = _Preparation(config, paths, images_dir, on_event)
+    work = _Preparation(config, paths, images_dir, on_event=on_event, should_stop=should_stop, limits=limits)
     try:
         work.scan_and_crop()
         work.caption(models_dir)
+        work.check_stop()
         work.count_tokens()
         work.write()
+    except StopRequested:
+        work.result.status = "stopped"
+        kept = "nothing is prepared yet" if not work.old_by_hash else "the project keeps its previous prepared set"
+        on_event(Log(f"Preparation stopped: {kept}. Prepare again to finish."))
+        return work.result
     except BaseException:
         if is_new_project:
             shutil.rmtree(paths.root, ignore_errors=True)
