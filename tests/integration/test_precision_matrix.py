@@ -19,14 +19,10 @@ from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from core.model_manager import GenerationRequest, LoraChoice, ModelManager
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, SampleSaved
+from modules.lora_training.lora_layouts import split_down_key
 from modules.lora_training.train import train
 
 RANK, ALPHA = 4, 8.0
-SUFFIXES = (
-    (".lora.down.weight", ".lora.up.weight"),
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-)
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}
 CELLS = [
     # family, precision, cached, text-encoder LoRA
@@ -58,11 +54,11 @@ def _lora_layers(path):
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
         for key in keys:
-            for down, up in SUFFIXES:
-                if key.endswith(down):
-                    stem = key[: -len(down)]
-                    component, _, module = stem.partition(".")
-                    layers[(component, module)] = (handle.get_tensor(key).float(), handle.get_tensor(stem + up).float())
+            # Any spelling the main file uses (PEFT, diffusers' processor names), as the model names the module.
+            split = split_down_key(key)
+            if split is not None:
+                component, _, module = split[2].partition(".")
+                layers[(component, module)] = (handle.get_tensor(key).float(), handle.get_tensor(split[1]).float())
         metadata = handle.metadata()
     return layers, metadata
 
@@ -87,7 +83,8 @@ def _check_fused_deltas(models_dir, family: str, lora_path) -> int:
     assert "lora_adapter_metadata" in metadata
     before = {key: _weight(pipe, *key) for key in layers}
     pipe.load_lora_weights(str(lora_path))
-    pipe.fuse_lora()
+    # Flux's fuse_lora fuses only the transformer unless told: fuse the text encoder too.
+    pipe.fuse_lora(components=list(pipe._lora_loadable_modules))
     for key, (down, up) in layers.items():
         expected = up.flatten(1) @ down.flatten(1) * (ALPHA / RANK)
         change = _weight(pipe, *key) - before[key]
