@@ -192,14 +192,16 @@ class _Scanner:
                 )
 
     def walk(self, directory: Path, depth: int) -> None:
+        entries = []
         try:
             with os.scandir(directory) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
+                for entry in listing:  # counted while listing: a huge folder is refused before it is all read
+                    self.tick()
+                    entries.append(entry)
         except OSError as exc:
             self.result.ignored[f"folder that cannot be listed ({exc.strerror or 'error'})"] += 1
             return
-        for entry in entries:
-            self.tick()
+        for entry in sorted(entries, key=lambda e: e.name):
             self.visit(entry, depth)
 
     def visit(self, entry: os.DirEntry, depth: int) -> None:
