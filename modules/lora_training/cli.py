@@ -187,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             from modules.lora_training.dataset.prepare import prepare
 
             config = config_from_dict(PrepareConfig, _collect(args, PrepareConfig))
+            from modules.lora_training.dataset.scan import ScanLimits
+
             prepare(
                 config,
                 projects_dir=app_config.LORA_PROJECTS_DIR,
                 models_dir=app_config.MODELS_DIR,
                 on_event=_print_event,
+                limits=ScanLimits(max_image_bytes=app_config.MAX_IMAGE_FILE_MB * 2**20),
             )
         if args.command == "export":
             return _export(args)

@@ -545,9 +545,8 @@ class LoraTrainingTab:
             if changed and snapshot["state"] in ("prepared", "training", "finished"):
                 gallery_update = self.prepared_gallery(snapshot["project"])
             lora_updates = [gr.skip()] * len(lora_dropdowns)
-            if self.jobs.lora_version != seen.get("lora_version", 0):
-                names = self.model_manager.list_loras()
-                lora_updates = [gr.Dropdown(choices=names) for _ in lora_dropdowns]
+            if self.jobs.lora_version != seen.get("lora_version", 0) and generate_tab is not None:
+                lora_updates = generate_tab.refresh_lora_updates(self.model_manager.loaded_model)
             new_seen = {
                 "job_id": snapshot.get("job_id"),
                 "state": snapshot["state"],
@@ -576,9 +575,8 @@ class LoraTrainingTab:
                 if not lora:
                     raise gr.Error(t("no_lora_yet"))
                 name = str(Path(lora).relative_to(self.config.LORAS_DIR))
-                names = self.model_manager.list_loras()
-                updates = [gr.Dropdown(choices=names, value=name)]
-                updates += [gr.Dropdown(choices=names) for _ in generate_tab.lora_dropdowns[1:]]
+                updates = generate_tab.refresh_lora_updates(snapshot.get("base_model"))
+                updates[0] = gr.Dropdown(choices=updates[0].choices, value=name)
                 prompt = f"{snapshot.get('trigger') or ''}, " if snapshot.get("trigger") else gr.skip()
                 tab_update = gr.Tabs(selected="generate") if host_tabs is not None else gr.skip()
                 return [snapshot.get("base_model") or gr.skip(), prompt, *updates, tab_update]
