@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 from safetensors import safe_open
 
+from core import safetensors_stream
 from core.demo_models import DEMO_SDXL_NAME
 from modules.lora_training.checkpoints import latest_checkpoint, load_checkpoint
 from modules.lora_training.config import TrainConfig, config_from_dict
@@ -87,6 +88,14 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(sdxl_proj
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    real_stream = safetensors_stream.write_safetensors_to
+
+    def full_disk_streamed(path, specs, *, metadata=None):
+        if str(loras) in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_stream(path, specs, metadata=metadata)
+
+    monkeypatch.setattr(safetensors_stream, "write_safetensors_to", full_disk_streamed)
     events = []
     config = config_from_dict(TrainConfig, {"project": name, "base_model": DEMO_SDXL_NAME, "steps": 3, "rank": 4})
     result = train(

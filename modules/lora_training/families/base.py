@@ -124,12 +124,13 @@ class LoraFamily:
     def denoiser_lora_config(cls, *, rank: int, alpha: float, lora_targets: str):
         from peft import LoraConfig
 
+        targets = cls.target_modules(lora_targets)
         return LoraConfig(
             r=rank,
             lora_alpha=alpha,
             init_lora_weights="gaussian",
-            target_modules=list(cls.target_modules(lora_targets)),
-            exclude_modules=cls.excluded_modules,
+            target_modules=list(targets),
+            exclude_modules=cls.excluded_modules if cls.excluded_modules in targets else None,
         )
 
     def add_lora(self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool) -> None:
