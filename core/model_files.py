@@ -24,14 +24,30 @@ class ModelEntry:
 
 
 def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and header metadata, without reading the tensors."""
+    """Tensor names and header metadata, without reading the tensors.
+
+    Only a regular file is opened: a named pipe would block ``open()`` (inside safetensors,
+    holding the GIL: every thread of the server would stop)."""
     from safetensors import safe_open
 
+    require_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys()), dict(handle.metadata() or {})
     except Exception as exc:  # safetensors raises several types for a bad file
         raise UserError(f"{Path(path).name} is not a readable .safetensors file ({exc}).") from exc
+
+
+def require_regular_file(path: Path) -> None:
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"{Path(path).name} cannot be read ({exc.strerror}).") from exc
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{Path(path).name} is not a regular file: only model files are read.")
 
 
 def family_of_state_keys(keys: list[str]) -> str | None:
@@ -49,8 +65,9 @@ def detect_family(path: Path) -> str:
     if path.is_dir():
         index = path / "model_index.json"
         try:
+            require_regular_file(index)
             class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, UserError) as exc:
             raise UserError(
                 f"{path.name}: no readable model_index.json, so this is not a diffusers model folder."
             ) from exc

@@ -105,11 +105,20 @@ def scheduler_for_single_file(scheduler, path: Path):
 
 
 def model_entry(models_dir: Path, name_or_path: str) -> ModelEntry:
-    """A base model named inside ``models_dir``, or given by path."""
+    """A base model named inside ``models_dir`` (by name, relative path or an absolute path inside it)."""
     from core.model_files import detect_family
 
     candidate = Path(name_or_path).expanduser()
-    path = candidate if candidate.is_absolute() else resolve_inside(models_dir, name_or_path)
+    if candidate.is_absolute():
+        # Base models live in models/: a path from the API or the CLI may name one there, nothing else.
+        try:
+            name_or_path = str(candidate.relative_to(Path(models_dir).resolve()))
+        except ValueError:
+            raise UserError(
+                f"Base model {candidate} is outside the models folder {Path(models_dir).resolve()}: "
+                "copy it there (or pick a model from the list)."
+            ) from None
+    path = resolve_inside(models_dir, name_or_path)
     if not path.exists():
         raise UserError(f"Base model {name_or_path!r} not found (looked at {path}).")
     return ModelEntry(name=path.name, path=path, family=detect_family(path), single_file=path.is_file())
