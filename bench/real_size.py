@@ -40,18 +40,6 @@ MODEL_NAMES = {"sdxl": "sdxl-base-random", "flux": "flux-dev-random"}
 RUNTIME_MARGIN_BYTES = 4 * GIB
 
 # Public architecture of FLUX.1 [dev] (diffusers' transformer config) and of T5 v1.1 XXL.
-FLUX_DEV_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
 T5_XXL = {
     "vocab_size": 32128,
     "d_model": 4096,
@@ -211,7 +199,7 @@ def flux_modules() -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from core.model_configs import SDXL_TEXT_ENCODER, SDXL_VAE
+    from core.model_configs import FLUX_DEV_TRANSFORMER, SDXL_TEXT_ENCODER, SDXL_VAE
 
     vae_config = {k: v for k, v in SDXL_VAE.items() if k != "_class_name"}
     return {

@@ -98,6 +98,22 @@ SDXL_MODEL_INDEX = {
 }
 
 
+# FLUX.1 [dev]'s transformer (diffusers' FluxTransformer2DModel arguments), for full-size layouts
+# built on the meta device (tests, the bench) without a download.
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")

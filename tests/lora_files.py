@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from core.model_configs import FLUX_DEV_TRANSFORMER
+
 
 def _randomize_lora(model, *, seed: int, scale: float) -> None:
     generator = torch.Generator().manual_seed(seed)
@@ -56,18 +58,7 @@ SDXL_FEEDFORWARD = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 FLUX_FEEDFORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
-FLUX_DEV = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+FLUX_DEV = FLUX_DEV_TRANSFORMER
 
 
 def _targeted_linears(model, targets, prefix: str) -> dict[str, tuple[int, int]]:
