@@ -171,6 +171,8 @@ class ModelManager:
         self._adapters: dict[str, _LoadedAdapter] = {}
         self._busy_reason: str | None = None
         self._released_model: str | None = None
+        # Set by release(): the generation in flight stops at its next denoising step.
+        self._hand_off = threading.Event()
 
     # ----- listing -------------------------------------------------------------
     def list_models(self) -> list[ModelEntry]:
@@ -364,8 +366,14 @@ class ModelManager:
             )
             if entry.family == SDXL:
                 kwargs["negative_prompt"] = request.negative_prompt or None
+            stopped_at = []
             with torch.inference_mode():
-                image = self._pipe(**kwargs).images[0]
+                image = self._pipe(**kwargs, callback_on_step_end=self._stop_on_hand_off(stopped_at)).images[0]
+            if stopped_at:
+                raise GpuBusyError(
+                    f"Generation stopped at step {stopped_at[0]}/{request.steps}: a training run needs the GPU. "
+                    "Generate again when it has finished."
+                )
         parameters = {
             "model": entry.name,
             "family": entry.family,
@@ -380,9 +388,27 @@ class ModelManager:
         }
         return GenerationResult(image=image, seed=seed, family=entry.family, parameters=parameters)
 
+    def _stop_on_hand_off(self, stopped_at: list):
+        """A diffusers step callback that interrupts the pipeline once release() asks for the GPU."""
+
+        def callback(pipe, step, timestep, tensors):
+            if self._hand_off.is_set() and not stopped_at:
+                stopped_at.append(step + 1)
+                pipe._interrupt = True  # diffusers' own flag: the remaining steps are skipped
+            return tensors
+
+        return callback
+
     # ----- GPU hand-off --------------------------------------------------------
     def release(self, reason: str) -> ReleaseInfo:
-        """Free the GPU for another job (waits for a generation in flight)."""
+        """Free the GPU for another job; a generation in flight stops at its next step."""
+        self._hand_off.set()
+        try:
+            return self._release(reason)
+        finally:
+            self._hand_off.clear()
+
+    def _release(self, reason: str) -> ReleaseInfo:
         with self._lock:
             if self._busy_reason:
                 raise GpuBusyError(f"The GPU is already in use: {self._busy_reason}.")

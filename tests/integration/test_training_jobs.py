@@ -1,5 +1,6 @@
 """Training jobs in the server: GPU hand-off, one job at a time, stop/resume, status."""
 
+import re
 import time
 
 import pytest
@@ -96,21 +97,31 @@ def test_a_failing_job_never_leaves_the_server_stuck(jobs, photos, tmp_path):
         jobs.start()
 
 
-def test_train_clicked_while_generating_waits_for_the_image(jobs, photos):
-    """The hand-off waits for a generation in flight; both finish, neither errors."""
+def test_train_clicked_while_generating_stops_the_generation_at_its_next_step(jobs, photos):
+    """The hand-off does not wait for a long generation: it stops at its next denoising step, with a
+    message, and training runs; the model comes back afterwards."""
     import threading
 
     manager = jobs.model_manager
-    request = GenerationRequest(model=DEMO_SDXL_NAME, prompt="a cat", steps=40, width=64, height=64, seed=1)
+    request = GenerationRequest(model=DEMO_SDXL_NAME, prompt="a cat", steps=150, width=64, height=64, seed=1)
     manager.load_model(DEMO_SDXL_NAME)
-    results = {}
-    generating = threading.Thread(target=lambda: results.setdefault("image", manager.generate(request).image))
+    outcome = {}
+
+    def generate():
+        try:
+            outcome["image"] = manager.generate(request).image
+        except GpuBusyError as exc:
+            outcome["error"] = str(exc)
+
+    generating = threading.Thread(target=generate)
     generating.start()
-    time.sleep(0.3)  # the generation holds the GPU lock now
+    time.sleep(0.5)  # the generation holds the GPU lock now
     prepare, train = _configs(photos, steps=3)
     jobs.start(prepare_config=prepare, train_config=train)
-    generating.join(120)
+    generating.join(60)
+    assert "Generation stopped at step" in outcome.get("error", ""), outcome
+    stopped, total = re.search(r"step (\d+)/(\d+)", outcome["error"]).groups()
+    assert total == "150" and int(stopped) < 150, "the hand-off did not wait for the whole generation"
     final = jobs.wait(120)
-    assert results["image"].size == (64, 64)
     assert final["state"] == "finished", final["message"]
     assert manager.loaded_model == DEMO_SDXL_NAME
