@@ -106,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         allowed_paths=[str(config.OUTPUTS_DIR)],
         show_error=True,
         auth=auth,
+        app_kwargs=_login_throttle() if auth else None,
     )
     return 0
+
+
+def _login_throttle() -> dict:
+    """FastAPI arguments adding the per-client limit on failed logins."""
+    from starlette.middleware import Middleware
+
+    from core.login_throttle import LoginThrottle
+
+    return {"middleware": [Middleware(LoginThrottle)]}
 
 
 if __name__ == "__main__":

@@ -146,3 +146,22 @@ def test_files_outside_the_app_folders_cannot_be_read(tmp_path, models_dir):
                     target,
                     status,
                 )
+
+
+def test_failed_logins_are_rate_limited_per_client(tmp_path, models_dir):
+    import urllib.parse
+
+    config = write_config(tmp_path, models_dir)
+
+    def login(url: str, password: str) -> int:
+        data = urllib.parse.urlencode({"username": "me", "password": password}).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "login", data=data), timeout=30) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    with running_app(config, tmp_path / "app.log", "--auth", "me:right-password") as url:
+        assert [login(url, "wrong") for _ in range(5)] == [400] * 5
+        assert login(url, "wrong") == 429
+        assert login(url, "right-password") == 429, "no more tries from this address for a while"
