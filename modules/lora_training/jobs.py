@@ -93,6 +93,23 @@ class JobState:
         }
 
 
+def disk_failure_message(exc: OSError) -> str:
+    """What failed on disk, and what to do: free space or fix permissions, then try again or Resume."""
+    import errno
+
+    where = exc.filename or "a project file"
+    if exc.errno == errno.ENOSPC:
+        fix = "Free some disk space"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "Fix the folder's permissions (or choose a writable folder in config.json)"
+    else:
+        fix = "Check the disk and the folder"
+    return (
+        f"Could not read or write {where}: {exc.strerror or exc}. {fix}, then try again: Resume continues a "
+        "stopped run from its last checkpoint, and a second Prepare reuses what was already prepared."
+    )
+
+
 def thinned(points: list, *, limit: int) -> list:
     """At most ``limit`` points, evenly spaced, always with the newest."""
     if len(points) <= limit:
@@ -273,6 +290,11 @@ class TrainingJobs:
         except UserError as exc:
             self._record(job, Failed(str(exc)))
             self._set(job, state="failed", message=str(exc))
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the user can fix it
+            log.error("job %s stopped by a failed read or write: %s", job.job_id, exc)
+            message = disk_failure_message(exc)
+            self._record(job, Failed(message))
+            self._set(job, state="failed", message=message)
         except Exception as exc:  # a bug or an environment problem: keep the server alive, say what happened
             log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
             message = f"Unexpected error: {type(exc).__name__}: {exc}. See the server log for details."

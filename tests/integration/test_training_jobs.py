@@ -125,3 +125,22 @@ def test_train_clicked_while_generating_stops_the_generation_at_its_next_step(jo
     final = jobs.wait(120)
     assert final["state"] == "finished", final["message"]
     assert manager.loaded_model == DEMO_SDXL_NAME
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "fix"),
+    [(28, "No space left on device", "Free some disk space"), (30, "Read-only file system", "permissions")],
+)
+def test_a_full_or_read_only_disk_says_what_to_fix(jobs, photos, monkeypatch, code, text, fix):
+    import modules.lora_training.dataset.prepare as preparation
+
+    def failing_write(*args, **kwargs):
+        raise OSError(code, text, "/data/projects/job/manifest.json")
+
+    monkeypatch.setattr(preparation, "prepare", failing_write)
+    prepare, _ = _configs(photos)
+    jobs.start(prepare_config=prepare)
+    final = jobs.wait(60)
+    assert final["state"] == "failed"
+    assert "manifest.json" in final["message"] and text in final["message"] and fix in final["message"]
+    assert "Resume" in final["message"] and "Unexpected error" not in final["message"]
