@@ -227,10 +227,18 @@ class Trainer:
         self.timings: dict[str, float] = {}  # seconds per phase: load, cache, first_step, train, save
 
     # ----- setup ------------------------------------------------------------------
+    def _may_replace(self, path: Path) -> bool:
+        """A LoRA file may be replaced when overwrite is on, or by a resumed run of the project that wrote it."""
+        if not path.exists() or self.config.overwrite:
+            return True
+        return self.resume and lora_project(path) == self.paths.name
+
     def _check_before_loading(self) -> None:
-        if self.lora_path.exists() and not self.config.overwrite and not self.resume:
+        if not self._may_replace(self.lora_path):
+            owner = lora_project(self.lora_path)
+            made_by = f" (made by project {owner!r})" if owner and owner != self.paths.name else ""
             raise UserError(
-                f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}. "
+                f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}{made_by}. "
                 "Choose another name or allow overwriting."
             )
         self.items = load_items(self.paths)
@@ -274,8 +282,6 @@ class Trainer:
         )
         micro_per_step = config.gradient_accumulation * self.world
         self.total_steps = config.steps or max(1, math.ceil(self.stream.per_epoch * config.epochs / micro_per_step))
-        if self.is_main:
-            write_json(self.paths.training_config, config_to_dict(config))
         self.timings["load"] = time.perf_counter() - clock
         clock = time.perf_counter()
         self._fill_caches()
@@ -303,6 +309,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
         self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
+        if self.is_main:  # written once the run has really started: a run that fails to start strands nothing
+            write_json(self.paths.training_config, config_to_dict(config))
         self.on_event(Log(self._describe_run()))
         for warning in self._setting_warnings():
             self.on_event(Log(warning, level="warning"))
@@ -557,6 +565,7 @@ class Trainer:
 
         return {
             "lora_studio.family": self.family_name,
+            "lora_studio.project": self.paths.name,
             "lora_studio.base_model": self.entry.name,
             "lora_studio.base_model_sha256": self.base_hash.result(),
             "lora_studio.resolution": str(self.prep_config.get("resolution", "")),
@@ -577,8 +586,18 @@ class Trainer:
         return dict(counts.most_common(200))
 
     def _save_webui_copy(self) -> None:
-        from modules.lora_training.export import export_lora
+        from modules.lora_training.export import default_export_path, export_lora
 
+        copy = default_export_path(self.lora_path, "kohya")
+        if not self._may_replace(copy) and lora_project(copy) != self.paths.name:
+            self.on_event(
+                Log(
+                    f"No webui copy written: {copy} belongs to project {lora_project(copy)!r}; "
+                    "allow overwriting to replace it.",
+                    level="warning",
+                )
+            )
+            return
         try:
             result = export_lora(self.lora_path, fmt="kohya")
         except Exception as exc:  # noqa: BLE001 - the main LoRA is written: a failed copy must not fail the run
@@ -683,6 +702,17 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
+
+
+def lora_project(path: Path) -> str | None:
+    """The project a LoRA file was trained by (its header), or None for a file we cannot tell."""
+    from core.model_files import read_safetensors_header
+
+    try:
+        _, metadata = read_safetensors_header(path)
+    except UserError:
+        return None
+    return metadata.get("lora_studio.project")
 
 
 def _write_failure_message(exc: OSError, trainer: Trainer) -> str:

@@ -194,3 +194,53 @@ def test_v_prediction_from_a_diffusers_folder_and_zero_snr_as_an_option(models_d
     assert family.pipe.scheduler.config.timestep_spacing == "trailing"
     weights = family._min_snr_weights(torch.tensor([0, 999]), 5.0, "epsilon")
     assert torch.isfinite(weights).all()
+
+
+def test_resume_and_the_webui_copy_never_replace_another_projects_lora(project, models_dir, tmp_path):
+    from core.errors import UserError
+
+    projects, name = project
+    shutil.copytree(projects / name, projects / "other")
+    loras = tmp_path / "loras"
+    values = {"base_model": DEMO_FLUX_NAME, "steps": 2, "rank": 4, "alpha": 4.0, "name": "shared"}
+    stopped = train(
+        config_from_dict(TrainConfig, {"project": "other", **values}),
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=loras,
+        should_stop=lambda: True,
+    )
+    assert stopped.status == "stopped"
+    finished = train(
+        config_from_dict(TrainConfig, {"project": name, **values}),
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=loras,
+    )
+    assert finished.status == "finished"
+    theirs = (loras / "shared.safetensors").read_bytes()
+    with pytest.raises(UserError, match=f"made by project '{name}'"):
+        train(
+            config_from_dict(TrainConfig, {"project": "other", **values}),
+            projects_dir=projects,
+            models_dir=models_dir,
+            loras_dir=loras,
+            resume=True,
+        )
+    assert (loras / "shared.safetensors").read_bytes() == theirs
+
+    webui = loras / "webui" / "shared.safetensors"
+    webui_bytes = webui.read_bytes()
+    (loras / "shared.safetensors").unlink()
+    events = []
+    again = train(
+        config_from_dict(TrainConfig, {"project": "other", **values}),
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=loras,
+        resume=True,
+        on_event=events.append,
+    )
+    assert again.status == "finished" and again.lora_path.is_file()
+    assert any(f"belongs to project '{name}'" in w for w in _warnings(events)), _warnings(events)
+    assert webui.read_bytes() == webui_bytes
