@@ -81,9 +81,10 @@ def full_size_flux(**overrides):
         return FluxTransformer2DModel(**{**FLUX_DEV, **overrides})
 
 
-def full_size_flux_linears(targets) -> dict[str, tuple[int, int]]:
-    """Flux.1 dev's targeted Linear layers; ``single.proj_out`` targets the single blocks' output layer."""
-    model = full_size_flux()
+def full_size_flux_linears(targets, **overrides) -> dict[str, tuple[int, int]]:
+    """Flux.1 dev's targeted Linear layers (``overrides`` change its config, e.g. a narrow width);
+    ``single.proj_out`` targets the single blocks' output layer."""
+    model = full_size_flux(**overrides)
     plain = [t for t in targets if t != "single.proj_out"]
     found = _targeted_linears(model, plain, "transformer")
     if "single.proj_out" in targets:

@@ -49,14 +49,7 @@ def _clip_l_linears() -> dict[str, tuple[int, int]]:
 
 
 def _narrow_flux_linears(targets) -> dict[str, tuple[int, int]]:
-    model = full_size_flux(**NARROW)
-    plain = [t for t in targets if t != "single.proj_out"]
-    found = _targeted_linears(model, plain, "transformer")
-    if "single.proj_out" in targets:
-        found.update(
-            _targeted_linears(model.single_transformer_blocks, ["proj_out"], "transformer.single_transformer_blocks")
-        )
-    return found
+    return full_size_flux_linears(targets, **NARROW)
 
 
 # diffusers' saver writes PEFT names for the denoiser and its older names for text encoders
