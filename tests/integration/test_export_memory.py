@@ -9,8 +9,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import ROOT
 from tests.lora_files import (
     FLUX_ATTENTION,
@@ -77,7 +75,6 @@ def test_full_size_sdxl_export_stays_under_one_gib(tmp_path):
     assert report["extra"] <= GIB
 
 
-@pytest.mark.slow
 def test_full_size_flux_export_stays_under_one_gib(tmp_path):
     shapes = full_size_flux_linears(FLUX_ATTENTION + FLUX_FEEDFORWARD + ("single.proj_out",))
     assert "transformer.proj_out" not in shapes and "transformer.single_transformer_blocks.37.proj_out" in shapes
