@@ -106,7 +106,9 @@ class PrepareConfig:
     trigger: str
     family: str = choice("sdxl", FAMILIES, "base model family the set is prepared for")
     resolution: int = bounded(1024, minimum=64, maximum=4096, help="bucket area is about resolution²")
-    min_side: int | None = bounded(None, minimum=8, maximum=4096, help="shortest side an image needs (default: resolution/2)")
+    min_side: int | None = bounded(
+        None, minimum=8, maximum=4096, help="shortest side an image needs (default: resolution/2)"
+    )
     captioner: str = choice("florence2", CAPTIONERS, "caption model, or 'none' for .txt + trigger only")
     caption_task: str = choice("<DETAILED_CAPTION>", FLORENCE_TASKS, "Florence-2 task")
     caption_model: str | None = field(default=None, metadata={"help": "captioner folder or hub id"})
@@ -196,7 +198,9 @@ class TrainConfig:
     zero_terminal_snr: bool = field(
         default=False, metadata={"help": "SDXL: rescale the noise schedule to zero terminal SNR (for v-prediction)"}
     )
-    min_snr_gamma: float = bounded(0.0, minimum=0.0, maximum=100.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)")
+    min_snr_gamma: float = bounded(
+        0.0, minimum=0.0, maximum=100.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)"
+    )
     noise_offset: float = bounded(0.0, minimum=0.0, maximum=1.0)
     multires_noise_iterations: int = bounded(0, minimum=0, maximum=10, help="0 = off")
     multires_noise_discount: float = bounded(0.3, minimum=0.0, maximum=1.0)
@@ -210,7 +214,9 @@ class TrainConfig:
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     # outputs
-    save_every_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS, help="resumable checkpoint every N steps (0 = only at the end)")
+    save_every_steps: int = bounded(
+        0, minimum=0, maximum=MAX_STEPS, help="resumable checkpoint every N steps (0 = only at the end)"
+    )
     keep_checkpoints: int = bounded(3, minimum=1, maximum=1000)
     sample_every_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS, help="0 = no samples")
     sample_prompts: tuple[str, ...] = field(default=("{trigger}",), metadata={"help": "{trigger} is replaced"})
