@@ -169,11 +169,6 @@ class TrainingJobs:
             from modules.lora_training.dataset.scan import check_within_roots
 
             check_within_roots(prepare_config.images_dir, self.app_config.IMAGE_ROOTS)
-        if train_config is not None and not resume and not new_run:
-            from modules.lora_training.project import ProjectPaths
-            from modules.lora_training.runs import check_can_start
-
-            check_can_start(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project))
         kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
         with self._lock:
             if self._job is not None and self._job.running:
@@ -181,6 +176,8 @@ class TrainingJobs:
                     f"A job is already running ({self._job.kind} of {self._job.project!r}); "
                     "stop it or wait for it to finish."
                 )
+            if train_config is not None and not resume and not new_run:
+                self._check_can_start(project)
             job = JobState(job_id=self._next_id, project=project, kind=kind)
             if train_config is not None:
                 job.base_model = train_config.base_model
@@ -196,6 +193,12 @@ class TrainingJobs:
             )
             self._thread.start()
             return job.as_dict()
+
+    def _check_can_start(self, project: str) -> None:
+        from modules.lora_training.project import ProjectPaths
+        from modules.lora_training.runs import check_can_start
+
+        check_can_start(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project))
 
     def _prepared_trigger(self, project: str) -> str:
         from modules.lora_training.project import ProjectPaths, read_json
