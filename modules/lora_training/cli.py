@@ -66,7 +66,8 @@ def _print_event(event) -> None:
     elif isinstance(event, SampleSaved):
         print(f"sample saved: {event.path}")
     elif isinstance(event, Stopped):
-        print(f"stopped at step {event.step}; resume from {event.checkpoint_path} with --resume")
+        run_id = Path(event.checkpoint_path).parent.parent.name
+        print(f"stopped at step {event.step}; continue it with --resume --run {run_id} ({event.checkpoint_path})")
     elif isinstance(event, Finished):
         print(f"LoRA saved: {event.lora_path}")
     elif isinstance(event, Failed):

@@ -124,3 +124,19 @@ def test_a_legacy_project_is_migrated_and_resumes(project, models_dir, tmp_path)
     assert metadata["lora_studio.run_id"] == LEGACY_RUN_ID
     assert not (projects / name / "checkpoints").exists()
     assert [r.run_id for r in list_runs(ProjectPaths.for_project(projects, name))] == [LEGACY_RUN_ID]
+
+
+def test_the_cli_refuses_a_new_run_and_resumes_a_named_one(project, models_dir, tmp_path, capsys):
+    from modules.lora_training.cli import main
+    from tests.conftest import write_config
+
+    app_config = write_config(tmp_path, models_dir)
+    first = _stopped_run(project, models_dir, tmp_path / "loras", stop_at=3, name="first")
+    second = _stopped_run(project, models_dir, tmp_path / "loras", stop_at=2, new_run=True, name="second")
+    base = ["--app-config", str(app_config), "train", "--project", project[1], "--base-model", DEMO_SDXL_NAME]
+    assert main([*base, "--steps", "4", "--rank", "4"]) == 2
+    assert f"stopped run {second.run_id} at step 2" in capsys.readouterr().err
+
+    assert main([*base, "--steps", "6", "--rank", "4", "--name", "first", "--resume", "--run", first.run_id]) == 0
+    assert f"Resuming run {first.run_id} from step 3" in capsys.readouterr().out
+    assert main([*base, "--steps", "1", "--rank", "4", "--name", "third", "--new-run"]) == 0
