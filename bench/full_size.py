@@ -122,6 +122,7 @@ def measure_training(
         on_event=lambda event: None,
         should_stop=lambda: False,
         resume=False,
+        new_run=True,
     )
     if on_gpu:
         _cuda_peak(reset=True)

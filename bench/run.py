@@ -106,6 +106,7 @@ def _trainer(workspace: dict, loras: Path, **options):
         on_event=lambda event: None,
         should_stop=lambda: False,
         resume=False,
+        new_run=True,  # a bench measures; it never continues an earlier run
     )
     trainer.setup()
     return trainer
@@ -298,9 +299,9 @@ def bench_end_to_end(workspace: dict, root: Path) -> dict:
         on_event=lambda event: None,
         should_stop=lambda: False,
         resume=False,
+        new_run=True,  # a bench measures; it never continues an earlier run
     )
     trainer.setup()
-    shutil.rmtree(workspace["projects"] / "bench" / "checkpoints", ignore_errors=True)
     trainer.run()
     phases = {**workspace["prepare"], **trainer.timings}
     return {

@@ -66,7 +66,8 @@ def _print_event(event) -> None:
     elif isinstance(event, SampleSaved):
         print(f"sample saved: {event.path}")
     elif isinstance(event, Stopped):
-        print(f"stopped at step {event.step}; resume from {event.checkpoint_path} with --resume")
+        run_id = Path(event.checkpoint_path).parent.parent.name
+        print(f"stopped at step {event.step}; continue it with --resume --run {run_id} ({event.checkpoint_path})")
     elif isinstance(event, Finished):
         print(f"LoRA saved: {event.lora_path}")
     elif isinstance(event, Failed):
@@ -157,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(prepare, PrepareConfig, renames={"images_dir": "images"})
     train = commands.add_parser("train", help="train a LoRA on a prepared project")
     train.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the newest stopped run from its last checkpoint")
+    train.add_argument("--run", dest="run_id", help="with --resume: the run to continue (its id, runs/<id>/)")
+    train.add_argument(
+        "--new-run", action="store_true", help="start a new run even though a stopped one could be resumed"
+    )
     _add_config_flags(train, TrainConfig, renames={})
     estimate = commands.add_parser("estimate", help="peak memory and s/step that training with these options needs")
     estimate.add_argument("--config", dest="run_config", type=Path, help="JSON file of training options")
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 loras_dir=app_config.LORAS_DIR,
                 on_event=_print_event,
                 resume=args.resume,
+                run_id=args.run_id,
+                new_run=args.new_run,
             )
             return 1 if result.status == "failed" else 0
     except UserError as exc:

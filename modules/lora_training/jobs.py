@@ -159,6 +159,8 @@ class TrainingJobs:
         prepare_config: PrepareConfig | None = None,
         train_config: TrainConfig | None = None,
         resume: bool = False,
+        new_run: bool = False,
+        run_id: str | None = None,
     ) -> dict:
         if prepare_config is None and train_config is None:
             raise UserError("Nothing to do: give preparation settings, training settings or both.")
@@ -174,6 +176,8 @@ class TrainingJobs:
                     f"A job is already running ({self._job.kind} of {self._job.project!r}); "
                     "stop it or wait for it to finish."
                 )
+            if train_config is not None and not resume and not new_run:
+                self._check_can_start(project)
             job = JobState(job_id=self._next_id, project=project, kind=kind)
             if train_config is not None:
                 job.base_model = train_config.base_model
@@ -183,12 +187,18 @@ class TrainingJobs:
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._run,
-                args=(job, prepare_config, train_config, resume),
+                args=(job, prepare_config, train_config, {"resume": resume, "new_run": new_run, "run_id": run_id}),
                 name=f"lora-job-{job.job_id}",
                 daemon=True,
             )
             self._thread.start()
             return job.as_dict()
+
+    def _check_can_start(self, project: str) -> None:
+        from modules.lora_training.project import ProjectPaths
+        from modules.lora_training.runs import check_can_start
+
+        check_can_start(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project))
 
     def _prepared_trigger(self, project: str) -> str:
         from modules.lora_training.project import ProjectPaths, read_json
@@ -257,7 +267,7 @@ class TrainingJobs:
             for key, value in changes.items():
                 setattr(job, key, value)
 
-    def _run(self, job, prepare_config, train_config, resume) -> None:
+    def _run(self, job, prepare_config, train_config, run_options: dict) -> None:
         from modules.lora_training.dataset.prepare import prepare
         from modules.lora_training.dataset.scan import ScanLimits
         from modules.lora_training.train import train
@@ -286,7 +296,7 @@ class TrainingJobs:
             if self._stop.is_set():
                 self._set(job, state="stopped", message="Stopped before training started.")
                 return
-            self._train(job, train_config, resume, train)
+            self._train(job, train_config, run_options, train)
         except UserError as exc:
             self._record(job, Failed(str(exc)))
             self._set(job, state="failed", message=str(exc))
@@ -314,7 +324,7 @@ class TrainingJobs:
             return
         self._record(job, Log(estimate.describe(), level="warning" if estimate.fits is False else "info"))
 
-    def _train(self, job, train_config, resume, train) -> None:
+    def _train(self, job, train_config, run_options: dict, train) -> None:
         config = self.app_config
         try:
             info = self.model_manager.release(f"training LoRA {train_config.output_name!r}")
@@ -332,7 +342,7 @@ class TrainingJobs:
                 loras_dir=config.LORAS_DIR,
                 on_event=lambda e: self._record(job, e),
                 should_stop=self._stop.is_set,
-                resume=resume,
+                **run_options,
             )
         finally:
             restored = self.model_manager.restore()
@@ -345,35 +355,50 @@ class TrainingJobs:
             self._set(
                 job,
                 state="stopped",
-                message=f"Stopped at step {result.step}. Resume continues from {result.checkpoint}.",
+                message=(
+                    f"Stopped at step {result.step}. Resume continues run {Path(result.checkpoint).parent.parent.name} "
+                    f"from {result.checkpoint}."
+                ),
             )
         else:
             self._set(job, state="failed", message=result.message)
 
 
-def resumable_config(projects_dir: Path, project: str) -> TrainConfig:
-    """The training config a stopped or interrupted run of ``project`` was started with."""
-    from modules.lora_training.checkpoints import latest_checkpoint
+def resumable_config(projects_dir: Path, project: str, run_id: str | None = None) -> TrainConfig:
+    """The training config a stopped or interrupted run of ``project`` was started with: the named run,
+    or the newest one that can be resumed."""
     from modules.lora_training.config import config_from_dict
     from modules.lora_training.project import ProjectPaths, read_json
+    from modules.lora_training.runs import run_to_resume
 
-    paths = ProjectPaths.for_project(projects_dir, project)
-    raw = read_json(paths.training_config)
-    if not raw or latest_checkpoint(paths.checkpoints) is None:
-        raise UserError(f"Project {project!r} has no stopped run to resume; start a new training.")
+    run = run_to_resume(ProjectPaths.for_project(projects_dir, project), run_id)
+    raw = read_json(run.training_config)
+    if not raw:
+        raise UserError(
+            f"Run {run.run_id} of project {project!r} has no training_config.json; "
+            "start a new run with --new-run (tab: tick 'Start a new run')."
+        )
     return config_from_dict(TrainConfig, raw)
 
 
 def interrupted_projects(projects_dir: Path, loras_dir: Path) -> list[str]:
-    """Projects with a checkpoint but no finished LoRA: runs a crash or a Stop left to resume."""
+    """Projects with a run a crash or a Stop left to resume."""
+    from modules.lora_training.project import ProjectPaths
+    from modules.lora_training.runs import LEGACY_RUN_ID, resumable_runs
+
     found = []
     for folder in sorted(Path(projects_dir).iterdir()) if Path(projects_dir).is_dir() else []:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         try:
+            runs = resumable_runs(ProjectPaths.for_project(projects_dir, folder.name))
             config = resumable_config(projects_dir, folder.name)
         except (UserError, ValueError, OSError):
             continue
-        if not (Path(loras_dir) / f"{config.output_name}.safetensors").exists():
+        # A run from before runs had identities left no finished marker: its LoRA says it finished.
+        legacy_done = (
+            runs[-1].run_id == LEGACY_RUN_ID and (Path(loras_dir) / f"{config.output_name}.safetensors").exists()
+        )
+        if not legacy_done:
             found.append(folder.name)
     return found

@@ -48,6 +48,7 @@ from modules.lora_training.events import (
 from modules.lora_training.families import family_class
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, read_json, write_json
+from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ MAX_BAD_STEPS = 5
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
 MAX_BAD_STEPS_WITH_SCALER = 20
 PRODIGY_MIN_LR = 0.1
+LORA_SHAPE = ("rank", "alpha", "lora_targets", "train_text_encoder", "base_model")
 OOM_ADVICE = (
     "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
     "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
@@ -213,6 +215,8 @@ class Trainer:
         on_event: EventSink,
         should_stop: Callable[[], bool],
         resume: bool,
+        run_id: str | None = None,
+        new_run: bool = False,
     ) -> None:
         self.config = config
         self.paths = ProjectPaths.for_project(projects_dir, config.project)
@@ -220,6 +224,8 @@ class Trainer:
         self.loras_dir = Path(loras_dir)
         self.should_stop = should_stop
         self.resume = resume
+        self.run_id = run_id
+        self.new_run = new_run
         self.rank, self.world = _distributed()
         self.is_main = self.rank == 0
         self.on_event = on_event if self.is_main else ignore_events
@@ -228,12 +234,52 @@ class Trainer:
 
     # ----- setup ------------------------------------------------------------------
     def _may_replace(self, path: Path) -> bool:
-        """A LoRA file may be replaced when overwrite is on, or by a resumed run of the project that wrote it."""
+        """A LoRA file may be replaced when overwrite is on, or by a resumed run that wrote it (same project,
+        and same run when the file names one)."""
         if not path.exists() or self.config.overwrite:
             return True
-        return self.resume and lora_project(path) == self.paths.name
+        header = lora_header(path)
+        written_by = header.get("lora_studio.run_id")
+        same_run = written_by is None or written_by == self.current_run.run_id
+        return self.resume and header.get("lora_studio.project") == self.paths.name and same_run
+
+    def _choose_run(self) -> RunPaths:
+        """The run this training writes to: the one resumed, or a new one (refused while another can be resumed)."""
+        if self.run_id is not None and not self.resume:
+            raise UserError(f"Run {self.run_id!r} was named without resume: add --resume, or leave out --run.")
+        if self.is_main:
+            migrate_legacy(self.paths)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.resume:
+            return run_to_resume(self.paths, self.run_id)
+        if not self.new_run:
+            check_can_start(self.paths)
+        run = new_run(self.paths)
+        if self.world > 1:  # every process must write into the same run: the main one's id wins
+            import torch.distributed as dist
+
+            shared = [str(run.root)]
+            dist.broadcast_object_list(shared, src=0)
+            run = RunPaths(Path(shared[0]))
+        return run
+
+    def _checkpoint_config(self) -> None:
+        """A resumed run keeps the LoRA shape its checkpoint was trained with, whatever the caller passed."""
+        latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
+        saved = json.loads((latest / "config.json").read_text(encoding="utf-8"))
+        shape = {key: saved[key] for key in LORA_SHAPE if key in saved}
+        changes = {key: value for key, value in shape.items() if value != getattr(self.config, key)}
+        if changes:
+            self.on_event(Log(f"Resuming with the checkpoint's {', '.join(sorted(changes))}", level="warning"))
+            self.config = dataclasses.replace(self.config, **changes)
 
     def _check_before_loading(self) -> None:
+        self.current_run = self._choose_run()
+        if self.resume:
+            self._checkpoint_config()
         if not self._may_replace(self.lora_path):
             owner = lora_project(self.lora_path)
             made_by = f" (made by project {owner!r})" if owner and owner != self.paths.name else ""
@@ -256,7 +302,7 @@ class Trainer:
     def setup(self) -> None:
         self._check_before_loading()
         if self.is_main:
-            for folder in (self.paths.checkpoints, self.loras_dir):
+            for folder in (self.current_run.checkpoints, self.loras_dir):
                 remove_stale_partials(folder)
         config = self.config
         self.device = pick_device(config.device)
@@ -310,7 +356,7 @@ class Trainer:
         self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
         if self.is_main:  # written once the run has really started: a run that fails to start strands nothing
-            write_json(self.paths.training_config, config_to_dict(config))
+            write_json(self.current_run.training_config, config_to_dict(config))
         self.on_event(Log(self._describe_run()))
         for warning in self._setting_warnings():
             self.on_event(Log(warning, level="warning"))
@@ -350,11 +396,9 @@ class Trainer:
         return captions + [""] if self.config.caption_dropout > 0 else captions
 
     def _resume_state(self) -> int:
-        latest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if latest is None:
-            raise UserError(f"Project {self.paths.name!r} has no checkpoint to resume from; start a new run.")
+        latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
         state = ckpt.load_checkpoint(latest)
-        for key in ("rank", "alpha", "lora_targets", "train_text_encoder", "base_model"):
+        for key in LORA_SHAPE:
             if state.config.get(key) != getattr(self.config, key):
                 raise UserError(
                     f"Cannot resume: {key} was {state.config.get(key)!r} in the checkpoint, now {getattr(self.config, key)!r}."
@@ -366,7 +410,7 @@ class Trainer:
             self.scaler.load_state_dict(state.scaler)
         ckpt.restore_rng(state.torch_rng, state.python_rng)
         self.skipped = state.skipped
-        self.on_event(Log(f"Resumed from {latest} (step {state.step})"))
+        self.on_event(Log(f"Resuming run {self.current_run.run_id} from step {state.step} ({latest})"))
         return state.step
 
     def _describe_run(self) -> str:
@@ -512,15 +556,15 @@ class Trainer:
             config=config_to_dict(self.config),
             skipped=self.skipped,
         )
-        path = ckpt.save_checkpoint(self.paths.checkpoints, state, keep=self.config.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.current_run.checkpoints, state, keep=self.config.keep_checkpoints)
         self.on_event(CheckpointSaved(path=str(path), step=step))
         return path
 
     def _metrics(self, record: dict) -> None:
         if not self.is_main:
             return
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.paths.logs / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        self.current_run.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.current_run.logs / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def _samples(self, step: int) -> None:
@@ -546,7 +590,7 @@ class Trainer:
             seed=self.config.sample_seed,
             size=(width, height),
             steps=self.config.sample_steps,
-            folder=self.paths.samples,
+            folder=self.current_run.samples,
             step=step,
             device=self.device,
             on_failure=failed,
@@ -566,6 +610,7 @@ class Trainer:
         return {
             "lora_studio.family": self.family_name,
             "lora_studio.project": self.paths.name,
+            "lora_studio.run_id": self.current_run.run_id,
             "lora_studio.base_model": self.entry.name,
             "lora_studio.base_model_sha256": self.base_hash.result(),
             "lora_studio.resolution": str(self.prep_config.get("resolution", "")),
@@ -618,7 +663,7 @@ class Trainer:
         config = self.config
         step = self.start_step
         bad_steps = 0
-        self.last_checkpoint = ckpt.latest_checkpoint(self.paths.checkpoints)
+        self.last_checkpoint = ckpt.latest_checkpoint(self.current_run.checkpoints)
         while step < self.total_steps:
             if self._stop_requested():
                 self.last_checkpoint = self._checkpoint(step) or self.last_checkpoint
@@ -648,7 +693,7 @@ class Trainer:
                 if self.is_main:
                     from modules.lora_training.metrics import write_loss_plot
 
-                    write_loss_plot(self.paths.logs)
+                    write_loss_plot(self.current_run.logs)
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 self._samples(step)
         return self._finish(step)
@@ -681,9 +726,10 @@ class Trainer:
         from modules.lora_training.metrics import write_loss_plot
 
         clock = time.perf_counter()
-        write_loss_plot(self.paths.logs)
+        write_loss_plot(self.current_run.logs)
         self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
         self.on_event(Log(f"Saved {self.lora_path}"))
+        mark_finished(self.current_run, step=step)
         if self.config.also_save_webui:
             self._save_webui_copy()
         self.timings["save"] = time.perf_counter() - clock
@@ -704,15 +750,25 @@ class Trainer:
         return stop
 
 
-def lora_project(path: Path) -> str | None:
-    """The project a LoRA file was trained by (its header), or None for a file we cannot tell."""
+def lora_header(path: Path) -> dict:
+    """A LoRA file's metadata, or {} for a file we cannot read."""
     from core.model_files import read_safetensors_header
 
     try:
         _, metadata = read_safetensors_header(path)
     except UserError:
-        return None
-    return metadata.get("lora_studio.project")
+        return {}
+    return metadata or {}
+
+
+def lora_project(path: Path) -> str | None:
+    """The project a LoRA file was trained by (its header), or None for a file we cannot tell."""
+    return lora_header(path).get("lora_studio.project")
+
+
+def _latest_checkpoint(trainer: Trainer) -> Path | None:
+    run = getattr(trainer, "current_run", None)
+    return ckpt.latest_checkpoint(run.checkpoints) if run is not None else None
 
 
 def _write_failure_message(exc: OSError, trainer: Trainer) -> str:
@@ -742,6 +798,8 @@ def train(
     on_event: EventSink = ignore_events,
     should_stop: Callable[[], bool] = lambda: False,
     resume: bool = False,
+    run_id: str | None = None,
+    new_run: bool = False,
 ) -> TrainResult:
     """Train a LoRA on a prepared project. Bad input raises UserError before any work;
     a failure during training (out of memory, a loss that stays NaN) ends in a ``Failed`` event."""
@@ -753,6 +811,8 @@ def train(
         on_event=on_event,
         should_stop=should_stop,
         resume=resume,
+        run_id=run_id,
+        new_run=new_run,
     )
     try:
         trainer.setup()
@@ -760,13 +820,13 @@ def train(
     except torch.cuda.OutOfMemoryError:
         log.exception("out of memory")
         on_event(Failed(OOM_ADVICE))
-        latest = ckpt.latest_checkpoint(trainer.paths.checkpoints)
+        latest = _latest_checkpoint(trainer)
         return TrainResult("failed", 0, checkpoint=latest, message=OOM_ADVICE)
     except OSError as exc:  # a write that failed: full disk, permissions, a vanished folder
         message = _write_failure_message(exc, trainer)
         log.error("training stopped by a failed write: %s", exc)
         on_event(Failed(message))
-        latest = ckpt.latest_checkpoint(trainer.paths.checkpoints)
+        latest = _latest_checkpoint(trainer)
         return TrainResult("failed", 0, checkpoint=latest, message=message)
     finally:
         if hasattr(trainer, "hash_pool"):

@@ -146,8 +146,8 @@ class LoraTrainingTab:
         values = {"project": project or "", "base_model": base_model, **options}
         return config_from_dict(TrainConfig, values)
 
-    def start(self, *, prepare: PrepareConfig | None, train: TrainConfig | None) -> dict:
-        return self.jobs.start(prepare_config=prepare, train_config=train)
+    def start(self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False) -> dict:
+        return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run)
 
     def resume(self, project: str) -> dict:
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
@@ -295,6 +295,7 @@ class LoraTrainingTab:
                         train_button = gr.Button(t("prepare_and_train"), variant="primary", elem_id="lt-train")
                         stop_button = gr.Button(t("stop"), variant="stop", elem_id="lt-stop")
                         resume_button = gr.Button(t("resume"), elem_id="lt-resume")
+                        new_run = gr.Checkbox(value=False, label=t("new_run"), elem_id="lt-new-run")
                         use_button = gr.Button(t("use_in_generate"), elem_id="lt-use")
                 with gr.Column(scale=2):
                     status = gr.Markdown(t("status_idle"), elem_id="lt-status")
@@ -379,12 +380,12 @@ class LoraTrainingTab:
 
         def on_train(*values):
             prep_values, rest = values[: len(prep_inputs)], values[len(prep_inputs) :]
-            prompts_text, class_text, *option_values = rest
+            start_new_run, prompts_text, class_text, *option_values = rest
             try:
                 prepare_config = as_prepare(*prep_values)
                 options = collect_options(option_values, prompts_text, class_text)
                 train_config = self.train_config(project=prep_values[1], base_model=prep_values[3], options=options)
-                job = self.start(prepare=prepare_config, train=train_config)
+                job = self.start(prepare=prepare_config, train=train_config, new_run=bool(start_new_run))
             except UserError as exc:
                 raise gr.Error(str(exc)) from exc
             return t("started", job_id=job["job_id"])
@@ -420,7 +421,7 @@ class LoraTrainingTab:
             except UserError as exc:
                 return str(exc)
 
-        train_inputs = [*prep_inputs, sample_prompts, class_word, *option_widgets]
+        train_inputs = [*prep_inputs, new_run, sample_prompts, class_word, *option_widgets]
         prepare_button.click(on_prepare, inputs=prep_inputs, outputs=[status], api_visibility="private")
         train_button.click(on_train, inputs=train_inputs, outputs=[status], api_visibility="private")
         stop_button.click(on_stop, outputs=[status], api_visibility="private")
@@ -624,8 +625,10 @@ class LoraTrainingTab:
             captioner: str = "none",
             resolution: int = 1024,
             include_subfolders: bool = False,
+            new_run: bool = False,
         ) -> dict:
-            """Prepare (optional) and train a LoRA in the background. `options` holds TrainConfig fields."""
+            """Prepare (optional) and train a LoRA in the background. `options` holds TrainConfig fields;
+            `new_run` starts a new run even when a stopped one of the project could be resumed."""
             try:
                 prepare_config = None
                 if prepare:
@@ -640,7 +643,7 @@ class LoraTrainingTab:
                         include_subfolders=include_subfolders,
                     )
                 train_config = tab.train_config(project=project, base_model=base_model, options=dict(options or {}))
-                return tab.start(prepare=prepare_config, train=train_config)
+                return tab.start(prepare=prepare_config, train=train_config, new_run=bool(new_run))
             except UserError as exc:
                 raise gr.Error(str(exc)) from exc
 

@@ -20,6 +20,8 @@ from modules.lora_training.checkpoints import latest_checkpoint, load_checkpoint
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Failed
 from modules.lora_training.jobs import interrupted_projects
+from modules.lora_training.project import ProjectPaths
+from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
 from tests.conftest import ROOT, write_config
 from tests.lora_files import write_diffusers_lora
@@ -69,7 +71,7 @@ def test_sigkill_while_saving_loses_nothing(sdxl_project, models_dir, demo_paths
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the process was killed mid-run"
 
-    checkpoints = tmp_path / "projects" / name / "checkpoints"
+    checkpoints = latest_run(ProjectPaths.for_project(tmp_path / "projects", name)).checkpoints
     _assert_everything_loads(loras, checkpoints)
     assert keep.read_bytes() == keep_bytes, "an existing LoRA is never touched"
     if not (loras / f"{name}.safetensors").exists():
@@ -105,7 +107,8 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(sdxl_proj
     message = next(e.message for e in events if isinstance(e, Failed))
     assert "No space left on device" in message and str(loras) in message and "MiB free" in message
     assert [p.name for p in loras.iterdir()] == [], "no partial file in loras/"
-    assert load_checkpoint(latest_checkpoint(tmp_path / "projects" / name / "checkpoints")).step == 3
+    run = latest_run(ProjectPaths.for_project(tmp_path / "projects", name))
+    assert load_checkpoint(latest_checkpoint(run.checkpoints)).step == 3
 
 
 def test_listen_without_auth_is_refused(tmp_path, models_dir):

@@ -10,6 +10,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from core.demo_models import DEMO_SDXL_NAME
+from modules.lora_training.project import ProjectPaths
+from modules.lora_training.runs import latest_run
 from tests.conftest import ROOT, write_config
 
 
@@ -32,5 +34,6 @@ def test_accelerate_launch_two_processes(sdxl_project, models_dir, tmp_path):
     lora = tmp_path / "loras" / "ddp.safetensors"
     with safe_open(str(lora), framework="pt") as handle:
         assert json.loads(handle.metadata()["lora_studio.training_config"])["steps"] == 3
-    metrics = (tmp_path / "projects" / name / "logs" / "metrics.jsonl").read_text().splitlines()
+    run = latest_run(ProjectPaths.for_project(tmp_path / "projects", name))
+    metrics = (run.logs / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3, "one metrics line per step, from rank 0 only"

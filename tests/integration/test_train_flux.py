@@ -18,7 +18,7 @@ from modules.lora_training.train import train
 def project(sdxl_project, tmp_path):
     projects, name = sdxl_project
     shutil.copytree(projects, tmp_path / "projects")
-    shutil.rmtree(tmp_path / "projects" / name / "checkpoints", ignore_errors=True)
+    shutil.rmtree(tmp_path / "projects" / name / "runs", ignore_errors=True)
     return tmp_path / "projects", name
 
 
@@ -47,7 +47,6 @@ def test_flux_stop_and_resume_equals_uninterrupted(project, models_dir, tmp_path
         models_dir=models_dir,
         loras_dir=tmp_path / "a",
     )
-    shutil.rmtree(projects / name / "checkpoints")
     done = {"step": 0}
 
     def on_event(event):

@@ -13,6 +13,8 @@ from core.demo_models import DEMO_SDXL_NAME
 from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import CheckpointSaved, Finished, SampleSaved, StepDone, Stopped
+from modules.lora_training.project import ProjectPaths
+from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
 
 
@@ -22,8 +24,12 @@ def project(sdxl_project, tmp_path):
     projects, name = sdxl_project
     copy = tmp_path / "projects"
     shutil.copytree(projects, copy)
-    shutil.rmtree(copy / name / "checkpoints", ignore_errors=True)
+    shutil.rmtree(copy / name / "runs", ignore_errors=True)
     return copy, name
+
+
+def _latest_run(project):
+    return latest_run(ProjectPaths.for_project(*project))
 
 
 def _config(project_name, /, **options):
@@ -32,7 +38,7 @@ def _config(project_name, /, **options):
     return config_from_dict(TrainConfig, values)
 
 
-def _run(project, models_dir, loras, **options):
+def _run(project, models_dir, loras, *, new_run=False, **options):
     projects, name = project
     events = []
     result = train(
@@ -41,6 +47,7 @@ def _run(project, models_dir, loras, **options):
         models_dir=models_dir,
         loras_dir=loras,
         on_event=events.append,
+        new_run=new_run,
     )
     return result, events
 
@@ -70,7 +77,6 @@ def test_same_seed_same_lora_and_stop_resume_equals_uninterrupted(project, model
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), "same seed, same LoRA"
 
-    shutil.rmtree(projects / name / "checkpoints")
     stop_at = {"step": 0}
     events = []
 
@@ -210,13 +216,13 @@ def test_checkpoints_rotate_and_existing_lora_is_protected(project, models_dir, 
     samples = [e for e in events if isinstance(e, SampleSaved)]
     assert [(e.step, e.prompt) for e in samples] == [(3, "ohwx"), (6, "ohwx")], "fixed prompt, trigger filled in"
     assert all(Path(e.path).is_file() and Path(e.path).name.startswith(f"step-{e.step:06d}") for e in samples)
-    remaining = sorted(p.name for p in (project[0] / project[1] / "checkpoints").iterdir())
+    remaining = sorted(p.name for p in _latest_run(project).checkpoints.iterdir())
     assert remaining == ["step-000005", "step-000006"]
     before = result.lora_path.read_bytes()
     with pytest.raises(UserError, match="already exists"):
         _run(project, models_dir, loras, steps=2)
     assert result.lora_path.read_bytes() == before
-    (project[0] / project[1] / "logs" / "loss.png").stat()
+    (_latest_run(project).logs / "loss.png").stat()
 
 
 def test_bad_training_options_are_named(project, models_dir, tmp_path):
@@ -231,7 +237,7 @@ def test_bad_training_options_are_named(project, models_dir, tmp_path):
         train(_config(name, base_model="nope"), projects_dir=projects, models_dir=models_dir, loras_dir=tmp_path)
     with pytest.raises(UserError, match="no prepared images"):
         train(_config("other"), projects_dir=projects, models_dir=models_dir, loras_dir=tmp_path)
-    with pytest.raises(UserError, match="no checkpoint to resume"):
+    with pytest.raises(UserError, match="no stopped run to resume"):
         train(_config(name), projects_dir=projects, models_dir=models_dir, loras_dir=tmp_path, resume=True)
 
 
@@ -270,11 +276,11 @@ def test_out_of_memory_and_nan_end_with_a_clear_failure(project, models_dir, tmp
     assert result.status == "failed"
     failure = next(e for e in events if isinstance(e, Failed))
     assert "Out of GPU memory" in failure.message and "gradient checkpointing" in failure.message
-    checkpoint = latest_checkpoint(project[0] / project[1] / "checkpoints")
+    checkpoint = latest_checkpoint(_latest_run(project).checkpoints)
     assert load_checkpoint(checkpoint).step == 2
     assert not (tmp_path / "loras" / "oom.safetensors").exists()
 
     monkeypatch.setattr(SDXLFamily, "training_loss", lambda self, **kw: real_loss(self, **kw) * float("nan"))
-    result, events = _run(project, models_dir, tmp_path / "loras", steps=20, name="nan")
+    result, events = _run(project, models_dir, tmp_path / "loras", steps=20, name="nan", new_run=True)
     assert result.status == "failed" and "not finite for 5 tries in a row" in result.message
     assert isinstance(events[-1], Failed)

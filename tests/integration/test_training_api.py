@@ -59,6 +59,8 @@ def test_prepare_train_stop_resume_through_the_api(app):
     assert "Stopping" in client.predict(api_name="/stop_training")
     stopped = _status_until(client, lambda s: not s["running"])
     assert stopped["state"] == "stopped" and "step-" in stopped["checkpoint"]
+    with pytest.raises(AppError, match="has a stopped run .* at step"):
+        client.predict(str(photos), "api", "ohwx", DEMO_SDXL_NAME, options, False, "none", 64, api_name="/train_lora")
 
     client.predict("api", api_name="/resume_training")
     finished = _status_until(client, lambda s: not s["running"], timeout=180)

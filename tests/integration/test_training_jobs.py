@@ -74,13 +74,15 @@ def test_training_releases_the_model_and_restores_it(jobs, photos):
     assert jobs.stop() == "No job is running."
 
     assert interrupted_projects(jobs.app_config.LORA_PROJECTS_DIR, jobs.app_config.LORAS_DIR) == ["job"]
+    with pytest.raises(UserError, match=r"Project job has a stopped run \d{8}-\d{6}-\w+ at step \d+: Resume it"):
+        jobs.start(train_config=train)
     resumed = resumable_config(jobs.app_config.LORA_PROJECTS_DIR, "job")
     assert resumed.steps == 400
     quick = config_from_dict(TrainConfig, {**resumed.__dict__, "steps": snapshot["step"] + 2})
     jobs.start(train_config=quick, resume=True)
     final = jobs.wait(120)
     assert final["state"] == "finished", final["message"]
-    assert any("Resumed from" in line for line in final["log"])
+    assert any(f"from step {snapshot['step']}" in line and "Resuming run" in line for line in final["log"])
     assert jobs.lora_version == 1
     assert "job.safetensors" in manager.list_loras()
 

@@ -17,6 +17,8 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, SampleSaved, StepDone
 from modules.lora_training.families.flux import FluxFamily
 from modules.lora_training.optim import lr_multiplier
+from modules.lora_training.project import ProjectPaths
+from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
 
 
@@ -24,7 +26,7 @@ from modules.lora_training.train import train
 def project(sdxl_project, tmp_path):
     projects, name = sdxl_project
     shutil.copytree(projects, tmp_path / "projects")
-    shutil.rmtree(tmp_path / "projects" / name / "checkpoints", ignore_errors=True)
+    shutil.rmtree(tmp_path / "projects" / name / "runs", ignore_errors=True)
     return tmp_path / "projects", name
 
 
@@ -74,7 +76,7 @@ def test_a_step_with_nan_gradients_is_not_applied_and_does_not_advance_the_sched
     assert any("1 step(s) were not applied" in e.message for e in events if isinstance(e, Log))
     lora = load_file(str(result.lora_path))
     assert all(torch.isfinite(t.float()).all() for t in lora.values()), "NaN gradients reached the LoRA"
-    lines = (project[0] / project[1] / "logs" / "metrics.jsonl").read_text().splitlines()
+    lines = (latest_run(ProjectPaths.for_project(*project)).logs / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
 
 

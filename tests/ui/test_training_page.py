@@ -65,13 +65,14 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         page.locator("#lt-stop").click()
         page.get_by_text(re.compile(r"Stopped ui-test")).wait_for(timeout=60_000)
         _wait_for_log(page, r"Checkpoint saved: .*step-")
-        assert "Resume continues from" in page.locator("#lt-status").inner_text()
+        assert re.search(r"Resume continues run \d{8}-\d{6}-\w+ from", page.locator("#lt-status").inner_text())
         screenshot("3-stopped")
+        assert page.locator("#lt-new-run").is_visible()
 
         _field(page, "lt-project").fill("ui-test")
         page.locator("#lt-resume").click()
         page.get_by_text(re.compile(r"Finished ui-test")).wait_for(timeout=180_000)
-        assert "Resumed from" in _log_text(page)
+        assert re.search(r"Resuming run \d{8}-\d{6}-\w+ from step \d+", _log_text(page))
         screenshot("4-finished")
 
         page.locator("#lt-use").click()
