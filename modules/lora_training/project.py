@@ -34,22 +34,6 @@ class ProjectPaths:
     def cache(self) -> Path:
         return self.root / "cache"
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def training_config(self) -> Path:
-        return self.root / "training_config.json"
-
 
 def read_json(path: Path, default=None):
     try:

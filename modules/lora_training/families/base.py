@@ -24,9 +24,6 @@ class LoraFamily:
     name = ""
     denoiser_attr = ""  # "unet" or "transformer"
     text_encoder_attrs: tuple[str, ...] = ()
-    pipeline_adapter_kwarg = ""  # e.g. "unet_lora_adapter_metadata"
-    pipeline_layers_kwarg = ""  # e.g. "unet_lora_layers"
-    text_encoder_layer_kwargs: tuple[str, ...] = ()
     attention_targets: tuple[str, ...] = ()
     feedforward_targets: tuple[str, ...] = ()
     default_targets = "attention"  # what lora_targets "auto" means
@@ -195,8 +192,10 @@ class LoraFamily:
         layers = {self.denoiser_attr: get_peft_model_state_dict(self.denoiser)}
         configs = {self.denoiser_attr: self.lora_config.to_dict()}
         if self.text_lora_config is not None:
-            for kwarg, encoder in zip(self.text_encoder_layer_kwargs, self.text_encoders_with_lora(), strict=False):
-                component = kwarg.removesuffix("_lora_layers")
+            for component in self.text_encoder_attrs:
+                encoder = getattr(self.pipe, component)
+                if encoder not in self.text_encoders_with_lora():
+                    continue
                 layers[component] = get_peft_model_state_dict(encoder)
                 configs[component] = self.text_lora_config.to_dict()
         write_main_lora(Path(path), layers, configs, metadata=metadata)

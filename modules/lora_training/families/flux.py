@@ -37,9 +37,6 @@ class FluxFamily(LoraFamily):
     name = "flux"
     denoiser_attr = "transformer"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
-    pipeline_adapter_kwarg = "transformer_lora_adapter_metadata"
-    pipeline_layers_kwarg = "transformer_lora_layers"
-    text_encoder_layer_kwargs = ("text_encoder_lora_layers",)
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
     # The single blocks' proj_out is their attention output and MLP output at once.
     feedforward_targets = (

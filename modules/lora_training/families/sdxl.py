@@ -12,9 +12,6 @@ class SDXLFamily(LoraFamily):
     name = "sdxl"
     denoiser_attr = "unet"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
-    pipeline_adapter_kwarg = "unet_lora_adapter_metadata"
-    pipeline_layers_kwarg = "unet_lora_layers"
-    text_encoder_layer_kwargs = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
     feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
     unused_options = ("timestep_sampling", "guidance_scale")
