@@ -81,3 +81,15 @@ def sdxl_project(tmp_path_factory, models_dir):
     )
     prepare(config, projects_dir=root / "projects", models_dir=models_dir)
     return root / "projects", "tiny"
+
+
+@pytest.fixture
+def project(sdxl_project, tmp_path):
+    """A private copy of the prepared project, without runs (training writes runs and caches into it)."""
+    import shutil
+
+    projects, name = sdxl_project
+    copy = tmp_path / "projects"
+    shutil.copytree(projects, copy)
+    shutil.rmtree(copy / name / "runs", ignore_errors=True)
+    return copy, name

@@ -1,7 +1,6 @@
 """Flux LoRA training on the tiny Flux, CPU, through the same loop as SDXL."""
 
 import inspect
-import shutil
 
 import numpy as np
 import pytest
@@ -12,14 +11,6 @@ from core.demo_models import DEMO_FLUX_NAME
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import StepDone
 from modules.lora_training.train import train
-
-
-@pytest.fixture
-def project(sdxl_project, tmp_path):
-    projects, name = sdxl_project
-    shutil.copytree(projects, tmp_path / "projects")
-    shutil.rmtree(tmp_path / "projects" / name / "runs", ignore_errors=True)
-    return tmp_path / "projects", name
 
 
 def _config(project_name, /, **options):

@@ -16,15 +16,6 @@ from modules.lora_training.runs import LEGACY_RUN_ID, latest_run, list_runs
 from modules.lora_training.train import train
 
 
-@pytest.fixture
-def project(sdxl_project, tmp_path):
-    projects, name = sdxl_project
-    copy = tmp_path / "projects"
-    shutil.copytree(projects, copy)
-    shutil.rmtree(copy / name / "runs", ignore_errors=True)
-    return copy, name
-
-
 def _config(project_name, **options):
     values = {"project": project_name, "base_model": DEMO_SDXL_NAME, "steps": 6, "rank": 4, "alpha": 4.0}
     values.update(options)

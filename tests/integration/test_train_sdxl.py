@@ -1,6 +1,5 @@
 """SDXL LoRA training on the tiny model, CPU: correct, deterministic, resumable, loadable."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,6 @@ from modules.lora_training.events import CheckpointSaved, Finished, SampleSaved,
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
-
-
-@pytest.fixture
-def project(sdxl_project, tmp_path):
-    """A private copy of the prepared project (runs write checkpoints and caches into it)."""
-    projects, name = sdxl_project
-    copy = tmp_path / "projects"
-    shutil.copytree(projects, copy)
-    shutil.rmtree(copy / name / "runs", ignore_errors=True)
-    return copy, name
 
 
 def _latest_run(project):

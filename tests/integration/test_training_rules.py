@@ -22,14 +22,6 @@ from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
 
 
-@pytest.fixture
-def project(sdxl_project, tmp_path):
-    projects, name = sdxl_project
-    shutil.copytree(projects, tmp_path / "projects")
-    shutil.rmtree(tmp_path / "projects" / name / "runs", ignore_errors=True)
-    return tmp_path / "projects", name
-
-
 def _train(project, models_dir, loras_dir, **options):
     projects, name = project
     values = {"project": name, "base_model": DEMO_FLUX_NAME, "steps": 3, "rank": 4, "alpha": 4.0, **options}
