@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class GpuBusyError(UserError):
     """The GPU is held by another job (e.g. a training run)."""
+
+
+class GenerationCancelled(UserError):
+    """The client that asked for a generation went away; it was stopped between steps."""

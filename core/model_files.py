@@ -35,7 +35,9 @@ def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys()), dict(handle.metadata() or {})
     except Exception as exc:  # safetensors raises several types for a bad file
-        raise UserError(f"{Path(path).name} is not a readable .safetensors file ({exc}).") from exc
+        raise UserError(
+            f"{Path(path).name} is not a readable .safetensors file ({exc}): download it again, or remove it."
+        ) from exc
 
 
 def require_regular_file(path: Path) -> None:
@@ -47,7 +49,7 @@ def require_regular_file(path: Path) -> None:
     except OSError as exc:
         raise UserError(f"{Path(path).name} cannot be read ({exc.strerror}).") from exc
     if not stat.S_ISREG(mode):
-        raise UserError(f"{Path(path).name} is not a regular file: only model files are read.")
+        raise UserError(f"{Path(path).name} is not a regular file: only model files are read; remove it.")
 
 
 def family_of_state_keys(keys: list[str]) -> str | None:
@@ -69,7 +71,8 @@ def detect_family(path: Path) -> str:
             class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
         except (OSError, ValueError, UserError) as exc:
             raise UserError(
-                f"{path.name}: no readable model_index.json, so this is not a diffusers model folder."
+                f"{path.name}: no readable model_index.json, so this is not a diffusers model folder; "
+                "copy the whole folder of the model, or pick another one."
             ) from exc
         if "Flux" in class_name:
             return FLUX
@@ -79,7 +82,10 @@ def detect_family(path: Path) -> str:
     keys, _ = read_safetensors_header(path)
     family = family_of_state_keys(keys)
     if family is None:
-        raise UserError(f"{path.name}: not an SDXL or Flux checkpoint (unrecognised tensor names).")
+        raise UserError(
+            f"{path.name}: not an SDXL or Flux checkpoint (unrecognised tensor names); pick a base model "
+            "(LoRA files belong in the loras folder)."
+        )
     return family
 
 
@@ -129,7 +135,7 @@ def resolve_inside(folder: Path, name: str) -> Path:
     folder = Path(folder).resolve()
     path = (folder / name).resolve()
     if path != folder and folder not in path.parents:
-        raise UserError(f"{name!r} is outside {folder}.")
+        raise UserError(f"{name!r} is outside {folder}: pick a file from the list (files inside that folder).")
     return path
 
 

@@ -13,13 +13,15 @@ import gc
 import hashlib
 import logging
 import math
+import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import GpuBusyError, UserError
+from core.client_presence import always_present
+from core.errors import GenerationCancelled, GpuBusyError, UserError
 from core.lora_info import LoraInfo, read_lora_info
 from core.model_files import (
     FLUX,
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_LORAS = 4
 MAX_LORA_WEIGHT = 5.0  # beyond ±5 a LoRA only burns the image
 MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARACTERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,14 @@ def _check_loras(loras: tuple[LoraChoice, ...]) -> None:
 def validate_request(request: GenerationRequest, family: str, *, limits: GenerateLimits | None = None) -> None:
     """Refuse a request whose numbers are out of range (NaN and infinities included) before any work."""
     limits = limits or GenerateLimits()
+    for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if not isinstance(text, str):
+            raise UserError(f"The {label} must be text (got {text!r}).")
+        if len(text) > MAX_PROMPT_CHARACTERS:
+            raise UserError(
+                f"The {label} is {len(text)} characters long; use at most {MAX_PROMPT_CHARACTERS} "
+                "(the text encoders read only the first few hundred words anyway)."
+            )
     if not request.prompt.strip():
         raise UserError("The prompt is empty: describe the image you want.")
     multiple = 16 if family == FLUX else 8
@@ -154,6 +165,23 @@ def validate_request(request: GenerationRequest, family: str, *, limits: Generat
     if not isinstance(guidance, int | float) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
         raise UserError(f"Guidance must be a number between 0 and {MAX_GUIDANCE:g} (got {guidance!r}).")
     _check_loras(request.loras)
+
+
+def _require_finite_weights(path: Path, lora: str) -> None:
+    """Refuse a LoRA holding NaN or infinite weights: applied, it turns every image black."""
+    import torch
+
+    from core.safetensors_stream import SafetensorsReader
+
+    with SafetensorsReader(path) as reader:
+        names = reader.keys()
+        for key in names:
+            tensor = reader.get(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(
+                    f"LoRA {lora!r} holds NaN or infinite weights ({key}); it would make black images. "
+                    "Train it again (a lower learning rate, or bf16 instead of fp16) or remove it."
+                )
 
 
 class ModelManager:
@@ -184,6 +212,10 @@ class ModelManager:
     def lora_info(self, name: str) -> LoraInfo:
         """Family and trigger word of one LoRA (header only, re-read when the file changes)."""
         path = resolve_inside(self.loras_dir, name)
+        if os.path.lexists(path) and not path.is_file():
+            raise UserError(
+                f"LoRA {name!r} is not a regular file: only LoRA files are read. Remove it from the folder."
+            )
         if not path.is_file():
             raise UserError(f"LoRA {name!r} not found in {self.loras_dir}; refresh the list.")
         fingerprint = _file_fingerprint(path)
@@ -319,6 +351,7 @@ class ModelManager:
     def _load_adapter(self, path: Path, adapter: str, lora: str) -> None:
         pipe = self._pipe
         model = self._entry.name
+        _require_finite_weights(path, lora)
         try:
             pipe.load_lora_weights(str(path), adapter_name=adapter)
         except Exception as exc:
@@ -342,7 +375,11 @@ class ModelManager:
                 f"The GPU is busy: {self._busy_reason} is in progress. Generation is available again when it ends."
             )
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, *, client_present: Callable[[], bool] = always_present
+    ) -> GenerationResult:
+        """One image. ``client_present`` is asked between denoising steps: once the caller has gone,
+        the generation stops there and frees the pipeline for the next request."""
         import torch
 
         self._raise_if_busy()
@@ -366,14 +403,15 @@ class ModelManager:
             )
             if entry.family == SDXL:
                 kwargs["negative_prompt"] = request.negative_prompt or None
+            log.info(
+                "generation started: %d steps at %dx%d on %s", request.steps, request.width, request.height, entry.name
+            )
             stopped_at = []
+            callback = self._stop_between_steps(stopped_at, client_present=client_present)
             with torch.inference_mode():
-                image = self._pipe(**kwargs, callback_on_step_end=self._stop_on_hand_off(stopped_at)).images[0]
+                image = self._pipe(**kwargs, callback_on_step_end=callback).images[0]
             if stopped_at:
-                raise GpuBusyError(
-                    f"Generation stopped at step {stopped_at[0]}/{request.steps}: a training run needs the GPU. "
-                    "Generate again when it has finished."
-                )
+                self._raise_stopped(stopped_at[0], request.steps)
         parameters = {
             "model": entry.name,
             "family": entry.family,
@@ -388,16 +426,31 @@ class ModelManager:
         }
         return GenerationResult(image=image, seed=seed, family=entry.family, parameters=parameters)
 
-    def _stop_on_hand_off(self, stopped_at: list):
-        """A diffusers step callback that interrupts the pipeline once release() asks for the GPU."""
+    def _stop_between_steps(self, stopped_at: list, *, client_present: Callable[[], bool]):
+        """A diffusers step callback that interrupts the pipeline once release() asks for the GPU
+        or the client has gone; records the step and the reason in ``stopped_at``."""
 
         def callback(pipe, step, timestep, tensors):
-            if self._hand_off.is_set() and not stopped_at:
-                stopped_at.append(step + 1)
+            if stopped_at:
+                return tensors
+            reason = "hand-off" if self._hand_off.is_set() else None if client_present() else "client gone"
+            if reason:
+                stopped_at.append((step + 1, reason))
                 pipe._interrupt = True  # diffusers' own flag: the remaining steps are skipped
             return tensors
 
         return callback
+
+    @staticmethod
+    def _raise_stopped(stopped: tuple[int, str], steps: int) -> None:
+        step, reason = stopped
+        if reason == "hand-off":
+            raise GpuBusyError(
+                f"Generation stopped at step {step}/{steps}: a training run needs the GPU. "
+                "Generate again when it has finished."
+            )
+        log.info("generation cancelled at step %d/%d: the client disconnected", step, steps)
+        raise GenerationCancelled(f"Generation cancelled at step {step}/{steps}: the client disconnected.")
 
     # ----- GPU hand-off --------------------------------------------------------
     def release(self, reason: str) -> ReleaseInfo:

@@ -120,5 +120,8 @@ def model_entry(models_dir: Path, name_or_path: str) -> ModelEntry:
             ) from None
     path = resolve_inside(models_dir, name_or_path)
     if not path.exists():
-        raise UserError(f"Base model {name_or_path!r} not found (looked at {path}).")
+        raise UserError(
+            f"Base model {name_or_path!r} not found (looked at {path}): pick one from the list, or put the model "
+            "into the models folder and click Refresh."
+        )
     return ModelEntry(name=path.name, path=path, family=detect_family(path), single_file=path.is_file())

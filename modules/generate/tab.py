@@ -6,6 +6,7 @@ import logging
 import math
 import time
 
+from core.client_presence import always_present, presence_check
 from core.errors import UserError
 from core.i18n import translate
 from core.lora_info import LoraInfo
@@ -102,9 +103,11 @@ class GenerateTab:
                 return native_image_size(entry)
         return 1024
 
-    def run_generation(self, request: GenerationRequest, strings: dict) -> tuple[str, str]:
+    def run_generation(
+        self, request: GenerationRequest, strings: dict, *, client_present=always_present
+    ) -> tuple[str, str]:
         started = time.perf_counter()
-        result = self.model_manager.generate(request)
+        result = self.model_manager.generate(request, client_present=client_present)
         path = save_generation(result.image, result.parameters, self.config.OUTPUTS_DIR)
         message = translate("done", strings, seed=result.seed, seconds=time.perf_counter() - started, path=path.name)
         return str(path), message
@@ -198,11 +201,13 @@ class GenerateTab:
             gr.api(list_loras, api_name="list_loras")
             gr.api(lora_details, api_name="lora_details")
 
-        def generate(model, prompt, negative_prompt, steps, guidance, width, height, seed, *lora_args):
+        def generate(model, prompt, negative_prompt, steps, guidance, width, height, seed, request, *lora_args):
             if not model:
                 raise gr.Error(t("no_models", folder=self.config.MODELS_DIR))
+            if not isinstance(model, str):
+                raise gr.Error(f"model must be the name of a model in the list (got {model!r}).")
             try:
-                request = GenerationRequest(
+                generation = GenerationRequest(
                     model=model,
                     prompt=prompt or "",
                     negative_prompt=negative_prompt or "",
@@ -213,18 +218,23 @@ class GenerateTab:
                     seed=whole_number(t("seed"), seed, default=-1),
                     loras=lora_choices_from_args(lora_args),
                 )
-                return self.run_generation(request, strings)
+                return self.run_generation(generation, strings, client_present=presence_check(request))
             except UserError as exc:
                 raise gr.Error(str(exc)) from exc
             except Exception as exc:
                 log.exception("generation failed")
                 raise gr.Error(t("failed", error=f"{type(exc).__name__}: {exc}")) from exc
 
+        # Gradio fills a positional parameter annotated gr.Request with the caller's request.
+        generate.__annotations__["request"] = gr.Request
         generate_button.click(
             generate,
             inputs=[self.model_dropdown, self.prompt_box, negative, steps, guidance, width, height, seed, *lora_inputs],
             outputs=[output, status],
             api_name="generate",
+            # Raw values reach generate(), which checks them with messages naming the field; Gradio's own
+            # checks would answer "Value 0 is less than minimum value 1." or "index 6 (a `number` component)".
+            preprocess=False,
         )
 
         def refresh_model_list(current):

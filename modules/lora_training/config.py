@@ -32,6 +32,15 @@ def bounded(default, *, minimum, maximum, help: str = ""):
     return field(default=default, metadata={"minimum": minimum, "maximum": maximum, "help": help})
 
 
+_KIND_NAMES = {
+    Path: "a path (text)",
+    str: "text",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+}
+
+
 def _check_type(name: str, value, annotation):
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -60,7 +69,7 @@ def _check_type(name: str, value, annotation):
             return tuple(value)
     elif isinstance(value, annotation):
         return value
-    raise UserError(f"{name} must be {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    raise UserError(f"{name} must be {_KIND_NAMES.get(annotation, 'a list of texts')}; got {value!r}")
 
 
 def _show(bound) -> str:

@@ -165,10 +165,7 @@ class TrainingJobs:
         if prepare_config is None and train_config is None:
             raise UserError("Nothing to do: give preparation settings, training settings or both.")
         project = (train_config or prepare_config).project
-        if prepare_config is not None:
-            from modules.lora_training.dataset.scan import check_within_roots
-
-            check_within_roots(prepare_config.images_dir, self.app_config.IMAGE_ROOTS)
+        self._check_before_starting(prepare_config, train_config)
         kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
         with self._lock:
             if self._job is not None and self._job.running:
@@ -182,6 +179,9 @@ class TrainingJobs:
             if train_config is not None:
                 job.base_model = train_config.base_model
             job.trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
+            note = self._stopped_run_note(project) if train_config is None else None
+            if note:
+                job.log.append(_line(note))
             self._next_id += 1
             self._job = job
             self._stop.clear()
@@ -194,16 +194,48 @@ class TrainingJobs:
             self._thread.start()
             return job.as_dict()
 
-    def _check_can_start(self, project: str) -> None:
+    def _check_before_starting(self, prepare_config: PrepareConfig | None, train_config: TrainConfig | None) -> None:
+        """The checks that need no model and no image, so a bad request is refused at once, not by a failed job."""
+        from core.pipelines import model_entry
+        from modules.lora_training.dataset.scan import image_folder
+        from modules.lora_training.names import validate_name, validate_trigger
+
+        validate_name((train_config or prepare_config).project)
+        if prepare_config is not None:
+            validate_trigger(prepare_config.trigger)
+            image_folder(prepare_config.images_dir, roots=self.app_config.IMAGE_ROOTS)
+        if train_config is not None:
+            train_config.output_name  # noqa: B018 - validates the LoRA's file name
+            model_entry(self.app_config.MODELS_DIR, train_config.base_model)
+            if prepare_config is None and not self._paths(train_config.project).manifest.is_file():
+                raise UserError(f"Project {train_config.project!r} has no prepared images: run Prepare first.")
+
+    def _paths(self, project: str):
         from modules.lora_training.project import ProjectPaths
+
+        return ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project)
+
+    def _stopped_run_note(self, project: str) -> str | None:
+        """For a Prepare on a project with a stopped run: what the new images mean for its Resume."""
+        from modules.lora_training.runs import resumable_runs
+
+        runs = resumable_runs(self._paths(project))
+        if not runs:
+            return None
+        return (
+            f"Project {project} has a stopped run {runs[-1].run_id} at step {runs[-1].last_step()}: "
+            "Resume will continue it on the images prepared now."
+        )
+
+    def _check_can_start(self, project: str) -> None:
         from modules.lora_training.runs import check_can_start
 
-        check_can_start(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project))
+        check_can_start(self._paths(project))
 
     def _prepared_trigger(self, project: str) -> str:
-        from modules.lora_training.project import ProjectPaths, read_json
+        from modules.lora_training.project import read_json
 
-        manifest = read_json(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, project).manifest) or {}
+        manifest = read_json(self._paths(project).manifest) or {}
         return manifest.get("config", {}).get("trigger", "")
 
     def stop(self) -> str:

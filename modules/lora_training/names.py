@@ -17,7 +17,9 @@ def validate_name(name: str, *, what: str = "Project name") -> str:
         raise UserError(f"{what} is empty: give it a short name such as my_style.")
     name = name.strip()
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise UserError(f"{what} contains control characters.")
+        raise UserError(
+            f"{what} contains control characters (a line break?): use letters, digits, spaces, '.', '_' or '-'."
+        )
     if "/" in name or "\\" in name or ".." in name:
         raise UserError(f"{what} {name!r} must not contain '/', '\\' or '..'.")
     if len(name) > MAX_NAME_LENGTH:
@@ -29,3 +31,22 @@ def validate_name(name: str, *, what: str = "Project name") -> str:
             f"{what} {name!r}: use letters, digits, spaces, '.', '_' or '-', starting with a letter or digit."
         )
     return name
+
+
+MAX_TRIGGER_LENGTH = 100
+
+
+def validate_trigger(trigger: str) -> str:
+    """Return the trigger word stripped, or raise a UserError saying what is wrong with it."""
+    if not isinstance(trigger, str) or not trigger.strip():
+        raise UserError("The trigger word is empty: pick a rare word (e.g. ohwx) that will call your LoRA.")
+    trigger = trigger.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in trigger):
+        raise UserError("The trigger word contains control characters (a line break?): type it on one line.")
+    if len(trigger) > MAX_TRIGGER_LENGTH:
+        raise UserError(
+            f"The trigger word is {len(trigger)} characters long; use a short rare word (at most {MAX_TRIGGER_LENGTH})."
+        )
+    if "," in trigger:
+        raise UserError("The trigger word must not contain commas (captions are comma-separated): use one word.")
+    return trigger

@@ -243,6 +243,16 @@ class Trainer:
         same_run = written_by is None or written_by == self.current_run.run_id
         return self.resume and header.get("lora_studio.project") == self.paths.name and same_run
 
+    def _made_by(self) -> str:
+        """Who wrote the existing LoRA file, when it was another project or another run of this one."""
+        header = lora_header(self.lora_path)
+        project, run_id = header.get("lora_studio.project"), header.get("lora_studio.run_id")
+        if project and project != self.paths.name:
+            return f" (made by project {project!r})"
+        if run_id and run_id != self.current_run.run_id:
+            return f" (made by run {run_id} of this project)"
+        return ""
+
     def _choose_run(self) -> RunPaths:
         """The run this training writes to: the one resumed, or a new one (refused while another can be resumed)."""
         if self.run_id is not None and not self.resume:
@@ -280,18 +290,16 @@ class Trainer:
         self.current_run = self._choose_run()
         if self.resume:
             self._checkpoint_config()
+        self.entry = model_entry(self.models_dir, self.config.base_model)
         if not self._may_replace(self.lora_path):
-            owner = lora_project(self.lora_path)
-            made_by = f" (made by project {owner!r})" if owner and owner != self.paths.name else ""
             raise UserError(
-                f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}{made_by}. "
+                f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}{self._made_by()}. "
                 "Choose another name or allow overwriting."
             )
         self.items = load_items(self.paths)
         manifest = read_json(self.paths.manifest) or {}
         self.prep_config = manifest.get("config", {})
         self.trigger = self.prep_config.get("trigger", "")
-        self.entry = model_entry(self.models_dir, self.config.base_model)
         family = self.entry.family if self.config.family == "auto" else self.config.family
         if family != self.entry.family:
             raise UserError(

@@ -79,6 +79,24 @@ def options_from_widgets(values: dict) -> dict:
     return options
 
 
+def flag(name: str, value) -> bool:
+    """A true/false API parameter; a string such as "no" is refused rather than read as true."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false; got {value!r}")
+    return value
+
+
+def options_dict(options) -> dict:
+    """The API's ``options``: an object of TrainConfig fields (null means none)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise UserError(
+            f'options must be an object of training options such as {{"steps": 500}}; got {options!r}'[:300]
+        )
+    return dict(options)
+
+
 def sample_prompt_list(text: str, class_word: str) -> tuple[str, ...]:
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not prompts:
@@ -132,11 +150,11 @@ class LoraTrainingTab:
                 "images_dir": images_dir or "",
                 "trigger": trigger or "",
                 "family": family,
-                "resolution": int(resolution),
+                "resolution": resolution,
                 "captioner": captioner,
                 "caption_task": caption_task,
                 "caption_model": self.caption_model() if captioner == "florence2" else None,
-                "include_subfolders": bool(include_subfolders),
+                "include_subfolders": include_subfolders,
             },
         )
 
@@ -631,7 +649,7 @@ class LoraTrainingTab:
             `new_run` starts a new run even when a stopped one of the project could be resumed."""
             try:
                 prepare_config = None
-                if prepare:
+                if flag("prepare", prepare):
                     prepare_config = tab.prepare_config(
                         images_dir=images_dir,
                         project=project,
@@ -642,8 +660,8 @@ class LoraTrainingTab:
                         resolution=resolution,
                         include_subfolders=include_subfolders,
                     )
-                train_config = tab.train_config(project=project, base_model=base_model, options=dict(options or {}))
-                return tab.start(prepare=prepare_config, train=train_config, new_run=bool(new_run))
+                train_config = tab.train_config(project=project, base_model=base_model, options=options_dict(options))
+                return tab.start(prepare=prepare_config, train=train_config, new_run=flag("new_run", new_run))
             except UserError as exc:
                 raise gr.Error(str(exc)) from exc
 

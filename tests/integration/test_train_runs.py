@@ -1,5 +1,6 @@
 """Training runs have identities: each keeps its own checkpoints, and Resume continues one named run."""
 
+import dataclasses
 import os
 import shutil
 
@@ -131,3 +132,25 @@ def test_the_cli_refuses_a_new_run_and_resumes_a_named_one(project, models_dir, 
     assert main([*base, "--steps", "6", "--rank", "4", "--name", "first", "--resume", "--run", first.run_id]) == 0
     assert f"Resuming run {first.run_id} from step 3" in capsys.readouterr().out
     assert main([*base, "--steps", "1", "--rank", "4", "--name", "third", "--new-run"]) == 0
+
+
+def test_resume_never_replaces_the_lora_of_another_run(project, models_dir, tmp_path):
+    """Run A stops; run B of the same project writes same.safetensors; resuming A must not replace B's LoRA."""
+    projects, name = project
+    loras = tmp_path / "loras"
+    first = _stopped_run(project, models_dir, loras, stop_at=2, name="same")
+    second = train(
+        _config(name, name="same", steps=2), projects_dir=projects, models_dir=models_dir, loras_dir=loras, new_run=True
+    )
+    assert second.status == "finished"
+    written = (loras / "same.safetensors").read_bytes()
+    config = resumable_config(projects, name, first.run_id)
+    with pytest.raises(UserError, match=r"same.safetensors already exists .*\(made by run \S+ of this project\)"):
+        train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras, resume=True, run_id=first.run_id)
+    assert (loras / "same.safetensors").read_bytes() == written
+    overwrite = dataclasses.replace(config, overwrite=True)
+    result = train(
+        overwrite, projects_dir=projects, models_dir=models_dir, loras_dir=loras, resume=True, run_id=first.run_id
+    )
+    with safe_open(str(result.lora_path), framework="pt") as handle:
+        assert handle.metadata()["lora_studio.run_id"] == first.run_id, "with overwrite on, the resumed run's LoRA"

@@ -89,10 +89,19 @@ def test_training_releases_the_model_and_restores_it(jobs, photos):
 
 def test_a_failing_job_never_leaves_the_server_stuck(jobs, photos, tmp_path):
     prepare, train = _configs(photos)
-    bad = config_from_dict(PrepareConfig, {**prepare.__dict__, "images_dir": str(tmp_path / "missing")})
+    with pytest.raises(UserError, match="does not exist"):  # refused before any job starts
+        jobs.start(
+            prepare_config=config_from_dict(
+                PrepareConfig, {**prepare.__dict__, "images_dir": str(tmp_path / "missing")}
+            )
+        )
+    unusable = tmp_path / "unusable"
+    unusable.mkdir()
+    (unusable / "a.png").write_text("not an image")
+    bad = config_from_dict(PrepareConfig, {**prepare.__dict__, "images_dir": str(unusable)})
     jobs.start(prepare_config=bad, train_config=train)
     snapshot = jobs.wait(30)
-    assert snapshot["state"] == "failed" and "does not exist" in snapshot["message"]
+    assert snapshot["state"] == "failed" and "No usable image" in snapshot["message"]
     assert not jobs.is_running()
     assert jobs.model_manager.busy_reason is None
     with pytest.raises(UserError, match="Nothing to do"):

@@ -43,14 +43,14 @@ from modules.lora_training.dataset.scan import (
     RejectedFile,
     ScanLimits,
     StopRequested,
-    check_within_roots,
+    image_folder,
     never_stop,
     read_caption_beside,
     read_regular_file,
-    require_folder_text,
     scan_folder,
 )
 from modules.lora_training.events import EventSink, Log, PrepFinished, PrepProgress, ignore_events
+from modules.lora_training.names import validate_trigger
 from modules.lora_training.project import ProjectPaths, read_json, write_json
 
 MANIFEST_VERSION = 1
@@ -107,19 +107,10 @@ def _slug(stem: str) -> str:
 
 def _check_inputs(config: PrepareConfig, projects_dir: Path, image_roots) -> tuple[ProjectPaths, Path]:
     paths = ProjectPaths.for_project(projects_dir, config.project)
-    require_folder_text(config.images_dir)
-    images_dir = Path(config.images_dir).expanduser()
-    if image_roots is not None:
-        check_within_roots(images_dir, image_roots)
-    if not images_dir.exists():
-        raise UserError(f"Image folder {images_dir} does not exist.")
-    if not images_dir.is_dir():
-        raise UserError(f"{images_dir} is a file; choose the folder that holds your photos.")
-    images_dir = images_dir.resolve()
+    images_dir = image_folder(config.images_dir, roots=image_roots)
     if images_dir == paths.root or paths.root in images_dir.parents:
         raise UserError("The image folder is inside the project folder; choose your original photos instead.")
-    if not config.trigger.strip():
-        raise UserError("The trigger word is empty: pick a rare word (e.g. ohwx) that will call your LoRA.")
+    validate_trigger(config.trigger)
     return paths, images_dir
 
 

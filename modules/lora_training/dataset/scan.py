@@ -139,10 +139,19 @@ def read_caption_beside(image: Path, *, folder: Path, max_bytes: int) -> tuple[s
         return None, "caption file ignored: not UTF-8 text"
 
 
+MAX_PATH_LENGTH = 4000  # below Linux's PATH_MAX: longer paths fail in the kernel with a less clear error
+
+
 def require_folder_text(images_dir) -> None:
     # Path("") is Path("."): an empty field would otherwise name the server's working folder.
     if images_dir is None or str(images_dir).strip() in ("", "."):
         raise UserError(f"{EMPTY_FOLDER}.")
+    if "\0" in str(images_dir):
+        raise UserError("The image folder path contains a NUL character: type or paste the folder path again.")
+    if len(str(images_dir)) > MAX_PATH_LENGTH:
+        raise UserError(
+            f"The image folder path is {len(str(images_dir))} characters long; the limit is {MAX_PATH_LENGTH}."
+        )
 
 
 def check_within_roots(folder: Path, roots: Iterable[Path]) -> Path:
@@ -163,6 +172,19 @@ def check_within_roots(folder: Path, roots: Iterable[Path]) -> Path:
     if hidden:
         raise UserError(f"Image folder {folder} is inside the hidden folder {hidden}: move your photos elsewhere.")
     return resolved
+
+
+def image_folder(images_dir, *, roots: Iterable[Path] | None) -> Path:
+    """The folder of photos, resolved: within ``roots`` (when given), existing, a folder."""
+    require_folder_text(images_dir)
+    folder = Path(images_dir).expanduser()
+    if roots is not None:
+        check_within_roots(folder, roots)
+    if not folder.exists():
+        raise UserError(f"Image folder {folder} does not exist: check the path (it is a folder on the server).")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file; choose the folder that holds your photos.")
+    return folder.resolve()
 
 
 class _Scanner:
