@@ -7,7 +7,6 @@ registry (``gestionnaire.actions``) for the Generate tab's "generate.use_lora".
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +30,6 @@ from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths, read_json
 from modules.lora_training.status_view import StatusView
-
-log = logging.getLogger(__name__)
 
 
 class LoraTrainingTab:
