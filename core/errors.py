@@ -11,3 +11,14 @@ class GpuBusyError(UserError):
 
 class GenerationCancelled(UserError):
     """The client that asked for a generation went away; it was stopped between steps."""
+
+
+def shown_to_user(message: str | Exception):
+    """A ``gr.Error`` for a problem the user can fix: shown on the page, one line in the console, no traceback
+    (Gradio prints a full traceback for every error otherwise)."""
+    import logging
+
+    import gradio as gr
+
+    logging.getLogger("lora_studio").info("refused: %s", message)
+    return gr.Error(str(message), print_exception=False)

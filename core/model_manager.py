@@ -16,6 +16,7 @@ import math
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class GenerationResult:
     seed: int
     family: str
     parameters: dict = field(default_factory=dict)
+    load_seconds: float = 0.0  # loading the model and its LoRAs, before the first denoising step
 
 
 @dataclass(frozen=True)
@@ -389,8 +391,10 @@ class ModelManager:
             family = self._entry_for(request.model).family
             validate_request(request, family, limits=self.limits)
             self.check_loras_fit(request.loras, family)
+            loading = time.perf_counter()
             entry = self.load_model(request.model)
             self._apply_loras(request.loras)
+            load_seconds = time.perf_counter() - loading
             seed = request.seed if request.seed >= 0 else random.randrange(2**31)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             kwargs = dict(
@@ -424,7 +428,9 @@ class ModelManager:
             "seed": seed,
             "loras": [{"name": c.name, "weight": c.weight} for c in request.loras],
         }
-        return GenerationResult(image=image, seed=seed, family=entry.family, parameters=parameters)
+        return GenerationResult(
+            image=image, seed=seed, family=entry.family, parameters=parameters, load_seconds=load_seconds
+        )
 
     def _stop_between_steps(self, stopped_at: list, *, client_present: Callable[[], bool]):
         """A diffusers step callback that interrupts the pipeline once release() asks for the GPU

@@ -2,6 +2,10 @@
 
 A plugin that fails to import, initialize or build its tab is logged and skipped; the
 app still starts. Plugins are initialized in dependency order.
+
+Tabs reach each other through ``gestionnaire.actions`` (:class:`TabActions`), never through
+each other's widgets: a tab offers a named action ("generate.use_lora") with the components
+it writes, another tab asks for it by name with the event that runs it.
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import shown_to_user
 from core.i18n import module_strings
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,75 @@ class PluginInfo:
 
 
 @dataclass
+class TabAction:
+    """What a tab lets other tabs do: ``run(payload)`` returns one update per component of ``outputs``;
+    ``tab_id`` is the tab to show once it ran (None: stay)."""
+
+    outputs: list
+    run: Callable[[dict], list]
+    tab_id: str | None = None
+
+
+@dataclass
+class _Request:
+    name: str
+    event: Callable  # an event listener such as ``button.click``
+    payload: Callable[[], dict]
+    unavailable: str | None
+
+
+@dataclass
+class TabActions:
+    """Named actions tabs offer one another; requests are wired once every tab is built, so the
+    order in which tabs are built does not matter."""
+
+    offered: dict[str, TabAction] = field(default_factory=dict)
+    requests: list[_Request] = field(default_factory=list)
+
+    def offer(self, name: str, action: TabAction) -> None:
+        self.offered[name] = action
+
+    def request(self, name: str, *, event: Callable, payload: Callable[[], dict], unavailable: str | None = None):
+        """Run action ``name`` with ``payload()`` when ``event`` fires. When no tab offers it,
+        the event shows ``unavailable`` as an error (or does nothing when that is None)."""
+        self.requests.append(_Request(name, event, payload, unavailable))
+
+    def connect(self, tabs=None) -> list[str]:
+        """Wire every request (``tabs``: the host's ``gr.Tabs``); returns the names nobody offered."""
+        missing = []
+        for request in self.requests:
+            action = self.offered.get(request.name)
+            if action is None:
+                missing.append(request.name)
+                if request.unavailable is not None:
+                    request.event(_failing(request.unavailable), api_visibility="private")
+                continue
+            switch = tabs is not None and action.tab_id is not None
+            outputs = [*action.outputs, tabs] if switch else list(action.outputs)
+            request.event(_runner(action, request.payload, switch=switch), outputs=outputs, api_visibility="private")
+        self.requests.clear()
+        return missing
+
+
+def _runner(action: TabAction, payload: Callable[[], dict], *, switch: bool) -> Callable[[], list]:
+    def run() -> list:
+        import gradio as gr
+
+        updates = list(action.run(payload()))
+        return [*updates, gr.Tabs(selected=action.tab_id)] if switch else updates
+
+    return run
+
+
+def _failing(message: str) -> Callable[[], None]:
+    def fail() -> None:
+
+        raise shown_to_user(message)
+
+    return fail
+
+
+@dataclass
 class PluginManager:
     """The host's module manager (``gestionnaire``): lets one tab reach another."""
 
@@ -34,6 +109,7 @@ class PluginManager:
     package: str = "modules"
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     tabs: object | None = None  # the host's gr.Tabs, set while the UI is built
+    actions: TabActions = field(default_factory=TabActions)
 
     def discover(self) -> list[PluginInfo]:
         found = []
@@ -88,6 +164,8 @@ class PluginManager:
                 info.instance = None
                 log.exception("plugin %s failed to build its tab; skipped", info.name)
                 gr.Markdown(f"Plugin **{info.name}** failed to load: {info.error}")
+        for name in self.actions.connect(self.tabs):
+            log.warning("no loaded tab offers the action %r", name)
 
     def failures(self) -> dict[str, str]:
         return {name: info.error for name, info in self.plugins.items() if info.error}

@@ -4,4 +4,9 @@
 def initialize(global_translations, model_manager, gestionnaire, global_config):
     from modules.generate.tab import GenerateTab
 
-    return GenerateTab(model_manager=model_manager, config=global_config, translations=global_translations)
+    return GenerateTab(
+        model_manager=model_manager,
+        config=global_config,
+        translations=global_translations,
+        actions=getattr(gestionnaire, "actions", None),
+    )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from types import SimpleNamespace
 
 from core.client_presence import always_present, presence_check
-from core.errors import UserError
+from core.errors import UserError, shown_to_user
 from core.i18n import translate
 from core.lora_info import LoraInfo
 from core.model_files import native_image_size
@@ -62,7 +63,7 @@ def lora_label(info: LoraInfo, model_family: str | None, strings: dict) -> str:
 
 
 class GenerateTab:
-    def __init__(self, *, model_manager, config, translations: dict) -> None:
+    def __init__(self, *, model_manager, config, translations: dict, actions=None) -> None:
         self.model_manager = model_manager
         model_manager.limits = GenerateLimits(
             max_steps=getattr(config, "MAX_GENERATE_STEPS", GenerateLimits.max_steps),
@@ -70,6 +71,7 @@ class GenerateTab:
         )
         self.config = config
         self.translations = translations
+        self.actions = actions  # the host's TabActions: what this tab offers other tabs
         self.model_dropdown = None
         self.prompt_box = None
         self.lora_dropdowns: list = []
@@ -109,7 +111,9 @@ class GenerateTab:
         started = time.perf_counter()
         result = self.model_manager.generate(request, client_present=client_present)
         path = save_generation(result.image, result.parameters, self.config.OUTPUTS_DIR)
-        message = translate("done", strings, seed=result.seed, seconds=time.perf_counter() - started, path=path.name)
+        seconds = time.perf_counter() - started - result.load_seconds
+        loading = translate("loading_time", strings, seconds=result.load_seconds) if result.load_seconds >= 0.5 else ""
+        message = translate("done", strings, seed=result.seed, seconds=seconds, loading=loading, path=path.name)
         return str(path), message
 
     # ----- UI ------------------------------------------------------------------
@@ -120,6 +124,27 @@ class GenerateTab:
         choices = self.lora_choices(model, strings if strings is not None else self.strings)
         return [gr.Dropdown(choices=choices) for _ in self.lora_dropdowns]
 
+    def use_lora_updates(self, payload: dict) -> list:
+        """The "generate.use_lora" action: select ``payload["model"]``, put ``payload["prompt"]`` in the
+        prompt box and ``payload["lora"]`` in the first LoRA slot (None leaves a widget as it is)."""
+        import gradio as gr
+
+        model = payload.get("model")
+        updates = self.refresh_lora_updates(model)
+        updates[0] = gr.Dropdown(choices=updates[0].choices, value=payload.get("lora"))
+        prompt = payload.get("prompt")
+        return [model or gr.skip(), prompt if prompt is not None else gr.skip(), *updates]
+
+    def offer_actions(self) -> None:
+        from core.plugins import TabAction
+
+        if self.actions is None:
+            return
+        outputs = [self.model_dropdown, self.prompt_box, *self.lora_dropdowns]
+        self.actions.offer("generate.use_lora", TabAction(outputs, self.use_lora_updates, tab_id="generate"))
+        refresh = TabAction(self.lora_dropdowns, lambda payload: self.refresh_lora_updates(payload.get("model")))
+        self.actions.offer("generate.refresh_loras", refresh)
+
     def create_tab(self, strings: dict) -> None:
         import gradio as gr
 
@@ -127,110 +152,145 @@ class GenerateTab:
             return translate(key, strings, **values)
 
         self.strings = strings
-        models = self.model_names()
-        default = self.default_model()
-        size = self.image_size_for(default)
-        limits = self.model_manager.limits
-        lora_choices = self.lora_choices(default, strings)
         with gr.Tab(t("tab_title"), id="generate"):
-            if not models:
+            if not self.model_names():
                 gr.Markdown(t("no_models", folder=self.config.MODELS_DIR))
             with gr.Row():
                 with gr.Column(scale=3):
-                    with gr.Row():
-                        self.model_dropdown = gr.Dropdown(
-                            choices=models,
-                            value=default,
-                            label=t("model"),
-                            elem_id="generate-model",
-                            scale=4,
-                            # Files added after the page loaded are valid too; ModelManager checks them.
-                            allow_custom_value=True,
-                        )
-                        refresh_models = gr.Button(t("refresh"), scale=1)
-                    self.prompt_box = gr.Textbox(
-                        label=t("prompt"), placeholder=t("prompt_placeholder"), lines=3, elem_id="generate-prompt"
-                    )
-                    negative = gr.Textbox(label=t("negative_prompt"), lines=2)
-                    with gr.Row():
-                        steps = gr.Slider(1, limits.max_steps, value=20, step=1, label=t("steps"))
-                        guidance = gr.Slider(0.0, 20.0, value=5.0, step=0.5, label=t("guidance"))
-                    with gr.Row():
-                        width = gr.Number(value=size, precision=0, step=8, label=t("width"))
-                        height = gr.Number(value=size, precision=0, step=8, label=t("height"))
-                        seed = gr.Number(value=-1, precision=0, label=t("seed"))
-                    with gr.Accordion(t("loras"), open=True):
-                        lora_inputs = []
-                        self.lora_dropdowns = []
-                        for n in range(1, MAX_LORAS + 1):
-                            with gr.Row():
-                                dropdown = gr.Dropdown(
-                                    choices=lora_choices,
-                                    value=None,
-                                    label=t("lora_slot", n=n),
-                                    elem_id=f"generate-lora-{n}",
-                                    scale=3,
-                                    allow_custom_value=True,
-                                )
-                                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n))
-                            self.lora_dropdowns.append(dropdown)
-                            lora_inputs += [dropdown, weight]
-                        refresh_loras = gr.Button(t("refresh"))
-                    generate_button = gr.Button(t("generate"), variant="primary", elem_id="generate-button")
+                    page = self._build_inputs(t)
                 with gr.Column(scale=2):
-                    output = gr.Image(label=t("output"), type="filepath", elem_id="generate-output")
-                    status = gr.Markdown(elem_id="generate-status")
-
+                    page.output = gr.Image(label=t("output"), type="filepath", elem_id="generate-output")
+                    page.status = gr.Markdown(elem_id="generate-status")
             # API-only endpoints live inside the tab: gr.Tabs may hold only gr.Tab children.
-            def list_models() -> list[dict]:
-                """Base models in the models folder, with their family."""
-                return [
-                    {"name": e.name, "family": e.family, "single_file": e.single_file}
-                    for e in self.model_manager.list_models()
-                ]
+            self._register_list_api()
+        self._wire(page, t)
+        self.offer_actions()
 
-            def list_loras() -> list[str]:
-                """LoRA files in the shared loras folder."""
-                return self.lora_names()
+    def _build_inputs(self, t):
+        import gradio as gr
 
-            def lora_details() -> list[dict]:
-                """Each LoRA once: name, family (sdxl/flux, None when unreadable), trigger word, problem."""
-                return [info.as_dict() for info in self.model_manager.lora_details()]
+        default = self.default_model()
+        size = self.image_size_for(default)
+        page = SimpleNamespace()
+        with gr.Row():
+            self.model_dropdown = gr.Dropdown(
+                choices=self.model_names(),
+                value=default,
+                label=t("model"),
+                elem_id="generate-model",
+                scale=4,
+                # Files added after the page loaded are valid too; ModelManager checks them.
+                allow_custom_value=True,
+            )
+            page.refresh_models = gr.Button(t("refresh"), scale=1)
+        self.prompt_box = gr.Textbox(
+            label=t("prompt"), placeholder=t("prompt_placeholder"), lines=3, elem_id="generate-prompt"
+        )
+        page.negative = gr.Textbox(label=t("negative_prompt"), lines=2)
+        with gr.Row():
+            page.steps = gr.Slider(1, self.model_manager.limits.max_steps, value=20, step=1, label=t("steps"))
+            page.guidance = gr.Slider(0.0, 20.0, value=5.0, step=0.5, label=t("guidance"))
+        with gr.Row():
+            page.width = gr.Number(value=size, precision=0, step=8, label=t("width"))
+            page.height = gr.Number(value=size, precision=0, step=8, label=t("height"))
+            page.seed = gr.Number(value=-1, precision=0, label=t("seed"))
+        with gr.Accordion(t("loras"), open=True):
+            page.lora_inputs = self._build_lora_slots(t, self.lora_choices(default, self.strings))
+            page.refresh_loras = gr.Button(t("refresh"))
+        page.generate = gr.Button(t("generate"), variant="primary", elem_id="generate-button")
+        return page
 
-            gr.api(list_models, api_name="list_models")
-            gr.api(list_loras, api_name="list_loras")
-            gr.api(lora_details, api_name="lora_details")
+    def _build_lora_slots(self, t, choices: list) -> list:
+        """One dropdown and one weight per LoRA slot; returns them as (name, weight, name, weight, ...)."""
+        import gradio as gr
 
-        def generate(model, prompt, negative_prompt, steps, guidance, width, height, seed, request, *lora_args):
-            if not model:
-                raise gr.Error(t("no_models", folder=self.config.MODELS_DIR))
-            if not isinstance(model, str):
-                raise gr.Error(f"model must be the name of a model in the list (got {model!r}).")
-            try:
-                generation = GenerationRequest(
-                    model=model,
-                    prompt=prompt or "",
-                    negative_prompt=negative_prompt or "",
-                    steps=whole_number(t("steps"), steps),
-                    guidance=real_number(t("guidance"), guidance),
-                    width=whole_number(t("width"), width),
-                    height=whole_number(t("height"), height),
-                    seed=whole_number(t("seed"), seed, default=-1),
-                    loras=lora_choices_from_args(lora_args),
+        inputs = []
+        self.lora_dropdowns = []
+        for n in range(1, MAX_LORAS + 1):
+            with gr.Row():
+                dropdown = gr.Dropdown(
+                    choices=choices,
+                    value=None,
+                    label=t("lora_slot", n=n),
+                    elem_id=f"generate-lora-{n}",
+                    scale=3,
+                    allow_custom_value=True,
                 )
-                return self.run_generation(generation, strings, client_present=presence_check(request))
-            except UserError as exc:
-                raise gr.Error(str(exc)) from exc
-            except Exception as exc:
-                log.exception("generation failed")
-                raise gr.Error(t("failed", error=f"{type(exc).__name__}: {exc}")) from exc
+                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n))
+            self.lora_dropdowns.append(dropdown)
+            inputs += [dropdown, weight]
+        return inputs
+
+    def _register_list_api(self) -> None:
+        import gradio as gr
+
+        def list_models() -> list[dict]:
+            """Base models in the models folder, with their family."""
+            return [
+                {"name": e.name, "family": e.family, "single_file": e.single_file}
+                for e in self.model_manager.list_models()
+            ]
+
+        def list_loras() -> list[str]:
+            """LoRA files in the shared loras folder."""
+            return self.lora_names()
+
+        def lora_details() -> list[dict]:
+            """Each LoRA once: name, family (sdxl/flux, None when unreadable), trigger word, problem."""
+            return [info.as_dict() for info in self.model_manager.lora_details()]
+
+        gr.api(list_models, api_name="list_models")
+        gr.api(list_loras, api_name="list_loras")
+        gr.api(lora_details, api_name="lora_details")
+
+    def generate(self, values: tuple, strings: dict, *, client_present=always_present) -> tuple[str, str]:
+        """The Generate button: ``(model, prompt, negative, steps, guidance, width, height, seed, *loras)``,
+        raw as the page or an API client sent them (checked here, with messages naming the field)."""
+        import gradio as gr
+
+        def t(key, **kwargs):
+            return translate(key, strings, **kwargs)
+
+        model, prompt, negative_prompt, steps, guidance, width, height, seed, *lora_args = values
+        if not model:
+            raise shown_to_user(t("no_models", folder=self.config.MODELS_DIR))
+        if not isinstance(model, str):
+            raise shown_to_user(f"model must be the name of a model in the list (got {model!r}).")
+        try:
+            request = GenerationRequest(
+                model=model,
+                prompt=prompt or "",
+                negative_prompt=negative_prompt or "",
+                steps=whole_number(t("steps"), steps),
+                guidance=real_number(t("guidance"), guidance),
+                width=whole_number(t("width"), width),
+                height=whole_number(t("height"), height),
+                seed=whole_number(t("seed"), seed, default=-1),
+                loras=lora_choices_from_args(tuple(lora_args)),
+            )
+            return self.run_generation(request, strings, client_present=client_present)
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+        except Exception as exc:
+            log.exception("generation failed")
+            raise gr.Error(t("failed", error=f"{type(exc).__name__}: {exc}")) from exc
+
+    def _wire(self, page, t) -> None:
+        import gradio as gr
+
+        strings = self.strings
+
+        def generate(request, *values):
+            return self.generate(values, strings, client_present=presence_check(request))
 
         # Gradio fills a positional parameter annotated gr.Request with the caller's request.
         generate.__annotations__["request"] = gr.Request
-        generate_button.click(
+        generate_inputs = [self.model_dropdown, self.prompt_box, page.negative, page.steps, page.guidance]
+        generate_inputs += [page.width, page.height, page.seed, *page.lora_inputs]
+        page.generate.click(
             generate,
-            inputs=[self.model_dropdown, self.prompt_box, negative, steps, guidance, width, height, seed, *lora_inputs],
-            outputs=[output, status],
+            inputs=generate_inputs,
+            outputs=[page.output, page.status],
             api_name="generate",
             # Raw values reach generate(), which checks them with messages naming the field; Gradio's own
             # checks would answer "Value 0 is less than minimum value 1." or "index 6 (a `number` component)".
@@ -242,14 +302,12 @@ class GenerateTab:
             value = current if current in names else self.default_model()
             return gr.Dropdown(choices=names, value=value)
 
-        refresh_models.click(
-            refresh_model_list, inputs=[self.model_dropdown], outputs=[self.model_dropdown], api_visibility="private"
+        private = {"api_visibility": "private"}
+        page.refresh_models.click(
+            refresh_model_list, inputs=[self.model_dropdown], outputs=[self.model_dropdown], **private
         )
-        refresh_loras.click(
-            self.refresh_lora_updates,
-            inputs=[self.model_dropdown],
-            outputs=self.lora_dropdowns,
-            api_visibility="private",
+        page.refresh_loras.click(
+            self.refresh_lora_updates, inputs=[self.model_dropdown], outputs=self.lora_dropdowns, **private
         )
 
         def on_model_change(model):
@@ -259,6 +317,6 @@ class GenerateTab:
         self.model_dropdown.change(
             on_model_change,
             inputs=[self.model_dropdown],
-            outputs=[width, height, *self.lora_dropdowns],
-            api_visibility="private",
+            outputs=[page.width, page.height, *self.lora_dropdowns],
+            **private,
         )

@@ -156,7 +156,8 @@ class World:
 
 def prep(world: World, *, images=None, project="fresh", trigger="ohwx", model=SDXL, res=64, sub=False, task=None):
     images = str(world.photos) if images is None else images
-    return ("prepare_dataset", images, project, trigger, model, "none", task or "<DETAILED_CAPTION>", res, sub)
+    captioner = "florence2" if task else "none"  # the caption task is read only for Florence-2
+    return ("prepare_dataset", images, project, trigger, model, captioner, task or "<DETAILED_CAPTION>", res, sub)
 
 
 def train(world: World, *, project="keep", options=None, prepare=False, model=SDXL, images=None, new_run=False):

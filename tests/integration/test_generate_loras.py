@@ -107,7 +107,7 @@ def test_a_fifo_in_the_loras_folder_never_blocks(manager, loras):
     worker.start()
     worker.join(timeout=20)
     assert done and [info.name for info in done[0]] == ["ok.safetensors"]
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="is not a regular file: only LoRA files are read"):
         manager.lora_info("pipe.safetensors")
 
 

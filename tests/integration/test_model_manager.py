@@ -118,3 +118,12 @@ def test_release_blocks_generation_and_restore_reloads(manager, demo_paths):
     assert manager.loaded_model == model
     assert manager.busy_reason is None
     assert manager.generate(_request(model)).image.size == (64, 64)
+
+
+def test_loading_time_is_counted_apart_from_the_generation(manager):
+    from core.demo_models import DEMO_SDXL_NAME
+
+    first = manager.generate(_request(DEMO_SDXL_NAME))
+    again = manager.generate(_request(DEMO_SDXL_NAME))
+    assert first.load_seconds > 0, "the first request built the pipeline"
+    assert again.load_seconds < first.load_seconds, "the model was already loaded: nothing to load again"

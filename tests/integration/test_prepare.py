@@ -9,7 +9,7 @@ from core.errors import UserError
 from modules.lora_training.config import PrepareConfig, config_from_dict
 from modules.lora_training.dataset.captions import inject_trigger
 from modules.lora_training.dataset.prepare import prepare
-from tests.image_folders import GOOD_SOURCES, folder_hashes, make_messy_folder
+from tests.image_folders import GOOD_SOURCES, folder_hashes, make_messy_folder, noise_image
 
 RESOLUTION = 256
 
@@ -171,3 +171,17 @@ def test_bad_input_corpus_each_file_gets_a_reason(tmp_path, models_dir):
     reasons = {e["source"]: e["reason"] for e in result.skipped}
     assert reasons == {"black.png": reasons["black.png"], "white.png": reasons["white.png"]}
     assert all(r.startswith("blank image") for r in reasons.values()), "not mistaken for duplicates of each other"
+
+
+def test_of_two_duplicates_the_original_name_is_kept(tmp_path, models_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = noise_image(300, 300, seed=77)
+    for name in ("IMG_0001 (1).jpg", "IMG_0001.jpg", "IMG_0001 - Copy.jpg"):
+        image.save(photos / name, quality=95)
+    result = prepare(_config(photos), projects_dir=tmp_path / "projects", models_dir=models_dir)
+    assert [entry["source"] for entry in result.used] == ["IMG_0001.jpg"]
+    assert {e["source"]: e["reason"] for e in result.skipped} == {
+        "IMG_0001 (1).jpg": "duplicate of IMG_0001.jpg",
+        "IMG_0001 - Copy.jpg": "duplicate of IMG_0001.jpg",
+    }

@@ -9,8 +9,10 @@ from core.errors import UserError
 from core.model_manager import ModelManager
 from modules.lora_training.config import TrainConfig
 from modules.lora_training.config import config_from_dict as train_config_from_dict
+from modules.lora_training.form import sample_prompt_list
 from modules.lora_training.jobs import TrainingJobs
-from modules.lora_training.ui import LoraTrainingTab, format_eta, sample_prompt_list
+from modules.lora_training.status_view import format_eta
+from modules.lora_training.ui import LoraTrainingTab
 
 
 @pytest.fixture

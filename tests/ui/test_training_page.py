@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from core.demo_models import DEMO_SDXL_NAME
 from tests.conftest import write_config
 from tests.image_folders import noise_image
 from tests.server import running_app
@@ -47,6 +48,18 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         for elem_id, value in (("lt-steps", "100"), ("lt-save-every", "0"), ("lt-sample-every", "0")):
             _field(page, elem_id).fill(value)
             _field(page, elem_id).press("Tab")
+        # A preset saves the fields by name and sets them again when loaded.
+        _field(page, "lt-rank").fill("8")
+        page.get_by_text("Advanced", exact=True).click()
+        _field(page, "lt-preset-name").fill("mine")
+        page.get_by_role("button", name="Save as preset").click()
+        page.locator("#lt-estimate").get_by_text("Preset saved: mine").wait_for()
+        _field(page, "lt-rank").fill("4")
+        page.locator("#lt-preset input").click()
+        page.get_by_role("option", name="mine", exact=True).click()
+        page.get_by_role("button", name="Load preset").click()
+        page.locator("#lt-estimate").get_by_text("Preset loaded: mine").wait_for()
+        assert _field(page, "lt-rank").input_value() == "8"
         screenshot("1-filled")
         page.get_by_role("button", name="Estimate memory and time").click()
         page.locator("#lt-estimate").get_by_text(re.compile(r"Estimated time: [\d.]+ s/step on cpu")).wait_for()
@@ -75,8 +88,18 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         assert re.search(r"Resuming run \d{8}-\d{6}-\w+ from step \d+", _log_text(page))
         screenshot("4-finished")
 
+        # The saved LoRA reaches the Generate tab's lists on its own ("generate.refresh_loras").
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#generate-lora-2 input").click()
+        page.get_by_role("option", name=LABEL, exact=True).wait_for(timeout=30_000)
+        page.keyboard.press("Escape")
+        page.get_by_role("tab", name="LoRA Training").click()
+
+        # "Use in Generate" goes through the host's action registry: the Generate tab is shown with
+        # the run's model, the trigger word and the new LoRA filled in.
         page.locator("#lt-use").click()
         page.locator("#generate-button").wait_for(state="visible")
+        assert _field(page, "generate-model").input_value() == DEMO_SDXL_NAME
         page.wait_for_function(
             f"() => document.querySelector('#generate-lora-1 input')?.value === '{LABEL}'",
             timeout=30_000,

@@ -1,6 +1,8 @@
 import json
 import sys
 
+import pytest
+
 from core.plugins import PluginManager
 
 
@@ -49,3 +51,29 @@ def test_broken_plugins_are_skipped_and_good_ones_load(tmp_path, monkeypatch):
     assert "absent" in failures["needs_missing"]
     assert "bad module.json" in failures["bad_manifest"]
     sys.modules.pop("plugpkg", None)
+
+
+def test_a_tab_runs_another_tabs_action_by_name():
+    import gradio as gr
+
+    from core.plugins import TabAction, TabActions
+
+    actions = TabActions()
+    with gr.Blocks() as demo, gr.Tabs() as tabs:
+        with gr.Tab("Asker", id="asker"):
+            send = gr.Button("Send")
+            lonely = gr.Button("Nobody answers")
+        # Asked for before it is offered: requests are wired once every tab is built.
+        actions.request("target.fill", event=send.click, payload=lambda: {"text": "hello"})
+        actions.request("absent.action", event=lonely.click, payload=dict, unavailable="The other tab is not loaded.")
+        with gr.Tab("Target", id="target"):
+            box = gr.Textbox()
+        actions.offer("target.fill", TabAction([box], lambda payload: [payload["text"].upper()], tab_id="target"))
+        assert actions.connect(tabs) == ["absent.action"]
+
+    handlers = {target: fn for fn in demo.fns.values() for target, _ in fn.targets}
+    assert handlers[send._id].outputs == [box, tabs]
+    text, selected = handlers[send._id].fn()
+    assert text == "HELLO" and selected.selected == "target"
+    with pytest.raises(gr.Error, match="not loaded"):
+        handlers[lonely._id].fn()

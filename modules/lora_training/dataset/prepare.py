@@ -100,6 +100,18 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(" of ")[0]
 
 
+_COPY_SUFFIX = re.compile(r"(\s*\(\d+\)|[\s_-]*(-\s*)?(copy|kopie|copie)(\s*\(?\d+\)?)?)$", re.IGNORECASE)
+
+
+def original_first(relative: str) -> tuple:
+    """Sort key putting the file that looks original before its copies ("IMG_1.jpg" before "IMG_1 (1).jpg"
+    and "IMG_1 - Copy.jpg"), so that of two duplicates the original is the one kept."""
+    path = Path(relative)
+    stem = path.stem
+    is_copy = bool(_COPY_SUFFIX.search(stem))
+    return (str(path.parent), is_copy, len(stem), relative)
+
+
 def _slug(stem: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
     return (slug or "image")[:40]
@@ -161,7 +173,7 @@ class _Preparation:
         return found.files
 
     def scan_and_crop(self) -> None:
-        files = self.scan()
+        files = sorted(self.scan(), key=lambda source: original_first(source.relative))
         self.seen_hashes: dict[str, str] = {}
         self.seen_dhashes: list[tuple[int, float, str]] = []
         self.paths.images.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+"""The LoRA Training tab's API endpoints (``/prepare_dataset``, ``/train_lora``, ...).
+
+Their parameters are field names of the form (``form.py``), so a call takes the same path to a
+config as the page: ``LoraTrainingTab.prepare_config`` / ``train_config`` on a dict keyed by field.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from core.errors import UserError, shown_to_user
+
+
+def flag(name: str, value) -> bool:
+    """A true/false API parameter; a string such as "no" is refused rather than read as true."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false; got {value!r}")
+    return value
+
+
+def options_dict(options) -> dict:
+    """The API's ``options``: an object of TrainConfig fields (null means none)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise UserError(
+            f'options must be an object of training options such as {{"steps": 500}}; got {options!r}'[:300]
+        )
+    return dict(options)
+
+
+class TrainingApi:
+    def __init__(self, tab) -> None:
+        self.tab = tab
+
+    def register(self) -> None:
+        gr.api(self.prepare_dataset, api_name="prepare_dataset")
+        gr.api(self.train_lora, api_name="train_lora")
+        gr.api(self.stop_training, api_name="stop_training", queue=False)
+        gr.api(self.training_status, api_name="training_status", queue=False)
+        gr.api(self.resume_training, api_name="resume_training")
+
+    def prepare_dataset(
+        self,
+        images_dir: str,
+        project: str,
+        trigger: str,
+        base_model: str = "",
+        captioner: str = "none",
+        caption_task: str = "<DETAILED_CAPTION>",
+        resolution: int = 1024,
+        include_subfolders: bool = False,
+    ) -> dict:
+        """Start preparing a folder of images (crop to buckets, caption, add the trigger word)."""
+        values = {"images_dir": images_dir, "project": project, "trigger": trigger, "captioner": captioner}
+        values |= {"caption_task": caption_task, "resolution": resolution, "include_subfolders": include_subfolders}
+        try:
+            config = self.tab.prepare_config({**values, "base_model": base_model or self.tab.default_model()})
+            return self.tab.start(prepare=config, train=None)
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def train_lora(
+        self,
+        images_dir: str,
+        project: str,
+        trigger: str,
+        base_model: str,
+        options: dict | None = None,
+        prepare: bool = True,
+        captioner: str = "none",
+        resolution: int = 1024,
+        include_subfolders: bool = False,
+        new_run: bool = False,
+    ) -> dict:
+        """Prepare (optional) and train a LoRA in the background. `options` holds TrainConfig fields;
+        `new_run` starts a new run even when a stopped one of the project could be resumed."""
+        values = {"images_dir": images_dir, "project": project, "trigger": trigger, "base_model": base_model}
+        values |= {"captioner": captioner, "resolution": resolution, "include_subfolders": include_subfolders}
+        try:
+            prepare_config = self.tab.prepare_config(values) if flag("prepare", prepare) else None
+            train_values = {"project": project or "", "base_model": base_model, **options_dict(options)}
+            train_config = self.tab.train_config(train_values)
+            return self.tab.start(prepare=prepare_config, train=train_config, new_run=flag("new_run", new_run))
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def stop_training(self) -> str:
+        """Stop the running job after its current step, keeping a resumable checkpoint."""
+        return self.tab.jobs.stop()
+
+    def training_status(self) -> dict:
+        """The current (or last) job: state, step, loss, ETA, log, samples, LoRA path."""
+        return self.tab.jobs.snapshot()
+
+    def resume_training(self, project: str) -> dict:
+        """Continue a stopped or interrupted run from its newest checkpoint."""
+        try:
+            return self.tab.resume(project)
+        except UserError as exc:
+            raise shown_to_user(exc) from exc

@@ -1,0 +1,266 @@
+"""The LoRA Training form, declared once.
+
+Each :class:`Option` is one input of the tab: the config field it sets (its label is the locale
+key of the same name), the kind of widget and when it is shown; its place in ``FORM`` (a row of a
+:class:`Section`) is where it sits on the page. Ranges and
+choices come from the field's own metadata in ``config.py``, so the form and the validation cannot
+drift apart. Values travel as dicts keyed by field name, in two forms:
+
+- *widget values*: what the page holds (``steps`` 0 for "use epochs", prompts as lines of text);
+- *config values*: what ``config_from_dict`` takes (the API's ``options``, a preset's ``options``).
+
+This module does not import Gradio; ``form_widgets.py`` builds the widgets from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from modules.lora_training.config import PrepareConfig, TrainConfig
+
+TEXT_KINDS = ("text", "prompts")
+KINDS = ("text", "prompts", "integer", "number", "slider", "checkbox", "dropdown", "model")
+BOTH = (PrepareConfig, TrainConfig)
+_UNSET = object()  # a widget value that leaves the config's default in place
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the config field, and the locale key of its label
+    kind: str
+    configs: tuple[type, ...] = (TrainConfig,)  # empty: a form-only input (the class word)
+    default: object = _UNSET  # the widget's first value when it differs from the config's default
+    unset: object = None  # a widget value meaning "the config's default" (0 steps: use epochs)
+    shown_when: tuple[str, tuple] | None = None  # (field or "family", the values that show it)
+    in_preset: bool = True  # saved into presets (per-project inputs are not)
+    step: float | None = None
+    elem_id: str | None = None
+    placeholder: str | None = None  # locale key
+    scale: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: unknown widget kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+    @property
+    def field(self) -> dataclasses.Field | None:
+        for cls in self.configs:
+            for candidate in dataclasses.fields(cls):
+                if candidate.name == self.name:
+                    return candidate
+        return None
+
+    @property
+    def choices(self) -> tuple:
+        return self.field.metadata.get("choices", ()) if self.field else ()
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """The widget's range: the field's bounds, widened to admit the ``unset`` value."""
+        metadata = self.field.metadata if self.field else {}
+        if metadata.get("minimum") is None:
+            return None
+        low = metadata["minimum"] if self.unset is None else min(metadata["minimum"], self.unset)
+        return low, metadata["maximum"]
+
+    @property
+    def initial(self):
+        if self.default is not _UNSET:
+            return self.default
+        field = self.field
+        if field is None or field.default is dataclasses.MISSING:
+            return "" if self.kind in TEXT_KINDS else None
+        return self.to_widget(field.default)
+
+    def shown(self, context: dict) -> bool:
+        if self.shown_when is None:
+            return True
+        key, values = self.shown_when
+        return context.get(key) is None or context[key] in values
+
+    def to_config(self, value, values: dict):
+        """This option's widget value → its config value (``_UNSET``: leave the config default)."""
+        if self.kind == "prompts":
+            return sample_prompt_list(value, values.get("class_word") or "")
+        if self.kind == "text":
+            return value or ""
+        if value is None or value == "" or (self.unset is not None and value == self.unset):
+            return _UNSET
+        return value
+
+    def to_widget(self, value):
+        if value is None:
+            return self.unset
+        if self.kind == "prompts":
+            return "\n".join(value)
+        return value
+
+
+def sample_prompt_list(text: str, class_word: str) -> tuple[str, ...]:
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        prompts = ["photo of {trigger} " + class_word if class_word else "{trigger}"]
+    return tuple(p.replace("{class}", class_word or "") for p in prompts)
+
+
+_SDXL, _FLUX = ("family", ("sdxl",)), ("family", ("flux",))
+_PREPARE = (PrepareConfig,)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of the form, in page order: its label key, whether it is a (closed) accordion, its rows."""
+
+    name: str
+    accordion: bool
+    rows: tuple[tuple[Option, ...], ...]
+
+
+FORM: tuple[Section, ...] = (
+    Section(
+        "dataset",
+        accordion=False,
+        rows=(
+            (
+                Option(
+                    "images_dir",
+                    "text",
+                    configs=_PREPARE,
+                    in_preset=False,
+                    elem_id="lt-images",
+                    scale=4,
+                    placeholder="images_placeholder",
+                ),
+                Option(
+                    "include_subfolders",
+                    "checkbox",
+                    configs=_PREPARE,
+                    in_preset=False,
+                    elem_id="lt-subfolders",
+                    scale=1,
+                ),
+            ),
+            (
+                Option("project", "text", configs=BOTH, in_preset=False),
+                Option("trigger", "text", configs=_PREPARE, in_preset=False, placeholder="trigger_placeholder"),
+            ),
+            (Option("base_model", "model", in_preset=False, scale=4),),
+            (
+                Option("captioner", "dropdown", configs=_PREPARE, in_preset=False),
+                Option(
+                    "caption_task",
+                    "dropdown",
+                    configs=_PREPARE,
+                    in_preset=False,
+                    shown_when=("captioner", ("florence2",)),
+                ),
+                Option("resolution", "integer", configs=_PREPARE, step=64),
+            ),
+        ),
+    ),
+    Section(
+        "schedule",
+        accordion=True,
+        rows=(
+            (
+                Option("epochs", "integer"),
+                Option("steps", "integer", unset=0, elem_id="lt-steps"),
+                Option("learning_rate", "number", default=1e-4),
+                Option("batch_size", "integer"),
+            ),
+            (
+                Option("rank", "integer"),
+                Option("alpha", "number"),
+                Option("optimizer", "dropdown", default="adamw8bit"),
+                Option("mixed_precision", "dropdown"),
+            ),
+            (
+                Option("lr_scheduler", "dropdown"),
+                Option("lr_warmup_steps", "integer"),
+                Option("lr_num_cycles", "integer", shown_when=("lr_scheduler", ("cosine_with_restarts",))),
+                Option("lr_power", "number", shown_when=("lr_scheduler", ("polynomial",))),
+            ),
+            (
+                Option("save_every_steps", "integer", default=250, elem_id="lt-save-every"),
+                Option("seed", "integer"),
+            ),
+            (
+                Option("class_word", "text", configs=(), in_preset=False, elem_id="lt-class"),
+                Option("sample_prompts", "prompts", in_preset=False),
+                Option("sample_every_steps", "integer", default=250, elem_id="lt-sample-every"),
+            ),
+        ),
+    ),
+    Section(
+        "advanced",
+        accordion=True,
+        rows=(
+            (
+                Option("train_text_encoder", "checkbox"),
+                Option("text_encoder_lr", "number", default=5e-5, shown_when=("train_text_encoder", (True,))),
+                Option("gradient_checkpointing", "checkbox", default=True),
+                Option("gradient_accumulation", "integer"),
+            ),
+            (
+                Option("caption_dropout", "slider", step=0.05),
+                Option("flip", "checkbox"),
+                Option("repeats", "integer"),
+                Option("noise_offset", "number"),
+            ),
+            (
+                Option("min_snr_gamma", "number", default=5.0, shown_when=_SDXL),
+                Option("prediction_type", "dropdown", shown_when=_SDXL),
+                Option("zero_terminal_snr", "checkbox", shown_when=_SDXL),
+                Option("timestep_sampling", "dropdown", shown_when=_FLUX),
+                Option("guidance_scale", "number", shown_when=_FLUX),
+            ),
+            (Option("lora_targets", "dropdown"), Option("base_quantization", "dropdown")),
+        ),
+    ),
+)
+SECTIONS = {section.name: section for section in FORM}
+OPTIONS: tuple[Option, ...] = tuple(option for section in FORM for row in section.rows for option in row)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def default_widget_values() -> dict:
+    """Every option's first widget value (the base model's is the tab's to choose)."""
+    return {option.name: option.initial for option in OPTIONS}
+
+
+def config_values(cls: type, values: dict, *, family: str | None = None) -> dict:
+    """Widget values → the ``cls`` fields they set. Options hidden for these values (an SDXL-only
+    option with a Flux model), empty numbers and ``unset`` values are left to the config's defaults."""
+    context = {**values, "family": family}
+    out = {}
+    for name, value in values.items():
+        option = BY_NAME.get(name)
+        if option is None or cls not in option.configs or not option.shown(context):
+            continue
+        converted = option.to_config(value, values)
+        if converted is not _UNSET:
+            out[name] = converted
+    return out
+
+
+def widget_values(config: dict) -> dict:
+    """Config values (a preset's, a run's) → widget values of the declared options among them."""
+    return {name: BY_NAME[name].to_widget(value) for name, value in config.items() if name in BY_NAME}
+
+
+def split_preset(preset: dict) -> tuple[dict, dict]:
+    """A preset → (widget values for the declared options, the other options it sets, kept as they are)."""
+    settings = dict(preset.get("options", {}))
+    if "resolution" in preset:
+        settings["resolution"] = preset["resolution"]
+    declared = {name: value for name, value in settings.items() if name in BY_NAME and BY_NAME[name].in_preset}
+    extras = {name: value for name, value in settings.items() if name not in BY_NAME}
+    return widget_values(declared), extras
+
+
+def preset_settings(values: dict, extras: dict, *, family: str | None) -> tuple[int | None, dict]:
+    """Widget values (+ a loaded preset's other options) → a preset's ``resolution`` and ``options``."""
+    kept = {name: value for name, value in values.items() if name in BY_NAME and BY_NAME[name].in_preset}
+    options = {**extras, **config_values(TrainConfig, kept, family=family)}
+    return config_values(PrepareConfig, kept).get("resolution"), options
