@@ -1,14 +1,13 @@
 """Resumable checkpoints: ``checkpoints/step-000250/`` written whole or not at all.
 
 Each holds the LoRA weights (safetensors), the optimizer, LR-scheduler and grad-scaler
-states (``torch.save``, read back with ``weights_only=True``), RNG states, the step and
-the config. Only our own files are ever read back with torch.load.
+states (``torch.save``, read back with ``weights_only=True``), the step and the config. No RNG
+state: every random draw of a step derives from the run's seed and the step (:mod:`.data`). Only our own files are ever read back with torch.load.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ class CheckpointState:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
-    torch_rng: torch.Tensor
-    python_rng: object
     config: dict
     skipped: int = 0  # steps whose update was skipped (non-finite gradients): they moved the data on
 
@@ -63,15 +60,12 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int) -> 
                 "optimizer": state.optimizer,
                 "scheduler": state.scheduler,
                 "scaler": state.scaler,
-                "torch_rng": state.torch_rng,
             },
             tmp / "training_state.pt",
         )
         (tmp / "config.json").write_text(json.dumps(state.config, indent=2))
         # Written last: its presence marks the checkpoint complete.
-        (tmp / "state.json").write_text(
-            json.dumps({"step": state.step, "skipped": state.skipped, "python_rng": _jsonable(state.python_rng)})
-        )
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped}))
     for old in list_checkpoints(checkpoints)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -89,25 +83,6 @@ def load_checkpoint(folder: Path) -> CheckpointState:
         optimizer=training["optimizer"],
         scheduler=training["scheduler"],
         scaler=training["scaler"],
-        torch_rng=training["torch_rng"],
-        python_rng=_python_state(meta["python_rng"]),
         config=json.loads((folder / "config.json").read_text()),
         skipped=int(meta.get("skipped", 0)),
     )
-
-
-def _jsonable(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def _python_state(data):
-    return (data[0], tuple(data[1]), data[2])
-
-
-def capture_rng() -> tuple[torch.Tensor, object]:
-    return torch.get_rng_state(), random.getstate()
-
-
-def restore_rng(torch_rng: torch.Tensor, python_rng) -> None:
-    torch.set_rng_state(torch_rng)
-    random.setstate(python_rng)

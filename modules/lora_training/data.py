@@ -1,16 +1,23 @@
 """The prepared set as training batches: buckets never mix, order is a pure function of (seed, epoch).
 
-Because the order, noise and dropout of every step derive from the seed and the step
-number alone, a run resumed from a checkpoint continues exactly as if it had never
-stopped.
+Batches are global: with N processes each micro-batch of ``batch_size x N`` samples is
+split between them (:meth:`BatchStream.share`). Every random draw of a sample (flip,
+caption dropout, latent sampling, noise, timestep) comes from its own generator seeded by
+(seed, step, micro-batch, the sample's place in the global micro-batch), so
+
+- a run resumed from a checkpoint continues exactly as if it had never stopped, and
+- N processes x batch b train the same steps as one process x batch N*b.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from core.errors import UserError
 from modules.lora_training.project import ProjectPaths, read_json
@@ -109,7 +116,58 @@ class BatchStream:
         epoch, position = divmod(index, self.per_epoch)
         return epoch, [self.items[i] for i in self._epoch(epoch)[position]]
 
+    def share(self, index: int, *, rank: int, world: int) -> Share:
+        """Process ``rank``'s contiguous part of global micro-batch ``index`` (parts differ by one at most)."""
+        epoch, batch = self.micro_batch(index)
+        size = -(-len(batch) // world)
+        positions = list(range(rank * size, min(len(batch), (rank + 1) * size)))
+        if not positions:
+            # Fewer samples than processes: every process must still run a backward pass for DDP,
+            # so this one repeats the first sample with weight 0.
+            return Share(epoch=epoch, items=[batch[0]], positions=[0], weight=0.0)
+        return Share(epoch=epoch, items=[batch[p] for p in positions], positions=positions, weight=world / len(batch))
 
-def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
-    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+
+@dataclass(frozen=True)
+class Share:
+    """One process's part of a global micro-batch.
+
+    ``weight`` multiplies the sum of the part's per-sample losses: DDP averages the processes'
+    gradients, so world / (global batch size) makes that average the gradient of the global batch's
+    mean loss, whatever the split."""
+
+    epoch: int
+    items: list[TrainItem]
+    positions: list[int]  # each item's place in the global micro-batch: it seeds the item's randomness
+    weight: float
+
+
+def step_seed(seed: int, step: int, micro: int = 0, sample: int = 0) -> int:
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class SampleRandom:
+    """Random draws for a batch, one generator per sample: sample ``i`` of a draw of shape (B, ...) comes
+    from generator ``i`` alone, so it does not depend on which or how many samples share the batch."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    @classmethod
+    def for_step(cls, seed: int, *, step: int, micro: int, positions: Sequence[int]) -> SampleRandom:
+        return cls([step_seed(seed, step, micro, position) for position in positions])
+
+    def _per_sample(self, draw, shape: Sequence[int]) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"a batch of {shape[0]} drawn from {len(self.generators)} sample generators")
+        return torch.stack([draw(tuple(shape[1:]), generator) for generator in self.generators])
+
+    def randn(self, shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._per_sample(lambda size, g: torch.randn(size, generator=g, dtype=dtype), shape)
+
+    def rand(self, shape: Sequence[int]) -> torch.Tensor:
+        return self._per_sample(lambda size, g: torch.rand(size, generator=g), shape)
+
+    def randint(self, high: int, shape: Sequence[int]) -> torch.Tensor:
+        return self._per_sample(lambda size, g: torch.randint(0, high, size, generator=g), shape)

@@ -47,7 +47,7 @@ def denoising_loss(
                 latents=latents,
                 text=text,
                 items=[item],
-                generator=generator,
+                generator=None,  # noise and timestep are given
                 config=plain,
                 fixed_t=torch.tensor([fraction]),
                 noise=noise,

@@ -5,8 +5,9 @@
              metrics, checkpoint every N steps, samples every N steps, stop check
     finish → final checkpoint, LoRA written atomically to loras/<name>.safetensors
 
-Runs in one process or under ``accelerate launch`` / ``torchrun`` (LoRA gradients are
-averaged across processes; only rank 0 writes files and emits events).
+Runs in one process or under ``accelerate launch`` / ``torchrun`` (:mod:`.distributed`: torch DDP
+averages the LoRA gradients; each step's global batch is split between the processes; only
+rank 0 writes files and emits events).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from core.model_manager import pick_device
 from core.pipelines import model_entry
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_to_dict
-from modules.lora_training.data import BatchStream, TrainItem, load_items, step_seed
+from modules.lora_training.data import BatchStream, SampleRandom, Share, TrainItem, load_items
+from modules.lora_training.distributed import GradientSync, start_processes
 from modules.lora_training.events import (
     CheckpointSaved,
     EventSink,
@@ -97,18 +99,6 @@ def choose_precision(mixed_precision: str, device: str, *, family: str) -> Preci
             raise UserError("This GPU cannot compute in bf16: choose fp16 (or fp32) precision.")
         return Precision(torch.bfloat16, torch.bfloat16, False, "bf16")
     return Precision(torch.float16, torch.float16, True, "fp16 + GradScaler")
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
 
 
 def sha256_file(path: Path) -> str:
@@ -226,8 +216,9 @@ class Trainer:
         self.resume = resume
         self.run_id = run_id
         self.new_run = new_run
-        self.rank, self.world = _distributed()
-        self.is_main = self.rank == 0
+        self.processes = start_processes()
+        self.rank, self.world = self.processes.rank, self.processes.world
+        self.is_main = self.processes.is_main
         self.on_event = on_event if self.is_main else ignore_events
         self.lora_path = self.loras_dir / f"{config.output_name}.safetensors"
         self.timings: dict[str, float] = {}  # seconds per phase: load, cache, first_step, train, save
@@ -259,22 +250,13 @@ class Trainer:
             raise UserError(f"Run {self.run_id!r} was named without resume: add --resume, or leave out --run.")
         if self.is_main:
             migrate_legacy(self.paths)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.processes.barrier()
         if self.resume:
             return run_to_resume(self.paths, self.run_id)
         if not self.new_run:
             check_can_start(self.paths)
-        run = new_run(self.paths)
-        if self.world > 1:  # every process must write into the same run: the main one's id wins
-            import torch.distributed as dist
-
-            shared = [str(run.root)]
-            dist.broadcast_object_list(shared, src=0)
-            run = RunPaths(Path(shared[0]))
-        return run
+        # Every process must use the same run: the main one's id wins.
+        return RunPaths(Path(self.processes.broadcast(str(new_run(self.paths).root))))
 
     def _checkpoint_config(self) -> None:
         """A resumed run keeps the LoRA shape its checkpoint was trained with, whatever the caller passed."""
@@ -331,16 +313,29 @@ class Trainer:
             [p.replace("{trigger}", self.trigger) for p in config.sample_prompts] if config.sample_every_steps else []
         )
         self.sample_text: dict[str, dict[str, torch.Tensor]] = {}
+        global_batch = config.batch_size * self.world
         self.stream = BatchStream(
-            self.items, batch_size=config.batch_size, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
+            self.items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
         )
-        micro_per_step = config.gradient_accumulation * self.world
-        self.total_steps = config.steps or max(1, math.ceil(self.stream.per_epoch * config.epochs / micro_per_step))
+        steps_per_epoch = self.stream.per_epoch / config.gradient_accumulation
+        self.total_steps = config.steps or max(1, math.ceil(steps_per_epoch * config.epochs))
         self.timings["load"] = time.perf_counter() - clock
         clock = time.perf_counter()
         self._fill_caches()
         self.family.place_denoiser()
         self.timings["cache"] = time.perf_counter() - clock
+        self._add_lora_and_optimizer()
+        self.skipped = 0
+        self.start_step = self._resume_state() if self.resume else 0
+        self.sync = GradientSync(self.family.lora_modules(), processes=self.processes)
+        if self.is_main:  # written once the run has really started: a run that fails to start strands nothing
+            write_json(self.current_run.training_config, config_to_dict(config))
+        self.on_event(Log(self._describe_run()))
+        for warning in self._setting_warnings():
+            self.on_event(Log(warning, level="warning"))
+
+    def _add_lora_and_optimizer(self) -> None:
+        config = self.config
         # The LoRA's random initialisation follows the run's seed, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -361,13 +356,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps=self.total_steps)
         device_type = torch.device(self.device).type
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
-        self.skipped = 0
-        self.start_step = self._resume_state() if self.resume else 0
-        if self.is_main:  # written once the run has really started: a run that fails to start strands nothing
-            write_json(self.current_run.training_config, config_to_dict(config))
-        self.on_event(Log(self._describe_run()))
-        for warning in self._setting_warnings():
-            self.on_event(Log(warning, level="warning"))
 
     def _fill_caches(self) -> None:
         config = self.config
@@ -381,10 +369,7 @@ class Trainer:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
         if self.is_main and self.sample_prompts and not config.train_text_encoder:
             self.sample_text = self._encode_prompts(self.sample_prompts)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.processes.barrier()
         # Encoders whose outputs are cached leave the GPU; the others stay where training needs them.
         self.family.vae.to(self.device if not config.cache_latents else "cpu")
         for encoder in self.family.text_encoders():
@@ -416,7 +401,6 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
-        ckpt.restore_rng(state.torch_rng, state.python_rng)
         self.skipped = state.skipped
         self.on_event(Log(f"Resuming run {self.current_run.run_id} from step {state.step} ({latest})"))
         return state.step
@@ -429,7 +413,7 @@ class Trainer:
             f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
             f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
-            f"{len(self.items)} images, {self.stream.per_epoch} batches per epoch, {self.total_steps} steps",
+            f"{len(self.items)} images, {self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
         ]
         if config.base_quantization != "none":
             active.append(
@@ -465,13 +449,10 @@ class Trainer:
         return warnings
 
     # ----- one step ---------------------------------------------------------------
-    def _batch_inputs(self, items: list[TrainItem], generator: torch.Generator):
+    def _batch_inputs(self, items: list[TrainItem], generator: SampleRandom):
         config = self.config
-        flips = [config.flip and bool(torch.rand((), generator=generator) < 0.5) for _ in items]
-        dropped = [
-            config.caption_dropout > 0 and bool(torch.rand((), generator=generator) < config.caption_dropout)
-            for _ in items
-        ]
+        flips = [config.flip and bool(draw < 0.5) for draw in generator.rand((len(items),))]
+        dropped = [bool(draw < config.caption_dropout) for draw in generator.rand((len(items),))]
         captions = ["" if drop else item.caption for item, drop in zip(items, dropped, strict=True)]
         items = [dataclasses.replace(item, flipped=flip) for item, flip in zip(items, flips, strict=True)]
         if config.cache_latents:
@@ -493,6 +474,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.device).type, dtype=self.precision.autocast_dtype)
 
+    def _micro_loss(self, share: Share, *, draw: int, micro: int) -> torch.Tensor:
+        """This process's part of one micro-batch's loss: its per-sample losses, summed and weighted so that
+        the processes' mean is the global batch's mean (see :class:`Share`)."""
+        generator = SampleRandom.for_step(self.config.seed, step=draw, micro=micro, positions=share.positions)
+        latents, text, items = self._batch_inputs(share.items, generator)
+        with self._autocast():
+            losses = self.family.training_loss(
+                latents=latents, text=text, items=items, generator=generator, config=self.config
+            )
+        return losses.float().sum() * share.weight
+
     def _step(self, step: int) -> tuple[float, int, bool]:
         """One optimizer step; returns (loss, epoch, applied). A step whose loss or gradients are not
         finite is not applied: no optimizer or LR-schedule step (fp16's GradScaler lowers its scale)."""
@@ -502,26 +494,14 @@ class Trainer:
         draw = step + self.skipped
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        epoch = 0
         for micro in range(accumulation):
-            index = (draw * accumulation + micro) * self.world + self.rank
-            epoch, items = self.stream.micro_batch(index)
-            generator = torch.Generator().manual_seed(step_seed(config.seed, draw, micro, self.rank))
-            latents, text, items = self._batch_inputs(items, generator)
-            with self._autocast():
-                loss = self.family.training_loss(
-                    latents=latents, text=text, items=items, generator=generator, config=config
-                ).mean()
-            scaled = loss / accumulation
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            share = self.stream.share(draw * accumulation + micro, rank=self.rank, world=self.world)
+            with self.sync.micro_batch(last=micro == accumulation - 1) as run:
+                loss = run(functools.partial(self._micro_loss, share, draw=draw, micro=micro))
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach().float()
-        if self.world > 1:
-            self._average_gradients()
-            import torch.distributed as dist
-
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            total /= self.world
-        loss_value = (total / accumulation).item()
+        loss_value = (self.processes.mean(total) / accumulation).item()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.trainable if p.grad is not None]
@@ -537,30 +517,18 @@ class Trainer:
             self.scheduler.step()
         if self.scaler is not None:
             self.scaler.update()  # after an overflow: a lower scale for the next try
-        return loss_value, epoch, applied
-
-    def _average_gradients(self) -> None:
-        import torch.distributed as dist
-
-        for param in self.trainable:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad /= self.world
+        return loss_value, share.epoch, applied
 
     # ----- outputs ----------------------------------------------------------------
     def _checkpoint(self, step: int) -> Path | None:
         if not self.is_main:
             return None
-        torch_rng, python_rng = ckpt.capture_rng()
         state = ckpt.CheckpointState(
             step=step,
             lora=self.family.lora_state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None,
-            torch_rng=torch_rng,
-            python_rng=python_rng,
             config=config_to_dict(self.config),
             skipped=self.skipped,
         )
@@ -748,14 +716,7 @@ class Trainer:
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
 
     def _stop_requested(self) -> bool:
-        stop = bool(self.should_stop())
-        if self.world > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        return self.processes.any(bool(self.should_stop()))
 
 
 def lora_header(path: Path) -> dict:
@@ -839,7 +800,4 @@ def train(
     finally:
         if hasattr(trainer, "hash_pool"):
             trainer.hash_pool.shutdown(wait=False)
-        if trainer.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        trainer.processes.close()

@@ -69,7 +69,7 @@ def test_new_lora_is_listed_and_used_without_restart(app_url, client, demo_paths
     ("changes", "message"),
     [({1: ""}, "prompt is empty"), ({5: 60}, "multiple of 8"), ({0: "missing.safetensors"}, "not found")],
 )
-def test_bad_input_is_explained_and_the_app_keeps_serving(client, changes, message):
+def test_bad_input_is_explained_and_the_app_keeps_serving(app_url, client, changes, message):
     from gradio_client.exceptions import AppError
 
     args = [DEMO_SDXL_NAME, "a red apple", "", 3, 5.0, 64, 64, 11, *NO_LORAS]
@@ -77,4 +77,5 @@ def test_bad_input_is_explained_and_the_app_keeps_serving(client, changes, messa
         args[index] = value
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name="/generate")
-    assert client.predict(api_name="/list_loras") is not None
+    on_disk = sorted(path.name for path in (app_url[1] / "loras").glob("*.safetensors"))
+    assert sorted(client.predict(api_name="/list_loras")) == on_disk, "the app still answers, and right"

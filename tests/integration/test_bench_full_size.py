@@ -1,5 +1,8 @@
 """The GPU bench's code path, run on the CPU with the tiny model (VRAM figures exist only on CUDA)."""
 
+import re
+
+import pytest
 from safetensors import safe_open
 
 from bench.full_size import build_random_sdxl, measure_training
@@ -18,6 +21,13 @@ def test_random_model_from_a_config_folder_trains_with_a_preset(demo_paths, tmp_
         safe_open(str(demo_paths.sdxl_folder / weights), framework="pt") as demo,
     ):
         assert set(built.keys()) == set(demo.keys()), "same architecture as its config folder"
+        names = built.keys()
+        shapes = {key: built.get_slice(key).get_shape() for key in names}
+    # Counted from the file, not by the estimator: fp32 weights on the CPU, and the preset's rank-16 LoRA
+    # on the attention projections (rank x (in + out) each), held in fp32 with an fp32 gradient.
+    weight_bytes = sum(_numel(shape) for shape in shapes.values()) * 4
+    attention = [shape for key, shape in shapes.items() if re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.weight$", key)]
+    lora_params = sum(16 * (rows + columns) for rows, columns in attention)
 
     result = measure_training(
         models,
@@ -30,6 +40,19 @@ def test_random_model_from_a_config_folder_trains_with_a_preset(demo_paths, tmp_
         make_reference=lambda: ReferenceStep(folder, rank=16, device="cpu", resolution=64),
     )
     assert result["precision"] == "fp32"
-    assert result["predicted_s_per_step"] > 0 and result["measured_s_per_step"] > 0
-    assert result["predicted_parts_gib"]["weights"] > 0
-    assert result["step_overhead"]["ratio"] > 0
+    parts = {name: gib * 2**30 for name, gib in result["predicted_parts_gib"].items()}
+    assert parts["weights"] == pytest.approx(weight_bytes, rel=1e-9)
+    assert parts["LoRA + gradients"] == pytest.approx(lora_params * 8, rel=1e-9)
+    assert result["predicted_peak_gib"] * 2**30 > weight_bytes + lora_params * 8
+    # Timings on a shared 2-core CPU are noisy: the ranges only catch a wrong unit or a step counted twice.
+    assert 0.1 < result["predicted_s_per_step"] / result["measured_s_per_step"] < 10, result
+    overhead = result["step_overhead"]
+    assert overhead["ratio"] == pytest.approx(overhead["ours_s"] / overhead["reference_s"])
+    assert 0.5 < overhead["ratio"] < 4, "our step against a bare PEFT step on the same U-Net"
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

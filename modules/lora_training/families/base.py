@@ -14,7 +14,7 @@ import torch
 
 from core.model_files import ModelEntry
 from core.pipelines import load_pipeline
-from modules.lora_training.data import TrainItem
+from modules.lora_training.data import SampleRandom, TrainItem
 from modules.lora_training.quantize import quantize_block_linears
 
 SAMPLE_TILE = 512  # pixels: larger samples are decoded in overlapping tiles of this size
@@ -207,10 +207,10 @@ class LoraFamily:
         pixels = pixels.to(self.vae.device, torch.float32)
         return self.vae.encode(pixels).latent_dist.parameters.float()
 
-    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def latents_from_moments(self, moments: torch.Tensor, generator: SampleRandom) -> torch.Tensor:
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        noise = generator.randn(mean.shape, dtype=mean.dtype).to(mean.device)
         return self.scale_latents(mean + std * noise)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -225,13 +225,14 @@ class LoraFamily:
         latents: torch.Tensor,
         text: dict[str, torch.Tensor],
         items: list[TrainItem],
-        generator,
+        generator: SampleRandom | None,
         config,
         fixed_t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss for one micro-batch. ``fixed_t`` (fractions of the schedule) and ``noise``
-        replace the random draws, for evaluation at fixed points."""
+        """Per-sample loss for one micro-batch, drawing each sample's noise and timestep from ``generator``.
+        ``fixed_t`` (fractions of the schedule) and ``noise`` replace the random draws, for evaluation
+        at fixed points."""
         raise NotImplementedError
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,10 @@ class FluxFamily(LoraFamily):
         shift = config.get("shift", 1.0)
         return shift * sigmas / (1 + (shift - 1) * sigmas)
 
-    def _sigmas(self, batch: int, image_tokens: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
+    def _sigmas(self, batch: int, image_tokens: int, generator, sampling: str) -> torch.Tensor:
         if sampling == "uniform":
-            return torch.rand(batch, generator=generator).clamp(1e-4, 1 - 1e-4)
-        sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
+            return generator.rand((batch,)).clamp(1e-4, 1 - 1e-4)
+        sigmas = torch.sigmoid(generator.randn((batch,)))
         if sampling == "shift":
             sigmas = self._shift(sigmas, image_tokens)
         return sigmas
@@ -120,9 +120,9 @@ class FluxFamily(LoraFamily):
         batch, _, height, width = latents.shape
         image_tokens = (height // 2) * (width // 2)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            noise = generator.randn(latents.shape).to(latents.device, latents.dtype)
             if config.noise_offset:
-                offset = torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
+                offset = generator.randn((batch, latents.shape[1], 1, 1))
                 noise = noise + config.noise_offset * offset.to(latents.device, latents.dtype)
         sigmas = (
             fixed_t if fixed_t is not None else self._sigmas(batch, image_tokens, generator, config.timestep_sampling)

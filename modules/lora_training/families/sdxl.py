@@ -81,16 +81,16 @@ class SDXLFamily(LoraFamily):
             return config.prediction_type
         return self.noise_scheduler.config.prediction_type
 
-    def _noise(self, latents: torch.Tensor, generator: torch.Generator, config) -> torch.Tensor:
+    def _noise(self, latents: torch.Tensor, generator, config) -> torch.Tensor:
         shape = latents.shape
-        noise = torch.randn(shape, generator=generator).to(latents.device, latents.dtype)
+        noise = generator.randn(shape).to(latents.device, latents.dtype)
         if config.noise_offset:
-            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator).to(latents.device, latents.dtype)
+            offset = generator.randn((shape[0], shape[1], 1, 1)).to(latents.device, latents.dtype)
             noise = noise + config.noise_offset * offset
         for level in range(1, config.multires_noise_iterations + 1):
             scale = 2**level
             height, width = max(1, shape[2] // scale), max(1, shape[3] // scale)
-            coarse = torch.randn((shape[0], shape[1], height, width), generator=generator)
+            coarse = generator.randn((shape[0], shape[1], height, width))
             coarse = F.interpolate(coarse, size=shape[2:], mode="bilinear", align_corners=False)
             noise = noise + coarse.to(latents.device, latents.dtype) * config.multires_noise_discount**level
         if config.multires_noise_iterations:
@@ -114,7 +114,7 @@ class SDXLFamily(LoraFamily):
         if noise is None:
             noise = self._noise(latents, generator, config)
         if fixed_t is None:
-            timesteps = torch.randint(0, steps, (batch,), generator=generator)
+            timesteps = generator.randint(steps, (batch,))
         else:
             timesteps = (fixed_t * steps).long().clamp(0, steps - 1)
         timesteps = timesteps.to(latents.device)
