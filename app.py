@@ -92,15 +92,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     ensure_folders(config)
+    from core.console import quiet_known_noise
+
+    quiet_known_noise()
     if config.BUILD_DEMO_MODELS and not args.no_demo_models:
         from core.demo_models import ensure_demo_models
 
-        log.info("checking the demo models in %s", config.MODELS_DIR)
+        log.info(
+            "Demo models (tiny, random weights, for trying the app) in %s: built once on the first start, "
+            "about a minute; real models go into the same folder.",
+            config.MODELS_DIR,
+        )
         ensure_demo_models(config.MODELS_DIR)
     demo = build_app(config)
     demo.queue(default_concurrency_limit=1)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
+    # quiet: Gradio's own banner suggests share=True; this app is shared with --listen (and --auth).
     demo.launch(
+        quiet=True,
+        prevent_thread_lock=True,
         server_name=host,
         server_port=args.port,
         allowed_paths=[str(config.OUTPUTS_DIR)],
@@ -108,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         auth=auth,
         app_kwargs=_login_throttle() if auth else None,
     )
+    where = f"http://127.0.0.1:{args.port}/" if host == "127.0.0.1" else f"port {args.port} of every network interface"
+    print(f"LoRA Studio is running: open {where} (Ctrl+C stops it)", flush=True)
+    demo.block_thread()
     return 0
 
 

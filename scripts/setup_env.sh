@@ -24,7 +24,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv with $python_bin"
     "$python_bin" -m venv .venv
 fi
-pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
+# pip's own progress stays visible: the first install takes minutes and should not look stuck.
+pip=(.venv/bin/python -m pip --disable-pip-version-check --progress-bar on)
 
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 

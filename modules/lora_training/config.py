@@ -223,11 +223,16 @@ class TrainConfig:
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     # outputs
-    save_every_steps: int = bounded(
-        0, minimum=0, maximum=MAX_STEPS, help="resumable checkpoint every N steps (0 = only at the end)"
+    save_every_steps: int | None = bounded(
+        0,
+        minimum=0,
+        maximum=MAX_STEPS,
+        help="resumable checkpoint every N steps (0 = only at the end; null = every 10%% of the run)",
     )
     keep_checkpoints: int = bounded(3, minimum=1, maximum=1000)
-    sample_every_steps: int = bounded(0, minimum=0, maximum=MAX_STEPS, help="0 = no samples")
+    sample_every_steps: int | None = bounded(
+        0, minimum=0, maximum=MAX_STEPS, help="0 = no samples; null = every 10%% of the run"
+    )
     sample_prompts: tuple[str, ...] = field(default=("{trigger}",), metadata={"help": "{trigger} is replaced"})
     sample_steps: int = bounded(20, minimum=1, maximum=200)
     sample_seed: int = bounded(1234, minimum=0, maximum=MAX_SEED)

@@ -12,8 +12,9 @@ caption dropout, latent sampling, noise, timestep) comes from its own generator 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,22 @@ def epoch_batches(
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+def planned_steps(
+    bucket_sizes: Iterable[int], *, batch_size: int, repeats: int, accumulation: int, epochs: int, steps: int | None
+) -> int:
+    """Optimizer steps of a run: ``steps`` when set, else the epochs' worth of batches (each batch holds one
+    bucket, so every bucket ends with its own partial batch), ``accumulation`` batches per step."""
+    if steps:
+        return steps
+    batches = sum(math.ceil(size * repeats / batch_size) for size in bucket_sizes)
+    return max(1, math.ceil(batches / accumulation * epochs))
+
+
+def every_tenth(every: int | None, total_steps: int) -> int:
+    """A cadence option: ``None`` means about ten times a run; 0 means never."""
+    return every if every is not None else max(1, round(total_steps / 10))
 
 
 class BatchStream:

@@ -227,7 +227,7 @@ def estimate_for_config(config, *, models_dir: Path, resolution: int, work=None)
         # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
         activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
     sample_bytes = 0
-    if config.sample_every_steps:
+    if config.sample_every_steps != 0:  # None: every 10% of the run
         from modules.lora_training.sample_memory import vae_decode_bytes
         from modules.lora_training.step_work import components_folder
 

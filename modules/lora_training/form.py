@@ -32,6 +32,8 @@ class Option:
     configs: tuple[type, ...] = (TrainConfig,)  # empty: a form-only input (the class word)
     default: object = _UNSET  # the widget's first value when it differs from the config's default
     unset: object = None  # a widget value meaning "the config's default" (0 steps: use epochs)
+    auto: bool = False  # an empty widget sends None: the config's "automatic" (a cadence of 10% of the run)
+    choice_labels: tuple[tuple[object, str], ...] = ()  # (value, locale key) for choices shown as words
     shown_when: tuple[str, tuple] | None = None  # (field or "family", the values that show it)
     in_preset: bool = True  # saved into presets (per-project inputs are not)
     step: float | None = None
@@ -85,6 +87,8 @@ class Option:
             return sample_prompt_list(value, values.get("class_word") or "")
         if self.kind == "text":
             return value or ""
+        if self.auto and (value is None or value == ""):
+            return None
         if value is None or value == "" or (self.unset is not None and value == self.unset):
             return _UNSET
         return value
@@ -154,8 +158,19 @@ FORM: tuple[Section, ...] = (
                     configs=_PREPARE,
                     in_preset=False,
                     shown_when=("captioner", ("florence2",)),
+                    choice_labels=(
+                        ("<CAPTION>", "caption_short"),
+                        ("<DETAILED_CAPTION>", "caption_detailed"),
+                        ("<MORE_DETAILED_CAPTION>", "caption_very_detailed"),
+                    ),
                 ),
                 Option("resolution", "integer", configs=_PREPARE, step=64),
+            ),
+            (
+                Option("epochs", "integer"),
+                Option("repeats", "integer"),
+                Option("batch_size", "integer"),
+                Option("steps", "integer", unset=0, elem_id="lt-steps"),
             ),
         ),
     ),
@@ -164,12 +179,7 @@ FORM: tuple[Section, ...] = (
         accordion=True,
         rows=(
             (
-                Option("epochs", "integer"),
-                Option("steps", "integer", unset=0, elem_id="lt-steps"),
                 Option("learning_rate", "number", default=1e-4),
-                Option("batch_size", "integer"),
-            ),
-            (
                 Option("rank", "integer"),
                 Option("alpha", "number"),
                 Option("optimizer", "dropdown", default="adamw8bit"),
@@ -182,13 +192,22 @@ FORM: tuple[Section, ...] = (
                 Option("lr_power", "number", shown_when=("lr_scheduler", ("polynomial",))),
             ),
             (
-                Option("save_every_steps", "integer", default=250, elem_id="lt-save-every"),
+                Option(
+                    "save_every_steps", "integer", default=None, auto=True, elem_id="lt-save-every", placeholder="auto"
+                ),
                 Option("seed", "integer"),
             ),
             (
                 Option("class_word", "text", configs=(), in_preset=False, elem_id="lt-class"),
                 Option("sample_prompts", "prompts", in_preset=False),
-                Option("sample_every_steps", "integer", default=250, elem_id="lt-sample-every"),
+                Option(
+                    "sample_every_steps",
+                    "integer",
+                    default=None,
+                    auto=True,
+                    elem_id="lt-sample-every",
+                    placeholder="auto",
+                ),
             ),
         ),
     ),
@@ -205,7 +224,6 @@ FORM: tuple[Section, ...] = (
             (
                 Option("caption_dropout", "slider", step=0.05),
                 Option("flip", "checkbox"),
-                Option("repeats", "integer"),
                 Option("noise_offset", "number"),
             ),
             (
@@ -264,3 +282,39 @@ def preset_settings(values: dict, extras: dict, *, family: str | None) -> tuple[
     kept = {name: value for name, value in values.items() if name in BY_NAME and BY_NAME[name].in_preset}
     options = {**extras, **config_values(TrainConfig, kept, family=family)}
     return config_values(PrepareConfig, kept).get("resolution"), options
+
+
+def whole(value, default: int) -> int:
+    """A widget's whole number, or ``default`` when it is empty or not a positive whole number."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return default
+    return number if number >= 1 and number == value else default
+
+
+def run_plan(bucket_sizes: list[int] | None, values: dict, *, t, exact: bool) -> str:
+    """The live arithmetic under the form: "12 images x 1 repeat x 10 epochs / batch 1 = 120 steps", and how
+    often a checkpoint and a sample come. ``bucket_sizes`` None: the image count is not known yet."""
+    from modules.lora_training.data import every_tenth, planned_steps
+
+    repeats, epochs = whole(values.get("repeats"), 1), whole(values.get("epochs"), 10)
+    batch, accumulation = whole(values.get("batch_size"), 1), whole(values.get("gradient_accumulation"), 1)
+    steps = whole(values.get("steps"), 0) or None
+    if bucket_sizes is None and steps is None:
+        return t("plan_unknown")
+    total = planned_steps(
+        bucket_sizes or [], batch_size=batch, repeats=repeats, accumulation=accumulation, epochs=epochs, steps=steps
+    )
+    if steps is not None:
+        line = t("plan_steps_set", steps=total)
+    else:
+        images = sum(bucket_sizes)
+        line = t("plan_sum" if exact else "plan_sum_about", images=images, repeats=repeats, epochs=epochs)
+        line += t("plan_batch", batch=batch * accumulation, steps=total)
+    cadence = []
+    for name in ("save_every_steps", "sample_every_steps"):
+        raw = values.get(name)
+        every = every_tenth(None if raw is None or raw == "" else whole(raw, 0), total)
+        cadence.append(t(f"plan_{name}", every=every) if every else t(f"plan_no_{name}"))
+    return f"{line}; {', '.join(cadence)}."

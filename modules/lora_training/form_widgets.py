@@ -78,7 +78,9 @@ class FormWidgets:
         if option.kind == "checkbox":
             return gr.Checkbox(**common)
         if option.kind == "dropdown":
-            return gr.Dropdown(list(option.choices), **common)
+            labels = dict(option.choice_labels)
+            choices = [(self.t(labels[value]), value) if value in labels else value for value in option.choices]
+            return gr.Dropdown(choices, **common)
         if option.kind == "model":
             return self._model_dropdown(option, common)
         low, high = option.bounds
@@ -87,7 +89,8 @@ class FormWidgets:
         # Numbers keep no minimum/maximum: config_from_dict names the field when one is out of range.
         common.setdefault("info", _range_text((low, high), self.t))
         precision = 0 if option.kind == "integer" else None
-        return gr.Number(precision=precision, step=option.step or 1, **common)
+        placeholder = self.t(option.placeholder) if option.placeholder else None
+        return gr.Number(precision=precision, step=option.step or 1, placeholder=placeholder, **common)
 
     def _model_dropdown(self, option: Option, common: dict):
         names = self.choices[option.name]

@@ -34,7 +34,15 @@ from core.model_manager import pick_device
 from core.pipelines import model_entry
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_to_dict
-from modules.lora_training.data import BatchStream, SampleRandom, Share, TrainItem, load_items
+from modules.lora_training.data import (
+    BatchStream,
+    SampleRandom,
+    Share,
+    TrainItem,
+    every_tenth,
+    load_items,
+    planned_steps,
+)
 from modules.lora_training.distributed import GradientSync, start_processes
 from modules.lora_training.events import (
     CheckpointSaved,
@@ -309,16 +317,24 @@ class Trainer:
             base_quantization=config.base_quantization,
         )
         self.ignored_options = self.family.configure(config)
-        self.sample_prompts = (
-            [p.replace("{trigger}", self.trigger) for p in config.sample_prompts] if config.sample_every_steps else []
-        )
-        self.sample_text: dict[str, dict[str, torch.Tensor]] = {}
         global_batch = config.batch_size * self.world
         self.stream = BatchStream(
             self.items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
         )
-        steps_per_epoch = self.stream.per_epoch / config.gradient_accumulation
-        self.total_steps = config.steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+        self.total_steps = planned_steps(
+            Counter(item.bucket for item in self.items).values(),
+            batch_size=global_batch,
+            repeats=config.repeats,
+            accumulation=config.gradient_accumulation,
+            epochs=config.epochs,
+            steps=config.steps,
+        )
+        self.save_every = every_tenth(config.save_every_steps, self.total_steps)
+        self.sample_every = every_tenth(config.sample_every_steps, self.total_steps)
+        self.sample_prompts = (
+            [p.replace("{trigger}", self.trigger) for p in config.sample_prompts] if self.sample_every else []
+        )
+        self.sample_text: dict[str, dict[str, torch.Tensor]] = {}
         self.timings["load"] = time.perf_counter() - clock
         clock = time.perf_counter()
         self._fill_caches()
@@ -414,6 +430,8 @@ class Trainer:
             f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
             f"{len(self.items)} images, {self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
+            f"checkpoint every {self.save_every} steps" if self.save_every else "checkpoint at the end only",
+            f"samples every {self.sample_every} steps" if self.sample_every else "no samples",
         ]
         if config.base_quantization != "none":
             active.append(
@@ -636,7 +654,6 @@ class Trainer:
 
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> TrainResult:
-        config = self.config
         step = self.start_step
         bad_steps = 0
         self.last_checkpoint = ckpt.latest_checkpoint(self.current_run.checkpoints)
@@ -664,13 +681,13 @@ class Trainer:
             self.on_event(
                 StepDone(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss, lr=lr, s_per_step=seconds)
             )
-            if config.save_every_steps and step % config.save_every_steps == 0 and step < self.total_steps:
+            if self.save_every and step % self.save_every == 0 and step < self.total_steps:
                 self.last_checkpoint = self._checkpoint(step) or self.last_checkpoint
                 if self.is_main:
                     from modules.lora_training.metrics import write_loss_plot
 
                     write_loss_plot(self.current_run.logs)
-            if config.sample_every_steps and step % config.sample_every_steps == 0:
+            if self.sample_every and step % self.sample_every == 0:
                 self._samples(step)
         return self._finish(step)
 

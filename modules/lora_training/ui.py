@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from core.demo_models import DEMO_FLORENCE_NAME
 from core.errors import UserError, shown_to_user
 from core.i18n import translate
 from core.model_files import native_image_size
@@ -24,7 +25,7 @@ from modules.lora_training.config import (
     default_text_encoder_lr,
 )
 from modules.lora_training.dataset.captioners import resolve_florence_model
-from modules.lora_training.form import config_values, preset_settings, split_preset
+from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset
 from modules.lora_training.form_widgets import FormWidgets
 from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.preset_files import preset_names, read_preset
@@ -55,7 +56,10 @@ class LoraTrainingTab:
         return next((e.family for e in self.model_manager.list_models() if e.name == model), None)
 
     def default_captioner(self) -> str:
-        return "florence2" if self.caption_model() else "none"
+        """Florence-2 when real weights are there; the random demo one writes gibberish, so with only that
+        the captions are the trigger word (and the .txt beside each photo) until the user picks Florence-2."""
+        model = self.caption_model()
+        return "florence2" if model and Path(model).name != DEMO_FLORENCE_NAME else "none"
 
     def caption_model(self) -> str | None:
         """The local Florence-2 folder to use: a real one if present, else the demo one."""
@@ -159,6 +163,33 @@ class LoraTrainingTab:
         write_json(self.config.LORA_PROJECTS_DIR / ".presets" / f"{name}.json", preset)
         return name
 
+    def bucket_sizes_for(self, values: dict) -> tuple[list[int] | None, bool]:
+        """Images per bucket of the prepared project (exact), else about how many photos the chosen folder
+        holds (one bucket); ``(None, False)`` when neither is known."""
+        from collections import Counter
+
+        from modules.lora_training.dataset.scan import count_image_files, image_folder
+
+        try:
+            manifest = read_json(
+                ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, values.get("project")).manifest
+            )
+        except UserError:
+            manifest = None
+        if manifest:
+            used = [tuple(e["bucket"]) for e in manifest.get("images", []) if e.get("status") == "used"]
+            return list(Counter(used).values()), True
+        try:
+            folder = image_folder(values.get("images_dir"), roots=self.config.IMAGE_ROOTS)
+            count = count_image_files(folder, subfolders=values.get("include_subfolders") is True)
+        except (UserError, OSError):
+            return None, False
+        return ([count] if count else None), False
+
+    def plan_text(self, values: dict, *, t) -> str:
+        sizes, exact = self.bucket_sizes_for(values)
+        return run_plan(sizes, values, t=t, exact=exact)
+
     def use_lora_payload(self, strings: dict) -> dict:
         """What "Use in Generate" hands the Generate tab: the last run's model, LoRA and trigger word."""
         snapshot = self.jobs.snapshot()
@@ -206,11 +237,13 @@ class LoraTrainingTab:
         self._wire_presets(page, form, t=t)
         self._wire_captions(page, form, status=status, t=t)
         status.wire(gallery=page.prepared, gallery_for=self.prepared_gallery)
+        self._wire_plan(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
 
     def _build_controls(self, form: FormWidgets, t) -> SimpleNamespace:
         page = SimpleNamespace(extras=gr.State({}))  # a loaded preset's options that have no widget
         form.build("dataset")
+        page.plan = gr.Markdown(self.plan_text(form.initial, t=t), elem_id="lt-plan")
         with gr.Row():
             page.preset = gr.Dropdown(self.presets(), value=None, label=t("preset"), elem_id="lt-preset", scale=3)
             page.load_preset = gr.Button(t("load_preset"), scale=1)
@@ -283,6 +316,19 @@ class LoraTrainingTab:
             inputs=[form["optimizer"]],
             outputs=[form["learning_rate"], form["text_encoder_lr"]],
             **private,
+        )
+
+    def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
+        """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
+        names = ("images_dir", "include_subfolders", "project", "epochs", "repeats", "batch_size", "steps")
+        names += ("gradient_accumulation", "save_every_steps", "sample_every_steps")
+        gr.on(
+            triggers=[form[name].change for name in names],
+            fn=lambda data: self.plan_text(form.values(data), t=lambda key, **kw: translate(key, strings, **kw)),
+            inputs=form.inputs,
+            outputs=[page.plan],
+            api_visibility="private",
+            show_progress="hidden",
         )
 
     def _wire_presets(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:

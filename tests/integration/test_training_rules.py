@@ -238,3 +238,16 @@ def test_resume_and_the_webui_copy_never_replace_another_projects_lora(project, 
     assert again.status == "finished" and again.lora_path.is_file()
     assert any(f"belongs to project '{name}'" in w for w in _warnings(events)), _warnings(events)
     assert webui.read_bytes() == webui_bytes
+
+
+def test_auto_cadence_gives_a_checkpoint_and_a_sample_every_tenth_of_the_run(project, models_dir, tmp_path):
+    result, events = _train(
+        project, models_dir, tmp_path, steps=20, save_every_steps=None, sample_every_steps=None, sample_steps=1
+    )
+    assert result.status == "finished"
+    described = next(e.message for e in events if isinstance(e, Log) and e.message.startswith("Training:"))
+    assert "checkpoint every 2 steps" in described and "samples every 2 steps" in described
+    samples = sorted(e.step for e in events if isinstance(e, SampleSaved))
+    assert samples == list(range(2, 21, 2))
+    run = latest_run(ProjectPaths.for_project(*project))
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000016", "step-000018", "step-000020"]

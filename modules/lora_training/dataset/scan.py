@@ -187,6 +187,23 @@ def image_folder(images_dir, *, roots: Iterable[Path] | None) -> Path:
     return folder.resolve()
 
 
+def count_image_files(folder: Path, *, subfolders: bool, limit: int = 10_000) -> int:
+    """About how many photos ``folder`` holds (regular files with an image name, hidden entries skipped),
+    looking at no more than ``limit`` entries: a quick figure for the form, not a scan."""
+    count, seen, pending = 0, 0, [Path(folder)]
+    while pending and seen < limit:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                if entry.name.startswith(".") or seen > limit:
+                    continue
+                if entry.is_file(follow_symlinks=False) and is_image_name(entry.name):
+                    count += 1
+                elif subfolders and entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+    return count
+
+
 class _Scanner:
     def __init__(self, folder: Path, *, subfolders: bool, limits: ScanLimits, should_stop: Callable[[], bool]):
         self.folder = folder
