@@ -44,10 +44,13 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         _field(page, "lt-images").fill(str(photos))
         _field(page, "lt-project").fill("ui-test")
         _field(page, "lt-trigger").fill("ohwx")
+        plan = page.locator("#lt-plan")
+        plan.get_by_text("about 3 images × 1 repeats × 10 epochs ÷ batch 1 = 30 steps; a checkpoint every 3").wait_for()
         page.get_by_text("Training", exact=True).click()  # opens the accordion
         for elem_id, value in (("lt-steps", "100"), ("lt-save-every", "0"), ("lt-sample-every", "0")):
             _field(page, elem_id).fill(value)
             _field(page, elem_id).press("Tab")
+        plan.get_by_text(re.compile(r"^100 steps \(Steps is set.*only at the end, no samples\.$")).wait_for()
         # A preset saves the fields by name and sets them again when loaded.
         _field(page, "lt-rank").fill("8")
         page.get_by_text("Advanced", exact=True).click()
