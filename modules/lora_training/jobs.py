@@ -54,6 +54,7 @@ class JobState:
     checkpoint: str | None = None
     trigger: str = ""
     base_model: str = ""
+    settings: dict = field(default_factory=dict)  # the job's prepare and train values, for the page to show
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     losses: list = field(default_factory=list)
     samples: list = field(default_factory=list)
@@ -87,10 +88,18 @@ class JobState:
             "checkpoint": self.checkpoint,
             "trigger": self.trigger,
             "base_model": self.base_model,
+            "settings": dict(self.settings),
             "log": list(self.log),
             "losses": thinned(self.losses, limit=LOSS_POINTS),
             "samples": list(self.samples),
         }
+
+
+def _settings(prepare_config: PrepareConfig | None, train_config: TrainConfig | None) -> dict:
+    from modules.lora_training.config import config_to_dict
+
+    settings = config_to_dict(prepare_config) if prepare_config is not None else {}
+    return {**settings, **(config_to_dict(train_config) if train_config is not None else {})}
 
 
 def disk_failure_message(exc: OSError) -> str:
@@ -179,6 +188,9 @@ class TrainingJobs:
             if train_config is not None:
                 job.base_model = train_config.base_model
             job.trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
+            job.settings = _settings(prepare_config, train_config)
+            if resume:
+                job.losses, job.samples = self._run_history(project, run_id)
             note = self._stopped_run_note(project) if train_config is None else None
             if note:
                 job.log.append(_line(note))
@@ -203,12 +215,30 @@ class TrainingJobs:
         validate_name((train_config or prepare_config).project)
         if prepare_config is not None:
             validate_trigger(prepare_config.trigger)
-            image_folder(prepare_config.images_dir, roots=self.app_config.IMAGE_ROOTS)
+            image_folder(prepare_config.images_dir, roots=self.image_roots(prepare_config.project))
         if train_config is not None:
             train_config.output_name  # noqa: B018 - validates the LoRA's file name
             model_entry(self.app_config.MODELS_DIR, train_config.base_model)
             if prepare_config is None and not self._paths(train_config.project).manifest.is_file():
                 raise UserError(f"Project {train_config.project!r} has no prepared images: run Prepare first.")
+
+    def _run_history(self, project: str, run_id: str | None) -> tuple[list, list]:
+        """The loss points and newest samples of the run a Resume continues, so the page shows its whole history."""
+        from modules.lora_training.metrics import read_metrics
+        from modules.lora_training.runs import run_to_resume
+
+        try:
+            run = run_to_resume(self._paths(project), run_id)
+        except UserError:
+            return [], []
+        resumed_at = run.last_step()  # steps after the checkpoint (a killed run) are trained again
+        losses = [(r["step"], r["loss"]) for r in read_metrics(run.logs) if r.get("step", 0) <= resumed_at]
+        pictures = sorted(run.samples.glob("step-*.png"), reverse=True)[:8] if run.samples.is_dir() else []
+        return losses, [(str(p), f"step {int(p.name.split('-')[1])}") for p in pictures]
+
+    def image_roots(self, project: str) -> tuple[Path, ...]:
+        """Where a project's photos may come from: IMAGE_ROOTS, and the photos uploaded into it."""
+        return (*self.app_config.IMAGE_ROOTS, self._paths(project).source)
 
     def _paths(self, project: str):
         from modules.lora_training.project import ProjectPaths
@@ -315,7 +345,7 @@ class TrainingJobs:
                     models_dir=config.MODELS_DIR,
                     on_event=lambda e: self._record(job, e),
                     should_stop=self._stop.is_set,
-                    image_roots=config.IMAGE_ROOTS,
+                    image_roots=self.image_roots(prepare_config.project),
                     limits=ScanLimits(max_image_bytes=config.MAX_IMAGE_FILE_MB * 2**20),
                 )
                 if prepared.status == "stopped":

@@ -27,6 +27,11 @@ class ProjectPaths:
         return self.root / "images"
 
     @property
+    def source(self) -> Path:
+        """Photos uploaded from the browser for this project (prepared like any image folder)."""
+        return self.root / "source"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 

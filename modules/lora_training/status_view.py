@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
@@ -23,9 +24,15 @@ def render_status(snapshot: dict, strings: dict) -> str:
     state = snapshot["state"]
     if state == "idle":
         return translate("status_idle", strings)
+    stage = snapshot.get("prep_stage", "")
+    if state in ("starting", "training") and not snapshot.get("total_steps"):
+        # Before the first step: loading the model, caching latents and text embeddings.
+        key = "status_phase" if snapshot.get("prep_total") else "status_phase_unsized"
+        phase = translate(f"stage_{stage}", strings) if stage else translate("stage_starting", strings)
+        return translate(key, strings, project=snapshot["project"], phase=phase, **_counts(snapshot))
     values = {
         "project": snapshot["project"],
-        "stage": snapshot.get("prep_stage", ""),
+        "stage": translate(f"stage_{stage}", strings) if stage else "",
         "done": snapshot.get("prep_done", 0),
         "total": snapshot.get("prep_total", 0) if state == "preparing" else snapshot.get("total_steps", 0),
         "step": snapshot.get("step", 0),
@@ -35,11 +42,18 @@ def render_status(snapshot: dict, strings: dict) -> str:
     return translate(key, strings, **values)
 
 
+def _counts(snapshot: dict) -> dict:
+    return {"done": snapshot.get("prep_done", 0), "total": snapshot.get("prep_total", 0)}
+
+
 def render_progress(snapshot: dict, strings: dict) -> str:
     total = snapshot.get("total_steps") or 0
     if not total:
         return ""
     step = snapshot.get("step", 0)
+    if not snapshot.get("running"):  # a stopped or finished run has no time left to show
+        text = translate("progress_done", strings, step=step, total=total)
+        return f'<progress value="{step}" max="{total}" style="width:100%"></progress><div>{text}</div>'
     text = translate(
         "progress",
         strings,
@@ -54,6 +68,15 @@ def render_progress(snapshot: dict, strings: dict) -> str:
 def loss_frame(snapshot: dict) -> pd.DataFrame:
     losses = snapshot.get("losses", [])
     return pd.DataFrame(losses, columns=["step", "loss"]) if losses else pd.DataFrame({"step": [], "loss": []})
+
+
+@dataclass(frozen=True)
+class PageHooks:
+    """What the rest of the page shows of a job: ``on_change(snapshot, opened=)`` returns updates for
+    ``outputs`` when the job's state changes, and once when a page is opened or reloaded."""
+
+    outputs: list
+    on_change: Callable[..., dict]
 
 
 class StatusView:
@@ -73,33 +96,35 @@ class StatusView:
         )
         self.samples = gr.Gallery(label=translate("samples", t), columns=4, height=200, elem_id="lt-samples")
         self.log_box = gr.Textbox(label=translate("log", t), lines=14, max_lines=14, elem_id="lt-log")
-        self.seen = gr.State({"job_id": None, "state": None})
+        self.seen = gr.State({"job_id": None, "state": None, "loaded": False})
         self.lora_version = gr.State(0)
 
-    def poll(self, seen: dict, *, gallery_for: Callable[[str], list]) -> list:
+    def poll(self, seen: dict, *, page: PageHooks) -> dict:
+        """The widgets' new values; when the job's state changed (or the page was just opened), also what
+        ``page`` says (the prepared gallery, the form of the job, the buttons, the banner)."""
         snapshot = self.jobs.snapshot()
-        gallery_update = gr.skip()
-        changed = (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state"))
-        if changed and snapshot["state"] in ("prepared", "training", "finished"):
-            gallery_update = gallery_for(snapshot["project"])
-        return [
-            render_status(snapshot, self.strings),
-            render_progress(snapshot, self.strings),
-            "\n".join(reversed(snapshot.get("log", []))),
-            loss_frame(snapshot),
-            [tuple(s) for s in snapshot.get("samples", [])] or gr.skip(),
-            gallery_update,
-            {"job_id": snapshot.get("job_id"), "state": snapshot["state"]},
-            self.jobs.lora_version,
-        ]
+        updates = {
+            self.status: render_status(snapshot, self.strings),
+            self.progress: render_progress(snapshot, self.strings),
+            self.log_box: "\n".join(reversed(snapshot.get("log", []))),
+            self.loss_plot: loss_frame(snapshot),
+            self.seen: {"job_id": snapshot.get("job_id"), "state": snapshot["state"], "loaded": True},
+            self.lora_version: self.jobs.lora_version,
+        }
+        if snapshot.get("samples"):
+            updates[self.samples] = [tuple(s) for s in snapshot["samples"]]
+        opened = not seen.get("loaded")
+        if opened or (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state")):
+            updates |= page.on_change(snapshot, opened=opened)
+        return updates
 
-    def wire(self, *, gallery, gallery_for: Callable[[str], list]) -> None:
-        """Poll once a second; ``gallery`` shows ``gallery_for(project)`` when a run changes state."""
-        outputs = [self.status, self.progress, self.log_box, self.loss_plot, self.samples, gallery, self.seen]
+    def wire(self, *, page: PageHooks) -> None:
+        """Poll once a second (the first tick of a page also restores it from the server's state)."""
+        outputs = [self.status, self.progress, self.log_box, self.loss_plot, self.samples, self.seen]
         gr.Timer(1.0).tick(
-            lambda seen: self.poll(seen, gallery_for=gallery_for),
+            lambda seen: self.poll(seen, page=page),
             inputs=[self.seen],
-            outputs=[*outputs, self.lora_version],
+            outputs=[*outputs, self.lora_version, *page.outputs],
             api_visibility="private",
             show_progress="hidden",
         )

@@ -50,6 +50,7 @@ from modules.lora_training.events import (
     Failed,
     Finished,
     Log,
+    PrepProgress,
     SampleSaved,
     StepDone,
     Stopped,
@@ -164,6 +165,7 @@ class _Caches:
                 moments = self.family.encode_image_moments(_load_pixels(item, flip=flip)[None])[0]
                 with atomic_path(self.latent_path(item, flip)) as tmp:
                     save_file({"moments": moments.cpu().contiguous()}, str(tmp))
+                on_event(PrepProgress(stage="caching_latents", done=index + 1, total=len(missing)))
                 if index % 10 == 0:
                     on_event(Log(f"Caching latents {index + 1}/{len(missing)}"))
         return len(missing)
@@ -177,7 +179,8 @@ class _Caches:
         if missing:
             for encoder in self.family.text_encoders():
                 encoder.to(self.device)
-            for caption in missing:
+            for index, caption in enumerate(missing):
+                on_event(PrepProgress(stage="caching_text", done=index + 1, total=len(missing)))
                 with torch.no_grad():
                     encoded = self.family.encode_text([caption])
                 with atomic_path(self.text_path(caption)) as tmp:
@@ -308,6 +311,7 @@ class Trainer:
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)
         self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
+        self.on_event(PrepProgress(stage="loading_model", done=0, total=0))
         clock = time.perf_counter()
         self.family = family_class(self.family_name)(
             self.entry,

@@ -25,12 +25,12 @@ from modules.lora_training.config import (
     default_text_encoder_lr,
 )
 from modules.lora_training.dataset.captioners import resolve_florence_model
-from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset
+from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset, widget_values
 from modules.lora_training.form_widgets import FormWidgets
 from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths, read_json
-from modules.lora_training.status_view import StatusView
+from modules.lora_training.status_view import PageHooks, StatusView
 
 
 class LoraTrainingTab:
@@ -163,6 +163,19 @@ class LoraTrainingTab:
         write_json(self.config.LORA_PROJECTS_DIR / ".presets" / f"{name}.json", preset)
         return name
 
+    def upload_images(self, project: str, files: list[tuple[str, str]]) -> tuple[str, str]:
+        """Copy photos (or .zip archives of photos) sent from the browser into the project's source/ folder;
+        returns that folder (to prepare from) and a summary."""
+        from modules.lora_training.dataset.uploads import copy_uploads
+
+        paths = ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, project)
+        snapshot = self.jobs.snapshot()
+        if snapshot.get("running") and snapshot.get("project") == paths.name:
+            raise UserError(f"A job is running on project {paths.name}; add photos when it has ended.")
+        limit = self.config.MAX_IMAGE_FILE_MB * 2**20
+        result = copy_uploads([(Path(p), name) for p, name in files], folder=paths.source, max_file_bytes=limit)
+        return str(result.folder), result.summary()
+
     def bucket_sizes_for(self, values: dict) -> tuple[list[int] | None, bool]:
         """Images per bucket of the prepared project (exact), else about how many photos the chosen folder
         holds (one bucket); ``(None, False)`` when neither is known."""
@@ -222,26 +235,36 @@ class LoraTrainingTab:
         status = StatusView(jobs=self.jobs, strings=strings)
         with gr.Tab(t("tab_title"), id="lora_training"):
             gr.Markdown(t("intro"))
-            interrupted = interrupted_projects(self.config.LORA_PROJECTS_DIR, self.config.LORAS_DIR)
-            if interrupted:
-                gr.Markdown(t("interrupted", projects=", ".join(interrupted)), elem_id="lt-interrupted")
+            interrupted = self.interrupted()
+            banner = gr.Markdown(
+                t("interrupted", projects=", ".join(interrupted)), visible=bool(interrupted), elem_id="lt-interrupted"
+            )
             with gr.Row():
                 with gr.Column(scale=3):
                     page = self._build_controls(form, t)
+                    page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
             self._build_caption_editor(page, t)
             TrainingApi(self).register()
         form.wire_visibility()
-        self._wire_runs(page, form, status=status, strings=strings)
+        self._wire_runs(page, form, strings=strings)
         self._wire_presets(page, form, t=t)
-        self._wire_captions(page, form, status=status, t=t)
-        status.wire(gallery=page.prepared, gallery_for=self.prepared_gallery)
+        self._wire_captions(page, form, t=t)
+        status.wire(page=self._page_hooks(page, form, t=t))
         self._wire_plan(page, form, strings=strings)
+        self._wire_upload(page, form, t=t)
         self._request_generate(page, status=status, strings=strings)
 
     def _build_controls(self, form: FormWidgets, t) -> SimpleNamespace:
         page = SimpleNamespace(extras=gr.State({}))  # a loaded preset's options that have no widget
+        page.upload = gr.File(
+            file_count="multiple",
+            file_types=["image", ".zip"],
+            label=t("upload"),
+            elem_id="lt-upload",
+            height=110,
+        )
         form.build("dataset")
         page.plan = gr.Markdown(self.plan_text(form.initial, t=t), elem_id="lt-plan")
         with gr.Row():
@@ -263,24 +286,24 @@ class LoraTrainingTab:
         return page
 
     def _build_caption_editor(self, page: SimpleNamespace, t) -> None:
-        page.prepared = gr.Gallery(label=t("prepared"), columns=6, height=260, elem_id="lt-prepared")
+        page.prepared = gr.Gallery(label=t("prepared"), columns=6, height=260, elem_id="lt-prepared", interactive=False)
         with gr.Row():
             page.selected_image = gr.State(None)
             page.caption = gr.Textbox(label=t("caption"), lines=2, scale=4, elem_id="lt-caption")
             page.save_caption = gr.Button(t("save_caption"), scale=1)
 
-    def _wire_runs(self, page: SimpleNamespace, form: FormWidgets, *, status: StatusView, strings: dict) -> None:
-        def started(start) -> str:
+    def _wire_runs(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
+        def started(start) -> None:
             try:
                 job = start()
             except UserError as exc:
                 raise shown_to_user(exc) from exc
-            return translate("started", strings, job_id=job["job_id"])
+            gr.Info(translate("started", strings, job_id=job["job_id"]))
 
-        def on_prepare(data: dict) -> str:
+        def on_prepare(data: dict) -> None:
             return started(lambda: self.start(prepare=self.prepare_config(form.values(data)), train=None))
 
-        def on_train(data: dict) -> str:
+        def on_train(data: dict) -> None:
             values = form.values(data)
 
             def start():
@@ -297,15 +320,10 @@ class LoraTrainingTab:
                 return str(exc)
 
         private = {"api_visibility": "private"}
-        page.prepare.click(on_prepare, inputs=form.inputs, outputs=[status.status], **private)
-        page.train.click(on_train, inputs={*form.inputs, page.new_run, page.extras}, outputs=[status.status], **private)
-        page.stop.click(self.jobs.stop, outputs=[status.status], **private)
-        page.resume.click(
-            lambda name: started(lambda: self.resume(name)),
-            inputs=[form["project"]],
-            outputs=[status.status],
-            **private,
-        )
+        page.prepare.click(on_prepare, inputs=form.inputs, **private)
+        page.train.click(on_train, inputs={*form.inputs, page.new_run, page.extras}, **private)
+        page.stop.click(lambda: gr.Info(self.jobs.stop()), **private)
+        page.resume.click(lambda name: started(lambda: self.resume(name)), inputs=[form["project"]], **private)
         page.estimate_button.click(on_estimate, inputs={*form.inputs, page.extras}, outputs=[page.estimate], **private)
         form["base_model"].change(
             self.resolution_for, inputs=[form["base_model"]], outputs=[form["resolution"]], **private
@@ -317,6 +335,55 @@ class LoraTrainingTab:
             outputs=[form["learning_rate"], form["text_encoder_lr"]],
             **private,
         )
+
+    def _wire_upload(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:
+        def on_upload(project, files):
+            if not files:
+                return gr.skip(), gr.skip()
+            pairs = [
+                (getattr(f, "path", f), getattr(f, "orig_name", None) or Path(getattr(f, "path", f)).name)
+                for f in files
+            ]
+            try:
+                folder, summary = self.upload_images(project, pairs)
+            except UserError as exc:
+                raise shown_to_user(exc) from exc
+            gr.Info(summary)
+            return folder, None
+
+        page.upload.upload(
+            on_upload,
+            inputs=[form["project"], page.upload],
+            outputs=[form["images_dir"], page.upload],
+            api_name="upload_images",
+        )
+
+    def interrupted(self) -> list[str]:
+        return interrupted_projects(self.config.LORA_PROJECTS_DIR, self.config.LORAS_DIR)
+
+    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t) -> PageHooks:
+        """The page follows the server: the job's project and settings when a page is opened or reloaded,
+        the prepared gallery, buttons enabled only when they can act, the interrupted-runs banner."""
+
+        def on_change(snapshot: dict, *, opened: bool) -> dict:
+            state, running = snapshot["state"], snapshot.get("running", False)
+            interrupted = self.interrupted()
+            updates = {
+                page.stop: gr.update(interactive=running),
+                page.resume: gr.update(interactive=not running and (state == "stopped" or bool(interrupted))),
+                page.use: gr.update(interactive=state == "finished" and bool(snapshot.get("lora_path"))),
+                page.banner: gr.update(
+                    value=t("interrupted", projects=", ".join(interrupted)), visible=bool(interrupted)
+                ),
+            }
+            if state in ("prepared", "training", "finished"):
+                updates[page.prepared] = self.prepared_gallery(snapshot["project"])
+            if opened and state != "idle":
+                updates |= form.updates(widget_values({"project": snapshot["project"], **snapshot.get("settings", {})}))
+            return updates
+
+        outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
+        return PageHooks(outputs=outputs, on_change=on_change)
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
@@ -363,7 +430,7 @@ class LoraTrainingTab:
             api_visibility="private",
         )
 
-    def _wire_captions(self, page: SimpleNamespace, form: FormWidgets, *, status: StatusView, t) -> None:
+    def _wire_captions(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:
         def on_select(evt: gr.SelectData, gallery):
             item = gallery[evt.index]
             image = item[0] if isinstance(item, list | tuple) else item.get("image", {}).get("path")
@@ -380,7 +447,8 @@ class LoraTrainingTab:
                 saved = self.save_caption(name, matches[0] if matches else image, caption)
             except UserError as exc:
                 raise shown_to_user(exc) from exc
-            return t("caption_saved", image=saved), self.prepared_gallery(name)
+            gr.Info(t("caption_saved", image=saved))
+            return self.prepared_gallery(name)
 
         page.prepared.select(
             on_select, inputs=[page.prepared], outputs=[page.selected_image, page.caption], api_visibility="private"
@@ -388,7 +456,7 @@ class LoraTrainingTab:
         page.save_caption.click(
             on_save,
             inputs=[form["project"], page.selected_image, page.caption],
-            outputs=[status.status, page.prepared],
+            outputs=[page.prepared],
             api_visibility="private",
         )
 

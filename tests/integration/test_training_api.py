@@ -73,3 +73,20 @@ def test_prepare_train_stop_resume_through_the_api(app):
     assert path.endswith(".png")
     with pytest.raises(AppError, match="no stopped run"):
         client.predict("nothing-here", api_name="/resume_training")
+
+
+def test_photos_uploaded_through_the_api_are_prepared_from_the_project(app):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, photos, folder = app
+    files = [handle_file(str(p)) for p in sorted(photos.iterdir())]
+    images_dir, _ = client.predict("uploaded", files, api_name="/upload_images")
+    assert images_dir == str(folder / "projects" / "uploaded" / "source")
+    assert sorted(p.name for p in (folder / "projects" / "uploaded" / "source").iterdir()) == sorted(
+        p.name for p in photos.iterdir()
+    )
+    client.predict(images_dir, "uploaded", "ohwx", DEMO_SDXL_NAME, "none", "<CAPTION>", 64, api_name="/prepare_dataset")
+    assert _status_until(client, lambda s: not s["running"])["state"] == "prepared"
+    with pytest.raises(AppError, match="Project name is empty"):
+        client.predict("", files, api_name="/upload_images")

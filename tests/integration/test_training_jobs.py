@@ -83,6 +83,9 @@ def test_training_releases_the_model_and_restores_it(jobs, photos):
     final = jobs.wait(120)
     assert final["state"] == "finished", final["message"]
     assert any(f"from step {snapshot['step']}" in line and "Resuming run" in line for line in final["log"])
+    steps = [step for step, _ in final["losses"]]
+    assert steps == list(range(1, snapshot["step"] + 3)), "the loss history starts at step 1 across the resume"
+    assert final["settings"]["project"] == "job" and final["settings"]["steps"] == snapshot["step"] + 2
     assert jobs.lora_version == 1
     assert "job.safetensors" in manager.list_loras()
 

@@ -41,8 +41,15 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
     with running_app(config, tmp_path / "app.log") as url:
         page.goto(url)
         page.get_by_role("tab", name="LoRA Training").click()
-        _field(page, "lt-images").fill(str(photos))
         _field(page, "lt-project").fill("ui-test")
+        # Photos dropped on the upload area are copied into the project and prepared from there.
+        page.locator("#lt-upload input[type=file]").set_input_files([str(p) for p in sorted(photos.iterdir())])
+        page.wait_for_function(
+            "() => (document.querySelector('#lt-images textarea, #lt-images input')?.value || '').endsWith('/source')"
+        )
+        assert sorted(p.name for p in (tmp_path / "projects" / "ui-test" / "source").iterdir()) == sorted(
+            p.name for p in photos.iterdir()
+        )
         _field(page, "lt-trigger").fill("ohwx")
         plan = page.locator("#lt-plan")
         plan.get_by_text("about 3 images × 1 repeats × 10 epochs ÷ batch 1 = 30 steps; a checkpoint every 3").wait_for()
@@ -77,6 +84,13 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         page.get_by_role("tab", name="LoRA Training").click()
         _wait_for_log(page, r"step \d+/100")
         assert "Training ui-test" in page.locator("#lt-status").inner_text()
+        # The reloaded page shows the running job's form; only Stop can act on it.
+        page.wait_for_function(
+            "() => document.querySelector('#lt-project textarea, #lt-project input')?.value === 'ui-test'"
+        )
+        assert _field(page, "lt-steps").input_value() == "100"
+        assert page.locator("#lt-stop").is_enabled() and page.locator("#lt-resume").is_disabled()
+        assert page.locator("#lt-use").is_disabled()
 
         page.locator("#lt-stop").click()
         page.get_by_text(re.compile(r"Stopped ui-test")).wait_for(timeout=60_000)
@@ -84,8 +98,15 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         assert re.search(r"Resume continues run \d{8}-\d{6}-\w+ from", page.locator("#lt-status").inner_text())
         screenshot("3-stopped")
         assert page.locator("#lt-new-run").is_visible()
+        assert "ETA" not in page.locator("#lt-progress").inner_text(), "a stopped run has no time left"
 
-        _field(page, "lt-project").fill("ui-test")
+        page.reload()  # Resume straight after a reload: the form comes back from the server
+        page.get_by_role("tab", name="LoRA Training").click()
+        page.wait_for_function(
+            "() => document.querySelector('#lt-project textarea, #lt-project input')?.value === 'ui-test'"
+        )
+        page.wait_for_function("() => !document.querySelector('#lt-resume').disabled")
+        assert page.locator("#lt-stop").is_disabled()
         page.locator("#lt-resume").click()
         page.get_by_text(re.compile(r"Finished ui-test")).wait_for(timeout=180_000)
         assert re.search(r"Resuming run \d{8}-\d{6}-\w+ from step \d+", _log_text(page))

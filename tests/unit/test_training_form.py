@@ -185,8 +185,15 @@ def test_the_api_takes_field_names():
 
 
 def test_status_and_progress_text():
-    strings = {"status_training": "Training {project}: step {step}/{total}", "progress": "{step}/{total} {eta}"}
-    snapshot = {"state": "training", "project": "cat", "step": 3, "total_steps": 10, "eta_seconds": 65}
+    strings = json.loads(MODULE_JSON.read_text(encoding="utf-8"))["language"]["en"]
+    snapshot = {"state": "training", "running": True, "project": "cat", "step": 3, "total_steps": 10}
+    snapshot |= {"eta_seconds": 65, "s_per_step": 9.3}
     assert render_status(snapshot, strings) == "Training cat: step 3/10"
-    assert render_progress(snapshot, strings).endswith("<div>3/10 1m05s</div>")
+    assert render_progress(snapshot, strings).endswith("<div>step 3/10 · 9.30 s/step · ETA 1m05s</div>")
     assert render_progress({**snapshot, "total_steps": 0}, strings) == ""
+    stopped = {**snapshot, "state": "stopped", "running": False, "message": "at step 3"}
+    assert render_progress(stopped, strings).endswith("<div>step 3/10</div>"), "no ETA once it has stopped"
+    loading = {**snapshot, "step": 0, "total_steps": 0, "prep_stage": "loading_model", "prep_total": 0}
+    assert render_status(loading, strings) == "Training cat: loading the model..."
+    caching = {**loading, "prep_stage": "caching_latents", "prep_done": 3, "prep_total": 12}
+    assert render_status(caching, strings) == "Training cat: caching latents 3/12"

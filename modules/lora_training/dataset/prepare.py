@@ -120,7 +120,7 @@ def _slug(stem: str) -> str:
 def _check_inputs(config: PrepareConfig, projects_dir: Path, image_roots) -> tuple[ProjectPaths, Path]:
     paths = ProjectPaths.for_project(projects_dir, config.project)
     images_dir = image_folder(config.images_dir, roots=image_roots)
-    if images_dir == paths.root or paths.root in images_dir.parents:
+    if images_dir != paths.source and (images_dir == paths.root or paths.root in images_dir.parents):
         raise UserError("The image folder is inside the project folder; choose your original photos instead.")
     validate_trigger(config.trigger)
     return paths, images_dir
