@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
-from tests.conftest import write_config
+from tests.conftest import ROOT, write_config
 from tests.image_folders import noise_image, png_header_only
 from tests.server import running_app
 
@@ -43,6 +43,7 @@ SDXL = DEMO_SDXL_NAME
 QUICK = {"steps": 3, "rank": 4, "save_every_steps": 0, "sample_every_steps": 0}
 LONG = {"steps": 5000, "rank": 4, "save_every_steps": 0, "sample_every_steps": 0}
 NO_LORAS = (None, 1.0) * 4
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 def _error_text(data: str) -> str:
@@ -64,6 +65,7 @@ class World:
     config: Path
     photos: Path
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (seconds, 1-min load average)
+    answers: list[str] = field(default_factory=list)  # what each case got, for test-artifacts/
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -847,7 +849,8 @@ def check(world: World, case: Case) -> list[str]:
     world.status()
     problems = [] if time.monotonic() - started < 1 else ["/training_status took over 1 s after the case"]
     for route, message, pattern in answers:
-        print(f"  [{route}] {case.kind}: {message.strip()[:300]!r}")
+        world.answers.append(f"  [{route}] {case.kind}: {message.strip()[:300]!r}")
+        print(world.answers[-1])
         if not re.search(pattern, message, flags=re.IGNORECASE | re.DOTALL):
             problems.append(f"{route} answer does not match {pattern!r}: {message[:400]!r}")
         if "Unexpected error" in message or "Traceback" in message:
@@ -889,7 +892,10 @@ def test_bad_input_corpus(world):
         assert world.wait_idle()["state"] == "stopped"
         for case in AFTER_TRAINING:
             failures[case.kind] = check(world, case)
-    print(f"\n{len(kinds)} kinds of bad input:\n" + "\n".join(f"  {kind}" for kind in kinds))
+    report = f"{len(kinds)} kinds of bad input:\n" + "\n".join(f"  {kind}" for kind in kinds)
+    print("\n" + report)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "bad-input-corpus.txt").write_text(report + "\n\nAnswers:\n" + "\n".join(world.answers) + "\n")
     failures = {kind: problems for kind, problems in failures.items() if problems}
     assert not failures, json.dumps(failures, indent=1)
     assert len(kinds) >= 80
