@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python_bin" -m venv .venv
 fi
 # pip's own progress stays visible: the first install takes minutes and should not look stuck.
-pip=(.venv/bin/python -m pip --disable-pip-version-check --progress-bar on)
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
 
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 
