@@ -13,6 +13,7 @@ from core.i18n import translate
 from core.lora_info import LoraInfo
 from core.model_files import native_image_size
 from core.model_manager import MAX_LORAS, GenerateLimits, GenerationRequest, LoraChoice
+from core.widgets import button
 from modules.generate.outputs import save_generation
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,11 @@ class GenerateTab:
                 with gr.Column(scale=3):
                     page = self._build_inputs(t)
                 with gr.Column(scale=2):
-                    page.output = gr.Image(label=t("output"), type="filepath", elem_id="generate-output")
+                    # At the top of the right column: visible without scrolling, above the image it makes.
+                    page.generate = button(t("generate"), variant="primary", size="lg", elem_id="generate-button")
+                    page.output = gr.Image(
+                        label=t("output"), type="filepath", height=512, elem_id="generate-output", interactive=False
+                    )
                     page.status = gr.Markdown(elem_id="generate-status")
             # API-only endpoints live inside the tab: gr.Tabs may hold only gr.Tab children.
             self._register_list_api()
@@ -182,7 +187,7 @@ class GenerateTab:
                 # Files added after the page loaded are valid too; ModelManager checks them.
                 allow_custom_value=True,
             )
-            page.refresh_models = gr.Button(t("refresh"), scale=1)
+            page.refresh_models = button(t("refresh"), scale=1)
         self.prompt_box = gr.Textbox(
             label=t("prompt"), placeholder=t("prompt_placeholder"), lines=3, elem_id="generate-prompt"
         )
@@ -196,8 +201,7 @@ class GenerateTab:
             page.seed = gr.Number(value=-1, precision=0, label=t("seed"))
         with gr.Accordion(t("loras"), open=True):
             page.lora_inputs = self._build_lora_slots(t, self.lora_choices(default, self.strings))
-            page.refresh_loras = gr.Button(t("refresh"))
-        page.generate = gr.Button(t("generate"), variant="primary", elem_id="generate-button")
+            page.refresh_loras = button(t("refresh"))
         return page
 
     def _build_lora_slots(self, t, choices: list) -> list:
@@ -216,7 +220,7 @@ class GenerateTab:
                     scale=3,
                     allow_custom_value=True,
                 )
-                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n))
+                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label=t("lora_weight", n=n), min_width=230)
             self.lora_dropdowns.append(dropdown)
             inputs += [dropdown, weight]
         return inputs

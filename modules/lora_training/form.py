@@ -23,6 +23,7 @@ TEXT_KINDS = ("text", "prompts")
 KINDS = ("text", "prompts", "integer", "number", "slider", "checkbox", "dropdown", "model")
 BOTH = (PrepareConfig, TrainConfig)
 _UNSET = object()  # a widget value that leaves the config's default in place
+AUTO = -1  # a number field's "automatic" (Gradio's number fields cannot stay empty)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Option:
     configs: tuple[type, ...] = (TrainConfig,)  # empty: a form-only input (the class word)
     default: object = _UNSET  # the widget's first value when it differs from the config's default
     unset: object = None  # a widget value meaning "the config's default" (0 steps: use epochs)
-    auto: bool = False  # an empty widget sends None: the config's "automatic" (a cadence of 10% of the run)
+    auto: bool = False  # the widget's AUTO (or empty) sends None: the config's "automatic" (every 10% of the run)
     choice_labels: tuple[tuple[object, str], ...] = ()  # (value, locale key) for choices shown as words
     shown_when: tuple[str, tuple] | None = None  # (field or "family", the values that show it)
     in_preset: bool = True  # saved into presets (per-project inputs are not)
@@ -64,7 +65,7 @@ class Option:
         if metadata.get("minimum") is None:
             return None
         low = metadata["minimum"] if self.unset is None else min(metadata["minimum"], self.unset)
-        return low, metadata["maximum"]
+        return (min(low, AUTO) if self.auto else low), metadata["maximum"]
 
     @property
     def initial(self):
@@ -87,7 +88,7 @@ class Option:
             return sample_prompt_list(value, values.get("class_word") or "")
         if self.kind == "text":
             return value or ""
-        if self.auto and (value is None or value == ""):
+        if self.auto and (value is None or value == "" or value == AUTO):
             return None
         if value is None or value == "" or (self.unset is not None and value == self.unset):
             return _UNSET
@@ -95,7 +96,7 @@ class Option:
 
     def to_widget(self, value):
         if value is None:
-            return self.unset
+            return AUTO if self.auto else self.unset
         if self.kind == "prompts":
             return "\n".join(value)
         return value
@@ -133,7 +134,7 @@ FORM: tuple[Section, ...] = (
                     configs=_PREPARE,
                     in_preset=False,
                     elem_id="lt-images",
-                    scale=4,
+                    scale=3,
                     placeholder="images_placeholder",
                 ),
                 Option(
@@ -142,7 +143,7 @@ FORM: tuple[Section, ...] = (
                     configs=_PREPARE,
                     in_preset=False,
                     elem_id="lt-subfolders",
-                    scale=1,
+                    scale=2,
                 ),
             ),
             (
@@ -192,22 +193,13 @@ FORM: tuple[Section, ...] = (
                 Option("lr_power", "number", shown_when=("lr_scheduler", ("polynomial",))),
             ),
             (
-                Option(
-                    "save_every_steps", "integer", default=None, auto=True, elem_id="lt-save-every", placeholder="auto"
-                ),
+                Option("save_every_steps", "integer", default=AUTO, auto=True, elem_id="lt-save-every"),
                 Option("seed", "integer"),
             ),
             (
                 Option("class_word", "text", configs=(), in_preset=False, elem_id="lt-class"),
                 Option("sample_prompts", "prompts", in_preset=False),
-                Option(
-                    "sample_every_steps",
-                    "integer",
-                    default=None,
-                    auto=True,
-                    elem_id="lt-sample-every",
-                    placeholder="auto",
-                ),
+                Option("sample_every_steps", "integer", default=AUTO, auto=True, elem_id="lt-sample-every"),
             ),
         ),
     ),
@@ -216,10 +208,12 @@ FORM: tuple[Section, ...] = (
         accordion=True,
         rows=(
             (
-                Option("train_text_encoder", "checkbox"),
-                Option("text_encoder_lr", "number", default=5e-5, shown_when=("train_text_encoder", (True,))),
                 Option("gradient_checkpointing", "checkbox", default=True),
                 Option("gradient_accumulation", "integer"),
+            ),
+            (
+                Option("train_text_encoder", "checkbox"),
+                Option("text_encoder_lr", "number", default=5e-5, shown_when=("train_text_encoder", (True,))),
             ),
             (
                 Option("caption_dropout", "slider", step=0.05),
@@ -315,6 +309,6 @@ def run_plan(bucket_sizes: list[int] | None, values: dict, *, t, exact: bool) ->
     cadence = []
     for name in ("save_every_steps", "sample_every_steps"):
         raw = values.get(name)
-        every = every_tenth(None if raw is None or raw == "" else whole(raw, 0), total)
+        every = every_tenth(None if raw in (None, "", AUTO) else whole(raw, 0), total)
         cadence.append(t(f"plan_{name}", every=every) if every else t(f"plan_no_{name}"))
     return f"{line}; {', '.join(cadence)}."

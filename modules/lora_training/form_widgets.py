@@ -7,12 +7,17 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
+from core.widgets import button
 from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget_values
 
 
 def _range_text(bounds: tuple[float, float], t: Callable) -> str:
     low, high = (f"{value:,}" if isinstance(value, int) else f"{value:g}" for value in bounds)
     return t("range", minimum=low, maximum=high)
+
+
+# A widget never gets narrower than this: a row wraps to the next line instead of wrapping labels.
+MIN_WIDTHS = {"checkbox": 190, "slider": 230, "dropdown": 200, "model": 260, "integer": 150, "number": 150}
 
 
 class FormWidgets:
@@ -70,6 +75,10 @@ class FormWidgets:
             "visible": visible,
             "scale": option.scale,
         }
+        # Checkbox labels sit beside the box and slider labels beside the number: room for both.
+        extra = {"checkbox": 70, "slider": 130}.get(option.kind)
+        needed = round(len(common["label"]) * 8.5) + extra if extra else 0
+        common["min_width"] = max(MIN_WIDTHS.get(option.kind, 160), needed)
         if option.name in self.info:
             common["info"] = self.info[option.name]
         if option.kind in ("text", "prompts"):
@@ -87,7 +96,8 @@ class FormWidgets:
         if option.kind == "slider":
             return gr.Slider(low, high, step=option.step, **common)
         # Numbers keep no minimum/maximum: config_from_dict names the field when one is out of range.
-        common.setdefault("info", _range_text((low, high), self.t))
+        bounds = _range_text((low, high), self.t)
+        common["info"] = f"{common['info']} · {bounds}" if "info" in common else bounds
         precision = 0 if option.kind == "integer" else None
         placeholder = self.t(option.placeholder) if option.placeholder else None
         return gr.Number(precision=precision, step=option.step or 1, placeholder=placeholder, **common)
@@ -95,7 +105,7 @@ class FormWidgets:
     def _model_dropdown(self, option: Option, common: dict):
         names = self.choices[option.name]
         dropdown = gr.Dropdown(choices=names(), **common)
-        refresh = gr.Button(self.t("refresh"), scale=1)
+        refresh = button(self.t("refresh"), scale=1)
         refresh.click(
             lambda current: gr.Dropdown(choices=names(), value=current),
             inputs=[dropdown],

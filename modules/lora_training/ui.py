@@ -16,6 +16,7 @@ from core.demo_models import DEMO_FLORENCE_NAME
 from core.errors import UserError, shown_to_user
 from core.i18n import translate
 from core.model_files import native_image_size
+from core.widgets import button
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.config import (
     PrepareConfig,
@@ -230,7 +231,11 @@ class LoraTrainingTab:
             initial=initial,
             choices={"base_model": self.model_choices},
             family_of=self.family_of,
-            info={"images_dir": t("images_roots", roots=roots)},
+            # Each label stays one short line; its explanation ("<field>_info" in the locale) goes beneath it.
+            info={
+                **{key.removesuffix("_info"): text for key, text in strings.items() if key.endswith("_info")},
+                "images_dir": t("images_roots", roots=roots),
+            },
         )
         status = StatusView(jobs=self.jobs, strings=strings)
         with gr.Tab(t("tab_title"), id="lora_training"):
@@ -269,20 +274,22 @@ class LoraTrainingTab:
         page.plan = gr.Markdown(self.plan_text(form.initial, t=t), elem_id="lt-plan")
         with gr.Row():
             page.preset = gr.Dropdown(self.presets(), value=None, label=t("preset"), elem_id="lt-preset", scale=3)
-            page.load_preset = gr.Button(t("load_preset"), scale=1)
+            page.load_preset = button(t("load_preset"), scale=1)
         form.build("schedule")
         with form.section("advanced"), gr.Row():
             page.preset_name = gr.Textbox(label=t("preset_name"), elem_id="lt-preset-name", scale=3)
-            page.save_preset = gr.Button(t("save_preset"), scale=1)
-        page.estimate_button = gr.Button(t("estimate"))
+            page.save_preset = button(t("save_preset"), scale=1)
+        page.estimate_button = button(t("estimate"))
         page.estimate = gr.Markdown(elem_id="lt-estimate")
         with gr.Row():
-            page.prepare = gr.Button(t("prepare"), elem_id="lt-prepare")
-            page.train = gr.Button(t("prepare_and_train"), variant="primary", elem_id="lt-train")
-            page.stop = gr.Button(t("stop"), variant="stop", elem_id="lt-stop")
-            page.resume = gr.Button(t("resume"), elem_id="lt-resume")
-            page.new_run = gr.Checkbox(value=False, label=t("new_run"), elem_id="lt-new-run")
-            page.use = gr.Button(t("use_in_generate"), elem_id="lt-use")
+            page.prepare = button(t("prepare"), elem_id="lt-prepare")
+            page.train = button(t("prepare_and_train"), variant="primary", elem_id="lt-train")
+            page.stop = button(t("stop"), variant="stop", elem_id="lt-stop")
+            page.resume = button(t("resume"), elem_id="lt-resume")
+            page.new_run = gr.Checkbox(
+                value=False, label=t("new_run"), info=t("new_run_info"), elem_id="lt-new-run", min_width=190
+            )
+            page.use = button(t("use_in_generate"), elem_id="lt-use")
         return page
 
     def _build_caption_editor(self, page: SimpleNamespace, t) -> None:
@@ -290,7 +297,7 @@ class LoraTrainingTab:
         with gr.Row():
             page.selected_image = gr.State(None)
             page.caption = gr.Textbox(label=t("caption"), lines=2, scale=4, elem_id="lt-caption")
-            page.save_caption = gr.Button(t("save_caption"), scale=1)
+            page.save_caption = button(t("save_caption"), scale=1)
 
     def _wire_runs(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         def started(start) -> None:

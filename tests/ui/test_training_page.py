@@ -62,7 +62,7 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         _field(page, "lt-rank").fill("8")
         page.get_by_text("Advanced", exact=True).click()
         _field(page, "lt-preset-name").fill("mine")
-        page.get_by_role("button", name="Save as preset").click()
+        page.get_by_role("button", name="Save preset").click()
         page.locator("#lt-estimate").get_by_text("Preset saved: mine").wait_for()
         _field(page, "lt-rank").fill("4")
         page.locator("#lt-preset input").click()

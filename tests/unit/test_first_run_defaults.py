@@ -14,7 +14,7 @@ from core.i18n import translate
 from modules.lora_training.config import TrainConfig
 from modules.lora_training.data import epoch_batches, every_tenth, planned_steps
 from modules.lora_training.dataset.scan import count_image_files
-from modules.lora_training.form import BY_NAME, config_values, default_widget_values, run_plan
+from modules.lora_training.form import AUTO, BY_NAME, config_values, default_widget_values, run_plan, widget_values
 from modules.lora_training.ui import LoraTrainingTab
 
 MODULE_JSON = Path(__file__).resolve().parents[2] / "modules" / "lora_training" / "module.json"
@@ -54,14 +54,18 @@ def test_the_plan_line_shows_the_arithmetic_and_the_cadence():
     assert run_plan([40], values, t=english, exact=False).startswith("about 40 images")
 
 
-def test_empty_cadence_fields_mean_every_tenth_of_the_run():
+def test_cadence_fields_start_on_every_tenth_of_the_run():
     page = {**default_widget_values(), "project": "p", "base_model": "m"}
-    assert page["save_every_steps"] is None and page["sample_every_steps"] is None, "the page starts on auto"
+    assert page["save_every_steps"] == AUTO and page["sample_every_steps"] == AUTO, "the page starts on auto"
     config = TrainConfig(**config_values(TrainConfig, page))
     assert config.save_every_steps is None and config.sample_every_steps is None
     zero = TrainConfig(**config_values(TrainConfig, {**page, "save_every_steps": 0, "sample_every_steps": 0}))
     assert zero.save_every_steps == 0 and zero.sample_every_steps == 0
     assert TrainConfig(project="p", base_model="m").save_every_steps == 0, "CLI and API keep their explicit default"
+    assert widget_values({"save_every_steps": None, "sample_every_steps": 0}) == {
+        "save_every_steps": AUTO,
+        "sample_every_steps": 0,
+    }, "a preset's null shows as the automatic value"
 
 
 def test_caption_detail_is_offered_in_words():

@@ -14,6 +14,7 @@ from core.errors import UserError
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict, config_to_dict
 from modules.lora_training.form import (
+    AUTO,
     BY_NAME,
     OPTIONS,
     SECTIONS,
@@ -92,7 +93,8 @@ def test_ranges_and_choices_are_the_configs_own():
             continue
         low, high = option.bounds
         assert high == metadata["maximum"], option.name
-        assert low == (metadata["minimum"] if option.unset is None else min(option.unset, metadata["minimum"]))
+        widened = [v for v in (option.unset, AUTO if option.auto else None) if v is not None]
+        assert low == min([metadata["minimum"], *widened]), option.name
         widget = form[option.name]
         if option.kind == "slider":
             assert (widget.minimum, widget.maximum) == (low, high), option.name

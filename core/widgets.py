@@ -1,0 +1,15 @@
+"""Small Gradio helpers shared by the tabs."""
+
+from __future__ import annotations
+
+PIXELS_PER_CHARACTER = 9.5  # Gradio's button font, with a margin for wide letters
+BUTTON_PADDING = 48
+
+
+def button(text: str, **kwargs):
+    """A ``gr.Button`` never narrower than its text on one line: in a crowded row the row wraps, not the text
+    (a translation longer than the English one keeps working)."""
+    import gradio as gr
+
+    width = max(kwargs.pop("min_width", 0), round(len(text) * PIXELS_PER_CHARACTER + BUTTON_PADDING))
+    return gr.Button(text, min_width=width, **kwargs)
