@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ensure_folders(config)
     if config.BUILD_DEMO_MODELS and not args.no_demo_models:
-        from core.demo_models import ensure_demo_models
+        from model_formats.demo_models import ensure_demo_models
 
         log.info("checking the demo models in %s", config.MODELS_DIR)
         ensure_demo_models(config.MODELS_DIR)

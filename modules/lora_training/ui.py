@@ -46,7 +46,7 @@ class LoraTrainingTab:
 
     def default_model(self) -> str | None:
         names = [value for _, value in self.model_choices()]
-        for preferred in (self.config.DEFAULT_SDXL_MODEL_FOR_LORA, self.config.DEFAULT_FLUX_MODEL_FOR_LORA):
+        for preferred in self.config.DEFAULT_MODELS_FOR_LORA.values():
             if preferred in names:
                 return preferred
         return names[0] if names else None
