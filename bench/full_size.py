@@ -34,7 +34,11 @@ def default_dtype(dtype: torch.dtype):
 def _components(config_folder: Path) -> dict[str, tuple[str, str]]:
     """model_index.json's components: name → (library, class name)."""
     index = json.loads((Path(config_folder) / "model_index.json").read_text(encoding="utf-8"))
-    return {name: tuple(spec) for name, spec in index.items() if isinstance(spec, list) and len(spec) == 2}
+    return {
+        name: tuple(spec)
+        for name, spec in index.items()
+        if isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)
+    }
 
 
 def random_models(config_folder: Path) -> dict[str, torch.nn.Module]:
