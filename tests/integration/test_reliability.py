@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 from safetensors import safe_open
 
-from core import safetensors_stream
+from model_formats import safetensors_stream
 from modules.lora_training.checkpoints import latest_checkpoint, load_checkpoint
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Failed
