@@ -460,15 +460,12 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     args.out.write_text(json.dumps(results, indent=2))
+    full_size_label = f"full-size {bench_family().display_name}, counted FLOPs: uncached / cached"
     rows = [
         ("training step: ours / bare PEFT step", results["step_overhead"], "s"),
         ("s/step: tab's estimate / measured", results["step_estimate"], ""),
         ("epoch: uncached / cached", results["caching"], ""),
-        (
-            f"full-size {bench_family().display_name}, counted FLOPs: uncached / cached",
-            results["caching_full_size_by_flops"],
-            "",
-        ),
+        (full_size_label, results["caching_full_size_by_flops"], ""),
         ("generate: ModelManager / direct diffusers", results["generate"], "s"),
         ("peak RSS: ours / reference (MiB)", results["memory"], ""),
     ]
