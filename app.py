@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_known_noise()
     if config.BUILD_DEMO_MODELS and not args.no_demo_models:
-        from core.demo_models import ensure_demo_models
+        from model_formats.demo_models import ensure_demo_models
 
         log.info(
             "Demo models (tiny, random weights, for trying the app) in %s: built once on the first start, "

@@ -1,14 +1,16 @@
-"""The GPU part of the bench: full-size SDXL with random weights, trained with a memory preset.
+"""The GPU part of the bench: a full-size model with random weights, trained with a memory preset.
 
-``bench/run.py --gpu`` builds the SDXL base 1.0 architecture from its offline config with
-random weights (nothing to download), saves it as a diffusers folder and trains a LoRA on
-it through the app's own code path with the chosen preset, measuring peak VRAM and s/step
-against the tab's predictions. :func:`measure_training` runs on the CPU too (that is how
+``bench/run.py --gpu`` builds the bench family's full-size architecture from its offline config
+(``family.full_size_config_folder``) with random weights (nothing to download), saves it as a
+diffusers folder and trains a LoRA on it through the app's own code path with the chosen preset,
+measuring peak VRAM and s/step against the tab's predictions. :func:`measure_training` runs on the CPU too (that is how
 the test suite checks this code on the tiny model); VRAM figures exist only on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -18,32 +20,65 @@ import torch
 GIB = 2**30
 
 
-def build_random_sdxl(config_folder: Path, out_folder: Path, *, device: str, dtype: torch.dtype, seed: int = 0):
-    """An SDXL diffusers folder at ``out_folder`` with the architecture of ``config_folder``, random weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are created in ``dtype``: no fp32 copy of the weights, ever."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _components(config_folder: Path) -> dict[str, tuple[str, str]]:
+    """model_index.json's components: name → (library, class name)."""
+    index = json.loads((Path(config_folder) / "model_index.json").read_text(encoding="utf-8"))
+    return {
+        name: tuple(spec)
+        for name, spec in index.items()
+        if isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)
+    }
+
+
+def random_models(config_folder: Path) -> dict[str, torch.nn.Module]:
+    """Every model component of ``config_folder`` with random weights, on the current default device and dtype."""
+    import diffusers
+    import transformers
+
+    models = {}
+    for name, (library, class_name) in _components(config_folder).items():
+        folder = Path(config_folder) / name
+        if library == "diffusers" and issubclass(cls := getattr(diffusers, class_name), diffusers.ModelMixin):
+            models[name] = cls.from_config(cls.load_config(folder))
+        elif library == "transformers" and issubclass(
+            cls := getattr(transformers, class_name), transformers.PreTrainedModel
+        ):
+            models[name] = cls(transformers.AutoConfig.from_pretrained(folder))
+    return models
+
+
+def build_random_pipeline(config_folder: Path, out_folder: Path, *, device: str, dtype: torch.dtype, seed: int = 0):
+    """A diffusers folder at ``out_folder`` with the architecture of ``config_folder``, random weights."""
+    import diffusers
+    import transformers
 
     from core.atomic import atomic_path
 
     config_folder = Path(config_folder)
     torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_folder / "text_encoder"))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.to(dtype),
-        text_encoder=text_encoder.to(dtype),
-        text_encoder_2=text_encoder_2.to(dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(config_folder / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(config_folder / "tokenizer_2"),
-        unet=unet.to(dtype),
-        scheduler=EulerDiscreteScheduler.from_pretrained(config_folder / "scheduler"),
-    )
+    with torch.device(device), default_dtype(dtype):
+        parts = {name: model.eval() for name, model in random_models(config_folder).items()}
+    for name, (library, class_name) in _components(config_folder).items():
+        if name not in parts:  # tokenizers and schedulers
+            parts[name] = getattr(diffusers if library == "diffusers" else transformers, class_name).from_pretrained(
+                config_folder / name
+            )
+    index = json.loads((config_folder / "model_index.json").read_text(encoding="utf-8"))
+    pipe = getattr(diffusers, index["_class_name"])(**parts)
     with atomic_path(Path(out_folder)) as tmp:
         pipe.save_pretrained(tmp)
-    del pipe, unet, vae, text_encoder, text_encoder_2
+    del pipe, parts
     if device == "cuda":
         torch.cuda.empty_cache()
     return Path(out_folder)
@@ -194,18 +229,23 @@ def _step_overhead(trainer, reference, *, first_step: int, device: str) -> dict:
     return {"ours_s": ours_s, "reference_s": reference_s, "ratio": ours_s / reference_s}
 
 
-def run_gpu_bench(work_dir: Path, *, resolution: int = 1024, preset: str = "sdxl-8gb", reference=None) -> dict:
-    """Full-size SDXL (random weights) on the CUDA GPU, trained with ``preset`` at ``resolution``."""
-    from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
+def run_gpu_bench(
+    work_dir: Path, *, family_name: str, resolution: int = 1024, preset: str | None = None, reference=None
+) -> dict:
+    """The family's full-size model (random weights) on the CUDA GPU, trained with ``preset`` (default: the
+    family's smallest) at ``resolution``."""
+    from families import family
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA GPU; none is visible to torch.")
+    kind = family(family_name)
+    preset = preset or kind.smallest_preset
     models = Path(work_dir) / "models"
-    config = write_sdxl_base_config(models / "configs" / SDXL_BASE_CONFIG_NAME)
+    config = kind.full_size_config_folder(models)
+    model = models / f"{config.name}-random"
     started = time.perf_counter()
-    build_random_sdxl(config, models / "sdxl-base-random", device="cuda", dtype=torch.float16)
+    build_random_pipeline(config, model, device="cuda", dtype=torch.float16)
     built_s = time.perf_counter() - started
-    model = models / "sdxl-base-random"
     result = measure_training(
         models,
         model.name,

@@ -1,15 +1,17 @@
-"""Opt-in full-size smoke run: ``.venv/bin/python bench/real_size.py [--family sdxl|flux|both]``.
+"""Opt-in full-size smoke run: ``.venv/bin/python bench/real_size.py [--family NAME|all]``.
 
-Builds full-size SDXL base 1.0 with random weights in bf16 (``bench/full_size.py``; on the GPU
-when there is one, else the CPU), then goes through the app's own code path: prepare a small
+Builds a family's full-size model with random weights in bf16 from its offline config folder
+(``family.full_size_config_folder``, ``bench/full_size.py``; on the GPU when there is one, else
+the CPU), then goes through the app's own code path: prepare a small
 project, ``train()`` a few steps in bf16 with gradient checkpointing, cached latents and text
 embeddings and a sample image along the way, save the LoRA and its webui copy, and render one
 image with the LoRA through the Generate tab's ``ModelManager``. Prints wall time and peak
 memory per phase (RSS; VRAM on CUDA) and s/step against the tab's estimate.
 
-Flux dev (NF4 base) runs the same way when this machine's RAM can hold its bf16 weights
-while they load; otherwise it prints what it would need. Not part of ``./test.sh``: the SDXL
-folder alone is ~7 GB and the run takes tens of minutes on a CPU. Everything lives in a
+A family that trains full size on a quantized base (``family.full_size_quantization``) runs
+when this machine's RAM can hold its bf16 weights while they load; otherwise it prints what it
+would need. Not part of ``./test.sh``: the smallest folder alone is ~7 GB and the run takes tens
+of minutes on a CPU. Everything lives in a
 temporary folder, removed at the end unless ``--keep``.
 """
 
@@ -35,40 +37,8 @@ GIB = 2**30
 IMAGES = 2
 RANK = 16
 PROMPT = "ohwx, a photo"
-MODEL_NAMES = {"sdxl": "sdxl-base-random", "flux": "flux-dev-random"}
-# Python, torch and the 512² activations on top of the weights, when judging whether Flux fits.
+# Python, torch and the 512² activations on top of the weights, when judging whether a model fits.
 RUNTIME_MARGIN_BYTES = 4 * GIB
-
-# Public architecture of FLUX.1 [dev] (diffusers' transformer config) and of T5 v1.1 XXL.
-T5_XXL = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "feed_forward_proj": "gated-gelu",
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
-FLUX_VAE_CHANGES = {
-    "latent_channels": 16,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-}
-FLUX_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
 
 
 # ----- measuring ----------------------------------------------------------------------
@@ -169,110 +139,68 @@ def _ram_bytes() -> tuple[int, int]:
 
 
 # ----- building the models ------------------------------------------------------------
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """Modules built inside are created in ``dtype``: no fp32 copy of the weights, ever."""
+def build_full_size(kind, models: Path, *, device: str) -> str:
+    """The family's full-size model with random bf16 weights, as a diffusers folder in ``models``."""
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    from bench.full_size import build_random_pipeline
+
+    config = kind.full_size_config_folder(models)
+    name = f"{config.name}-random"
+    build_random_pipeline(config, models / name, device=device, dtype=torch.bfloat16)
+    return name
 
 
-def build_sdxl(models: Path, *, device: str) -> str:
+def requirement(kind) -> dict[str, int]:
+    """Bytes the family's full-size model needs, counted on the meta device: each part, the load peak and
+    the steady state with its base quantized."""
     import torch
 
-    from bench.full_size import build_random_sdxl
-    from core.model_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
-
-    config = write_sdxl_base_config(models / "configs" / SDXL_BASE_CONFIG_NAME)
-    with default_dtype(torch.bfloat16):
-        build_random_sdxl(config, models / MODEL_NAMES["sdxl"], device=device, dtype=torch.bfloat16)
-    return MODEL_NAMES["sdxl"]
-
-
-def flux_modules() -> dict:
-    """Full-size Flux dev components, built on the current default device and dtype."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from core.model_configs import FLUX_DEV_TRANSFORMER, SDXL_TEXT_ENCODER, SDXL_VAE
-
-    vae_config = {k: v for k, v in SDXL_VAE.items() if k != "_class_name"}
-    return {
-        "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
-        # Flux's CLIP is the same CLIP ViT-L/14 text encoder as SDXL's first one.
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)),
-        "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL)),
-        "vae": AutoencoderKL(**{**vae_config, **FLUX_VAE_CHANGES}),
-    }
-
-
-def build_flux(models: Path, *, device: str) -> str:
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    from core.atomic import atomic_path
-    from core.tokenizers import build_clip_tokenizer, build_tiny_t5_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device), default_dtype(torch.bfloat16):
-        parts = flux_modules()
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=build_tiny_t5_tokenizer(),  # a small vocabulary: random weights read any ids alike
-        **{name: module.eval() for name, module in parts.items()},
-    )
-    with atomic_path(models / MODEL_NAMES["flux"]) as tmp:
-        pipe.save_pretrained(tmp)
-    del pipe, parts
-    return MODEL_NAMES["flux"]
-
-
-def flux_requirement() -> dict[str, int]:
-    """Bytes Flux dev needs, counted on the meta device: each part, the load peak and the NF4 steady state."""
-    import torch
-
+    from bench.full_size import random_models
     from modules.lora_training.quantize import is_quantized_weight, quantized_bytes
 
-    with torch.device("meta"):
-        parts = flux_modules()
+    mode = kind.full_size_quantization
+    with tempfile.TemporaryDirectory() as folder, torch.device("meta"):
+        parts = random_models(kind.full_size_config_folder(Path(folder)))
     sizes = {name: sum(p.numel() for p in module.parameters()) * 2 for name, module in parts.items()}
     sizes["vae"] *= 2  # the VAE is kept in fp32
-    nf4 = sum(
-        quantized_bytes(tuple(p.shape), "nf4") if is_quantized_weight(name) and p.dim() == 2 else p.numel() * 2
-        for name, p in parts["transformer"].named_parameters()
+    quantized = sum(
+        quantized_bytes(tuple(p.shape), mode)
+        if is_quantized_weight(name, blocks=kind.quantized_blocks) and p.dim() == 2
+        else p.numel() * 2
+        for name, p in parts[kind.denoiser_attr].named_parameters()
     )
     total, available = _ram_bytes()
+    others = sum(size for name, size in sizes.items() if name != kind.denoiser_attr)
     sizes.update(
-        transformer_nf4=nf4,
-        # The trainer loads every part in bf16, then quantizes the transformer as it places it.
+        denoiser_quantized=quantized,
+        # The trainer loads every part in bf16, then quantizes the denoiser as it places it.
         load_peak=sum(sizes[name] for name in parts) + RUNTIME_MARGIN_BYTES,
-        after_quantization=nf4 + sizes["text_encoder"] + sizes["text_encoder_2"] + sizes["vae"],
+        after_quantization=quantized + others,
         ram_total=total,
         ram_available=available,
     )
     return sizes
 
 
-def describe_flux_requirement(sizes: dict[str, int]) -> str:
+def describe_requirement(kind, sizes: dict[str, int]) -> str:
     gib = {name: value / GIB for name, value in sizes.items()}
+    mode = kind.full_size_quantization.upper()
+    not_parts = {kind.denoiser_attr, "vae", "denoiser_quantized", "load_peak", "after_quantization", "ram_total"}
+    others = ", ".join(f"{name} {gib[name]:.2f}" for name in sizes if name not in not_parts | {"ram_available"})
     return (
-        f"Flux dev needs about {gib['load_peak']:.1f} GiB of RAM to load: transformer {gib['transformer']:.1f} GiB in "
-        f"bf16 before NF4 quantization (NF4: {gib['transformer_nf4']:.1f} GiB), T5-XXL {gib['text_encoder_2']:.1f}, "
-        f"CLIP-L {gib['text_encoder']:.2f}, VAE {gib['vae']:.2f} (fp32), plus {RUNTIME_MARGIN_BYTES / GIB:.0f} for "
-        f"the runtime; {gib['after_quantization']:.1f} GiB stay resident after quantization. Building the random "
-        f"folder needs the same RAM and {(sizes['load_peak'] - RUNTIME_MARGIN_BYTES) / 1e9:.0f} GB of disk. "
-        f"This machine has {gib['ram_total']:.1f} GiB ({gib['ram_available']:.1f} available)."
+        f"{kind.display_name} needs about {gib['load_peak']:.1f} GiB of RAM to load: {kind.denoiser_attr} "
+        f"{gib[kind.denoiser_attr]:.1f} GiB in bf16 before {mode} quantization ({mode}: "
+        f"{gib['denoiser_quantized']:.1f} GiB), {others}, VAE {gib['vae']:.2f} (fp32), plus "
+        f"{RUNTIME_MARGIN_BYTES / GIB:.0f} for the runtime; {gib['after_quantization']:.1f} GiB stay resident after "
+        f"quantization. Building the random folder needs the same RAM and "
+        f"{(sizes['load_peak'] - RUNTIME_MARGIN_BYTES) / 1e9:.0f} GB of disk. This machine has "
+        f"{gib['ram_total']:.1f} GiB ({gib['ram_available']:.1f} available)."
     )
 
 
 # ----- the run ------------------------------------------------------------------------
-def _train_config(family: str, *, model: str, args, device: str):
+def _train_config(kind, *, model: str, args, device: str):
     from modules.lora_training.config import TrainConfig, config_from_dict
 
     values = {
@@ -290,8 +218,7 @@ def _train_config(family: str, *, model: str, args, device: str):
         "also_save_webui": True,
         "device": device,
     }
-    if family == "flux":
-        values["base_quantization"] = "nf4"
+    values["base_quantization"] = kind.full_size_quantization
     return config_from_dict(TrainConfig, values)
 
 
@@ -312,6 +239,7 @@ def _estimates(config, *, models: Path, resolution: int) -> dict:
 
 def _generate(models: Path, loras: Path, *, model: str, lora: Path, args, device: str, meter: Meter):
     from core.model_manager import GenerationRequest, LoraChoice, ModelManager
+    from families import family
 
     manager = ModelManager(models_dir=models, loras_dir=loras, device=device)
     manager.load_model(model)
@@ -320,7 +248,7 @@ def _generate(models: Path, loras: Path, *, model: str, lora: Path, args, device
         model=model,
         prompt=PROMPT,
         steps=args.sample_steps,
-        guidance=3.5 if manager.loaded_family == "flux" else 5.0,
+        guidance=family(manager.loaded_family).default_guidance,
         width=args.resolution,
         height=args.resolution,
         seed=1,
@@ -332,25 +260,21 @@ def _generate(models: Path, loras: Path, *, model: str, lora: Path, args, device
     return image
 
 
-def run_family(family: str, *, root: Path, args, device: str) -> dict:
+def run_family(kind, *, root: Path, args, device: str) -> dict:
     """Build, prepare, estimate, train, generate; every phase measured."""
     from bench.full_size import _prepare_project
     from modules.lora_training.train import train
 
-    models, work = root / "models", root / family
+    models, work = root / "models", root / kind.name
     meter = Meter(device)
-    model = (
-        _tiny_model(family, models)
-        if args.tiny
-        else {"sdxl": build_sdxl, "flux": build_flux}[family](models, device=device)
-    )
+    model = _tiny_model(kind.name, models) if args.tiny else build_full_size(kind, models, device=device)
     _release_freed_memory()
     meter.close("build (random weights, bf16)")
     projects = _prepare_project(work, models_dir=models, resolution=args.resolution, images=IMAGES)
-    config = _train_config(family, model=model, args=args, device=device)
+    config = _train_config(kind, model=model, args=args, device=device)
     meter.close("prepare")
     result = {
-        "family": family,
+        "family": kind.name,
         "model": model,
         "device": device,
         "estimate": _estimates(config, models=models, resolution=args.resolution),
@@ -391,10 +315,10 @@ def describe_image(image) -> str:
 
 def _tiny_model(family: str, models: Path) -> str:
     """The demo models instead of full size: checks this script in seconds."""
-    from core.demo_models import ensure_demo_models
+    from model_formats.demo_models import ensure_demo_models
 
     paths = ensure_demo_models(models)
-    return (paths.sdxl_folder if family == "sdxl" else paths.flux_folder).name
+    return paths.folders[family].name
 
 
 # ----- report -------------------------------------------------------------------------
@@ -444,8 +368,10 @@ def print_report(result: dict, *, args) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from families import FAMILY_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("sdxl", "flux", "both"), default="sdxl")
+    parser.add_argument("--family", choices=(*FAMILY_NAMES, "all"), default=FAMILY_NAMES[0])
     parser.add_argument("--resolution", type=int, default=512, help="training and image side (multiple of 64)")
     parser.add_argument("--steps", type=int, default=3, help="training steps (a sample is rendered at step 2)")
     parser.add_argument("--sample-steps", type=int, default=4, help="denoising steps of the sample and the image")
@@ -455,16 +381,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _flux_fits() -> bool:
-    sizes = flux_requirement()
+def _fits(kind) -> bool:
+    sizes = requirement(kind)
     fits = sizes["load_peak"] <= sizes["ram_available"]
-    print(("Flux: runs. " if fits else "Flux: skipped, it does not fit. ") + describe_flux_requirement(sizes))
+    verdict = "runs. " if fits else "skipped, it does not fit. "
+    print(f"{kind.display_name}: {verdict}" + describe_requirement(kind, sizes))
     return fits
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
     sys.path.insert(0, str(ROOT))
+    args = _parse(argv)
+    from families import FAMILY_NAMES, family
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -474,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="lora-studio-real-size-", dir=args.workdir))
     failed = False
     try:
-        for family in ("sdxl", "flux") if args.family == "both" else (args.family,):
-            if family == "flux" and not args.tiny and not _flux_fits():
+        for name in FAMILY_NAMES if args.family == "all" else (args.family,):
+            kind = family(name)
+            if kind.full_size_quantization != "none" and not args.tiny and not _fits(kind):
                 continue
-            result = run_family(family, root=root, args=args, device=device)
+            result = run_family(kind, root=root, args=args, device=device)
             print_report(result, args=args)
             failed = failed or "failure" in result
     finally:

@@ -2,15 +2,16 @@
 
 Prints a table and writes ``bench/results.json``:
 
-1. training step overhead: our full step vs a bare PEFT reference step on the same U-Net
+1. training step overhead: our full step vs a bare PEFT reference step on the same denoiser
 2. time to first step and a phase breakdown of a small end-to-end run
 3. caching: one epoch with latent + text caches vs without
 4. generate overhead: ModelManager with a LoRA vs a direct diffusers call with the same LoRA
 5. peak memory (RSS) of our training step vs the reference step, each in its own process
 
-Tiny demo models on the CPU (``--resolution`` sets the image size). ``--gpu`` instead
-trains full-size SDXL (random weights, 1024², the sdxl-8gb preset) on a CUDA GPU and
-reports peak VRAM and s/step against the tab's predictions (bench/full_size.py).
+The bench measures the first registered family (:data:`families.FAMILY_NAMES`). Tiny demo models
+on the CPU (``--resolution`` sets the image size). ``--gpu`` instead trains the family's full-size
+model (random weights, 1024², its smallest preset) on a CUDA GPU and reports peak VRAM and s/step
+against the tab's predictions (bench/full_size.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ RESOLUTION = int(os.environ.get("LORA_STUDIO_BENCH_RESOLUTION", "64"))
 RANK = 16
 
 
+def bench_family():
+    from families import FAMILY_NAMES, family
+
+    return family(FAMILY_NAMES[0])
+
+
 def _build_workspace(root: Path) -> dict:
-    from core.demo_models import DEMO_SDXL_NAME, ensure_demo_models
+    from model_formats.demo_models import ensure_demo_models
     from modules.lora_training.config import PrepareConfig, config_from_dict
     from modules.lora_training.dataset.prepare import prepare
     from tests.image_folders import noise_image
@@ -75,7 +82,7 @@ def _build_workspace(root: Path) -> dict:
     caption_start = next((t for t, e in events if getattr(e, "stage", "") == "caption"), time.perf_counter())
     timings["validate+crop"] = caption_start - started
     timings["caption"] = time.perf_counter() - caption_start
-    return {"models": models, "projects": root / "projects", "model": DEMO_SDXL_NAME, "prepare": timings}
+    return {"models": models, "projects": root / "projects", "model": bench_family().demo_name, "prepare": timings}
 
 
 def _train_config(workspace: dict, **options):
@@ -113,63 +120,58 @@ def _trainer(workspace: dict, loras: Path, **options):
 
 
 class ReferenceStep:
-    """The bare loop: PEFT LoRA on the same U-Net, one forward, one backward, one optimizer step.
+    """The bare loop: PEFT LoRA on the same denoiser, one forward, one backward, one optimizer step.
 
     fp32 on the CPU; on a GPU, fp16 weights with fp32 LoRA under autocast and a GradScaler,
-    the same numerics as our fp16 mode.
+    the same numerics as our fp16 mode. Inputs and target are drawn once, shaped by the family.
     """
 
     def __init__(self, model_dir: Path, *, rank: int, device: str = "cpu", resolution: int = RESOLUTION) -> None:
         import torch
-        from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
-        from core.model_files import ModelEntry
+        from core.model_files import model_entry
+        from families import family
         from modules.lora_training.step_work import latent_geometry
 
         self.device = device
         half = device == "cuda"
-        self.unet = UNet2DConditionModel.from_pretrained(
-            model_dir, subfolder="unet", torch_dtype=torch.float16 if half else torch.float32
+        model_dir = Path(model_dir)
+        entry = model_entry(model_dir.parent, model_dir.name)
+        kind = family(entry.family)
+        model_class, config = kind.denoiser_blueprint(entry, models_dir=model_dir.parent)
+        self.model = model_class.from_pretrained(
+            model_dir, subfolder=kind.denoiser_attr, torch_dtype=torch.float16 if half else torch.float32
         ).to(device)
-        self.unet.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.model.requires_grad_(False)
+        self.model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(kind.attention_targets)))
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for param in params:
             param.data = param.data.float()
         if half:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
-        self.scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.scaler = torch.amp.GradScaler("cuda") if half else None
-        entry = ModelEntry(name=Path(model_dir).name, path=Path(model_dir), family="sdxl", single_file=False)
-        downscale, _ = latent_geometry(entry, Path(model_dir).parent)
-        side = resolution // downscale
+        downscale, text_length = latent_geometry(entry, model_dir.parent)
         generator = torch.Generator().manual_seed(0)
-        config = self.unet.config
-        self.latents = torch.randn(1, 4, side, side, generator=generator).to(device)
-        self.text = torch.randn(1, 77, config.cross_attention_dim, generator=generator).to(device)
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        self.pooled = torch.randn(1, pooled, generator=generator).to(device)
-        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
-        self.time_ids = self.time_ids.to(device)
+        self.inputs = kind.meta_inputs(
+            config,
+            batch=1,
+            latent_side=resolution // downscale,
+            text_length=text_length,
+            make=lambda *shape: torch.randn(*shape, generator=generator).to(device),
+        )
+        with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=half):
+            self.target = torch.randn_like(self.model(**self.inputs)[0].float())
 
     def step(self) -> None:
         import torch
         import torch.nn.functional as F
 
-        noise = torch.randn_like(self.latents)
-        timesteps = torch.randint(0, 1000, (1,), device=self.device)
-        noisy = self.scheduler.add_noise(self.latents, noise, timesteps)
         with torch.autocast(self.device, dtype=torch.float16, enabled=self.scaler is not None):
-            prediction = self.unet(
-                noisy,
-                timesteps,
-                encoder_hidden_states=self.text,
-                added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids},
-            ).sample
-            loss = F.mse_loss(prediction.float(), noise)
+            prediction = self.model(**self.inputs)[0]
+            loss = F.mse_loss(prediction.float(), self.target)
         if self.scaler is None:
             loss.backward()
             self.optimizer.step()
@@ -193,7 +195,7 @@ def _time_blocks(functions: dict, *, blocks: int, per_block: int) -> dict[str, f
 
 
 def bench_step_overhead(workspace: dict, root: Path) -> dict:
-    from core.demo_models import demo_model_paths
+    from model_formats.demo_models import demo_model_paths
 
     trainer = _trainer(workspace, root / "loras-step")
     counter = {"step": 0}
@@ -202,7 +204,7 @@ def bench_step_overhead(workspace: dict, root: Path) -> dict:
         trainer._step(counter["step"])
         counter["step"] += 1
 
-    reference = ReferenceStep(demo_model_paths(workspace["models"]).sdxl_folder, rank=RANK)
+    reference = ReferenceStep(demo_model_paths(workspace["models"]).folders[bench_family().name], rank=RANK)
     for _ in range(3):
         ours()
         reference.step()
@@ -229,23 +231,22 @@ def bench_step_estimate(workspace: dict, *, config, measured_s: float) -> dict:
 
 
 def caching_by_counted_flops(side: int = 1024) -> dict:
-    """For the full-size SDXL architecture: what the caches remove, by counted FLOPs (no weights needed).
+    """For the bench family's full-size architecture: what the caches remove, by counted FLOPs (no weights).
 
-    The step is the LoRA training forward + backward of the U-Net; without caches each step also
+    The step is the LoRA training forward + backward of the denoiser; without caches each step also
     runs the VAE encoder on the image (text encoders are negligible next to it).
     """
     import torch
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from core.model_configs import write_sdxl_base_config
     from core.model_files import ModelEntry
-    from modules.lora_training.families import family_class
     from modules.lora_training.step_work import count_step_work
 
-    folder = write_sdxl_base_config(Path(tempfile.mkdtemp()) / "sdxl-base")
-    entry = ModelEntry(name="sdxl-base", path=folder, family="sdxl", single_file=False)
-    targets = family_class("sdxl").attention_targets
+    kind = bench_family()
+    folder = kind.full_size_config_folder(Path(tempfile.mkdtemp()))
+    entry = ModelEntry(name=folder.name, path=folder, family=kind.name, single_file=False)
+    targets = kind.attention_targets
     results = {}
     for checkpointing in (False, True):
         work = count_step_work(
@@ -314,13 +315,13 @@ def bench_end_to_end(workspace: dict, root: Path) -> dict:
 def bench_generate(workspace: dict, root: Path) -> dict:
     import torch
 
-    from core.demo_models import demo_model_paths
     from core.model_manager import GenerationRequest, LoraChoice, ModelManager
+    from model_formats.demo_models import demo_model_paths
     from tests.lora_files import write_diffusers_lora
 
     loras = root / "loras-generate"
-    folder = demo_model_paths(workspace["models"]).sdxl_folder
-    write_diffusers_lora(folder, loras / "bench.safetensors", family="sdxl")
+    folder = demo_model_paths(workspace["models"]).folders[bench_family().name]
+    write_diffusers_lora(folder, loras / "bench.safetensors", family=bench_family().name)
     manager = ModelManager(models_dir=workspace["models"], loras_dir=loras, device="cpu")
     request = GenerationRequest(
         model=workspace["model"],
@@ -331,9 +332,9 @@ def bench_generate(workspace: dict, root: Path) -> dict:
         seed=1,
         loras=(LoraChoice("bench.safetensors", 0.8),),
     )
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    direct = StableDiffusionXLPipeline.from_pretrained(folder)
+    direct = DiffusionPipeline.from_pretrained(folder)
     direct.set_progress_bar_config(disable=True)
     direct.load_lora_weights(str(loras / "bench.safetensors"), adapter_name="bench")
     direct.set_adapters(["bench"], adapter_weights=[0.8])
@@ -378,15 +379,15 @@ def _memory_part(part: str, workspace_root: Path) -> None:
     workspace = {
         "models": workspace_root / "models",
         "projects": workspace_root / "projects",
-        "model": "demo-tiny-sdxl-RANDOM-WEIGHTS",
+        "model": bench_family().demo_name,
     }
     if part == "ours":
         trainer = _trainer(workspace, Path(tempfile.mkdtemp()))
         step = trainer._step
     else:
-        from core.demo_models import demo_model_paths
+        from model_formats.demo_models import demo_model_paths
 
-        reference = ReferenceStep(demo_model_paths(workspace["models"]).sdxl_folder, rank=RANK)
+        reference = ReferenceStep(demo_model_paths(workspace["models"]).folders[bench_family().name], rank=RANK)
 
         def step(_index):
             reference.step()
@@ -421,8 +422,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training image side (multiple of 64)")
-    parser.add_argument("--gpu", action="store_true", help="full-size SDXL at 1024² on a CUDA GPU")
-    parser.add_argument("--preset", default="sdxl-8gb", help="preset for --gpu")
+    parser.add_argument("--gpu", action="store_true", help="the full-size model at 1024² on a CUDA GPU")
+    parser.add_argument("--preset", help="preset for --gpu (default: the family's smallest)")
     parser.add_argument("--memory-part", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -459,11 +460,12 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     args.out.write_text(json.dumps(results, indent=2))
+    full_size_label = f"full-size {bench_family().display_name}, counted FLOPs: uncached / cached"
     rows = [
         ("training step: ours / bare PEFT step", results["step_overhead"], "s"),
         ("s/step: tab's estimate / measured", results["step_estimate"], ""),
         ("epoch: uncached / cached", results["caching"], ""),
-        ("full-size SDXL, counted FLOPs: uncached / cached", results["caching_full_size_by_flops"], ""),
+        (full_size_label, results["caching_full_size_by_flops"], ""),
         ("generate: ModelManager / direct diffusers", results["generate"], "s"),
         ("peak RSS: ours / reference (MiB)", results["memory"], ""),
     ]
@@ -483,13 +485,16 @@ def _gpu_main(root: Path, args) -> int:
 
     resolution = args.resolution if args.resolution != 64 else 1024
     try:
-        result = run_gpu_bench(root, resolution=resolution, preset=args.preset, reference=ReferenceStep)
+        result = run_gpu_bench(
+            root, family_name=bench_family().name, resolution=resolution, preset=args.preset, reference=ReferenceStep
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out = args.out.with_name("results-gpu.json") if args.out.name == "results.json" else args.out
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"{result['device_name']}: full-size SDXL (random weights), {result['resolution']}², preset {result['preset']}"
+        f"{result['device_name']}: full-size {bench_family().display_name} (random weights), "
+        f"{result['resolution']}², preset {result['preset']}"
     )
     print(
         f"peak VRAM: predicted {result['predicted_peak_gib']:.2f} GiB, measured {result['measured_peak_gib']:.2f} GiB"

@@ -19,8 +19,8 @@ class AppConfig:
     LORAS_DIR: Path
     LORA_PROJECTS_DIR: Path
     OUTPUTS_DIR: Path
-    DEFAULT_SDXL_MODEL_FOR_LORA: str
-    DEFAULT_FLUX_MODEL_FOR_LORA: str
+    # family → the base model preselected for it; config.json holds one DEFAULT_<FAMILY>_MODEL_FOR_LORA each.
+    DEFAULT_MODELS_FOR_LORA: dict[str, str]
     LANGUAGE: str = "en"
     DEVICE: str = "auto"
     BUILD_DEMO_MODELS: bool = True
@@ -43,23 +43,33 @@ _TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
 _INT_RANGES = {"MAX_GENERATE_STEPS": (1, 1000), "MAX_IMAGE_SIDE": (64, 8192), "MAX_IMAGE_FILE_MB": (1, 10240)}
 
 
+def _default_model_keys() -> dict[str, str]:
+    """config.json key → family, one ``DEFAULT_<FAMILY>_MODEL_FOR_LORA`` per registered family."""
+    from families import FAMILY_NAMES
+
+    return {f"DEFAULT_{name.upper()}_MODEL_FOR_LORA": name for name in FAMILY_NAMES}
+
+
 def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
-    known = set(_TYPES)
+    default_models = _default_model_keys()
+    known = (set(_TYPES) - {"DEFAULT_MODELS_FOR_LORA"}) | set(default_models)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"config: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(known))}")
     required = [f.name for f in dataclasses.fields(AppConfig) if f.default is dataclasses.MISSING]
+    required = [key for key in required if key != "DEFAULT_MODELS_FOR_LORA"] + list(default_models)
     missing = [key for key in required if key not in raw]
     if missing:
         raise UserError(f"config: missing key(s) {', '.join(missing)}")
-    values = {}
+    values = {"DEFAULT_MODELS_FOR_LORA": {}}
     for key, value in raw.items():
-        expected = _JSON_TYPES.get(_TYPES[key], str)
+        expected = _JSON_TYPES.get(_TYPES.get(key, "str"), str)
         if key in _PATH_KEYS:
             expected = str
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise UserError(f"config: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
         values[key] = (base_dir / value).resolve() if key in _PATH_KEYS else value
+    values["DEFAULT_MODELS_FOR_LORA"] = {family: values.pop(key) for key, family in default_models.items()}
     values.setdefault("DATASETS_DIR", (base_dir / "datasets").resolve())
     values["IMAGE_ROOTS"] = _image_roots(raw.get("IMAGE_ROOTS"), base_dir=base_dir, datasets=values["DATASETS_DIR"])
     config = AppConfig(**values)

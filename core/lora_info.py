@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
-from core.model_files import FAMILIES, FLUX, SDXL
 
 _DOWN_SUFFIXES = (
     ".lora_A.weight",
@@ -22,14 +21,12 @@ _DOWN_SUFFIXES = (
     ".hada_w1_a",
     ".lokr_w1",
 )
-_FLUX_MARKERS = ("transformer.", "double_blocks", "single_blocks", "lora_transformer_", "single_transformer_blocks")
-_SDXL_MARKERS = ("unet.", "lora_unet_", "lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks", "down_blocks")
 
 
 @dataclass(frozen=True)
 class LoraInfo:
     name: str  # relative to the loras folder, e.g. "my_cat.safetensors"
-    family: str | None  # "sdxl", "flux"; None when the file cannot be read as a LoRA
+    family: str | None  # a registered family name; None when the file cannot be read as a LoRA
     trigger_word: str = ""
     problem: str = ""  # why the file is not a usable LoRA; empty when it is
 
@@ -41,34 +38,19 @@ class LoraInfo:
         return {"name": self.name, "family": self.family, "trigger_word": self.trigger_word, "problem": self.problem}
 
 
-def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    if metadata.get("lora_studio.family") in FAMILIES:
-        return metadata["lora_studio.family"]
-    base = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
-    if "flux" in base or "lora_flux" in metadata.get("ss_network_module", ""):
-        return FLUX
-    if "sdxl" in base or "stable-diffusion-xl" in base:
-        return SDXL
-    return None
-
-
 def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
     """The family a LoRA is for, from header metadata, else from tensor names; None when it holds no LoRA."""
+    from families import lora_family as family_of_lora
+
     if not any(key.endswith(_DOWN_SUFFIXES) for key in keys):
         return None
-    family = _family_from_metadata(metadata)
-    if family:
-        return family
-    if any(marker in key for key in keys for marker in _FLUX_MARKERS):
-        return FLUX
-    if any(marker in key for key in keys for marker in _SDXL_MARKERS):
-        return SDXL
-    return None
+    return family_of_lora(keys, metadata)
 
 
 def read_lora_info(path: Path, name: str) -> LoraInfo:
     """Family and trigger word of the LoRA at ``path``; a file that is not one gets ``problem`` set."""
-    from core.safetensors_stream import SafetensorsReader
+    from families import display_names
+    from model_formats.safetensors_stream import SafetensorsReader
 
     try:
         with SafetensorsReader(path) as reader:
@@ -77,6 +59,6 @@ def read_lora_info(path: Path, name: str) -> LoraInfo:
         return LoraInfo(name, None, problem=str(exc))
     family = lora_family(keys, metadata)
     if family is None:
-        return LoraInfo(name, None, problem=f"corrupt or not a LoRA file: {name} (no SDXL or Flux LoRA weights)")
+        return LoraInfo(name, None, problem=f"corrupt or not a LoRA file: {name} (no {display_names()} LoRA weights)")
     trigger = metadata.get("lora_studio.trigger_word") or metadata.get("modelspec.trigger_phrase") or ""
     return LoraInfo(name, family, trigger_word=trigger.strip())

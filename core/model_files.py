@@ -1,16 +1,12 @@
-"""Find base models and LoRAs on disk and tell which model family a file belongs to."""
+"""Find base models and LoRAs on disk; the families tell which one a model belongs to."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
 
-SDXL = "sdxl"
-FLUX = "flux"
-FAMILIES = (SDXL, FLUX)
 # Folders inside models/ that hold helpers, not base models.
 _NOT_BASE_MODELS = {"captioners", "configs"}
 
@@ -23,70 +19,11 @@ class ModelEntry:
     single_file: bool
 
 
-def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and header metadata, without reading the tensors.
-
-    Only a regular file is opened: a named pipe would block ``open()`` (inside safetensors,
-    holding the GIL: every thread of the server would stop)."""
-    from safetensors import safe_open
-
-    require_regular_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys()), dict(handle.metadata() or {})
-    except Exception as exc:  # safetensors raises several types for a bad file
-        raise UserError(
-            f"{Path(path).name} is not a readable .safetensors file ({exc}): download it again, or remove it."
-        ) from exc
-
-
-def require_regular_file(path: Path) -> None:
-    import os
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise UserError(f"{Path(path).name} cannot be read ({exc.strerror}).") from exc
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{Path(path).name} is not a regular file: only model files are read; remove it.")
-
-
-def family_of_state_keys(keys: list[str]) -> str | None:
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return SDXL
-    if any(k.startswith("model.diffusion_model.double_blocks.") or k.startswith("double_blocks.") for k in keys):
-        return FLUX
-    if any(k.startswith("transformer_blocks.") and ".attn.add_q_proj." in k for k in keys):
-        return FLUX
-    return None
-
-
 def detect_family(path: Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        index = path / "model_index.json"
-        try:
-            require_regular_file(index)
-            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError, UserError) as exc:
-            raise UserError(
-                f"{path.name}: no readable model_index.json, so this is not a diffusers model folder; "
-                "copy the whole folder of the model, or pick another one."
-            ) from exc
-        if "Flux" in class_name:
-            return FLUX
-        if "StableDiffusionXL" in class_name:
-            return SDXL
-        raise UserError(f"{path.name}: pipeline {class_name!r} is not supported; use an SDXL or Flux model.")
-    keys, _ = read_safetensors_header(path)
-    family = family_of_state_keys(keys)
-    if family is None:
-        raise UserError(
-            f"{path.name}: not an SDXL or Flux checkpoint (unrecognised tensor names); pick a base model "
-            "(LoRA files belong in the loras folder)."
-        )
-    return family
+    """The registered family of a base model folder or single file (:func:`families.detect`)."""
+    from families import detect
+
+    return detect(path)
 
 
 def list_models(models_dir: Path) -> list[ModelEntry]:
@@ -140,10 +77,33 @@ def resolve_inside(folder: Path, name: str) -> Path:
 
 
 def native_image_size(entry: ModelEntry, *, demo_size: int = 64) -> int:
-    """The side length a model was trained at: 1024 for SDXL and Flux, small for the demo models."""
+    """The side length a model was trained at: 1024 for every family we load, small for the demo models."""
+    from model_formats.safetensors_header import read_safetensors_header
+
     if entry.single_file:
         _, metadata = read_safetensors_header(entry.path)
         is_demo = metadata.get("lora_studio.random_weights") == "true"
     else:
         is_demo = (entry.path / "lora_studio_demo.json").is_file()
     return demo_size if is_demo else 1024
+
+
+def model_entry(models_dir: Path, name_or_path: str) -> ModelEntry:
+    """A base model named inside ``models_dir`` (by name, relative path or an absolute path inside it)."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_absolute():
+        # Base models live in models/: a path from the API or the CLI may name one there, nothing else.
+        try:
+            name_or_path = str(candidate.relative_to(Path(models_dir).resolve()))
+        except ValueError:
+            raise UserError(
+                f"Base model {candidate} is outside the models folder {Path(models_dir).resolve()}: "
+                "copy it there (or pick a model from the list)."
+            ) from None
+    path = resolve_inside(models_dir, name_or_path)
+    if not path.exists():
+        raise UserError(
+            f"Base model {name_or_path!r} not found (looked at {path}): pick one from the list, or put the model "
+            "into the models folder and click Refresh."
+        )
+    return ModelEntry(name=path.name, path=path, family=detect_family(path), single_file=path.is_file())

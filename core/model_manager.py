@@ -24,15 +24,8 @@ from pathlib import Path
 from core.client_presence import always_present
 from core.errors import GenerationCancelled, GpuBusyError, UserError
 from core.lora_info import LoraInfo, read_lora_info
-from core.model_files import (
-    FLUX,
-    SDXL,
-    ModelEntry,
-    detect_family,
-    list_loras,
-    list_models,
-    resolve_inside,
-)
+from core.model_files import ModelEntry, detect_family, list_loras, list_models, resolve_inside
+from families import family as family_named
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +146,7 @@ def validate_request(request: GenerationRequest, family: str, *, limits: Generat
             )
     if not request.prompt.strip():
         raise UserError("The prompt is empty: describe the image you want.")
-    multiple = 16 if family == FLUX else 8
+    multiple = family_named(family).size_multiple
     for label, value in (("Width", request.width), ("Height", request.height)):
         whole = isinstance(value, int) and not isinstance(value, bool)
         if not whole or value % multiple or not 64 <= value <= limits.max_side:
@@ -173,7 +166,7 @@ def _require_finite_weights(path: Path, lora: str) -> None:
     """Refuse a LoRA holding NaN or infinite weights: applied, it turns every image black."""
     import torch
 
-    from core.safetensors_stream import SafetensorsReader
+    from model_formats.safetensors_stream import SafetensorsReader
 
     with SafetensorsReader(path) as reader:
         names = reader.keys()
@@ -273,15 +266,9 @@ class ModelManager:
         return ModelEntry(name=name, path=path, family=detect_family(path), single_file=path.is_file())
 
     def _build_pipeline(self, entry: ModelEntry):
-        import torch
+        from families import load_pipeline
 
-        from core.pipelines import load_pipeline
-
-        on_gpu = self.device == "cuda"
-        if entry.family == SDXL:
-            dtype = torch.float16 if on_gpu else torch.float32
-        else:
-            dtype = torch.bfloat16 if on_gpu else torch.float32
+        dtype = family_named(entry.family).inference_dtype(on_gpu=self.device == "cuda")
         return load_pipeline(entry, models_dir=self.models_dir, dtype=dtype).to(self.device)
 
     def load_model(self, name: str) -> ModelEntry:
@@ -405,8 +392,7 @@ class ModelManager:
                 height=request.height,
                 generator=generator,
             )
-            if entry.family == SDXL:
-                kwargs["negative_prompt"] = request.negative_prompt or None
+            kwargs.update(family_named(entry.family).generate_kwargs(negative_prompt=request.negative_prompt))
             log.info(
                 "generation started: %d steps at %dx%d on %s", request.steps, request.width, request.height, entry.name
             )
@@ -420,7 +406,7 @@ class ModelManager:
             "model": entry.name,
             "family": entry.family,
             "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt if entry.family == SDXL else "",
+            "negative_prompt": request.negative_prompt if family_named(entry.family).uses_negative_prompt else "",
             "steps": request.steps,
             "guidance": request.guidance,
             "width": request.width,

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """A models/ folder holding the demo SDXL (folder + single file) and Flux."""
-    from core.demo_models import ensure_demo_models
+    from model_formats.demo_models import ensure_demo_models
 
     folder = tmp_path_factory.mktemp("models")
     ensure_demo_models(folder)
@@ -28,13 +28,19 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_paths(models_dir):
-    from core.demo_models import demo_model_paths
+    """The demo models' paths by family: ``sdxl_folder``, ``sdxl_single_file``, ``flux_folder``, ..."""
+    from types import SimpleNamespace
 
-    return demo_model_paths(models_dir)
+    from model_formats.demo_models import demo_model_paths
+
+    paths = demo_model_paths(models_dir)
+    by_family = {f"{name}_folder": folder for name, folder in paths.folders.items()}
+    by_family |= {f"{name}_single_file": file for name, file in paths.single_files.items()}
+    return SimpleNamespace(**by_family, florence_folder=paths.florence_folder)
 
 
 def write_config(folder: Path, models_dir: Path, **overrides) -> Path:
-    from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+    from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 
     data = {
         "MODELS_DIR": str(models_dir),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from core.model_configs import FLUX_DEV_TRANSFORMER
+from families.flux_configs import FLUX_DEV_TRANSFORMER
 
 
 def _randomize_lora(model, *, seed: int, scale: float) -> None:
@@ -100,7 +100,7 @@ def full_size_sdxl_linears(targets, *, text_encoders: bool) -> dict[str, tuple[i
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from core.model_configs import SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET
+    from families.sdxl_configs import SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET
 
     with torch.device("meta"):
         found = _targeted_linears(UNet2DConditionModel.from_config(SDXL_UNET), targets, "unet")

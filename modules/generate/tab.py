@@ -95,7 +95,8 @@ class GenerateTab:
 
     def default_model(self) -> str | None:
         names = self.model_names()
-        preferred = self.config.DEFAULT_SDXL_MODEL_FOR_LORA
+        # The first family's default, as the tab has always preselected.
+        preferred = next(iter(self.config.DEFAULT_MODELS_FOR_LORA.values()), None)
         if preferred in names:
             return preferred
         return names[0] if names else None
@@ -240,7 +241,7 @@ class GenerateTab:
             return self.lora_names()
 
         def lora_details() -> list[dict]:
-            """Each LoRA once: name, family (sdxl/flux, None when unreadable), trigger word, problem."""
+            """Each LoRA once: name, family (a registered family name, None when unreadable), trigger word, problem."""
             return [info.as_dict() for info in self.model_manager.lora_details()]
 
         gr.api(list_models, api_name="list_models")

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
+from families import FAMILY_NAMES
 from modules.lora_training.dataset.captioners import CAPTIONERS, FLORENCE_TASKS
 from modules.lora_training.dataset.captions import EXISTING_CAPTION_MODES
-
-FAMILIES = ("sdxl", "flux")
 
 
 def choice(default, choices: tuple, help: str = ""):
@@ -113,7 +112,7 @@ class PrepareConfig:
     project: str
     images_dir: Path
     trigger: str
-    family: str = choice("sdxl", FAMILIES, "base model family the set is prepared for")
+    family: str = choice(FAMILY_NAMES[0], FAMILY_NAMES, "base model family the set is prepared for")
     resolution: int = bounded(1024, minimum=64, maximum=4096, help="bucket area is about resolution²")
     min_side: int | None = bounded(
         None, minimum=8, maximum=4096, help="shortest side an image needs (default: resolution/2)"
@@ -164,7 +163,7 @@ class TrainConfig:
     project: str
     base_model: str = field(metadata={"help": "a model in models/ or a path"})
     name: str | None = field(default=None, metadata={"help": "output LoRA name (default: the project name)"})
-    family: str = choice("auto", ("auto", *FAMILIES), "model family (auto: detected from the base model)")
+    family: str = choice("auto", ("auto", *FAMILY_NAMES), "model family (auto: detected from the base model)")
     # schedule
     epochs: int = bounded(10, minimum=1, maximum=100_000, help="passes over the set (ignored when steps is set)")
     steps: int | None = bounded(None, minimum=1, maximum=MAX_STEPS, help="optimizer steps (overrides epochs)")
@@ -175,7 +174,9 @@ class TrainConfig:
     rank: int = bounded(16, minimum=1, maximum=1024)
     alpha: float = bounded(16.0, minimum=0.0, maximum=4096.0)
     lora_targets: str = choice(
-        "auto", LORA_TARGETS, "which layers get LoRA (auto: attention for SDXL, attention + feed-forward for Flux)"
+        "auto",
+        LORA_TARGETS,
+        "which layers get LoRA (auto: the family's usual ones, attention and for some feed-forward)",
     )
     train_text_encoder: bool = False
     # optimisation
@@ -196,16 +197,19 @@ class TrainConfig:
     lr_power: float = bounded(1.0, minimum=0.0, maximum=10.0, help="power for polynomial")
     max_grad_norm: float = bounded(1.0, minimum=0.0, maximum=1e4, help="gradient clipping (0 = off)")
     mixed_precision: str = choice(
-        "auto", PRECISIONS, "auto: fp32 on the CPU; on a CUDA GPU fp16 for SDXL, bf16 for Flux"
+        "auto", PRECISIONS, "auto: fp32 on the CPU; on a CUDA GPU the family's usual half precision (fp16 or bf16)"
     )
     gradient_checkpointing: bool = False
     base_quantization: str = choice(
         "none", QUANTIZATIONS, "frozen base transformer/U-Net blocks in 8-bit or NF4 (bitsandbytes) to save VRAM"
     )
     # noise
-    prediction_type: str = choice("auto", ("auto", "epsilon", "v_prediction"), "SDXL target (auto: the model's)")
+    prediction_type: str = choice(
+        "auto", ("auto", "epsilon", "v_prediction"), "noise-prediction target (auto: the model's)"
+    )
     zero_terminal_snr: bool = field(
-        default=False, metadata={"help": "SDXL: rescale the noise schedule to zero terminal SNR (for v-prediction)"}
+        default=False,
+        metadata={"help": "noise prediction: rescale the schedule to zero terminal SNR (for v-prediction)"},
     )
     min_snr_gamma: float = bounded(
         0.0, minimum=0.0, maximum=100.0, help="min-SNR-γ loss weighting (0 = off, 5 is typical)"
@@ -213,8 +217,10 @@ class TrainConfig:
     noise_offset: float = bounded(0.0, minimum=0.0, maximum=1.0)
     multires_noise_iterations: int = bounded(0, minimum=0, maximum=10, help="0 = off")
     multires_noise_discount: float = bounded(0.3, minimum=0.0, maximum=1.0)
-    timestep_sampling: str = choice("sigmoid", TIMESTEP_SAMPLING, "Flux timestep sampling")
-    guidance_scale: float = bounded(1.0, minimum=0.0, maximum=100.0, help="Flux guidance embedding value")
+    timestep_sampling: str = choice("sigmoid", TIMESTEP_SAMPLING, "flow-matching timestep sampling")
+    guidance_scale: float = bounded(
+        1.0, minimum=0.0, maximum=100.0, help="guidance embedding value (models that have one)"
+    )
     # data
     caption_dropout: float = bounded(0.0, minimum=0.0, maximum=1.0)
     flip: bool = False

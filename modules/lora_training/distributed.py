@@ -104,7 +104,7 @@ class GradientSync:
         frozen = [name for name, param in holder.named_parameters() if not param.requires_grad]
         frozen += [name for name, _ in holder.named_buffers()]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, frozen)
-        # Some LoRA layers may get no gradient (the text encoder's last layer, whose output SDXL does not
+        # Some LoRA layers may get no gradient (the text encoder's last layer, whose output the denoiser does not
         # read): DDP must look for them at each step. This also keeps gradient checkpointing (diffusers'
         # non-reentrant kind) and no_sync working, which static_graph=True does not with no_sync.
         self.ddp = torch.nn.parallel.DistributedDataParallel(

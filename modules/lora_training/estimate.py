@@ -15,8 +15,6 @@ from pathlib import Path
 from core.model_files import ModelEntry
 
 GIB = 2**30
-# Activation memory per image at 1024², batch 1, half precision (with / without gradient checkpointing).
-ACTIVATIONS_GIB = {"sdxl": (1.6, 8.0), "flux": (3.0, 16.0)}
 CUDA_OVERHEAD_GIB = 0.8
 OPTIMIZER_BYTES_PER_PARAM = {
     "adamw": 8,
@@ -26,7 +24,6 @@ OPTIMIZER_BYTES_PER_PARAM = {
     "lion8bit": 1,
     "prodigy": 16,
 }
-_DENOISER_PREFIX = {"sdxl": ("unet", "model.diffusion_model."), "flux": ("transformer", "")}
 
 
 @dataclass(frozen=True)
@@ -53,40 +50,13 @@ class MemoryEstimate:
         return line
 
 
-def _denoiser_shapes(entry: ModelEntry) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    if entry.family == "flux" and entry.single_file:
-        return _flux_single_file_shapes(entry.path)
-    subfolder, prefix = _DENOISER_PREFIX[entry.family]
-    files = [entry.path] if entry.single_file else sorted((entry.path / subfolder).glob("*.safetensors"))
-    shapes = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if entry.single_file and not key.startswith(prefix):
-                    continue
-                shapes[key[len(prefix) :] if entry.single_file else key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
-
-
-def _flux_single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Diffusers-named shapes of a BFL-layout transformer file (fused q/k/v split), nothing read but the header."""
-    import torch
-
-    from core.flux_single_file import checkpoint_shapes, original_to_diffusers
-
-    empty = {key: torch.empty(shape, device="meta") for key, shape in checkpoint_shapes(path).items()}
-    return {key: tuple(tensor.shape) for key, tensor in original_to_diffusers(empty).items()}
-
-
-def weight_bytes_of(shapes: dict[str, tuple[int, ...]], *, weight_bytes: int, quantization: str) -> int:
-    """Bytes of the frozen weights, the quantized block layers counted at their packed size."""
+def weight_bytes_of(shapes: dict[str, tuple[int, ...]], *, weight_bytes: int, quantization: str, blocks: str) -> int:
+    """Bytes of the frozen weights, the quantized block layers (inside ``blocks``) counted at their packed size."""
     from modules.lora_training.quantize import is_quantized_weight, quantized_bytes
 
     total = 0
     for key, shape in shapes.items():
-        if quantization != "none" and len(shape) == 2 and is_quantized_weight(key):
+        if quantization != "none" and len(shape) == 2 and is_quantized_weight(key, blocks=blocks):
             total += quantized_bytes(shape, quantization)
         else:
             total += _numel(shape) * weight_bytes
@@ -126,12 +96,17 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak memory of training; ``sample_bytes`` is what rendering a sample needs beside the weights,
     LoRA and optimizer state (the VAE and its decode), counted where it exceeds the training activations."""
-    shapes = _denoiser_shapes(entry)
-    weights = weight_bytes_of(shapes, weight_bytes=weight_bytes, quantization=quantization)
+    from families import family as model_family
+
+    kind = model_family(entry.family)
+    shapes = kind.denoiser_shapes(entry)
+    weights = weight_bytes_of(
+        shapes, weight_bytes=weight_bytes, quantization=quantization, blocks=kind.quantized_blocks
+    )
     lora = lora_parameter_count(shapes, targets, rank)
     counted = activation_bytes is not None
     if activation_bytes is None:
-        with_gc, without_gc = ACTIVATIONS_GIB[entry.family]
+        with_gc, without_gc = kind.activation_gib
         per_image = (with_gc if gradient_checkpointing else without_gc) * GIB * (resolution / 1024) ** 2
         activation_bytes = int(per_image * batch_size)
     parts = {
@@ -179,13 +154,13 @@ class _ConfigPlan:
 
 
 def _plan(config, *, models_dir: Path) -> _ConfigPlan:
+    from core.model_files import model_entry
     from core.model_manager import pick_device
-    from core.pipelines import model_entry
-    from modules.lora_training.families import family_class
+    from families import family as model_family
     from modules.lora_training.train import choose_precision
 
     entry = model_entry(models_dir, config.base_model)
-    family = family_class(entry.family)
+    family = model_family(entry.family)
     targets = family.target_modules(config.lora_targets)
     device, device_bytes = detected_device()
     device = pick_device(config.device) if config.device != "auto" else device
@@ -202,7 +177,7 @@ def _plan(config, *, models_dir: Path) -> _ConfigPlan:
 
 def count_work_for_config(config, *, models_dir: Path, resolution: int):
     """The training work of one micro-batch of ``config``, counted on the meta device (a few seconds
-    for full-size SDXL); shared by the memory and the time estimate."""
+    for a full-size U-Net); shared by the memory and the time estimate."""
     from modules.lora_training.step_work import count_step_work
 
     plan = _plan(config, models_dir=models_dir)

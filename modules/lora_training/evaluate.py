@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from core.pipelines import model_entry
+from core.model_files import model_entry
+from families import family as model_family
 from modules.lora_training.config import TrainConfig
 from modules.lora_training.data import load_items
-from modules.lora_training.families import family_class
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.train import _load_pixels
 
@@ -29,7 +29,7 @@ def denoising_loss(
 ) -> float:
     """Mean loss of the base model (plus ``lora_path`` when given) over every image × fraction."""
     entry = model_entry(models_dir, config.base_model)
-    family = family_class(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
+    family = model_family(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
     family.configure(config)
     family.place_denoiser()
     if lora_path is not None:

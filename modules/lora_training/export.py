@@ -2,20 +2,15 @@
 
 Every LoRA is reduced to the same picture: per diffusers module, ``down`` (A), ``up`` (B)
 and the scale ``alpha / rank`` (:mod:`modules.lora_training.lora_layouts` names them).
-Export writes that picture in another layout; verification reads the written file back
-(SDXL kohya names through diffusers' own converter) and compares, layer by layer and rows
-in blocks, each module's weight change ``up @ down * alpha / rank`` with the source's.
+Export writes that picture in another layout (the family plans the kohya/webui copy's
+modules and names); verification reads the written file back and compares, layer by layer and
+rows in blocks, each module's weight change ``up @ down * alpha / rank`` with the source's.
 
 Memory stays bounded whatever the LoRA's size: tensors are read one at a time
-(:mod:`core.safetensors_stream`), the output is written one tensor at a time, and no more
-than one block of a weight change is held at once.
-
-Flux copies use the Black Forest Labs names kohya sd-scripts trains and reads
-(``lora_unet_double_blocks_N_img_attn_qkv``, ``..._single_blocks_N_linear1``): q, k and v
-(and a single block's MLP input) become one module whose down matrices are stacked and
-whose up matrices sit block-diagonally, alpha multiplied like the rank, so that
-ComfyUI, sd-scripts and diffusers (which all scale by alpha over the fused down's rows)
-apply exactly the diffusers LoRA's change.
+(:mod:`model_formats.safetensors_stream`), the output is written one tensor at a time, and no
+more than one block of a weight change is held at once. A family whose kohya layout fuses
+several diffusers modules into one stacks their downs and places their ups block-diagonally
+(:class:`OutModule` with several parts), so readers apply exactly the diffusers LoRA's change.
 """
 
 from __future__ import annotations
@@ -30,21 +25,13 @@ import torch
 
 from core.atomic import atomic_path
 from core.errors import UserError
-from core.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors_to
-from modules.lora_training.lora_layouts import (
-    FileModule,
-    adapter_alpha,
-    block_counts,
-    discover_modules,
-    flux_kohya_text_name,
-    flux_name_tables,
-    sdxl_kohya_name,
-)
+from families import family
+from model_formats.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors_to
+from modules.lora_training.lora_layouts import FileModule, adapter_alpha, discover_modules
 
 FORMATS = ("kohya", "diffusers")
 VERIFY_TOLERANCE = 1e-3  # relative to the largest response of a change; fp16 storage rounds at ~1e-3
 VERIFY_PROBES = 16  # random vectors each weight change is applied to when verifying an export
-FLUX_MLP_RATIO = 4  # the MLP width of a Flux block, in model widths (the only Flux variant we load)
 OUT_DTYPE = torch.float16
 
 
@@ -66,7 +53,7 @@ class LoraLayer:
 @dataclass
 class LoraFile:
     path: Path
-    family: str  # sdxl | flux
+    family: str  # a registered family name (:data:`families.FAMILY_NAMES`)
     format: str  # diffusers | kohya | comfyui
     modules: list[FileModule]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -98,11 +85,11 @@ def read_lora(path: Path) -> LoraFile:
         shapes = {name: info.shape for name, info in reader.tensors.items()}
         if not shapes:
             raise UserError(f"{path.name} holds no tensors.")
-        family, layout, modules = discover_modules(shapes, reader.metadata)
+        family_name, layout, modules = discover_modules(shapes, reader.metadata)
         if not modules:
             raise UserError(f"corrupt or not a LoRA file: {path.name} (no LoRA down/up weight pairs)")
         modules = [replace(module, alpha=_read_alpha(reader, module, reader.metadata)) for module in modules]
-        return LoraFile(path, family, layout, modules, dict(reader.metadata))
+        return LoraFile(path, family_name, layout, modules, dict(reader.metadata))
 
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
@@ -196,7 +183,7 @@ class OutModule:
     swapped: bool = False  # BFL's final modulation: row halves exchanged
 
 
-def _single(name: str, part: str, source: PartSource, *, swapped: bool = False) -> OutModule:
+def single_module(name: str, part: str, source: PartSource, *, swapped: bool = False) -> OutModule:
     module = source.where[part]
     if len(module.parts) == 1:
         down_shape, up_shape = module.down_shape, module.up_shape
@@ -206,61 +193,8 @@ def _single(name: str, part: str, source: PartSource, *, swapped: bool = False) 
     return OutModule(name, (part,), (up_shape[0],), (down_shape[0],), down_shape, up_shape, swapped)
 
 
-def _present_parts(source: PartSource) -> list[str]:
+def present_parts(source: PartSource) -> list[str]:
     return [part for part in source.lora.parts() if source.shape(part) is not None]
-
-
-def _fused(name: str, members: tuple[str, ...], source: PartSource) -> OutModule:
-    shapes = [source.shape(part) for part in members]
-    rank, _, width = next(shape for shape in shapes if shape is not None)
-    rows, ranks = [], []
-    for index, (part, shape) in enumerate(zip(members, shapes, strict=True)):
-        if shape is not None:
-            rows.append(shape[1])
-            ranks.append(shape[0])
-            continue
-        ranks.append(rank)
-        if index < 3:
-            rows.append(width)  # q, k, v are as wide as the model
-        else:
-            linear2 = source.shape(part.replace(".proj_mlp", ".proj_out"))
-            rows.append(linear2[2] - width if linear2 else FLUX_MLP_RATIO * width)
-    parts = tuple(part if shape is not None else None for part, shape in zip(members, shapes, strict=True))
-    return OutModule(name, parts, tuple(rows), tuple(ranks), (sum(ranks), width), (sum(rows), sum(ranks)))
-
-
-def flux_kohya_plan(source: PartSource) -> list[OutModule]:
-    """Black Forest Labs module names (kohya sd-scripts' Flux LoRA layout), q/k/v(/MLP) fused."""
-    parts = _present_parts(source)
-    by_name, by_part = flux_name_tables(*block_counts(parts))
-    plan, done = [], set()
-    for part in parts:
-        if part.startswith("text_encoder."):
-            plan.append(_single(flux_kohya_text_name(part), part, source))
-            continue
-        if part not in by_part:
-            raise UserError(f"Flux layer {part!r} has no Black Forest Labs (kohya) name; use the diffusers format.")
-        name = "lora_unet_" + by_part[part][0].replace(".", "_")
-        if name in done:
-            continue
-        done.add(name)
-        members, kind = by_name[name]
-        if kind == "fused":
-            plan.append(_fused(name, members, source))
-        else:
-            plan.append(_single(name, part, source, swapped=kind == "swapped"))
-    return plan
-
-
-def sdxl_kohya_plan(source: PartSource) -> list[OutModule]:
-    plan = []
-    for part in _present_parts(source):
-        try:
-            name = sdxl_kohya_name(part)
-        except (KeyError, IndexError) as exc:
-            raise UserError(f"SDXL layer {part!r} has no kohya name; use the diffusers format.") from exc
-        plan.append(_single(name, part, source))
-    return plan
 
 
 # ----- building and writing ------------------------------------------------------------
@@ -321,8 +255,8 @@ def diffusers_specs(source: PartSource) -> list[TensorSpec]:
     """Diffusers/PEFT keys; each layer's scale is folded into ``up`` so no alpha can be lost."""
     builder = _Builder(source)
     specs = []
-    for part in _present_parts(source):
-        out = _single(part, part, source)
+    for part in present_parts(source):
+        out = single_module(part, part, source)
         specs += [
             TensorSpec(
                 f"{part}.lora_A.weight", OUT_DTYPE, out.down_shape, lambda o=out: builder.layer(o).down.to(OUT_DTYPE)
@@ -346,15 +280,8 @@ def _network_dim_alpha(lora: LoraFile, source: PartSource) -> tuple[int, float]:
     meta = lora.metadata
     if meta.get("lora_studio.rank") and meta.get("lora_studio.alpha"):
         return int(meta["lora_studio.rank"]), float(meta["lora_studio.alpha"])
-    first = source.get(_present_parts(source)[0])
+    first = source.get(present_parts(source)[0])
     return first.rank, first.alpha if first.alpha is not None else float(first.rank)
-
-
-def _spec_prediction_type(meta: dict, *, sdxl: bool) -> str:
-    """modelspec's name for what the base model predicts: "epsilon", "v" or "flow"."""
-    if not sdxl:
-        return "flow"
-    return "v" if meta.get("lora_studio.prediction_type") == "v_prediction" else "epsilon"
 
 
 def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]:
@@ -362,10 +289,9 @@ def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]
     resolution = meta.get("lora_studio.resolution") or "1024"
     title = meta.get("modelspec.title") or lora.path.stem
     trigger = meta.get("lora_studio.trigger_word", meta.get("modelspec.trigger_phrase", ""))
-    sdxl = lora.family == "sdxl"
+    kind = family(lora.family)
     out = {
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "flux1",
-        "ss_network_module": "networks.lora" if sdxl else "networks.lora_flux",
+        **kind.kohya_identity(),
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
         "ss_resolution": f"({resolution}, {resolution})",
@@ -374,19 +300,14 @@ def kohya_metadata(lora: LoraFile, *, rank: int, alpha: float) -> dict[str, str]
         "ss_steps": meta.get("lora_studio.steps", ""),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "flux-1-dev/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if sdxl
-        else "https://github.com/black-forest-labs/flux",
+        **kind.modelspec_identity(),
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": trigger,
         "modelspec.date": meta.get("modelspec.date") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": _spec_prediction_type(meta, sdxl=sdxl),
+        "modelspec.prediction_type": kind.modelspec_prediction_type(meta),
+        **kind.kohya_extra_metadata(meta),
     }
-    if sdxl:  # as sd-scripts writes them (str of a bool)
-        out["ss_v_parameterization"] = str(meta.get("lora_studio.prediction_type") == "v_prediction")
-        out["ss_zero_terminal_snr"] = str(meta.get("lora_studio.zero_terminal_snr") == "true")
     out.update({k: v for k, v in meta.items() if k.startswith("lora_studio.")})
     return out
 
@@ -441,7 +362,7 @@ def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None
 
     Both changes are applied to the same random probe vectors (Freivalds' check): two different
     matrices give different responses with probability 1, and the cost is rank x (in + out) per
-    probe instead of in x out x rank, so a full-size Flux LoRA verifies in seconds."""
+    probe instead of in x out x rank, so a LoRA of a 12B-parameter model verifies in seconds."""
     down = layer.down.flatten(1).float()
     generator = torch.Generator().manual_seed(down.shape[1])
     probes = torch.randn(down.shape[1], VERIFY_PROBES, generator=generator)
@@ -471,7 +392,7 @@ def compare(source: LoraFile, exported: LoraFile) -> Verification:
                 if ref is not None:
                     seen.add(part)
                 offset += rows
-        missing = [part for part in _present_parts(parts) if part not in seen]
+        missing = [part for part in present_parts(parts) if part not in seen]
     if missing:
         raise UserError(f"Export check failed: layers missing after reloading ({missing[:3]}).")
     return Verification(max_difference=tally.worst, largest_change=tally.largest, layers=len(seen))
@@ -496,7 +417,7 @@ def _write_export(source: LoraFile, tmp: Path, fmt: str) -> None:
         if fmt == "diffusers":
             specs, metadata = diffusers_specs(parts), _diffusers_metadata(source)
         else:
-            plan = sdxl_kohya_plan(parts) if source.family == "sdxl" else flux_kohya_plan(parts)
+            plan = family(source.family).kohya_plan(parts)
             rank, alpha = _network_dim_alpha(source, parts)
             specs, metadata = kohya_specs(plan, parts), kohya_metadata(source, rank=rank, alpha=alpha)
         write_safetensors_to(tmp, specs, metadata=metadata)

@@ -35,7 +35,7 @@ class Option:
     unset: object = None  # a widget value meaning "the config's default" (0 steps: use epochs)
     auto: bool = False  # the widget's AUTO (or empty) sends None: the config's "automatic" (every 10% of the run)
     choice_labels: tuple[tuple[object, str], ...] = ()  # (value, locale key) for choices shown as words
-    shown_when: tuple[str, tuple] | None = None  # (field or "family", the values that show it)
+    shown_when: tuple[str, object] | None = None  # (field or "family", the values that show it: a container)
     in_preset: bool = True  # saved into presets (per-project inputs are not)
     step: float | None = None
     elem_id: str | None = None
@@ -109,7 +109,22 @@ def sample_prompt_list(text: str, class_word: str) -> tuple[str, ...]:
     return tuple(p.replace("{class}", class_word or "") for p in prompts)
 
 
-_SDXL, _FLUX = ("family", ("sdxl",)), ("family", ("flux",))
+@dataclass(frozen=True)
+class FamiliesUsing:
+    """The model families whose training reads ``option``: the ``shown_when`` values of a family-specific option."""
+
+    option: str
+
+    def __contains__(self, name) -> bool:
+        from families import family
+
+        return name is not None and self.option not in family(name).unused_options
+
+
+def _for_families_using(option: str) -> tuple[str, FamiliesUsing]:
+    return ("family", FamiliesUsing(option))
+
+
 _PREPARE = (PrepareConfig,)
 
 
@@ -221,11 +236,11 @@ FORM: tuple[Section, ...] = (
                 Option("noise_offset", "number"),
             ),
             (
-                Option("min_snr_gamma", "number", default=5.0, shown_when=_SDXL),
-                Option("prediction_type", "dropdown", shown_when=_SDXL),
-                Option("zero_terminal_snr", "checkbox", shown_when=_SDXL),
-                Option("timestep_sampling", "dropdown", shown_when=_FLUX),
-                Option("guidance_scale", "number", shown_when=_FLUX),
+                Option("min_snr_gamma", "number", default=5.0, shown_when=_for_families_using("min_snr_gamma")),
+                Option("prediction_type", "dropdown", shown_when=_for_families_using("prediction_type")),
+                Option("zero_terminal_snr", "checkbox", shown_when=_for_families_using("zero_terminal_snr")),
+                Option("timestep_sampling", "dropdown", shown_when=_for_families_using("timestep_sampling")),
+                Option("guidance_scale", "number", shown_when=_for_families_using("guidance_scale")),
             ),
             (Option("lora_targets", "dropdown"), Option("base_quantization", "dropdown")),
         ),
@@ -242,8 +257,8 @@ def default_widget_values() -> dict:
 
 
 def config_values(cls: type, values: dict, *, family: str | None = None) -> dict:
-    """Widget values → the ``cls`` fields they set. Options hidden for these values (an SDXL-only
-    option with a Flux model), empty numbers and ``unset`` values are left to the config's defaults."""
+    """Widget values → the ``cls`` fields they set. Options hidden for these values (an option the
+    selected model's family does not use), empty numbers and ``unset`` values are left to the config's defaults."""
     context = {**values, "family": family}
     out = {}
     for name, value in values.items():

@@ -208,7 +208,7 @@ class TrainingJobs:
 
     def _check_before_starting(self, prepare_config: PrepareConfig | None, train_config: TrainConfig | None) -> None:
         """The checks that need no model and no image, so a bad request is refused at once, not by a failed job."""
-        from core.pipelines import model_entry
+        from core.model_files import model_entry
         from modules.lora_training.dataset.scan import image_folder
         from modules.lora_training.names import validate_name, validate_trigger
 

@@ -1,8 +1,8 @@
-"""The frozen base model in 8-bit or 4-bit (bitsandbytes), to fit Flux on smaller cards.
+"""The frozen base model in 8-bit or 4-bit (bitsandbytes), to fit large models on smaller cards.
 
-Only the linear layers inside the transformer blocks are quantized (nearly all of Flux's
-12B weights, and SDXL's attention); embeddings, norms and output layers keep their
-precision. LoRA wraps the quantized layers and stays in fp32. The weights are quantized
+Only the linear layers inside the blocks a family names (``family.quantized_blocks``) are
+quantized (nearly all of a large transformer's weights, a U-Net's attention); embeddings,
+norms and output layers keep their precision. LoRA wraps the quantized layers and stays in fp32. The weights are quantized
 when the model moves to its device, one layer at a time.
 """
 
@@ -12,7 +12,6 @@ import torch
 
 from modules.lora_training.config import QUANTIZATIONS
 
-_BLOCKS = "transformer_blocks"
 _NF4_BLOCK = 64  # weights per absmax; the absmax values are themselves 8-bit in blocks of 256
 
 
@@ -26,9 +25,9 @@ def quantized_bytes(shape: tuple[int, int], mode: str) -> int:
     return count // 2 + absmax + 4 * -(-absmax // 256)
 
 
-def is_quantized_weight(name: str) -> bool:
-    """Whether the 2-D weight ``name`` (diffusers naming) lives in a quantized layer."""
-    return _BLOCKS in name and name.endswith(".weight")
+def is_quantized_weight(name: str, *, blocks: str) -> bool:
+    """Whether the 2-D weight ``name`` (diffusers naming) lives in a quantized layer, inside ``blocks``."""
+    return blocks in name and name.endswith(".weight")
 
 
 def _quantized_linear(layer: torch.nn.Linear, *, mode: str, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -53,7 +52,9 @@ def _quantized_linear(layer: torch.nn.Linear, *, mode: str, compute_dtype: torch
     return quantized
 
 
-def quantize_block_linears(model: torch.nn.Module, *, mode: str, compute_dtype: torch.dtype) -> tuple[int, float]:
+def quantize_block_linears(
+    model: torch.nn.Module, *, mode: str, compute_dtype: torch.dtype, blocks: str
+) -> tuple[int, float]:
     """Swap the block linear layers of ``model`` for bitsandbytes layers.
 
     Returns how many layers and which share of the model's weights; the weights are
@@ -67,7 +68,7 @@ def quantize_block_linears(model: torch.nn.Module, *, mode: str, compute_dtype: 
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and is_quantized_weight(f"{name}.weight")
+        if type(module) is torch.nn.Linear and is_quantized_weight(f"{name}.weight", blocks=blocks)
     ]
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")

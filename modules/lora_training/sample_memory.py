@@ -64,7 +64,7 @@ def vae_decode_bytes(components: Path, *, width: int, height: int) -> tuple[int,
     (the tiles, and the blended result)."""
     from diffusers import AutoencoderKL
 
-    from modules.lora_training.families.base import SAMPLE_TILE
+    from families.training import SAMPLE_TILE
 
     whole_image = 2 * 3 * width * height * 4
     width, height = min(width, SAMPLE_TILE), min(height, SAMPLE_TILE)
@@ -79,5 +79,5 @@ def vae_decode_bytes(components: Path, *, width: int, height: int) -> tuple[int,
     with torch.no_grad(), _FusedAttentionOutput(), counter:
         vae.decode(latents)
     # Devices add a working copy of a convolution's input (layout reorders, workspaces): about one
-    # more of the largest tensor, as measured on the CPU against the full-size SDXL VAE.
+    # more of the largest tensor, as measured on the CPU against a full-size 1024² VAE.
     return weights, counter.peak + counter.largest + whole_image

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
-from core.model_files import FLUX, ModelEntry
+from core.model_files import ModelEntry
+from families import family as model_family
 from modules.lora_training.step_work import (
     StepWork,
     attention_forward_backward,
@@ -167,27 +168,7 @@ def narrow_config(family: str, config: dict) -> dict:
     Running it costs almost no arithmetic, so its time is what the host spends driving the
     real model's operations (Python, autograd, dispatch, kernel launches).
     """
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    if family == FLUX:
-        config.update(
-            num_attention_heads=1,
-            attention_head_dim=16,
-            axes_dims_rope=[4, 4, 8],
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-        )
-        return config
-    blocks = len(config["block_out_channels"])
-    config.update(
-        block_out_channels=[32] * blocks,
-        norm_num_groups=32,
-        attention_head_dim=1,
-        num_attention_heads=None,
-        cross_attention_dim=16,
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8,
-    )
-    return config
+    return model_family(family).narrow_config(config)
 
 
 def measure_host_seconds(

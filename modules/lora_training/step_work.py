@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from core.model_files import FLUX, ModelEntry
+from core.model_files import ModelEntry
+from families import family as model_family
 
 _FREE = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_strided.default", "aten.detach.default"}
 
@@ -209,72 +210,26 @@ def _read_json(path: Path) -> dict:
 
 def denoiser_blueprint(entry: ModelEntry, *, models_dir: Path) -> tuple[type, dict]:
     """The denoiser's class and its real configuration, read without loading weights."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-
-    if entry.family == FLUX:
-        if entry.single_file:
-            from core.flux_single_file import checkpoint_shapes, rope_axes_of, transformer_config_from_shapes
-            from core.pipelines import flux_components_folder
-
-            config = transformer_config_from_shapes(checkpoint_shapes(entry.path))
-            axes = rope_axes_of(flux_components_folder(entry.path, models_dir))
-            config["axes_dims_rope"] = list(axes) if axes else [16, 56, 56]
-            return FluxTransformer2DModel, config
-        return FluxTransformer2DModel, dict(FluxTransformer2DModel.load_config(entry.path / "transformer"))
-    if entry.single_file:
-        from core.pipelines import single_file_config_folder
-
-        folder = single_file_config_folder(entry.path, models_dir)
-    else:
-        folder = entry.path
-    return UNet2DConditionModel, dict(UNet2DConditionModel.load_config(folder / "unet"))
+    return model_family(entry.family).denoiser_blueprint(entry, models_dir=models_dir)
 
 
 def components_folder(entry: ModelEntry, models_dir: Path) -> Path:
     """The diffusers folder holding the VAE and tokenizer configs that go with ``entry``."""
-    if not entry.single_file:
-        return entry.path
-    if entry.family == FLUX:
-        from core.pipelines import flux_components_folder
-
-        return flux_components_folder(entry.path, models_dir)
-    from core.pipelines import single_file_config_folder
-
-    return single_file_config_folder(entry.path, models_dir)
+    return model_family(entry.family).components_folder(entry, models_dir)
 
 
 def latent_geometry(entry: ModelEntry, models_dir: Path) -> tuple[int, int]:
     """(VAE downscale factor, text tokens the denoiser attends to)."""
     folder = components_folder(entry, models_dir)
     vae_blocks = len(_read_json(folder / "vae" / "config.json").get("block_out_channels", [0, 0, 0, 0]))
-    if entry.family != FLUX:
-        return 2 ** (vae_blocks - 1), 77
-    limit = _read_json(folder / "tokenizer_2" / "tokenizer_config.json").get("model_max_length", 512)
-    return 2 ** (vae_blocks - 1), min(512, int(limit))
+    return 2 ** (vae_blocks - 1), model_family(entry.family).text_tokens(folder)
 
 
 def denoiser_inputs(family: str, config, *, batch: int, latent_side: int, text_length: int, make) -> dict:
     """Inputs shaped as the training step feeds the denoiser; ``make(*shape)`` creates each tensor."""
-    if family == FLUX:
-        tokens = (latent_side // 2) ** 2
-        return {
-            "hidden_states": make(batch, tokens, config["in_channels"]),
-            "timestep": make(batch),
-            "pooled_projections": make(batch, config["pooled_projection_dim"]),
-            "encoder_hidden_states": make(batch, text_length, config["joint_attention_dim"]),
-            "txt_ids": make(text_length, 3),
-            "img_ids": make(tokens, 3),
-            "guidance": make(batch) if config.get("guidance_embeds") else None,
-            "return_dict": False,
-        }
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    return {
-        "sample": make(batch, config.get("in_channels", 4), latent_side, latent_side),
-        "timestep": make(batch),
-        "encoder_hidden_states": make(batch, 77, config["cross_attention_dim"]),
-        "added_cond_kwargs": {"text_embeds": make(batch, pooled), "time_ids": make(batch, 6)},
-        "return_dict": False,
-    }
+    return model_family(family).meta_inputs(
+        config, batch=batch, latent_side=latent_side, text_length=text_length, make=make
+    )
 
 
 def trainable_denoiser(model_class, config: dict, *, targets, rank: int, gradient_checkpointing: bool):

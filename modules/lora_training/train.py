@@ -30,8 +30,9 @@ import torch
 
 from core.atomic import remove_stale_partials
 from core.errors import UserError
+from core.model_files import model_entry
 from core.model_manager import pick_device
-from core.pipelines import model_entry
+from families import family as model_family
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_to_dict
 from modules.lora_training.data import (
@@ -56,7 +57,6 @@ from modules.lora_training.events import (
     Stopped,
     ignore_events,
 )
-from modules.lora_training.families import family_class
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, read_json, write_json
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
@@ -94,13 +94,13 @@ class Precision:
 def choose_precision(mixed_precision: str, device: str, *, family: str) -> Precision:
     """The dtype of the frozen weights and of autocast, honoured on every device (LoRA weights stay fp32).
 
-    "auto" is fp32 on the CPU and the family's usual half precision on a GPU (fp16 for SDXL, bf16
-    for Flux). fp16/bf16 load the frozen weights in that dtype on the CPU too, so a CPU run takes
+    "auto" is fp32 on the CPU and the family's usual half precision on a GPU
+    (``auto_precision_on_gpu``). fp16/bf16 load the frozen weights in that dtype on the CPU too, so a CPU run takes
     the same code path as a GPU one.
     """
     on_gpu = device == "cuda"
     if mixed_precision == "auto":
-        mixed_precision = family_class(family).auto_precision_on_gpu if on_gpu else "fp32"
+        mixed_precision = model_family(family).auto_precision_on_gpu if on_gpu else "fp32"
     if mixed_precision == "fp32":
         return Precision(torch.float32, None, False, "fp32")
     if mixed_precision == "bf16":
@@ -313,7 +313,7 @@ class Trainer:
         self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
         self.on_event(PrepProgress(stage="loading_model", done=0, total=0))
         clock = time.perf_counter()
-        self.family = family_class(self.family_name)(
+        self.family = model_family(self.family_name)(
             self.entry,
             models_dir=self.models_dir,
             device=self.device,
@@ -603,7 +603,7 @@ class Trainer:
             return self.family.encode_text([prompt])
 
     def _final_metadata(self, step: int) -> dict[str, str]:
-        from modules.lora_training.families.base import metadata_json
+        from families.training import metadata_json
 
         return {
             "lora_studio.family": self.family_name,
@@ -742,7 +742,7 @@ class Trainer:
 
 def lora_header(path: Path) -> dict:
     """A LoRA file's metadata, or {} for a file we cannot read."""
-    from core.model_files import read_safetensors_header
+    from model_formats.safetensors_header import read_safetensors_header
 
     try:
         _, metadata = read_safetensors_header(path)

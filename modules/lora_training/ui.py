@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from core.demo_models import DEMO_FLORENCE_NAME
 from core.errors import UserError, shown_to_user
 from core.i18n import translate
 from core.model_files import native_image_size
 from core.widgets import button
+from model_formats.demo_models import DEMO_FLORENCE_NAME
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.config import (
     PrepareConfig,
@@ -48,7 +48,7 @@ class LoraTrainingTab:
 
     def default_model(self) -> str | None:
         names = [value for _, value in self.model_choices()]
-        for preferred in (self.config.DEFAULT_SDXL_MODEL_FOR_LORA, self.config.DEFAULT_FLUX_MODEL_FOR_LORA):
+        for preferred in self.config.DEFAULT_MODELS_FOR_LORA.values():
             if preferred in names:
                 return preferred
         return names[0] if names else None

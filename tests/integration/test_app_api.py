@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from tests.conftest import write_config
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from tests.lora_files import write_diffusers_lora
 from tests.server import running_app
 

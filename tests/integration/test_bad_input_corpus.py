@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from tests.conftest import ROOT, write_config
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from tests.image_folders import noise_image, png_header_only
 from tests.server import running_app
 

@@ -5,13 +5,13 @@ import re
 import pytest
 from safetensors import safe_open
 
-from bench.full_size import build_random_sdxl, measure_training
+from bench.full_size import build_random_pipeline, measure_training
 from bench.run import ReferenceStep
 
 
 def test_random_model_from_a_config_folder_trains_with_a_preset(demo_paths, tmp_path):
     models = tmp_path / "models"
-    folder = build_random_sdxl(
+    folder = build_random_pipeline(
         demo_paths.sdxl_folder, models / "random-sdxl", device="cpu", dtype=__import__("torch").float32
     )
     assert (folder / "model_index.json").is_file()

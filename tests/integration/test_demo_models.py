@@ -38,7 +38,8 @@ def test_flux_single_file_loads_the_same_transformer_with_the_folder_components(
     from diffusers import FluxPipeline
 
     from core.errors import UserError
-    from core.pipelines import load_pipeline, model_entry
+    from core.model_files import model_entry
+    from families import load_pipeline
 
     folder = FluxPipeline.from_pretrained(demo_paths.flux_folder)
     single = load_pipeline(
@@ -69,7 +70,8 @@ def test_flux_all_in_one_fp8_file_loads_its_transformer(models_dir, demo_paths, 
     from diffusers import FluxPipeline
     from safetensors.torch import load_file, save_file
 
-    from core.pipelines import load_pipeline, model_entry
+    from core.model_files import model_entry
+    from families import load_pipeline
 
     models = tmp_path / "models"
     shutil.copytree(demo_paths.flux_folder, models / demo_paths.flux_folder.name)
@@ -97,7 +99,7 @@ def test_sdxl_base_config_folder_describes_the_real_model(tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from core.model_configs import write_sdxl_base_config
+    from families.sdxl_configs import write_sdxl_base_config
 
     folder = write_sdxl_base_config(tmp_path / "sdxl-base")
     with torch.device("meta"):

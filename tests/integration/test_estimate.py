@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.pipelines import model_entry
+from core.model_files import model_entry
+from families import family as family_class
 from modules.lora_training.estimate import estimate_memory
-from modules.lora_training.families import family_class
 
 
 def _stored_bytes(model: torch.nn.Module) -> int:

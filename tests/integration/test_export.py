@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from core.errors import UserError
 from core.model_manager import GenerationRequest, LoraChoice, ModelManager
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.export import compare, export_lora, inspect_lora, read_lora
 from modules.lora_training.train import train
 from tests.conftest import ROOT
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 
 
 @pytest.fixture(scope="module")

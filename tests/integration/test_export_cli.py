@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from families.sdxl import SDXLFamily
 from modules.lora_training.cli import main
 from modules.lora_training.main_file import write_main_lora
 from tests.conftest import write_config
@@ -23,7 +24,8 @@ def setup(tmp_path, models_dir):
         }
     }
     metadata = {"lora_studio.family": "sdxl", "lora_studio.trigger_word": "ohwx"}
-    write_main_lora(source, layers, {"unet": {"r": 2, "lora_alpha": 1.0}}, metadata=metadata)
+    keys = SDXLFamily.main_file_keys
+    write_main_lora(source, layers, {"unet": {"r": 2, "lora_alpha": 1.0}}, metadata=metadata, keys=keys)
     return ["--app-config", str(config)], source
 
 

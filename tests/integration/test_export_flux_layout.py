@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.flux_single_file import diffusers_to_original
+from families.flux_layout import diffusers_to_original
 from modules.lora_training.export import export_lora, inspect_lora, read_lora
 from tests.lora_files import (
     FLUX_ATTENTION,
@@ -41,7 +41,7 @@ def bfl_modules() -> set[str]:
 def _clip_l_linears() -> dict[str, tuple[int, int]]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from core.model_configs import SDXL_TEXT_ENCODER
+    from families.sdxl_configs import SDXL_TEXT_ENCODER
 
     with torch.device("meta"):
         clip = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER))

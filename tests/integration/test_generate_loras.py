@@ -14,6 +14,7 @@ import torch
 
 from core.errors import UserError
 from core.model_manager import GenerateLimits, GenerationRequest, LoraChoice, ModelManager, validate_request
+from families import family as model_family
 from modules.generate.tab import GenerateTab, lora_choices_from_args, whole_number
 from modules.lora_training.main_file import write_main_lora
 from tests.lora_files import write_diffusers_lora
@@ -23,7 +24,8 @@ def _small_main_lora(path, *, family: str, trigger: str = "ohwx") -> None:
     component, module = ("unet", "mid_block.attentions.0.proj_in") if family == "sdxl" else ("transformer", "x")
     layers = {component: {f"{module}.lora_A.weight": torch.ones(1, 4), f"{module}.lora_B.weight": torch.ones(4, 1)}}
     metadata = {"lora_studio.family": family, "lora_studio.trigger_word": trigger}
-    write_main_lora(path, layers, {component: {"r": 1, "lora_alpha": 1}}, metadata=metadata)
+    keys = model_family(family).main_file_keys
+    write_main_lora(path, layers, {component: {"r": 1, "lora_alpha": 1}}, metadata=metadata, keys=keys)
 
 
 def _unreadable_files(loras) -> dict[str, str]:

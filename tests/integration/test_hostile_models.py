@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from core.errors import UserError
-from core.pipelines import model_entry
+from core.model_files import model_entry
 
 
 def _within(seconds: float, call):
@@ -42,7 +42,7 @@ def test_a_named_pipe_as_base_model_is_refused_without_blocking(models_dir, tmp_
 
 
 def test_absolute_paths_outside_models_are_refused(models_dir, tmp_path):
-    from core.demo_models import DEMO_SDXL_NAME
+    from tests.demo_names import DEMO_SDXL_NAME
 
     outside = tmp_path / "elsewhere.safetensors"
     outside.write_bytes(b"\0" * 16)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from modules.lora_training.lora_layouts import split_down_key
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 
 RANK, ALPHA = 4, 2.0
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}
@@ -22,9 +22,9 @@ HEADER = {"lora_studio.family": None, "lora_studio.trigger_word": "ohwx", "lora_
 
 def _saved_family_lora(models_dir, family: str, path):
     """A family's LoRA on every target (text encoders included) with random non-zero A and B, saved."""
-    from core.pipelines import model_entry
-    from modules.lora_training.families.flux import FluxFamily
-    from modules.lora_training.families.sdxl import SDXLFamily
+    from core.model_files import model_entry
+    from families.flux import FluxFamily
+    from families.sdxl import SDXLFamily
 
     cls = SDXLFamily if family == "sdxl" else FluxFamily
     trainer = cls(
@@ -196,7 +196,7 @@ def test_comfyui_key_map_consumes_every_tensor_of_a_full_size_main_file(tmp_path
     else:
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from core.model_configs import SDXL_TEXT_ENCODER  # Flux's CLIP is SDXL's first encoder (CLIP-L)
+        from families.sdxl_configs import SDXL_TEXT_ENCODER  # Flux's CLIP is SDXL's first encoder (CLIP-L)
 
         shapes = full_size_flux_linears((*FLUX_ATTENTION, *FLUX_FEEDFORWARD, "single.proj_out"))
         with torch.device("meta"):
@@ -212,7 +212,9 @@ def test_comfyui_key_map_consumes_every_tensor_of_a_full_size_main_file(tmp_path
         part[f"{module}.lora_B.weight"] = torch.zeros(out_features, 1)
     configs = {c: LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"]).to_dict() for c in layers}
     path = tmp_path / "full.safetensors"
-    write_main_lora(path, layers, configs, metadata={})
+    from families import family as model_family
+
+    write_main_lora(path, layers, configs, metadata={}, keys=model_family(family).main_file_keys)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     consumed = _comfy_consumes(_comfy_key_map(family, shapes), tensors)

@@ -121,7 +121,7 @@ def test_release_blocks_generation_and_restore_reloads(manager, demo_paths):
 
 
 def test_loading_time_is_counted_apart_from_the_generation(manager):
-    from core.demo_models import DEMO_SDXL_NAME
+    from tests.demo_names import DEMO_SDXL_NAME
 
     first = manager.generate(_request(DEMO_SDXL_NAME))
     again = manager.generate(_request(DEMO_SDXL_NAME))

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from core.model_manager import GenerationRequest, LoraChoice, ModelManager
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, SampleSaved
 from modules.lora_training.lora_layouts import split_down_key
 from modules.lora_training.train import train
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 
 RANK, ALPHA = 4, 8.0
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}

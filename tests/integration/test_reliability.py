@@ -14,8 +14,7 @@ import pytest
 import safetensors.torch
 from safetensors import safe_open
 
-from core import safetensors_stream
-from core.demo_models import DEMO_SDXL_NAME
+from model_formats import safetensors_stream
 from modules.lora_training.checkpoints import latest_checkpoint, load_checkpoint
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Failed
@@ -24,6 +23,7 @@ from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
 from tests.conftest import ROOT, write_config
+from tests.demo_names import DEMO_SDXL_NAME
 from tests.lora_files import write_diffusers_lora
 from tests.server import running_app
 

@@ -17,7 +17,7 @@ MEASURE = textwrap.dedent(
     import json, sys, torch
     from pathlib import Path
     from diffusers import AutoencoderKL
-    from core.model_configs import write_sdxl_base_config
+    from families.sdxl_configs import write_sdxl_base_config
     from modules.lora_training.sample_memory import vae_decode_bytes
 
     folder = write_sdxl_base_config(Path(sys.argv[1]))
@@ -62,8 +62,8 @@ def test_vae_decode_peak_counted_on_meta_matches_a_real_decode(tmp_path):
 
 
 def test_samples_count_where_they_exceed_the_training_activations(models_dir):
-    from core.demo_models import DEMO_SDXL_NAME
-    from core.pipelines import model_entry
+    from core.model_files import model_entry
+    from tests.demo_names import DEMO_SDXL_NAME
 
     entry = model_entry(models_dir, DEMO_SDXL_NAME)
     common = dict(
@@ -88,9 +88,9 @@ def test_samples_count_where_they_exceed_the_training_activations(models_dir):
 
 
 def test_large_samples_decode_in_tiles(models_dir, monkeypatch):
-    from core.demo_models import DEMO_SDXL_NAME
-    from core.pipelines import model_entry
-    from modules.lora_training.families.sdxl import SDXLFamily
+    from core.model_files import model_entry
+    from families.sdxl import SDXLFamily
+    from tests.demo_names import DEMO_SDXL_NAME
 
     family = SDXLFamily(
         model_entry(models_dir, DEMO_SDXL_NAME), models_dir=models_dir, device="cpu", weight_dtype=torch.bfloat16

@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core.demo_models import DEMO_SDXL_NAME
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.metrics import read_metrics
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import latest_run, list_runs
 from modules.lora_training.train import train
 from tests.conftest import ROOT, write_config
+from tests.demo_names import DEMO_SDXL_NAME
 
 
 def test_accelerate_launch_two_processes(sdxl_project, models_dir, tmp_path):

@@ -7,7 +7,6 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from core.demo_models import DEMO_SDXL_NAME
 from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, StepDone
@@ -15,6 +14,7 @@ from modules.lora_training.jobs import resumable_config
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import LEGACY_RUN_ID, latest_run, list_runs
 from modules.lora_training.train import train
+from tests.demo_names import DEMO_SDXL_NAME
 
 
 def _config(project_name, **options):

@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from core.demo_models import DEMO_SDXL_NAME
 from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import CheckpointSaved, Finished, SampleSaved, StepDone, Stopped
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
+from tests.demo_names import DEMO_SDXL_NAME
 
 
 def _latest_run(project):
@@ -247,9 +247,9 @@ def test_text_encoder_lora_generates_through_model_manager(project, models_dir, 
 
 def test_out_of_memory_and_nan_end_with_a_clear_failure(project, models_dir, tmp_path, monkeypatch):
     """Faults injected into the loss: the run ends with advice and the last checkpoint survives."""
+    from families.sdxl import SDXLFamily
     from modules.lora_training.checkpoints import latest_checkpoint, load_checkpoint
     from modules.lora_training.events import Failed
-    from modules.lora_training.families.sdxl import SDXLFamily
 
     real_loss = SDXLFamily.training_loss
     calls = {"n": 0}

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from core.demo_models import DEMO_SDXL_NAME
 from tests.conftest import write_config
+from tests.demo_names import DEMO_SDXL_NAME
 from tests.image_folders import noise_image
 from tests.server import running_app
 

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from core.demo_models import DEMO_SDXL_NAME
 from core.errors import GpuBusyError, UserError
 from core.model_manager import GenerationRequest, ModelManager
 from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict
 from modules.lora_training.jobs import TrainingJobs, interrupted_projects, resumable_config
+from tests.demo_names import DEMO_SDXL_NAME
 from tests.image_folders import noise_image
 
 

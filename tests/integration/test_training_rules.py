@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.demo_models import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+from families.flux import FluxFamily
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, SampleSaved, StepDone
-from modules.lora_training.families.flux import FluxFamily
 from modules.lora_training.optim import lr_multiplier
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.runs import latest_run
 from modules.lora_training.train import train
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 
 
 def _train(project, models_dir, loras_dir, **options):
@@ -148,7 +148,8 @@ def _v_prediction_models(models_dir, tmp_path, *, markers: tuple[str, ...]):
 
 
 def test_v_prediction_single_file_is_trained_sampled_and_labelled_as_such(project, models_dir, tmp_path):
-    from core.pipelines import load_pipeline, model_entry
+    from core.model_files import model_entry
+    from families import load_pipeline
 
     vpred_models, path = _v_prediction_models(models_dir, tmp_path, markers=("v_pred", "ztsnr"))
     pipe = load_pipeline(model_entry(vpred_models, path.name), models_dir=vpred_models, dtype=torch.float32)
@@ -169,8 +170,8 @@ def test_v_prediction_single_file_is_trained_sampled_and_labelled_as_such(projec
 
 
 def test_v_prediction_from_a_diffusers_folder_and_zero_snr_as_an_option(models_dir, tmp_path):
-    from core.pipelines import model_entry
-    from modules.lora_training.families.sdxl import SDXLFamily
+    from core.model_files import model_entry
+    from families.sdxl import SDXLFamily
 
     folder = tmp_path / "models" / DEMO_SDXL_NAME
     shutil.copytree(models_dir / DEMO_SDXL_NAME, folder)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from core.demo_models import DEMO_FLUX_NAME
+from families.flux import FluxFamily
 from modules.lora_training.main_file import write_main_lora
 from tests.conftest import write_config
+from tests.demo_names import DEMO_FLUX_NAME
 from tests.server import running_app
 
 pytestmark = pytest.mark.ui
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.ui
 def _flux_lora(path) -> None:
     layers = {"transformer": {"x.lora_A.weight": torch.ones(1, 4), "x.lora_B.weight": torch.ones(4, 1)}}
     metadata = {"lora_studio.family": "flux", "lora_studio.trigger_word": "ohwx"}
-    write_main_lora(path, layers, {"transformer": {"r": 1, "lora_alpha": 1}}, metadata=metadata)
+    keys = FluxFamily.main_file_keys
+    write_main_lora(path, layers, {"transformer": {"r": 1, "lora_alpha": 1}}, metadata=metadata, keys=keys)
 
 
 def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_page, screenshot):

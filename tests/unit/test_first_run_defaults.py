@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from core.console import KNOWN_NOISE, quiet_known_noise
-from core.demo_models import DEMO_FLORENCE_NAME
 from core.i18n import translate
+from model_formats.demo_models import DEMO_FLORENCE_NAME
 from modules.lora_training.config import TrainConfig
 from modules.lora_training.data import epoch_batches, every_tenth, planned_steps
 from modules.lora_training.dataset.scan import count_image_files

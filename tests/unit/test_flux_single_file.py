@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from core.flux_single_file import (
+from families.flux_layout import (
     _all_original_names,
     diffusers_to_original,
     original_to_diffusers,

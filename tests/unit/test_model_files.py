@@ -1,8 +1,9 @@
 import pytest
 
 from core.errors import UserError
-from core.model_files import family_of_state_keys, list_loras, resolve_inside
+from core.model_files import list_loras, resolve_inside
 from core.model_manager import GenerationRequest, LoraChoice, validate_request
+from families import family_of_state_keys
 
 
 def test_family_from_tensor_names():

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.errors import UserError
-from core.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors
+from model_formats.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors
 
 TENSORS = {
     "a.weight": torch.randn(3, 5),

@@ -1,4 +1,4 @@
-from core.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_tiny_t5_tokenizer
+from model_formats.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_tiny_t5_tokenizer
 
 
 def test_clip_tokenizer_matches_the_published_vocabulary():

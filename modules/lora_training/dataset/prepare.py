@@ -330,7 +330,7 @@ class _Preparation:
             captioner.close()
 
     def count_tokens(self) -> None:
-        from core.tokenizers import build_clip_tokenizer
+        from model_formats.tokenizers import build_clip_tokenizer
 
         tokenizer = build_clip_tokenizer()
         for entry in self.result.used:

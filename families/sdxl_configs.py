@@ -7,12 +7,21 @@ SDXL base 1.0 configuration, with the real CLIP tokenizer rebuilt locally.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from core.demo_models import SDXL_SCHEDULER_CONFIG
-
 SDXL_BASE_CONFIG_NAME = "sdxl-base"
+
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
 
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -98,42 +107,22 @@ SDXL_MODEL_INDEX = {
 }
 
 
-# FLUX.1 [dev]'s transformer (diffusers' FluxTransformer2DModel arguments), for full-size layouts
-# built on the meta device (tests, the bench) without a download.
-FLUX_DEV_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
 def write_sdxl_base_config(folder: Path) -> Path:
     """Write the SDXL base 1.0 config folder (idempotent, atomic)."""
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig
 
     from core.atomic import atomic_path
-    from core.tokenizers import build_clip_tokenizer
+    from model_formats.config_folders import write_json
+    from model_formats.tokenizers import build_clip_tokenizer
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
     with atomic_path(folder) as tmp:
-        _write_json(tmp / "model_index.json", SDXL_MODEL_INDEX)
-        _write_json(tmp / "unet" / "config.json", SDXL_UNET)
-        _write_json(tmp / "vae" / "config.json", SDXL_VAE)
+        write_json(tmp / "model_index.json", SDXL_MODEL_INDEX)
+        write_json(tmp / "unet" / "config.json", SDXL_UNET)
+        write_json(tmp / "vae" / "config.json", SDXL_VAE)
         text_1 = CLIPTextConfig(**SDXL_TEXT_ENCODER)
         text_1.architectures = ["CLIPTextModel"]
         text_1.save_pretrained(tmp / "text_encoder")

@@ -1,20 +1,44 @@
-"""SDXL: DDPM noise from the checkpoint's own schedule, two CLIP encoders, size conditioning."""
+"""SDXL: DDPM noise from the checkpoint's own schedule, two CLIP encoders, size conditioning.
+
+Single files use the original (LDM / "webui") layout (:mod:`families.sdxl_layout`), kohya LoRAs the
+original U-Net block names (:mod:`families.sdxl_lora_names`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from modules.lora_training.families.base import LoraFamily
+from families.sdxl_files import SDXLFiles
+from families.training import TrainingFamily
 
 
-class SDXLFamily(LoraFamily):
+class SDXLFamily(SDXLFiles, TrainingFamily):
     name = "sdxl"
+    display_name = "SDXL"
+    pipeline_marker = "StableDiffusionXL"
     denoiser_attr = "unet"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
     feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
     unused_options = ("timestep_sampling", "guidance_scale")
+    size_multiple = 8
+    uses_negative_prompt = True
+    auto_precision_on_gpu = "fp16"
+    activation_gib = (1.6, 8.0)
+    lora_key_markers = (
+        "unet.",
+        "lora_unet_",
+        "lora_te1_",
+        "lora_te2_",
+        "text_encoder_2.",
+        "input_blocks",
+        "down_blocks",
+    )
+    demo_name = "demo-tiny-sdxl-RANDOM-WEIGHTS"
+    demo_architecture = "stable-diffusion-xl-v1-base"
+    default_guidance = 5.0
+    smallest_preset = "sdxl-8gb"
 
     def __init__(self, *args, **kwargs) -> None:
         from diffusers import DDPMScheduler
@@ -148,4 +172,4 @@ class SDXLFamily(LoraFamily):
         return torch.where(snr > 0, torch.clamp(snr, max=gamma) / snr.clamp(min=1e-12), torch.ones_like(snr))
 
     def sample_kwargs(self) -> dict:
-        return {"guidance_scale": 5.0}
+        return {"guidance_scale": self.default_guidance}

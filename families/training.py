@@ -1,4 +1,4 @@
-"""What every model family shares: loading, freezing, LoRA adapters, caches, saving.
+"""The training hooks every model family shares: loading, freezing, LoRA adapters, caches, saving.
 
 A family subclass supplies the parts that differ: how text and images are encoded, how
 noise is added and what the model must predict, and which pipeline renders samples.
@@ -9,21 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from core.model_files import ModelEntry
-from core.pipelines import load_pipeline
-from modules.lora_training.data import SampleRandom, TrainItem
-from modules.lora_training.quantize import quantize_block_linears
+from families.base import ModelFamily
+
+if TYPE_CHECKING:
+    from core.model_files import ModelEntry
+    from modules.lora_training.data import SampleRandom, TrainItem
 
 SAMPLE_TILE = 512  # pixels: larger samples are decoded in overlapping tiles of this size
 
 
-class LoraFamily:
-    name = ""
-    denoiser_attr = ""  # "unet" or "transformer"
-    text_encoder_attrs: tuple[str, ...] = ()
+class TrainingFamily(ModelFamily):
     attention_targets: tuple[str, ...] = ()
     feedforward_targets: tuple[str, ...] = ()
     default_targets = "attention"  # what lora_targets "auto" means
@@ -31,7 +30,6 @@ class LoraFamily:
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     # Options of TrainConfig this family has no use for: named in the run log when set.
     unused_options: tuple[str, ...] = ()
-    auto_precision_on_gpu = "fp16"  # what mixed_precision "auto" means on a CUDA GPU
 
     def __init__(
         self,
@@ -42,6 +40,9 @@ class LoraFamily:
         weight_dtype: torch.dtype,
         base_quantization: str = "none",
     ) -> None:
+        from families import load_pipeline
+        from modules.lora_training.quantize import quantize_block_linears
+
         self.entry = entry
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -51,10 +52,10 @@ class LoraFamily:
         for module in self.all_modules():
             module.requires_grad_(False)
             module.eval()
-        # The SDXL VAE overflows in fp16: encode and decode in fp32.
+        # VAEs overflow in fp16: encode and decode in fp32.
         self.pipe.vae.to(dtype=torch.float32)
         self.quantized_layers, self.quantized_share = quantize_block_linears(
-            self.denoiser, mode=base_quantization, compute_dtype=weight_dtype
+            self.denoiser, mode=base_quantization, compute_dtype=weight_dtype, blocks=self.quantized_blocks
         )
 
     def place_denoiser(self) -> None:
@@ -198,7 +199,7 @@ class LoraFamily:
                     continue
                 layers[component] = get_peft_model_state_dict(encoder)
                 configs[component] = self.text_lora_config.to_dict()
-        write_main_lora(Path(path), layers, configs, metadata=metadata)
+        write_main_lora(Path(path), layers, configs, metadata=metadata, keys=self.main_file_keys)
 
     # ----- caching ----------------------------------------------------------------
     @torch.no_grad()

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from families.base import ORIGINAL_DENOISER_PREFIX as _PREFIX
 
-_PREFIX = "model.diffusion_model."
 # Prefixes of all-in-one checkpoints that also carry the VAE and text encoders.
 _OTHER_PARTS = ("vae.", "first_stage_model.", "text_encoders.", "conditioner.", "cond_stage_model.")
 
@@ -208,11 +208,9 @@ def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of the transformer in a single file, prefix removed, without reading the tensors."""
-    from safetensors import safe_open
+    from model_formats.safetensors_header import header_shapes
 
-    with safe_open(str(path), framework="pt") as handle:
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    return strip_transformer_prefix(shapes)
+    return strip_transformer_prefix(header_shapes(path))
 
 
 def load_flux_transformer(path: Path, *, rope_axes: tuple[int, ...] | None, dtype: torch.dtype):
@@ -248,14 +246,11 @@ def load_flux_transformer(path: Path, *, rope_axes: tuple[int, ...] | None, dtyp
 
 def save_flux_single_file(transformer, path: Path, *, metadata: dict[str, str]) -> None:
     """Write ``transformer`` as a BFL-layout single file (atomically), as Black Forest Labs ship it."""
-    from safetensors.torch import save_file
-
-    from core.atomic import atomic_path
+    from model_formats.single_file import save_state_dict
 
     state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
     converted = {k: v.contiguous() for k, v in diffusers_to_original(state).items()}
-    with atomic_path(Path(path)) as tmp:
-        save_file(converted, str(tmp), metadata={"format": "pt", **metadata})
+    save_state_dict(converted, Path(path), metadata={"format": "pt", **metadata})
 
 
 def rope_axes_of(folder: Path) -> tuple[int, ...] | None:

@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from modules.lora_training.families.base import LoraFamily
+from families.flux_files import FluxFiles
+from families.training import TrainingFamily
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,25 @@ def _image_ids(height: int, width: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxFamily(LoraFamily):
+class FluxFamily(FluxFiles, TrainingFamily):
     name = "flux"
+    display_name = "Flux"
+    pipeline_marker = "Flux"
+    size_multiple = 16
+    uses_negative_prompt = False
+    activation_gib = (3.0, 16.0)
+    lora_key_markers = (
+        "transformer.",
+        "double_blocks",
+        "single_blocks",
+        "lora_transformer_",
+        "single_transformer_blocks",
+    )
+    demo_name = "demo-tiny-flux-RANDOM-WEIGHTS"
+    demo_architecture = "Flux.1-dev"
+    default_guidance = 3.5
+    smallest_preset = "flux-12gb"
+    full_size_quantization = "nf4"
     denoiser_attr = "transformer"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
@@ -150,7 +168,7 @@ class FluxFamily(LoraFamily):
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
 
     def sample_kwargs(self) -> dict:
-        return {"guidance_scale": 3.5, "max_sequence_length": self.max_sequence_length()}
+        return {"guidance_scale": self.default_guidance, "max_sequence_length": self.max_sequence_length()}
 
     def sample_text_kwargs(self, text: dict[str, torch.Tensor]) -> dict:
         dtype = self.weight_dtype

@@ -1,7 +1,7 @@
 """Build real tokenizers without a model hub.
 
 CLIP's byte-level BPE merges ship inside the ``open_clip_torch`` wheel; from them we
-rebuild the exact 49,408-token vocabulary every SD/SDXL/Flux CLIP text encoder uses.
+rebuild the exact 49,408-token vocabulary every Stable Diffusion-era CLIP text encoder uses.
 T5 needs a SentencePiece-style Unigram model; for tiny test models we train one in
 code on a handful of sentences (real class, real algorithm, small vocabulary).
 """
@@ -55,7 +55,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>"):
-    """The real CLIP tokenizer. SDXL's second tokenizer pads with "!" instead."""
+    """The real CLIP tokenizer; some pipelines' second tokenizer pads with "!" instead."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()

@@ -186,9 +186,6 @@ def sdxl_to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_sdxl_single_file(pipe, path: Path, *, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from model_formats.single_file import save_state_dict
 
-    from core.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file(sdxl_to_original_state_dict(pipe), str(tmp), metadata=metadata or {})
+    save_state_dict(sdxl_to_original_state_dict(pipe), path, metadata=metadata or {})

@@ -1,0 +1,106 @@
+"""Model families: one class each holds everything specific to a kind of model.
+
+The registry names each family and imports its module only when asked, so importing this
+package does no work. Shared code asks a family (``family(name).size_multiple``,
+``family(name).kohya_plan(...)``) instead of comparing names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+# name → (module, class), in the order lists and defaults use.
+_REGISTRY = {
+    "sdxl": ("families.sdxl", "SDXLFamily"),
+    "flux": ("families.flux", "FluxFamily"),
+}
+FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# A Flux LoRA may also hold CLIP text-encoder layers named like SDXL's first encoder: its own
+# markers are looked for first.
+_LORA_DETECTION_ORDER = ("flux", "sdxl")
+# Which family a LoRA whose names carry no family marker is read as (the U-Net naming).
+FALLBACK_LORA_FAMILY = "sdxl"
+# Name prefixes of kohya-style LoRA modules (any family), LyCORIS included.
+KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")
+
+
+def family(name: str):
+    """The family class registered as ``name``."""
+    try:
+        module, cls = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model family {name!r}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def all_families() -> list:
+    return [family(name) for name in FAMILY_NAMES]
+
+
+def family_of_state_keys(keys: list[str]) -> str | None:
+    """The family whose base-model checkpoint has these tensor names, None when none does."""
+    return next((f.name for f in all_families() if f.matches_checkpoint(keys)), None)
+
+
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family of a diffusers folder whose ``model_index.json`` names pipeline ``class_name``."""
+    return next((f.name for f in all_families() if f.pipeline_marker in class_name), None)
+
+
+def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
+    """The family a LoRA is for, from header metadata, else from tensor names; None when unknown."""
+    if metadata.get("lora_studio.family") in FAMILY_NAMES:
+        return metadata["lora_studio.family"]
+    ordered = [family(name) for name in _LORA_DETECTION_ORDER]
+    for candidate in ordered:
+        if candidate.claims_lora_metadata(metadata):
+            return candidate.name
+    for candidate in ordered:
+        if any(marker in key for key in keys for marker in candidate.lora_key_markers):
+            return candidate.name
+    return None
+
+
+def display_names() -> str:
+    """ "SDXL or Flux": the families, for messages."""
+    names = [f.display_name for f in all_families()]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def detect(path: Path) -> str:
+    """The family of a base model: a diffusers folder or a single ``.safetensors`` file."""
+    from core.errors import UserError
+    from model_formats.safetensors_header import read_safetensors_header, require_regular_file
+
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model_index.json"
+        try:
+            require_regular_file(index)
+            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError, UserError) as exc:
+            raise UserError(
+                f"{path.name}: no readable model_index.json, so this is not a diffusers model folder; "
+                "copy the whole folder of the model, or pick another one."
+            ) from exc
+        found = family_of_pipeline(class_name)
+        if found is None:
+            raise UserError(f"{path.name}: pipeline {class_name!r} is not supported; use an {display_names()} model.")
+        return found
+    keys, _ = read_safetensors_header(path)
+    found = family_of_state_keys(keys)
+    if found is None:
+        raise UserError(
+            f"{path.name}: not an {display_names()} checkpoint (unrecognised tensor names); pick a base model "
+            "(LoRA files belong in the loras folder)."
+        )
+    return found
+
+
+def load_pipeline(entry, *, models_dir: Path, dtype):
+    """The diffusers pipeline for a model entry on the CPU, in ``dtype``: one path for inference and training."""
+    pipe = family(entry.family).load_pipeline(entry, models_dir=Path(models_dir), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,142 @@
+"""What SDXL is on disk and to the estimate: detection, loading, LoRA names, meta-device inputs, the demo."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from families.base import ModelFamily
+
+_ATTENTION_PROJECTION = re.compile(r"^(?P<head>.+\.attn\d)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
+
+
+class SDXLFiles(ModelFamily):
+    # ----- detection and loading --------------------------------------------------------
+    @classmethod
+    def matches_checkpoint(cls, keys: list[str]) -> bool:
+        return any(k.startswith("conditioner.embedders.1.") for k in keys)
+
+    @classmethod
+    def claims_lora_metadata(cls, metadata: dict[str, str]) -> bool:
+        base = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+        return "sdxl" in base or "stable-diffusion-xl" in base
+
+    @classmethod
+    def load_pipeline(cls, entry, *, models_dir: Path, dtype):
+        from families.sdxl_loading import load_sdxl_pipeline
+
+        return load_sdxl_pipeline(entry, models_dir=models_dir, dtype=dtype)
+
+    @classmethod
+    def components_folder(cls, entry, models_dir: Path) -> Path:
+        from families.sdxl_loading import single_file_config_folder
+
+        return single_file_config_folder(entry.path, models_dir) if entry.single_file else entry.path
+
+    # ----- the estimate -----------------------------------------------------------------
+    @classmethod
+    def denoiser_blueprint(cls, entry, *, models_dir: Path) -> tuple[type, dict]:
+        from diffusers import UNet2DConditionModel
+
+        folder = cls.components_folder(entry, models_dir)
+        return UNet2DConditionModel, dict(UNet2DConditionModel.load_config(folder / "unet"))
+
+    @classmethod
+    def text_tokens(cls, folder: Path) -> int:
+        return 77
+
+    @classmethod
+    def meta_inputs(cls, config: dict, *, batch: int, latent_side: int, text_length: int, make) -> dict:
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return {
+            "sample": make(batch, config.get("in_channels", 4), latent_side, latent_side),
+            "timestep": make(batch),
+            "encoder_hidden_states": make(batch, 77, config["cross_attention_dim"]),
+            "added_cond_kwargs": {"text_embeds": make(batch, pooled), "time_ids": make(batch, 6)},
+            "return_dict": False,
+        }
+
+    @classmethod
+    def narrow_config(cls, config: dict) -> dict:
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        blocks = len(config["block_out_channels"])
+        config.update(
+            block_out_channels=[32] * blocks,
+            norm_num_groups=32,
+            attention_head_dim=1,
+            num_attention_heads=None,
+            cross_attention_dim=16,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
+        )
+        return config
+
+    # ----- LoRA files -------------------------------------------------------------------
+    @classmethod
+    def main_file_keys(cls, component: str, module: str) -> tuple[str, str]:
+        """U-Net attention projections use diffusers' attention-processor names
+        (``unet.<block>.attn1.processor.to_q_lora.down.weight``): ComfyUI's and Forge's SDXL map knows
+        ``unet.`` names only in that form, and diffusers' U-Net loader turns them back into ``to_q`` /
+        ``to_out.0``. Its loader converts names only when none is in PEFT spelling, so the U-Net's
+        other modules use diffusers' ``.lora.down.weight`` / ``.lora.up.weight``."""
+        if component != "unet":
+            return super().main_file_keys(component, module)
+        match = _ATTENTION_PROJECTION.match(module)
+        if match:
+            stem = f"unet.{match['head']}.processor.{match['proj'].removesuffix('.0')}_lora"
+            return f"{stem}.down.weight", f"{stem}.up.weight"
+        return f"unet.{module}.lora.down.weight", f"unet.{module}.lora.up.weight"
+
+    @classmethod
+    def module_parts(cls, modules: list, layout: str) -> list[tuple[tuple[str, ...], str]]:
+        from families.sdxl_lora_names import sdxl_module_parts
+
+        return sdxl_module_parts(modules)
+
+    @classmethod
+    def kohya_plan(cls, source) -> list:
+        from families.sdxl_lora_names import sdxl_kohya_plan
+
+        return sdxl_kohya_plan(source)
+
+    @classmethod
+    def kohya_identity(cls) -> dict[str, str]:
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
+
+    @classmethod
+    def modelspec_identity(cls) -> dict[str, str]:
+        return {
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        }
+
+    @classmethod
+    def modelspec_prediction_type(cls, metadata: dict[str, str]) -> str:
+        return "v" if metadata.get("lora_studio.prediction_type") == "v_prediction" else "epsilon"
+
+    @classmethod
+    def kohya_extra_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
+        # As sd-scripts writes them (str of a bool).
+        return {
+            "ss_v_parameterization": str(metadata.get("lora_studio.prediction_type") == "v_prediction"),
+            "ss_zero_terminal_snr": str(metadata.get("lora_studio.zero_terminal_snr") == "true"),
+        }
+
+    # ----- full size and the demo model -------------------------------------------------
+    @classmethod
+    def full_size_config_folder(cls, models_dir: Path) -> Path:
+        from families.sdxl_configs import SDXL_BASE_CONFIG_NAME, write_sdxl_base_config
+
+        return write_sdxl_base_config(Path(models_dir) / "configs" / SDXL_BASE_CONFIG_NAME)
+
+    @classmethod
+    def build_demo_pipeline(cls, *, seed: int = 0):
+        from families.sdxl_demo import build_tiny_sdxl_pipeline
+
+        return build_tiny_sdxl_pipeline(seed=seed)
+
+    @classmethod
+    def save_single_file(cls, pipe, path: Path, *, metadata: dict[str, str]) -> None:
+        from families.sdxl_layout import save_sdxl_single_file
+
+        save_sdxl_single_file(pipe, path, metadata=metadata)

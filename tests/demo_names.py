@@ -1,0 +1,7 @@
+"""The demo models' names, as their families declare them."""
+
+from families.flux import FluxFamily
+from families.sdxl import SDXLFamily
+
+DEMO_SDXL_NAME = SDXLFamily.demo_name
+DEMO_FLUX_NAME = FluxFamily.demo_name
