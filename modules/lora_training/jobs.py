@@ -176,6 +176,10 @@ class TrainingJobs:
         project = (train_config or prepare_config).project
         self._check_before_starting(prepare_config, train_config)
         kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
+        # Project files are read before taking the lock: /training_status waits on it.
+        trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
+        history = self._run_history(project, run_id) if resume else ([], [])
+        note = self._stopped_run_note(project) if train_config is None else None
         with self._lock:
             if self._job is not None and self._job.running:
                 raise UserError(
@@ -187,11 +191,9 @@ class TrainingJobs:
             job = JobState(job_id=self._next_id, project=project, kind=kind)
             if train_config is not None:
                 job.base_model = train_config.base_model
-            job.trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
+            job.trigger = trigger
             job.settings = _settings(prepare_config, train_config)
-            if resume:
-                job.losses, job.samples = self._run_history(project, run_id)
-            note = self._stopped_run_note(project) if train_config is None else None
+            job.losses, job.samples = history
             if note:
                 job.log.append(_line(note))
             self._next_id += 1
