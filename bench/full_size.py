@@ -111,6 +111,44 @@ def _cuda_peak(reset: bool = False) -> dict:
     return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
 
 
+def _timed_steps(trainer, *, steps: int, on_gpu: bool, warm_up: int = 2) -> tuple[list[float], dict]:
+    """Seconds of each step after ``warm_up`` untimed ones, and the GPU peak over the timed ones."""
+    for step in range(warm_up):
+        trainer._step(step)
+    if on_gpu:
+        _cuda_peak(reset=True)
+    seconds = []
+    for step in range(warm_up, steps):
+        started = time.perf_counter()
+        trainer._step(step)
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return seconds, _cuda_peak() if on_gpu else {}
+
+
+def _gpu_memory(*, context: int, setup_peak: dict, steps_peak: dict) -> dict:
+    return {
+        "device_name": torch.cuda.get_device_name(0),
+        "context_gib": context / GIB,
+        "setup_peak_reserved_gib": setup_peak["reserved"] / GIB,
+        "training_peak_allocated_gib": steps_peak["allocated"] / GIB,
+        "training_peak_reserved_gib": steps_peak["reserved"] / GIB,
+        # What the card shows in use while training: the context plus the allocator's pool.
+        "measured_peak_gib": (context + steps_peak["reserved"]) / GIB,
+    }
+
+
+def _bench_config(preset: str, *, model: str, device: str):
+    """The shipped preset's options on ``model``, without samples or checkpoints in the measured steps."""
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.preset_files import read_preset
+
+    options = {**read_preset(preset)["options"], "save_every_steps": 0, "sample_every_steps": 0}
+    values = {"project": "bench", "base_model": model, "steps": 1000, "device": device, "also_save_webui": False}
+    return config_from_dict(TrainConfig, {**options, **values})
+
+
 def measure_training(
     models_dir: Path,
     model: str,
@@ -126,28 +164,16 @@ def measure_training(
 
     With ``make_reference`` (building a bare step on the same U-Net), also our step against it, side by side.
     """
-    from modules.lora_training.config import TrainConfig, config_from_dict
-    from modules.lora_training.estimate import (
-        count_work_for_config,
-        estimate_for_config,
-        estimate_step_time_for_config,
-    )
-    from modules.lora_training.preset_files import read_preset
+    from modules.lora_training.estimate import estimate_run
     from modules.lora_training.train import Trainer
 
     projects = _prepare_project(work_dir, models_dir=models_dir, resolution=resolution, images=4)
-    options = {**read_preset(preset)["options"], "save_every_steps": 0, "sample_every_steps": 0}
-    values = {"project": "bench", "base_model": model, "steps": 1000, "device": device, "also_save_webui": False}
-    config = config_from_dict(TrainConfig, {**options, **values})
-
+    config = _bench_config(preset, model=model, device=device)
     on_gpu = device == "cuda"
     if on_gpu:
         free, total = torch.cuda.mem_get_info()
         context = total - free  # the CUDA context (and anything else already on the card)
-    where = {"models_dir": models_dir, "resolution": resolution}
-    work = count_work_for_config(config, **where)
-    predicted_memory = estimate_for_config(config, work=work, **where)
-    predicted_time = estimate_step_time_for_config(config, work=work, **where)
+    predicted = estimate_run(config, models_dir=models_dir, resolution=resolution)
 
     trainer = Trainer(
         config,
@@ -163,40 +189,20 @@ def measure_training(
         _cuda_peak(reset=True)
     trainer.setup()
     setup_peak = _cuda_peak() if on_gpu else {}
-    warm_up = 2
-    for step in range(warm_up):
-        trainer._step(step)
-    if on_gpu:
-        _cuda_peak(reset=True)
-    seconds = []
-    for step in range(warm_up, steps):
-        started = time.perf_counter()
-        trainer._step(step)
-        if on_gpu:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    steps_peak = _cuda_peak() if on_gpu else {}
+    seconds, steps_peak = _timed_steps(trainer, steps=steps, on_gpu=on_gpu)
     result = {
         "model": model,
         "preset": preset,
         "resolution": resolution,
         "device": device,
         "precision": trainer.precision.label,
-        "predicted_s_per_step": predicted_time.seconds_per_step,
+        "predicted_s_per_step": predicted.step_time.seconds_per_step,
         "measured_s_per_step": statistics.median(seconds),
-        "predicted_peak_gib": predicted_memory.total_bytes / GIB,
-        "predicted_parts_gib": {name: size / GIB for name, size in predicted_memory.parts.items()},
+        "predicted_peak_gib": predicted.memory.total_bytes / GIB,
+        "predicted_parts_gib": {name: size / GIB for name, size in predicted.memory.parts.items()},
     }
     if on_gpu:
-        result.update(
-            device_name=torch.cuda.get_device_name(0),
-            context_gib=context / GIB,
-            setup_peak_reserved_gib=setup_peak["reserved"] / GIB,
-            training_peak_allocated_gib=steps_peak["allocated"] / GIB,
-            training_peak_reserved_gib=steps_peak["reserved"] / GIB,
-            # What the card shows in use while training: the context plus the allocator's pool.
-            measured_peak_gib=(context + steps_peak["reserved"]) / GIB,
-        )
+        result.update(_gpu_memory(context=context, setup_peak=setup_peak, steps_peak=steps_peak))
         result["estimate_error"] = result["predicted_peak_gib"] / result["measured_peak_gib"] - 1
     if make_reference is not None:
         # Built only now, so that its weights do not count in the peak measured above.

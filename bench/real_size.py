@@ -223,18 +223,10 @@ def _train_config(kind, *, model: str, args, device: str):
 
 
 def _estimates(config, *, models: Path, resolution: int) -> dict:
-    from modules.lora_training.estimate import (
-        count_work_for_config,
-        estimate_for_config,
-        estimate_step_time_for_config,
-    )
+    from modules.lora_training.estimate import estimate_run
 
-    where = {"models_dir": models, "resolution": resolution}
-    work = count_work_for_config(config, **where)
-    return {
-        "s_per_step": estimate_step_time_for_config(config, work=work, **where).seconds_per_step,
-        "peak_bytes": estimate_for_config(config, work=work, **where).total_bytes,
-    }
+    estimate = estimate_run(config, models_dir=models, resolution=resolution)
+    return {"s_per_step": estimate.step_time.seconds_per_step, "peak_bytes": estimate.memory.total_bytes}
 
 
 def _generate(models: Path, loras: Path, *, model: str, lora: Path, args, device: str, meter: Meter):

@@ -132,7 +132,7 @@ class ReferenceStep:
 
         from core.model_files import model_entry
         from families import family
-        from modules.lora_training.step_work import latent_geometry
+        from modules.lora_training.estimate.work import latent_geometry
 
         self.device = device
         half = device == "cuda"
@@ -219,9 +219,9 @@ def bench_step_overhead(workspace: dict, root: Path) -> dict:
 
 def bench_step_estimate(workspace: dict, *, config, measured_s: float) -> dict:
     """The tab's s/step prediction for the config just measured, against the measurement."""
-    from modules.lora_training.estimate import estimate_step_time_for_config
+    from modules.lora_training.estimate import estimate_run
 
-    estimate = estimate_step_time_for_config(config, models_dir=workspace["models"], resolution=RESOLUTION)
+    estimate = estimate_run(config, models_dir=workspace["models"], resolution=RESOLUTION).step_time
     return {
         "predicted_s": estimate.seconds_per_step,
         "measured_s": measured_s,
@@ -241,7 +241,7 @@ def caching_by_counted_flops(side: int = 1024) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from core.model_files import ModelEntry
-    from modules.lora_training.step_work import count_step_work
+    from modules.lora_training.estimate.work import count_step_work
 
     kind = bench_family()
     folder = kind.full_size_config_folder(Path(tempfile.mkdtemp()))

@@ -99,17 +99,14 @@ def _app_config(path: Path):
 
 
 def _print_estimates(config: TrainConfig, resolution: int | None, app_config) -> None:
-    from modules.lora_training.estimate import count_work_for_config, estimate_for_config, estimate_step_time_for_config
-    from modules.lora_training.project import ProjectPaths, read_json
+    from modules.lora_training.estimate import estimate_run
+    from modules.lora_training.manifest import resolution_of
+    from modules.lora_training.project import ProjectPaths
 
     if resolution is None:
-        manifest = read_json(ProjectPaths.for_project(app_config.LORA_PROJECTS_DIR, config.project).manifest) or {}
-        resolution = int(manifest.get("config", {}).get("resolution", 1024))
-    where = {"models_dir": app_config.MODELS_DIR, "resolution": resolution}
+        resolution = resolution_of(ProjectPaths.for_project(app_config.LORA_PROJECTS_DIR, config.project))
     print(f"{config.base_model} at {resolution}², batch {config.batch_size}, rank {config.rank}:")
-    work = count_work_for_config(config, **where)
-    print(estimate_for_config(config, work=work, **where).describe())
-    print(estimate_step_time_for_config(config, work=work, **where).describe())
+    print(estimate_run(config, models_dir=app_config.MODELS_DIR, resolution=resolution).describe())
 
 
 def export_target(source: Path, fmt: str, out: str | None, *, overwrite: bool) -> Path:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
-from modules.lora_training.project import ProjectPaths, read_json
+from modules.lora_training.manifest import ProjectManifest
+from modules.lora_training.project import ProjectPaths
 
 
 @dataclass(frozen=True)
@@ -38,27 +39,25 @@ class TrainItem:
 
 def load_items(paths: ProjectPaths) -> list[TrainItem]:
     """The prepared images and their current captions (as the user may have edited them)."""
-    manifest = read_json(paths.manifest)
-    if not manifest:
+    manifest = ProjectManifest.read(paths)
+    if manifest is None:
         raise UserError(f"Project {paths.name!r} has no prepared images: run Prepare first.")
     items = []
-    for entry in manifest["images"]:
-        if entry.get("status") != "used":
-            continue
-        image_path = paths.images / entry["image"]
-        caption_path = paths.images / entry["caption_file"]
+    for prepared in manifest.prepared_images(paths):
+        image_path = paths.images / prepared.image
+        caption_path = paths.images / prepared.caption_file
         if not image_path.is_file():
             raise UserError(f"Prepared image {image_path.name} is missing: run Prepare again.")
-        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else entry["caption"]
+        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else prepared.caption
         items.append(
             TrainItem(
-                sha256=entry["sha256"],
+                sha256=prepared.sha256,
                 image_path=image_path,
                 caption=caption,
-                bucket=tuple(entry["bucket"]),
-                original_size=tuple(entry["original_size"]),
-                crop_top_left=(entry["crop"]["top"], entry["crop"]["left"]),
-                resized_size=tuple(entry["crop"].get("resized") or entry["bucket"]),
+                bucket=prepared.bucket,
+                original_size=prepared.original_size,
+                crop_top_left=prepared.crop_top_left,
+                resized_size=prepared.resized_size,
             )
         )
     if not items:

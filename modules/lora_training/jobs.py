@@ -265,10 +265,10 @@ class TrainingJobs:
         check_can_start(self._paths(project))
 
     def _prepared_trigger(self, project: str) -> str:
-        from modules.lora_training.project import read_json
+        from modules.lora_training.manifest import ProjectManifest
 
-        manifest = read_json(self._paths(project).manifest) or {}
-        return manifest.get("config", {}).get("trigger", "")
+        manifest = ProjectManifest.read_or_none(self._paths(project))
+        return manifest.trigger if manifest else ""
 
     def stop(self) -> str:
         with self._lock:
@@ -376,17 +376,18 @@ class TrainingJobs:
             self._set(job, state="failed", message=message)
 
     def _log_estimate(self, job, train_config) -> None:
-        from modules.lora_training.estimate import estimate_for_config
-        from modules.lora_training.project import ProjectPaths, read_json
+        from modules.lora_training.estimate import estimate_run
+        from modules.lora_training.manifest import resolution_of
 
-        manifest = read_json(ProjectPaths.for_project(self.app_config.LORA_PROJECTS_DIR, job.project).manifest) or {}
-        resolution = int(manifest.get("config", {}).get("resolution", 1024))
+        resolution = resolution_of(self._paths(job.project))
         try:
-            estimate = estimate_for_config(train_config, models_dir=self.app_config.MODELS_DIR, resolution=resolution)
+            memory = estimate_run(
+                train_config, models_dir=self.app_config.MODELS_DIR, resolution=resolution, timing=False
+            ).memory
         except (UserError, OSError, ValueError) as exc:
             self._record(job, Log(f"No memory estimate: {exc}"))
             return
-        self._record(job, Log(estimate.describe(), level="warning" if estimate.fits is False else "info"))
+        self._record(job, Log(memory.describe(), level="warning" if memory.fits is False else "info"))
 
     def _train(self, job, train_config, run_options: dict, train) -> None:
         config = self.app_config

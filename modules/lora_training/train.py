@@ -57,8 +57,9 @@ from modules.lora_training.events import (
     Stopped,
     ignore_events,
 )
+from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.optim import build_optimizer, build_scheduler
-from modules.lora_training.project import ProjectPaths, read_json, write_json
+from modules.lora_training.project import ProjectPaths, write_json
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
 
 log = logging.getLogger(__name__)
@@ -290,9 +291,8 @@ class Trainer:
                 "Choose another name or allow overwriting."
             )
         self.items = load_items(self.paths)
-        manifest = read_json(self.paths.manifest) or {}
-        self.prep_config = manifest.get("config", {})
-        self.trigger = self.prep_config.get("trigger", "")
+        manifest = ProjectManifest.read(self.paths) or ProjectManifest()
+        self.resolution, self.trigger = manifest.resolution, manifest.trigger
         family = self.entry.family if self.config.family == "auto" else self.config.family
         if family != self.entry.family:
             raise UserError(
@@ -611,7 +611,7 @@ class Trainer:
             "lora_studio.run_id": self.current_run.run_id,
             "lora_studio.base_model": self.entry.name,
             "lora_studio.base_model_sha256": self.base_hash.result(),
-            "lora_studio.resolution": str(self.prep_config.get("resolution", "")),
+            "lora_studio.resolution": str(self.resolution),
             "lora_studio.steps": str(step),
             "lora_studio.trigger_word": self.trigger,
             "lora_studio.rank": str(self.config.rank),

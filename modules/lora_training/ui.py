@@ -29,8 +29,9 @@ from modules.lora_training.dataset.captioners import resolve_florence_model
 from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset, widget_values
 from modules.lora_training.form_widgets import FormWidgets
 from modules.lora_training.jobs import interrupted_projects, resumable_config
+from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.preset_files import preset_names, read_preset
-from modules.lora_training.project import ProjectPaths, read_json
+from modules.lora_training.project import ProjectPaths
 from modules.lora_training.status_view import PageHooks, StatusView
 
 
@@ -105,35 +106,30 @@ class LoraTrainingTab:
         return self.jobs.start(train_config=config, resume=True)
 
     def estimate(self, values: dict, extras: dict, *, strings: dict) -> str:
-        from modules.lora_training.estimate import (
-            count_work_for_config,
-            estimate_for_config,
-            estimate_step_time_for_config,
-        )
+        from modules.lora_training.estimate import estimate_run
 
         config = self.train_config({**self.train_values(values, extras), "project": "estimate"})
-        where = {"models_dir": self.config.MODELS_DIR, "resolution": int(values.get("resolution") or 1024)}
-        work = count_work_for_config(config, **where)
-        lines = [estimate_for_config(config, work=work, **where).describe()]
-        if self.jobs.is_running():
-            lines.append(translate("estimate_time_busy", strings))
-        else:
-            lines.append(estimate_step_time_for_config(config, work=work, **where).describe())
-        return "\n\n".join(lines)
+        busy = self.jobs.is_running()
+        estimate = estimate_run(
+            config,
+            models_dir=self.config.MODELS_DIR,
+            resolution=int(values.get("resolution") or 1024),
+            timing=not busy,
+        )
+        return estimate.describe() + ("\n\n" + translate("estimate_time_busy", strings) if busy else "")
 
     def prepared_gallery(self, project: str) -> list[tuple[str, str]]:
         try:
             paths = ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, project)
+            manifest = ProjectManifest.read(paths)
+            images = manifest.prepared_images(paths) if manifest else []
         except UserError:
             return []
-        manifest = read_json(paths.manifest) or {}
         items = []
-        for entry in manifest.get("images", []):
-            if entry.get("status") != "used":
-                continue
-            caption_file = paths.images / entry["caption_file"]
+        for image in images:
+            caption_file = paths.images / image.caption_file
             caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-            items.append((str(paths.images / entry["image"]), caption))
+            items.append((str(paths.images / image.image), caption))
         return items
 
     def save_caption(self, project: str, image_path: str, caption: str) -> str:
@@ -180,19 +176,16 @@ class LoraTrainingTab:
     def bucket_sizes_for(self, values: dict) -> tuple[list[int] | None, bool]:
         """Images per bucket of the prepared project (exact), else about how many photos the chosen folder
         holds (one bucket); ``(None, False)`` when neither is known."""
-        from collections import Counter
-
         from modules.lora_training.dataset.scan import count_image_files, image_folder
 
         try:
-            manifest = read_json(
-                ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, values.get("project")).manifest
+            manifest = ProjectManifest.read(
+                ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, values.get("project"))
             )
         except UserError:
             manifest = None
         if manifest:
-            used = [tuple(e["bucket"]) for e in manifest.get("images", []) if e.get("status") == "used"]
-            return list(Counter(used).values()), True
+            return manifest.bucket_sizes(), True
         try:
             folder = image_folder(values.get("images_dir"), roots=self.config.IMAGE_ROOTS)
             count = count_image_files(folder, subfolders=values.get("include_subfolders") is True)

@@ -5,7 +5,7 @@ import torch
 
 from core.model_files import model_entry
 from families import family as family_class
-from modules.lora_training.estimate import estimate_memory
+from modules.lora_training.estimate.memory import estimate_memory
 
 
 def _stored_bytes(model: torch.nn.Module) -> int:
@@ -64,7 +64,7 @@ def test_weights_and_lora_parts_are_exact(models_dir, demo_paths, layout, quanti
 
 def test_step_time_counts_the_work_that_training_does(models_dir, demo_paths):
     """Counted on the meta device: batch and checkpointing change the work as they change training."""
-    from modules.lora_training.step_work import count_step_work
+    from modules.lora_training.estimate.work import count_step_work
 
     entry = model_entry(models_dir, demo_paths.sdxl_folder.name)
     targets = family_class("sdxl").attention_targets
@@ -84,20 +84,22 @@ def test_step_time_estimate_for_a_config(models_dir, demo_paths):
     import os
 
     from modules.lora_training.config import TrainConfig, config_from_dict
-    from modules.lora_training.estimate import count_work_for_config, estimate_step_time_for_config
+    from modules.lora_training.estimate import estimate_run
+    from modules.lora_training.estimate.work import count_step_work
 
     for model in (demo_paths.sdxl_single_file.name, demo_paths.flux_single_file.name):
         config = config_from_dict(TrainConfig, {"project": "p", "base_model": model, "gradient_accumulation": 2})
-        estimate = estimate_step_time_for_config(config, models_dir=models_dir, resolution=64)
+        estimate = estimate_run(config, models_dir=models_dir, resolution=64).step_time
         assert estimate.micro_batches == 2
         assert estimate.seconds_per_step == pytest.approx(2 * estimate.seconds_per_micro_batch)
         # No CPU core computes 100 GFLOP/s in fp32: an estimate faster than that lost a unit or a factor.
         assert estimate.seconds_per_micro_batch > estimate.total_flops / (os.cpu_count() * 100e9)
         assert estimate.replayed_share > 0.9, "the heavy operations were timed on the device"
         assert "s/step on cpu" in estimate.describe()
-        work = {rank: count_work_for_config(
-            config_from_dict(TrainConfig, {"project": "p", "base_model": model, "rank": rank}),
-            models_dir=models_dir, resolution=64,
+        entry = model_entry(models_dir, model)
+        targets = family_class(entry.family).target_modules("auto")
+        work = {rank: count_step_work(
+            entry, models_dir=models_dir, targets=targets, rank=rank, batch=1, side=64, gradient_checkpointing=False,
         ).total_flops for rank in (4, 32)}  # fmt: skip
         assert work[32] > work[4], "a larger rank is more work"
         assert work[4] < estimate.total_flops < work[32]  # the config's rank is 16
@@ -107,7 +109,7 @@ def test_step_time_estimate_for_a_config(models_dir, demo_paths):
 def test_counted_activations_match_what_the_real_model_keeps(models_dir, demo_paths, layout):
     """The meta count of the tensors kept for backward, against the memory the same model, run for real,
     still holds after its forward pass (torch's profiler, not the estimator's own bookkeeping)."""
-    from modules.lora_training import step_work
+    from modules.lora_training.estimate import work as step_work
 
     entry = model_entry(models_dir, getattr(demo_paths, layout).name)
     targets = family_class(entry.family).attention_targets

@@ -9,7 +9,7 @@ import textwrap
 
 import torch
 
-from modules.lora_training.estimate import estimate_memory
+from modules.lora_training.estimate.memory import estimate_memory
 from tests.conftest import ROOT
 
 MEASURE = textwrap.dedent(
@@ -18,7 +18,7 @@ MEASURE = textwrap.dedent(
     from pathlib import Path
     from diffusers import AutoencoderKL
     from families.sdxl_configs import write_sdxl_base_config
-    from modules.lora_training.sample_memory import vae_decode_bytes
+    from modules.lora_training.estimate.vae_decode import vae_decode_bytes
 
     folder = write_sdxl_base_config(Path(sys.argv[1]))
     side = int(sys.argv[2])

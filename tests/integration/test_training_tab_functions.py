@@ -68,3 +68,18 @@ def test_presets_models_and_helpers(tab):
     assert format_eta(3725) == "1h02m" and format_eta(65) == "1m05s" and format_eta(None) == "?"
     assert sample_prompt_list("", "man") == ("photo of {trigger} man",)
     assert sample_prompt_list("{trigger} as a {class}\n\n", "dog") == ("{trigger} as a dog",)
+
+
+def test_the_run_log_and_the_estimate_button_give_the_same_memory_figure(tab):
+    tab, name = tab
+    values = {"project": name, "base_model": "demo-tiny-sdxl-RANDOM-WEIGHTS", "resolution": 64, "rank": 4}
+    options = {"steps": 1, "save_every_steps": 0, "sample_every_steps": 0, "also_save_webui": False}
+    config = tab.train_config({**tab.train_values(values), **options})
+    button = tab.estimate({**values, **options}, {}, strings={}).split("\n\n")
+    assert button[0].startswith("Estimated peak memory") and "activations counted" in button[0]
+    assert "s/step" in button[1], "the button also times a step when no job holds the device"
+    tab.start(prepare=None, train=config)
+    status = tab.jobs.wait(timeout=120)
+    assert status["state"] == "finished", status
+    logged = [line.split("  ", 1)[1] for line in status["log"] if "Estimated peak memory" in line]
+    assert logged == [button[0]]

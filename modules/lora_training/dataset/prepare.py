@@ -50,10 +50,10 @@ from modules.lora_training.dataset.scan import (
     scan_folder,
 )
 from modules.lora_training.events import EventSink, Log, PrepFinished, PrepProgress, ignore_events
+from modules.lora_training.manifest import ProjectManifest, bucket_histogram
 from modules.lora_training.names import validate_trigger
-from modules.lora_training.project import ProjectPaths, read_json, write_json
+from modules.lora_training.project import ProjectPaths
 
-MANIFEST_VERSION = 1
 BLANK_SPREAD = 2.0  # luminance standard deviation below which an image is one flat colour
 
 
@@ -67,7 +67,7 @@ class PrepareResult:
     status: str = "finished"  # or "stopped"
 
     def bucket_histogram(self) -> dict[str, int]:
-        return dict(sorted(Counter(f"{e['bucket'][0]}x{e['bucket'][1]}" for e in self.used).items()))
+        return bucket_histogram(self.used)
 
     def skip_reasons(self) -> dict[str, int]:
         return dict((Counter(_reason_kind(e["reason"]) for e in self.skipped) + self.not_read).most_common())
@@ -144,8 +144,8 @@ class _Preparation:
         self.should_stop = should_stop
         self.limits = limits
         self.buckets = make_buckets(config.resolution)
-        old = read_json(paths.manifest, default={}) or {}
-        self.old_by_hash = {e["sha256"]: e for e in old.get("images", []) if e.get("status") == "used"}
+        old = ProjectManifest.read_or_none(paths) or ProjectManifest()
+        self.old_by_hash = {e.get("sha256"): e for e in old.used_entries()}
         self.result = PrepareResult(project_dir=paths.root)
 
     def skip(self, source: str, reason: str, sha256: str | None = None) -> None:
@@ -348,17 +348,12 @@ class _Preparation:
         for stale in self.paths.images.iterdir():
             if stale.is_file() and stale.name not in keep:
                 stale.unlink()
-        write_json(
-            self.paths.manifest,
-            {
-                "version": MANIFEST_VERSION,
-                "source_dir": str(self.images_dir),
-                "config": config_to_dict(self.config),
-                "images": self.result.used + self.result.skipped,
-                "buckets": self.result.bucket_histogram(),
-                "not_read": dict(self.result.not_read),
-            },
-        )
+        ProjectManifest(
+            settings=config_to_dict(self.config),
+            entries=tuple(self.result.used + self.result.skipped),
+            source_dir=str(self.images_dir),
+            not_read=dict(self.result.not_read),
+        ).write(self.paths)
 
 
 def prepare(

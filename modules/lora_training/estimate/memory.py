@@ -1,16 +1,14 @@
-"""Before training: peak memory and seconds per step for the chosen settings.
+"""Peak memory of training, from the safetensors headers and the counted activations.
 
 Weights, LoRA parameters, gradients and optimizer states are counted exactly from the
 safetensors headers (nothing is loaded). Activations are the tensors autograd keeps for
-the backward pass, counted in one forward + backward on the meta device
-(:func:`count_work_for_config` and ``step_work``, also the basis of the time estimate);
-the quick estimate logged when a run starts scales a per-family figure at 1024² instead.
+the backward pass, counted in one forward + backward on the meta device (:mod:`.work`);
+without that count a per-family figure at 1024² is scaled instead (marked "approximated").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from core.model_files import ModelEntry
 
@@ -139,109 +137,3 @@ def detected_device() -> tuple[str, int | None]:
     except (ValueError, OSError):
         pages = None
     return "cpu", pages
-
-
-@dataclass(frozen=True)
-class _ConfigPlan:
-    """What an estimate needs to know about a config: the model, its LoRA layers, device and dtype."""
-
-    entry: ModelEntry
-    targets: tuple[str, ...]
-    device: str
-    device_bytes: int | None
-    weight_dtype: object
-    compute_dtype: object
-
-
-def _plan(config, *, models_dir: Path) -> _ConfigPlan:
-    from core.model_files import model_entry
-    from core.model_manager import pick_device
-    from families import family as model_family
-    from modules.lora_training.train import choose_precision
-
-    entry = model_entry(models_dir, config.base_model)
-    family = model_family(entry.family)
-    targets = family.target_modules(config.lora_targets)
-    device, device_bytes = detected_device()
-    device = pick_device(config.device) if config.device != "auto" else device
-    precision = choose_precision(config.mixed_precision, device, family=entry.family)
-    return _ConfigPlan(
-        entry=entry,
-        targets=targets,
-        device=device,
-        device_bytes=device_bytes,
-        weight_dtype=precision.weight_dtype,
-        compute_dtype=precision.autocast_dtype or precision.weight_dtype,
-    )
-
-
-def count_work_for_config(config, *, models_dir: Path, resolution: int):
-    """The training work of one micro-batch of ``config``, counted on the meta device (a few seconds
-    for a full-size U-Net); shared by the memory and the time estimate."""
-    from modules.lora_training.step_work import count_step_work
-
-    plan = _plan(config, models_dir=models_dir)
-    return count_step_work(
-        plan.entry,
-        models_dir=models_dir,
-        targets=plan.targets,
-        rank=config.rank,
-        batch=config.batch_size,
-        side=resolution,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
-
-
-def estimate_for_config(config, *, models_dir: Path, resolution: int, work=None) -> MemoryEstimate:
-    """Peak memory of training ``config``. With ``work`` (from :func:`count_work_for_config`) the
-    activations are the tensors autograd keeps, counted; without, a per-family figure scaled by size."""
-    plan = _plan(config, models_dir=models_dir)
-    activation_bytes = None
-    if work is not None:
-        scale = plan.compute_dtype.itemsize / 4  # counted at 4 bytes per value
-        # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
-        activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
-    sample_bytes = 0
-    if config.sample_every_steps != 0:  # None: every 10% of the run
-        from modules.lora_training.sample_memory import vae_decode_bytes
-        from modules.lora_training.step_work import components_folder
-
-        vae_weights, decode = vae_decode_bytes(
-            components_folder(plan.entry, models_dir), width=resolution, height=resolution
-        )
-        sample_bytes = vae_weights + decode
-    return estimate_memory(
-        entry=plan.entry,
-        rank=config.rank,
-        targets=plan.targets,
-        optimizer=config.optimizer,
-        resolution=resolution,
-        batch_size=config.batch_size,
-        gradient_checkpointing=config.gradient_checkpointing,
-        weight_bytes=plan.weight_dtype.itemsize,
-        quantization=config.base_quantization,
-        device=plan.device,
-        device_bytes=plan.device_bytes,
-        activation_bytes=activation_bytes,
-        sample_bytes=sample_bytes,
-    )
-
-
-def estimate_step_time_for_config(config, *, models_dir: Path, resolution: int, work=None):
-    """Seconds per optimizer step for ``config`` at ``resolution``, on the device training would use."""
-    from modules.lora_training.step_time import estimate_step_seconds, measure_device, measure_host_seconds
-
-    plan = _plan(config, models_dir=models_dir)
-    if work is None:
-        work = count_work_for_config(config, models_dir=models_dir, resolution=resolution)
-    speed = measure_device(plan.device, plan.compute_dtype)
-    host = measure_host_seconds(
-        plan.entry,
-        models_dir=models_dir,
-        targets=plan.targets,
-        rank=config.rank,
-        gradient_checkpointing=config.gradient_checkpointing,
-        optimizer=config.optimizer,
-        speed=speed,
-    )
-    return estimate_step_seconds(work, speed, host_seconds=host, micro_batches=config.gradient_accumulation)

@@ -1,6 +1,6 @@
 """Before training: how long one optimizer step will take, from counted work replayed on the device.
 
-The work comes from :mod:`step_work` (the meta device). Then, on the real device and in
+The work comes from :mod:`.work` (the meta device). Then, on the real device and in
 the training dtype:
 
 - every distinct heavy operation (matmuls, convolutions, attention and their backward)
@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from core.model_files import ModelEntry
 from families import family as model_family
-from modules.lora_training.step_work import (
+from modules.lora_training.estimate.work import (
     StepWork,
     attention_forward_backward,
     denoiser_blueprint,

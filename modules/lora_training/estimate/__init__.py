@@ -1,0 +1,134 @@
+"""Before training: peak memory and seconds per step for the chosen settings, from one entry point.
+
+:func:`estimate_run` is what the run log, the Estimate button, the CLI and the bench call, so they
+give the same figures for the same settings. The parts:
+
+- :mod:`.work` counts one micro-batch's work on the meta device (operations, FLOPs, bytes, and the
+  activations autograd keeps);
+- :mod:`.memory` adds weights, LoRA, gradients and optimizer states from the safetensors headers;
+- :mod:`.vae_decode` counts what decoding a sample image adds;
+- :mod:`.step_time` replays the counted work on the device to time a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.model_files import ModelEntry
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    memory: object  # a .memory.MemoryEstimate
+    step_time: object | None  # a .step_time.StepTimeEstimate, when timing was asked for
+
+    def describe(self) -> str:
+        lines = [self.memory.describe()]
+        if self.step_time is not None:
+            lines.append(self.step_time.describe())
+        return "\n\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _ConfigPlan:
+    """What an estimate needs to know about a config: the model, its LoRA layers, device and dtype."""
+
+    entry: ModelEntry
+    targets: tuple[str, ...]
+    device: str
+    device_bytes: int | None
+    weight_dtype: object
+    compute_dtype: object
+
+
+def estimate_run(config, *, models_dir: Path, resolution: int, timing: bool = True) -> RunEstimate:
+    """Peak memory of training ``config`` at ``resolution`` (activations counted on the meta device)
+    and, with ``timing``, seconds per optimizer step measured on the device training would use (this
+    runs kernels there: leave it out while another job holds the device)."""
+    from modules.lora_training.estimate.work import count_step_work
+
+    plan = _plan(config, models_dir=Path(models_dir))
+    work = count_step_work(
+        plan.entry,
+        models_dir=models_dir,
+        targets=plan.targets,
+        rank=config.rank,
+        batch=config.batch_size,
+        side=resolution,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    memory = _memory(config, plan=plan, work=work, models_dir=Path(models_dir), resolution=resolution)
+    step_time = _step_time(config, plan=plan, work=work, models_dir=Path(models_dir)) if timing else None
+    return RunEstimate(memory=memory, step_time=step_time)
+
+
+def _plan(config, *, models_dir: Path) -> _ConfigPlan:
+    from core.model_files import model_entry
+    from core.model_manager import pick_device
+    from families import family as model_family
+    from modules.lora_training.estimate.memory import detected_device
+    from modules.lora_training.train import choose_precision
+
+    entry = model_entry(models_dir, config.base_model)
+    family = model_family(entry.family)
+    targets = family.target_modules(config.lora_targets)
+    device, device_bytes = detected_device()
+    device = pick_device(config.device) if config.device != "auto" else device
+    precision = choose_precision(config.mixed_precision, device, family=entry.family)
+    return _ConfigPlan(
+        entry=entry,
+        targets=targets,
+        device=device,
+        device_bytes=device_bytes,
+        weight_dtype=precision.weight_dtype,
+        compute_dtype=precision.autocast_dtype or precision.weight_dtype,
+    )
+
+
+def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: int):
+    from modules.lora_training.estimate.memory import estimate_memory
+
+    scale = plan.compute_dtype.itemsize / 4  # counted at 4 bytes per value
+    # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
+    activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
+    sample_bytes = 0
+    if config.sample_every_steps != 0:  # None: every 10% of the run
+        from modules.lora_training.estimate.vae_decode import vae_decode_bytes
+        from modules.lora_training.estimate.work import components_folder
+
+        vae_weights, decode = vae_decode_bytes(
+            components_folder(plan.entry, models_dir), width=resolution, height=resolution
+        )
+        sample_bytes = vae_weights + decode
+    return estimate_memory(
+        entry=plan.entry,
+        rank=config.rank,
+        targets=plan.targets,
+        optimizer=config.optimizer,
+        resolution=resolution,
+        batch_size=config.batch_size,
+        gradient_checkpointing=config.gradient_checkpointing,
+        weight_bytes=plan.weight_dtype.itemsize,
+        quantization=config.base_quantization,
+        device=plan.device,
+        device_bytes=plan.device_bytes,
+        activation_bytes=activation_bytes,
+        sample_bytes=sample_bytes,
+    )
+
+
+def _step_time(config, *, plan: _ConfigPlan, work, models_dir: Path):
+    from modules.lora_training.estimate.step_time import estimate_step_seconds, measure_device, measure_host_seconds
+
+    speed = measure_device(plan.device, plan.compute_dtype)
+    host = measure_host_seconds(
+        plan.entry,
+        models_dir=models_dir,
+        targets=plan.targets,
+        rank=config.rank,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer,
+        speed=speed,
+    )
+    return estimate_step_seconds(work, speed, host_seconds=host, micro_batches=config.gradient_accumulation)
