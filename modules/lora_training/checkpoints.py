@@ -48,7 +48,9 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int) -> Path:
+def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int, protect: int | None = None) -> Path:
+    """Write ``state`` whole, then remove all but the ``keep`` newest checkpoints, except the one of step
+    ``protect`` (the best so far by validation)."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(checkpoints, state.step)
@@ -66,8 +68,10 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int) -> 
         (tmp / "config.json").write_text(json.dumps(state.config, indent=2))
         # Written last: its presence marks the checkpoint complete.
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped}))
+    kept = checkpoint_dir(checkpoints, protect) if protect is not None else None
     for old in list_checkpoints(checkpoints)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -147,6 +147,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace, app_config) -> int:
+    from modules.lora_training.evaluate import evaluate_run, format_table
+    from modules.lora_training.validation import BEST_RULE
+
+    def progress(record: dict) -> None:
+        print(f"measured step {record['step']}", flush=True)
+
+    evaluation = evaluate_run(
+        args.project,
+        projects_dir=app_config.LORA_PROJECTS_DIR,
+        models_dir=app_config.MODELS_DIR,
+        run_id=args.run_id,
+        device=args.device,
+        on_record=progress,
+    )
+    print(format_table(evaluation))
+    best = evaluation.best()
+    print(f"best checkpoint ({BEST_RULE}): {best['checkpoint'] if best else 'none yet'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modules.lora_training", description="LoRA Studio training tools")
     parser.add_argument("--app-config", type=Path, default=ROOT / "config.json", help="the app's config.json")
@@ -176,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or loras/diffusers/ beside the source)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace the output file when it exists")
+    evaluate = commands.add_parser(
+        "evaluate", help="validation loss of a run's checkpoints (held-out and training images); best checkpoint"
+    )
+    evaluate.add_argument("--project", required=True)
+    evaluate.add_argument("--run", dest="run_id", help="the run to evaluate (its id, runs/<id>/; default: the newest)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
     return parser
@@ -208,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 raise UserError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
             return 0
+        if args.command == "evaluate":
+            return _evaluate(args, app_config)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

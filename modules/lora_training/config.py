@@ -228,6 +228,12 @@ class TrainConfig:
     seed: int = bounded(42, minimum=0, maximum=MAX_SEED)
     cache_latents: bool = True
     cache_text_embeddings: bool = True
+    validation_share: float = bounded(
+        0.1,
+        minimum=0.0,
+        maximum=0.5,
+        help="share of the prepared images held out to measure the LoRA on (none below 5 images; 0 = off)",
+    )
     # outputs
     save_every_steps: int | None = bounded(
         0,

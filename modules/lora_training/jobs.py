@@ -443,7 +443,8 @@ def resumable_config(projects_dir: Path, project: str, run_id: str | None = None
             f"Run {run.run_id} of project {project!r} has no training_config.json; "
             "start a new run with --new-run (tab: tick 'Start a new run')."
         )
-    return config_from_dict(TrainConfig, raw)
+    # Runs from before validation trained on every image: they resume on the same ones.
+    return config_from_dict(TrainConfig, {"validation_share": 0.0, **raw})
 
 
 def interrupted_projects(projects_dir: Path, loras_dir: Path) -> list[str]:

@@ -43,6 +43,11 @@ class RunPaths:
         return self.root / "logs"
 
     @property
+    def evaluation(self) -> Path:
+        """Validation figures per checkpoint and the best one (:mod:`.validation`)."""
+        return self.root / "evaluation.json"
+
+    @property
     def training_config(self) -> Path:
         return self.root / "training_config.json"
 

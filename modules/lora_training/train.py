@@ -58,9 +58,17 @@ from modules.lora_training.events import (
     ignore_events,
 )
 from modules.lora_training.manifest import ProjectManifest
+from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, write_json
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
+from modules.lora_training.validation import (
+    Evaluation,
+    describe_figures,
+    fixed_noise_loss,
+    split_validation,
+    training_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +279,13 @@ class Trainer:
         return RunPaths(Path(self.processes.broadcast(str(new_run(self.paths).root))))
 
     def _checkpoint_config(self) -> None:
-        """A resumed run keeps the LoRA shape its checkpoint was trained with, whatever the caller passed."""
+        """A resumed run keeps the LoRA shape and the held-out images its checkpoint was trained with,
+        whatever the caller passed."""
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
         saved = json.loads((latest / "config.json").read_text(encoding="utf-8"))
         shape = {key: saved[key] for key in LORA_SHAPE if key in saved}
+        # Runs from before validation trained on every image.
+        shape["validation_share"] = saved.get("validation_share", 0.0)
         changes = {key: value for key, value in shape.items() if value != getattr(self.config, key)}
         if changes:
             self.on_event(Log(f"Resuming with the checkpoint's {', '.join(sorted(changes))}", level="warning"))
@@ -290,7 +301,8 @@ class Trainer:
                 f"A LoRA named {self.lora_path.name} already exists in {self.loras_dir}{self._made_by()}. "
                 "Choose another name or allow overwriting."
             )
-        self.items = load_items(self.paths)
+        self.items, self.held_out = split_validation(load_items(self.paths), self.config.validation_share)
+        self.probe = training_probe(self.items, count=len(self.held_out))
         manifest = ProjectManifest.read(self.paths) or ProjectManifest()
         self.resolution, self.trigger = manifest.resolution, manifest.trigger
         family = self.entry.family if self.config.family == "auto" else self.config.family
@@ -347,6 +359,9 @@ class Trainer:
         self._add_lora_and_optimizer()
         self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
+        self.evaluation = Evaluation.read(self.current_run.evaluation, up_to_step=self.start_step)
+        self.evaluation.validation_images = [item.image_path.name for item in self.held_out]
+        self.evaluation.training_images = [item.image_path.name for item in self.probe]
         self.sync = GradientSync(self.family.lora_modules(), processes=self.processes)
         if self.is_main:  # written once the run has really started: a run that fails to start strands nothing
             write_json(self.current_run.training_config, config_to_dict(config))
@@ -385,6 +400,7 @@ class Trainer:
         if self.is_main and config.cache_latents:
             made = self.caches.fill_latents(self.items, flips=self.flips, on_event=self.on_event)
             self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
+            self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event)
         if self.is_main and self.cached_text:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
         if self.is_main and self.sample_prompts and not config.train_text_encoder:
@@ -405,7 +421,7 @@ class Trainer:
             return {p: {k: v.cpu() for k, v in self.family.encode_text([p]).items()} for p in dict.fromkeys(prompts)}
 
     def _all_captions(self) -> list[str]:
-        captions = [item.caption for item in self.items]
+        captions = [item.caption for item in self.items + self.held_out]
         return captions + [""] if self.config.caption_dropout > 0 else captions
 
     def _resume_state(self) -> int:
@@ -422,6 +438,8 @@ class Trainer:
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         self.skipped = state.skipped
+        if self.is_main:
+            keep_metrics_up_to(self.current_run.logs, step=state.step)
         self.on_event(Log(f"Resuming run {self.current_run.run_id} from step {state.step} ({latest})"))
         return state.step
 
@@ -433,7 +451,8 @@ class Trainer:
             f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
             f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
-            f"{len(self.items)} images, {self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
+            f"{len(self.items)} images ({len(self.held_out)} more held out for validation), "
+            f"{self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
             f"checkpoint every {self.save_every} steps" if self.save_every else "checkpoint at the end only",
             f"samples every {self.sample_every} steps" if self.sample_every else "no samples",
         ]
@@ -554,9 +573,56 @@ class Trainer:
             config=config_to_dict(self.config),
             skipped=self.skipped,
         )
-        path = ckpt.save_checkpoint(self.current_run.checkpoints, state, keep=self.config.keep_checkpoints)
+        best = self.evaluation.best()
+        path = ckpt.save_checkpoint(
+            self.current_run.checkpoints,
+            state,
+            keep=self.config.keep_checkpoints,
+            protect=best["step"] if best else None,
+        )
         self.on_event(CheckpointSaved(path=str(path), step=step))
         return path
+
+    def _eval_inputs(self, item: TrainItem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An image's latent mean (no sampling: the figure must not vary) and its caption's embeddings."""
+        if self.config.cache_latents:
+            moments = self.caches.moments(item, False)[None]
+        else:
+            moments = self.family.encode_image_moments(_load_pixels(item, flip=False)[None])
+        mean, _ = moments.to(self.device).chunk(2, dim=1)
+        if self.cached_text:
+            text = {key: value[None].to(self.device) for key, value in self.caches.text(item.caption).items()}
+        else:
+            text = self.family.encode_text([item.caption])
+        return mean, text
+
+    def _validate(self, step: int, *, checkpointed: bool) -> None:
+        """Validation and training-image losses at ``step`` (main process), into metrics and evaluation.json."""
+        if not self.is_main or not self.held_out:
+            return
+        clock = time.perf_counter()
+        self.family.denoiser.eval()
+        with self._autocast():
+            figures = {
+                "validation_loss": self._fixed_loss(self.held_out),
+                "training_images_loss": self._fixed_loss(self.probe),
+            }
+        self.family.denoiser.train()
+        if None in figures.values():
+            return  # a Stop came: the run saves its checkpoint without this step's figures
+        checkpoint = ckpt.checkpoint_dir(self.current_run.checkpoints, step).name if checkpointed else None
+        self.evaluation.add({"step": step, **figures, "checkpoint": checkpoint})
+        self.evaluation.write(self.current_run.evaluation)
+        self._metrics({"step": step, **figures})
+        self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - clock
+        self.on_event(Log(describe_figures(step, **figures)))
+
+    def _fixed_loss(self, items: list[TrainItem]) -> float | None:
+        if not items:
+            return None
+        return fixed_noise_loss(
+            self.family, items, inputs=self._eval_inputs, config=self.config, should_stop=self.should_stop
+        )
 
     def _metrics(self, record: dict) -> None:
         if not self.is_main:
@@ -659,6 +725,8 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> TrainResult:
         step = self.start_step
+        if step == 0:
+            self._validate(0, checkpointed=False)  # LoRA starts as a no-op: the base model's figures
         bad_steps = 0
         self.last_checkpoint = ckpt.latest_checkpoint(self.current_run.checkpoints)
         while step < self.total_steps:
@@ -686,6 +754,7 @@ class Trainer:
                 StepDone(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss, lr=lr, s_per_step=seconds)
             )
             if self.save_every and step % self.save_every == 0 and step < self.total_steps:
+                self._validate(step, checkpointed=True)
                 self.last_checkpoint = self._checkpoint(step) or self.last_checkpoint
                 if self.is_main:
                     from modules.lora_training.metrics import write_loss_plot
@@ -717,6 +786,7 @@ class Trainer:
         return TrainResult("failed", step, checkpoint=self.last_checkpoint, message=message)
 
     def _finish(self, step: int) -> TrainResult:
+        self._validate(step, checkpointed=True)
         last_checkpoint = self._checkpoint(step) or self.last_checkpoint
         if not self.is_main:
             return TrainResult("finished", step, checkpoint=last_checkpoint)

@@ -1,0 +1,129 @@
+"""Held-out validation: is the LoRA learning the subject, or only the training photos?
+
+A stable share of the prepared images (chosen by content hash, so the same photos stay out across
+runs and resumes) is kept out of training. At the start of a fresh run, at every checkpoint and at
+the end, the denoising loss is measured on them and on as many training images, at fixed noise
+levels with fixed noise per image: the same LoRA always gives the same numbers, the first figure
+is the base model's (LoRA starts as a no-op), and the gap between the two shows overfitting.
+``evaluation.json`` in the run's folder keeps the figures and the best checkpoint. A set too small
+to hold images out (under 5) trains on every image and is not measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.atomic import write_text_atomic
+
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule; the same for every figure
+MIN_IMAGES_FOR_A_SPLIT = 5  # below this every photo trains; the training-image figure still shows
+MAX_PROBE_IMAGES = 8  # training images measured beside the held-out ones (bounds the cost)
+BEST_RULE = "lowest validation loss"
+
+
+def _rank(item) -> str:
+    return hashlib.sha256(f"validation:{item.sha256}".encode()).hexdigest()
+
+
+def split_validation(items: list, share: float) -> tuple[list, list]:
+    """(training items, held-out items): ``share`` of them (at least one), none below 5 images or at 0."""
+    if share <= 0 or len(items) < MIN_IMAGES_FOR_A_SPLIT:
+        return list(items), []
+    count = min(len(items) - 1, max(1, round(share * len(items))))
+    held = {id(item) for item in sorted(items, key=_rank)[:count]}
+    return [i for i in items if id(i) not in held], [i for i in items if id(i) in held]
+
+
+def training_probe(items: list, *, count: int) -> list:
+    """A stable subset of the training images, as many as are held out (up to 8)."""
+    return sorted(items, key=_rank)[: min(count, MAX_PROBE_IMAGES)]
+
+
+def _noise_for(item, shape: tuple[int, ...], level: int) -> torch.Tensor:
+    seed = int(hashlib.sha256(f"{item.sha256}:{level}".encode()).hexdigest()[:15], 16)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def fixed_noise_loss(
+    family, items: list, *, inputs: Callable, config, should_stop: Callable[[], bool] = lambda: False
+) -> float | None:
+    """Mean denoising loss over ``items`` × :data:`NOISE_LEVELS`; ``inputs(item)`` gives the item's
+    (unscaled latent mean, text embeddings) on the training device. Plain MSE (no min-SNR weights).
+    None when ``should_stop`` turned true on the way (checked between images)."""
+    import dataclasses
+
+    plain = dataclasses.replace(config, min_snr_gamma=0.0)
+    losses = []
+    for item in items:
+        if should_stop():
+            return None
+        mean, text = inputs(item)
+        latents = family.scale_latents(mean)
+        for level, fraction in enumerate(NOISE_LEVELS):
+            noise = _noise_for(item, tuple(latents.shape), level).to(latents.device, latents.dtype)
+            loss = family.training_loss(
+                latents=latents,
+                text=text,
+                items=[item],
+                generator=None,  # noise and timestep are given
+                config=plain,
+                fixed_t=torch.tensor([fraction]),
+                noise=noise,
+            )
+            losses.append(float(loss.float().mean()))
+    return sum(losses) / len(losses)
+
+
+def describe_figures(step: int, *, validation_loss: float | None, training_images_loss: float | None) -> str:
+    """The run log's line: "Validation at step 40: held-out images 0.1234, training images 0.1100"."""
+    held = "no held-out images" if validation_loss is None else f"held-out images {validation_loss:.4f}"
+    trained = "" if training_images_loss is None else f", training images {training_images_loss:.4f}"
+    base = " (the base model: LoRA not trained yet)" if step == 0 else ""
+    return f"Validation at step {step}{base}: {held}{trained}"
+
+
+@dataclass
+class Evaluation:
+    """The figures of one run, as ``evaluation.json`` holds them."""
+
+    validation_images: list[str] = field(default_factory=list)
+    training_images: list[str] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # step, validation_loss, training_images_loss, checkpoint
+
+    @classmethod
+    def read(cls, path: Path, *, up_to_step: int) -> Evaluation:
+        """The run's figures up to ``up_to_step`` (a resumed run drops what came after its checkpoint)."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            records = [r for r in raw.get("records", []) if isinstance(r, dict) and r.get("step", 0) <= up_to_step]
+            return cls(raw.get("validation_images", []), raw.get("training_images", []), records)
+        except (OSError, ValueError, AttributeError):
+            return cls()
+
+    def add(self, record: dict) -> None:
+        others = [r for r in self.records if r["step"] != record["step"]]
+        self.records = sorted([*others, record], key=lambda r: r["step"])
+
+    def best(self) -> dict | None:
+        """The checkpointed record with the lowest validation loss; None without held-out images."""
+        candidates = [r for r in self.records if r.get("checkpoint") and r.get("validation_loss") is not None]
+        return min(candidates, key=lambda r: (r["validation_loss"], -r["step"])) if candidates else None
+
+    def write(self, path: Path) -> None:
+        best = self.best()
+        document = {
+            "rule": BEST_RULE,
+            "noise_levels": list(NOISE_LEVELS),
+            "validation_images": self.validation_images,
+            "training_images": self.training_images,
+            "records": self.records,
+            "best": best,
+        }
+        write_text_atomic(path, json.dumps(document, indent=2))

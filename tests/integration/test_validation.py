@@ -1,0 +1,92 @@
+"""Held-out validation during training: stable split, deterministic figures, the best checkpoint kept."""
+
+import json
+import shutil
+
+import pytest
+
+from modules.lora_training.config import TrainConfig, config_from_dict
+from modules.lora_training.metrics import read_metrics, read_validation
+from modules.lora_training.train import train
+from modules.lora_training.validation import MIN_IMAGES_FOR_A_SPLIT, split_validation, training_probe
+from tests.conftest import write_config
+from tests.demo_names import DEMO_SDXL_NAME
+
+
+class Item:
+    def __init__(self, sha256):
+        self.sha256 = sha256
+
+
+def test_the_split_is_stable_and_sized_by_the_share():
+    items = [Item(f"{n:064x}") for n in range(40)]
+    kept, held = split_validation(items, 0.1)
+    assert len(held) == 4 and len(kept) == 36 and not {id(i) for i in held} & {id(i) for i in kept}
+    again, held_again = split_validation(list(reversed(items)), 0.1)
+    assert {i.sha256 for i in held_again} == {i.sha256 for i in held}, "by content, not by order"
+    assert split_validation(items[: MIN_IMAGES_FOR_A_SPLIT - 1], 0.5)[1] == []
+    assert len(split_validation(items[:MIN_IMAGES_FOR_A_SPLIT], 0.01)[1]) == 1, "at least one"
+    assert len(split_validation(items[:6], 0.5)[1]) == 3
+    assert split_validation(items, 0.0) == (items, [])
+    assert len(training_probe(kept, count=len(held))) == 4 and training_probe(kept, count=0) == []
+
+
+@pytest.fixture
+def seven_image_project(tmp_path, sdxl_project):
+    """The shared 4-image SDXL project, its crops duplicated under new hashes to 7 images."""
+    projects, name = sdxl_project
+    shutil.copytree(projects, tmp_path / "projects")
+    root = tmp_path / "projects" / name
+    manifest = json.loads((root / "manifest.json").read_text())
+    used = [e for e in manifest["images"] if e["status"] == "used"]
+    for number, entry in enumerate(used[:3]):
+        twin = {**entry, "sha256": f"{number:02d}" + entry["sha256"][2:], "image": f"twin{number}.png"}
+        twin["caption_file"] = f"twin{number}.txt"
+        shutil.copy(root / "images" / entry["image"], root / "images" / twin["image"])
+        shutil.copy(root / "images" / entry["caption_file"], root / "images" / twin["caption_file"])
+        manifest["images"].append(twin)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "projects", name
+
+
+def _train(projects, name, models_dir, loras, *, new_run=False, **options):
+    values = {"project": name, "base_model": DEMO_SDXL_NAME, "rank": 4, "learning_rate": 1e-3, "seed": 3}
+    config = config_from_dict(TrainConfig, {**values, "sample_every_steps": 0, "also_save_webui": False, **options})
+    return train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras, new_run=new_run)
+
+
+@pytest.mark.slow
+def test_validation_during_training_and_a_re_evaluation_that_reproduces_it(
+    seven_image_project, models_dir, tmp_path, capsys
+):
+    """Training measures at the start, every checkpoint and the end, from cached latents; ``evaluate``
+    measures again from the images, and gets the same numbers."""
+    from modules.lora_training.cli import main
+
+    projects, name = seven_image_project
+    result = _train(projects, name, models_dir, tmp_path / "loras", steps=6, save_every_steps=2, keep_checkpoints=1)
+    assert result.status == "finished", result.message
+    run = next((projects / name / "runs").iterdir())
+    recorded = json.loads((run / "evaluation.json").read_text())
+    assert len(recorded["validation_images"]) == 1 and len(recorded["training_images"]) == 1
+    assert [r["step"] for r in recorded["records"]] == [0, 2, 4, 6]
+    base, *trained = recorded["records"]
+    assert base["checkpoint"] is None
+    assert trained[-1]["training_images_loss"] < base["training_images_loss"], "the LoRA learned its images"
+    best = recorded["best"]
+    assert best == min(trained, key=lambda r: (r["validation_loss"], -r["step"]))
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert best["checkpoint"] in kept and "step-000006" in kept, "the best checkpoint survives pruning"
+    assert [r["step"] for r in read_validation(run / "logs")] == [0, 2, 4, 6]
+    assert len(read_metrics(run / "logs")) == 6, "step records and validation records stay apart"
+
+    app_config = write_config(tmp_path, models_dir)  # its projects folder is the fixture's
+    assert main(["--app-config", str(app_config), "evaluate", "--project", name, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    again = json.loads((run / "evaluation.json").read_text())
+    assert [r["step"] for r in again["records"]] == [0, 2, 4, 6]
+    for before, after in zip(recorded["records"], again["records"], strict=True):
+        assert after["validation_loss"] == pytest.approx(before["validation_loss"], rel=1e-5)
+        assert after["training_images_loss"] == pytest.approx(before["training_images_loss"], rel=1e-5)
+    assert again["best"]["step"] == best["step"]
+    assert f"{best['checkpoint']}  <- best" in printed and "(base model)" in printed
