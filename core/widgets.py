@@ -6,10 +6,15 @@ PIXELS_PER_CHARACTER = 9.5  # Gradio's button font, with a margin for wide lette
 BUTTON_PADDING = 48
 
 
+def button_width(text: str) -> int:
+    """The width a button needs to show ``text`` on one line."""
+    return round(len(text) * PIXELS_PER_CHARACTER + BUTTON_PADDING)
+
+
 def button(text: str, **kwargs):
     """A ``gr.Button`` never narrower than its text on one line: in a crowded row the row wraps, not the text
     (a translation longer than the English one keeps working)."""
     import gradio as gr
 
-    width = max(kwargs.pop("min_width", 0), round(len(text) * PIXELS_PER_CHARACTER + BUTTON_PADDING))
+    width = max(kwargs.pop("min_width", 0), button_width(text))
     return gr.Button(text, min_width=width, **kwargs)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
+from core.i18n import Text
 from core.widgets import button
 from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget_values
 
@@ -14,6 +15,13 @@ from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget
 def _range_text(bounds: tuple[float, float], t: Callable) -> str:
     low, high = (f"{value:,}" if isinstance(value, int) else f"{value:g}" for value in bounds)
     return t("range", minimum=low, maximum=high)
+
+
+def _joined(first: str, second: str) -> str:
+    """``"first · second"``, rendered again in another language when both parts can be."""
+    if isinstance(first, Text) and isinstance(second, Text):
+        return Text(lambda: f"{first.render()} · {second.render()}")
+    return f"{first} · {second}"
 
 
 # A widget never gets narrower than this: a row wraps to the next line instead of wrapping labels.
@@ -25,11 +33,15 @@ class FormWidgets:
 
     ``initial`` overrides first values (the base model the tab picks); ``choices`` gives the
     choices of options whose values the app knows (the base models); ``family_of`` names a
-    base model's family for the visibility rules.
+    base model's family for the visibility rules; ``button`` makes buttons (the page's, whose text
+    follows the language).
     """
 
-    def __init__(self, t: Callable, *, initial: dict, choices: dict, family_of: Callable, info: dict) -> None:
+    def __init__(
+        self, t: Callable, *, initial: dict, choices: dict, family_of: Callable, info: dict, button=button
+    ) -> None:
         self.t = t
+        self.button = button
         self.initial = {**default_widget_values(), **initial}
         self.choices = choices
         self.family_of = family_of
@@ -97,7 +109,7 @@ class FormWidgets:
             return gr.Slider(low, high, step=option.step, **common)
         # Numbers keep no minimum/maximum: config_from_dict names the field when one is out of range.
         bounds = _range_text((low, high), self.t)
-        common["info"] = f"{common['info']} · {bounds}" if "info" in common else bounds
+        common["info"] = _joined(common["info"], bounds) if "info" in common else bounds
         precision = 0 if option.kind == "integer" else None
         placeholder = self.t(option.placeholder) if option.placeholder else None
         return gr.Number(precision=precision, step=option.step or 1, placeholder=placeholder, **common)
@@ -105,7 +117,7 @@ class FormWidgets:
     def _model_dropdown(self, option: Option, common: dict):
         names = self.choices[option.name]
         dropdown = gr.Dropdown(choices=names(), **common)
-        refresh = button(self.t("refresh"), scale=1)
+        refresh = self.button(self.t("refresh"), scale=1)
         refresh.click(
             lambda current: gr.Dropdown(choices=names(), value=current),
             inputs=[dropdown],
