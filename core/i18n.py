@@ -51,6 +51,9 @@ class Text(str):
         text.render = render
         return text
 
+    def __getnewargs__(self):  # copies (Gradio copies components' properties) render again
+        return (self.render,)
+
 
 @dataclass
 class Language:

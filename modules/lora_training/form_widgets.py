@@ -13,8 +13,14 @@ from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget
 
 
 def _range_text(bounds: tuple[float, float], t: Callable) -> str:
-    low, high = (f"{value:,}" if isinstance(value, int) else f"{value:g}" for value in bounds)
-    return t("range", minimum=low, maximum=high)
+    """``"1 to 1,000"``, its thousands grouped as the language groups them ("de 1 à 1 000")."""
+
+    def render() -> str:
+        group = str(t("thousands_separator"))
+        low, high = (f"{value:,}".replace(",", group) if isinstance(value, int) else f"{value:g}" for value in bounds)
+        return str(t("range", minimum=low, maximum=high))
+
+    return Text(render) if isinstance(t("range"), Text) else render()
 
 
 def _joined(first: str, second: str) -> str:
