@@ -31,6 +31,8 @@ def template_of(node: ast.expr) -> str | None:
                 parts.append(f"{{{count}}}")
                 count += 1
         return "".join(parts)
+    if isinstance(node, ast.Subscript):  # a literal cut to a length: f"...{value!r}"[:300]
+        return template_of(node.value)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         left, right = template_of(node.left), template_of(node.right)
         return None if left is None or right is None else _renumber(left, right)
@@ -125,3 +127,17 @@ def test_live_strings_follow_the_language():
     assert (strings["a"], text, strings.message("Done.")) == ("Apple", "Apple", "Done.")
     language.code = "fr"
     assert (strings["a"], text.render(), strings.message("Done.")) == ("Pomme", "Pomme", "Terminé.")
+
+
+def test_the_status_column_shows_the_job_in_french():
+    from modules.lora_training.status_view import render_status, shown_log
+
+    tables = json.loads((ROOT / "modules" / "lora_training" / "module.json").read_text(encoding="utf-8"))["language"]
+    catalogs = {"fr": load_catalog(ROOT / "locales", "fr")}
+    strings = LiveStrings(tables, language=Language("fr"), catalogs=catalogs)
+    snapshot = {"state": "finished", "project": "cat", "message": "cat.safetensors is ready in the Generate tab."}
+    assert render_status(snapshot, strings) == "cat terminé : cat.safetensors est prêt dans l'onglet Générer."
+    log = ["12:00:01  Prepared 3 image(s), skipped 1.", "12:00:09  step 10/100  loss 0.1234  lr 1.00e-04  0.50 s/step"]
+    assert shown_log(log, strings) == (
+        "12:00:09  étape 10/100  perte 0.1234  taux 1.00e-04  0.50 s/étape\n12:00:01  3 image(s) préparée(s), 1 ignorée(s)."
+    )
