@@ -19,7 +19,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
     """The whole UI as a ``gr.Blocks``; nothing is loaded until a request needs it.
 
     The language switch in the header saves LANGUAGE into ``config_path`` (when given) and re-labels the
-    page in place; each page load shows the current language too."""
+    page in place and for every page opened after."""
     import gradio as gr
 
     from core.config import LANGUAGES
@@ -46,7 +46,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
             listed = "\n".join(f"- **{name}**: {error}" for name, error in failures.items())
             page.markdown(Text(lambda: f"{strings['plugins_failed']}\n{listed}"))
         page.collect(demo)
-        _wire_language(demo, switch=switch, page=page, language=language, save=_language_saver(config_path, language))
+        _wire_language(demo, switch=switch, page=page, save=_language_saver(config_path, language))
     demo.model_manager = model_manager
     demo.plugins = plugins
     demo.language = language
@@ -92,9 +92,9 @@ def _language_saver(config_path: Path | None, language):
     return save
 
 
-def _wire_language(demo, *, switch, page, language, save) -> None:
-    """Choosing a language saves it and re-labels the page; every page load shows the current language
-    (another page may have switched it)."""
+def _wire_language(demo, *, switch, page, save) -> None:
+    """Choosing a language saves it, re-labels the open page and rebuilds the page config that later page
+    loads get, so they arrive in the new language."""
     from core.errors import UserError, shown_to_user
 
     def on_switch(code: str) -> list:
@@ -102,16 +102,14 @@ def _wire_language(demo, *, switch, page, language, save) -> None:
             save(code)
         except (UserError, OSError) as exc:
             raise shown_to_user(exc) from exc
+        page.apply()
+        switch.value = code
+        demo.config = demo.get_config_file()
         return page.updates()
 
-    def on_load() -> list:
-        return [language.code, *page.updates()]
-
     switched = switch.input(on_switch, inputs=[switch], outputs=page.outputs, api_name="set_language")
-    loaded = demo.load(on_load, outputs=[switch, *page.outputs], api_visibility="private", show_progress="hidden")
     for refresher in page.refreshers:
-        for event in (switched, loaded):
-            event.then(refresher.fn, inputs=refresher.inputs, outputs=refresher.outputs, api_visibility="private")
+        switched.then(refresher.fn, inputs=refresher.inputs, outputs=refresher.outputs, api_visibility="private")
 
 
 def parse_auth(value: str) -> tuple[str, str] | None:

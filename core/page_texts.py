@@ -4,6 +4,10 @@ Labels, infos, placeholders, choice labels and plot titles given as :class:`core
 walking the built page; Gradio turns a button's or a Markdown's value into a plain ``str``, so those are
 registered here when they are made (:meth:`PageTexts.button`, :meth:`PageTexts.markdown`). Texts that
 depend on the page's values (the run plan) are refreshed by handlers added with :meth:`PageTexts.refresh`.
+
+The switch sends the open page :meth:`PageTexts.updates`; :meth:`PageTexts.apply` writes the same texts
+into the components themselves, from which Gradio's page config is rebuilt, so a page opened (or reloaded)
+afterwards arrives in the new language (no update after loading: nothing flickers, an open menu stays open).
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ class PageTexts:
     @property
     def outputs(self) -> list:
         return list(dict.fromkeys([*self.properties, *self.values]))
+
+    def apply(self) -> None:
+        """Set every registered text on its component, in the current language (for the page config)."""
+        for component, found in self.properties.items():
+            for name, value in found.items():
+                rendered = value.render()
+                setattr(component, name, Text(value.render) if isinstance(value, Text) else rendered)
+        for component, text in self.values.items():
+            component.value = component.postprocess(text.render())
 
     def updates(self) -> list:
         """One ``gr.update`` per component of :attr:`outputs`, every text rendered in the current language."""

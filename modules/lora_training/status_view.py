@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from core.i18n import shown_message, text_of, translate
+from core.page_texts import page_texts_of
 
 _STAMP = re.compile(r"(\d\d:\d\d:\d\d  )(.*)", re.DOTALL)
 
@@ -104,7 +105,7 @@ class StatusView:
 
     def build(self) -> None:
         t = self.strings
-        self.status = gr.Markdown(translate("status_idle", t), elem_id="lt-status")
+        self.status = page_texts_of(t).markdown(text_of(t, "status_idle"), elem_id="lt-status")
         self.progress = gr.HTML(elem_id="lt-progress")
         self.loss_plot = gr.LinePlot(
             pd.DataFrame({"step": [], "loss": []}),

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from core.errors import UserError, shown_to_user
-from core.i18n import shown_message, text_of, translate
+from core.i18n import Text, shown_message, text_of, translate
 from core.model_files import native_image_size
 from core.page_texts import page_texts_of
 from model_formats.demo_models import DEMO_FLORENCE_NAME
@@ -244,12 +244,12 @@ class LoraTrainingTab:
         with gr.Tab(t("tab_title"), id="lora_training"):
             texts.markdown(t("intro"))
             interrupted = self.interrupted()
-            banner = gr.Markdown(
+            banner = texts.markdown(
                 t("interrupted", projects=", ".join(interrupted)), visible=bool(interrupted), elem_id="lt-interrupted"
             )
             with gr.Row():
                 with gr.Column(scale=3):
-                    page = self._build_controls(form, t, button=texts.button)
+                    page = self._build_controls(form, t, texts=texts)
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
@@ -264,7 +264,8 @@ class LoraTrainingTab:
         self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
 
-    def _build_controls(self, form: FormWidgets, t, *, button) -> SimpleNamespace:
+    def _build_controls(self, form: FormWidgets, t, *, texts) -> SimpleNamespace:
+        button = texts.button
         page = SimpleNamespace(extras=gr.State({}))  # a loaded preset's options that have no widget
         page.upload = gr.File(
             file_count="multiple",
@@ -274,7 +275,7 @@ class LoraTrainingTab:
             height=110,
         )
         form.build("dataset")
-        page.plan = gr.Markdown(self.plan_text(form.initial, t=t), elem_id="lt-plan")
+        page.plan = texts.markdown(Text(lambda: self.plan_text(form.initial, t=t)), elem_id="lt-plan")
         with gr.Row():
             page.preset = gr.Dropdown(self.presets(), value=None, label=t("preset"), elem_id="lt-preset", scale=3)
             page.load_preset = button(t("load_preset"), scale=1)
