@@ -6,6 +6,17 @@ PIXELS_PER_CHARACTER = 9.5  # Gradio's button font, with a margin for wide lette
 BUTTON_PADDING = 48
 
 
+# Checkbox labels sit beside the box and slider labels beside the number: room for both.
+BESIDE_LABEL = {"checkbox": 70, "slider": 130}
+LABEL_PIXELS_PER_CHARACTER = 8.5
+
+
+def label_width(label: str, kind: str) -> int:
+    """The width a checkbox or slider (``kind``) needs for ``label`` on one line beside it; 0 for other kinds."""
+    extra = BESIDE_LABEL.get(kind)
+    return round(len(label) * LABEL_PIXELS_PER_CHARACTER) + extra if extra else 0
+
+
 def button_width(text: str) -> int:
     """The width a button needs to show ``text`` on one line."""
     return round(len(text) * PIXELS_PER_CHARACTER + BUTTON_PADDING)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from core.i18n import Text
-from core.widgets import button
+from core.widgets import button, label_width
 from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget_values
 
 
@@ -93,10 +93,7 @@ class FormWidgets:
             "visible": visible,
             "scale": option.scale,
         }
-        # Checkbox labels sit beside the box and slider labels beside the number: room for both.
-        extra = {"checkbox": 70, "slider": 130}.get(option.kind)
-        needed = round(len(common["label"]) * 8.5) + extra if extra else 0
-        common["min_width"] = max(MIN_WIDTHS.get(option.kind, 160), needed)
+        common["min_width"] = max(MIN_WIDTHS.get(option.kind, 160), label_width(common["label"], option.kind))
         if option.name in self.info:
             common["info"] = self.info[option.name]
         if option.kind in ("text", "prompts"):

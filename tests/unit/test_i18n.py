@@ -55,7 +55,7 @@ def test_the_page_is_relabelled_in_the_new_language():
         "fr": {"name": "Nom", "go": "Lancer", "short": "court"},
     }
     strings = LiveStrings(tables, language=language, catalogs={}, page=page)
-    with gr.Blocks() as demo:
+    with gr.Blocks() as demo, gr.Tabs(), gr.Tab(strings.text("go")) as tab:
         box = gr.Textbox(label=strings.text("name"), placeholder=strings.text("short"))
         choice = gr.Dropdown([(strings.text("short"), "s"), "other"], label="fixed")
         go = page.button(strings.text("go"))
@@ -66,3 +66,7 @@ def test_the_page_is_relabelled_in_the_new_language():
     assert updates[box] == {"__type__": "update", "label": "Nom", "placeholder": "court"}
     assert updates[choice]["choices"] == [("court", "s"), ("other", "other")]
     assert updates[go]["value"] == "Lancer" and updates[go]["min_width"] >= 90
+    assert updates[tab] == {"__type__": "update", "label": "Lancer"}
+    page.apply()  # a page opened from now on gets French from Gradio's config
+    config = json.dumps(demo.get_config_file(), ensure_ascii=False)
+    assert '"label": "Nom"' in config and '"value": "Lancer"' in config and "Name" not in config
