@@ -45,14 +45,21 @@ class Text(str):
     re-labelled after a language switch by rendering each ``Text`` it holds again."""
 
     render: Callable[[], str]
+    renderings: Callable[[], list[str]]  # the text in every language (to size a widget for the longest)
 
-    def __new__(cls, render: Callable[[], str]):
+    def __new__(cls, render: Callable[[], str], renderings: Callable[[], list[str]] | None = None):
         text = super().__new__(cls, render())
         text.render = render
+        text.renderings = renderings or (lambda: [render()])
         return text
 
     def __getnewargs__(self):  # copies (Gradio copies components' properties) render again
-        return (self.render,)
+        return (self.render, self.renderings)
+
+
+def every_rendering(text: str) -> list[str]:
+    """``text`` in every language it can be shown in (a plain string: itself)."""
+    return text.renderings() if isinstance(text, Text) else [text]
 
 
 @dataclass
@@ -158,7 +165,10 @@ class LiveStrings(Mapping):
 
     def text(self, key: str, **values) -> Text:
         """``key`` translated now, and again in whatever language the page is switched to."""
-        return Text(lambda: translate(key, self, **values))
+        return Text(
+            lambda: translate(key, self, **values),
+            lambda: [translate(key, self.table(code), **values) for code in self.tables],
+        )
 
     def message(self, message: str | Exception) -> str:
         """An English message of the core (an error, a log line) in the current language."""

@@ -69,41 +69,26 @@ class PageTexts:
 
     def apply(self) -> None:
         """Set every registered text on its component, in the current language (for the page config)."""
-        for component, changes in zip(self.outputs, self._changes(), strict=True):
-            for name, value in changes.items():
-                found = self.properties.get(component, {}).get(name)
-                if name == "value":
-                    value = component.postprocess(value)
-                elif isinstance(found, Text):
-                    value = Text(found.render)
-                setattr(component, name, value)
+        for component, found in self.properties.items():
+            for name, value in found.items():
+                setattr(
+                    component, name, Text(value.render, value.renderings) if isinstance(value, Text) else value.render()
+                )
+        for component, text in self.values.items():
+            component.value = component.postprocess(text.render())
 
     def updates(self) -> list:
-        """One ``gr.update`` per component of :attr:`outputs`, every text rendered in the current language."""
+        """One ``gr.update`` per component of :attr:`outputs`, every text rendered in the current language.
+        Widths stay: widgets are sized for their longest translation when built."""
         import gradio as gr
 
-        return [gr.update(**changes) for changes in self._changes()]
-
-    def _changes(self) -> list[dict]:
-        """Per component of :attr:`outputs`: its texts in the current language, and the width they need."""
-        import gradio as gr
-
-        from core.widgets import button_width, label_width
-
-        every = []
+        updates = []
         for component in self.outputs:
             changes = {name: value.render() for name, value in self.properties.get(component, {}).items()}
             if component in self.values:
                 changes["value"] = self.values[component].render()
-            needed = 0
-            if isinstance(component, gr.Button) and "value" in changes:
-                needed = button_width(changes["value"])
-            elif isinstance(component, gr.Checkbox | gr.Slider) and "label" in changes:
-                needed = label_width(changes["label"], "checkbox" if isinstance(component, gr.Checkbox) else "slider")
-            if needed > (getattr(component, "min_width", 0) or 0):
-                changes["min_width"] = needed
-            every.append(changes)
-        return every
+            updates.append(gr.update(**changes))
+        return updates
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The page's language switch: started in English, switched to French through the page, no English text of
-the project is left on either tab (in place, then after a reload), and config.json says "fr".
+the project is left on either tab (in place, then after a reload), no French text is wrapped or clipped,
+and config.json says "fr".
 
 The English texts looked for come from the locale tables (locales/en.json, each module's "en" table) and
 the message catalog (locales/fr.messages.json): every run of two words or more that the French text
@@ -16,6 +17,7 @@ from core.i18n import PLACEHOLDER
 from tests.conftest import ROOT, write_config
 from tests.server import running_app
 from tests.ui.conftest import ARTIFACTS
+from tests.ui.test_layout import FIND_PROBLEMS
 
 pytestmark = pytest.mark.ui
 
@@ -76,14 +78,17 @@ def _open_sections(page) -> None:
 
 
 def _check_both_tabs(page, *, english: set[str], stage: str) -> list[str]:
+    """English texts left, and texts wrapped or clipped (the French ones are longer), on both tabs."""
     page.get_by_role("tab", name="Générer").click()
     page.locator("#generate-button").wait_for()
     problems = [f"{stage}, Generate: {text!r}" for text in _english_left(page, english=english)]
+    problems += [f"{stage}, Generate: {problem}" for problem in page.evaluate(FIND_PROBLEMS)]
     page.get_by_role("tab", name="Entraînement LoRA").click()
     page.locator("#lt-train").wait_for()
     page.locator("#lt-plan", has_text=re.compile("[ÉéE]tapes")).wait_for(timeout=20_000)  # refreshed after the labels
     _open_sections(page)
     page.screenshot(path=str(ARTIFACTS / f"language-switch-{stage}.png"), full_page=True)
+    problems += [f"{stage}, LoRA Training: {problem}" for problem in page.evaluate(FIND_PROBLEMS)]
     return problems + [f"{stage}, LoRA Training: {text!r}" for text in _english_left(page, english=english)]
 
 
