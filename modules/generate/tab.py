@@ -315,6 +315,10 @@ class GenerateTab:
         page.refresh_loras.click(
             self.refresh_lora_updates, inputs=[self.model_dropdown], outputs=self.lora_dropdowns, **private
         )
+        # The LoRA entries ("· trigger: ohwx") are written in the language of the moment.
+        page_texts_of(strings).refresh(
+            lambda model: self.refresh_lora_updates(model), inputs=[self.model_dropdown], outputs=self.lora_dropdowns
+        )
 
         def on_model_change(model):
             side = self.image_size_for(model)
