@@ -23,14 +23,14 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
     import gradio as gr
 
     from core.config import LANGUAGES
-    from core.i18n import Language, LiveStrings, Text, load_catalog
+    from core.i18n import Language, LiveStrings, Text, load_catalog, load_table
     from core.model_manager import ModelManager
     from core.page_texts import PageTexts
     from core.plugins import PluginManager
 
     language, page = Language(config.LANGUAGE), PageTexts()
     catalogs = {code: load_catalog(ROOT / "locales", code) for code in LANGUAGES}
-    tables = {code: load_locale_table(code) for code in LANGUAGES}
+    tables = {code: load_table(ROOT / "locales", code) for code in LANGUAGES}
     strings = LiveStrings(tables, language=language, catalogs=catalogs, page=page)
     if model_manager is None:
         model_manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device=config.DEVICE)
@@ -49,15 +49,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
         _wire_language(demo, switch=switch, page=page, save=_language_saver(config_path, language))
     demo.model_manager = model_manager
     demo.plugins = plugins
-    demo.language = language
     return demo
-
-
-def load_locale_table(code: str) -> dict[str, str]:
-    """The host's strings in ``code`` alone (:class:`core.i18n.LiveStrings` falls back to English)."""
-    import json
-
-    return json.loads((ROOT / "locales" / f"{code}.json").read_text(encoding="utf-8"))
 
 
 def _header(strings, *, language):

@@ -32,6 +32,11 @@ def load_locale(locales_dir: Path, language: str) -> dict[str, str]:
     return strings
 
 
+def load_table(locales_dir: Path, language: str) -> dict[str, str]:
+    """``language``'s strings alone (:class:`LiveStrings` fills the gaps with English)."""
+    return json.loads((Path(locales_dir) / f"{language}.json").read_text(encoding="utf-8"))
+
+
 def module_strings(language_table: dict[str, dict[str, str]], language: str) -> dict[str, str]:
     strings = dict(language_table.get("en", {}))
     strings.update(language_table.get(language, {}))
