@@ -9,38 +9,99 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.json"
+LANGUAGE_NAMES = {"en": "English", "fr": "Français"}
+SWITCH_LABELS = {"en": "Language", "fr": "Langue"}
 
 log = logging.getLogger("lora_studio")
 
 
-def build_app(config, *, model_manager=None, modules_dir: Path | None = None):
-    """The whole UI as a ``gr.Blocks``; nothing is loaded until a request needs it."""
+def build_app(config, *, model_manager=None, modules_dir: Path | None = None, config_path: Path | None = None):
+    """The whole UI as a ``gr.Blocks``; nothing is loaded until a request needs it.
+
+    The language switch in the header saves LANGUAGE into ``config_path`` (when given) and re-labels the
+    page in place and for every page opened after."""
     import gradio as gr
 
-    from core.i18n import load_locale, translate
+    from core.config import LANGUAGES
+    from core.i18n import Language, LiveStrings, Text, load_catalog, load_table
     from core.model_manager import ModelManager
+    from core.page_texts import PageTexts
     from core.plugins import PluginManager
 
-    strings = load_locale(ROOT / "locales", config.LANGUAGE)
+    language, page = Language(config.LANGUAGE), PageTexts()
+    catalogs = {code: load_catalog(ROOT / "locales", code) for code in LANGUAGES}
+    tables = {code: load_table(ROOT / "locales", code) for code in LANGUAGES}
+    strings = LiveStrings(tables, language=language, catalogs=catalogs, page=page)
     if model_manager is None:
         model_manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device=config.DEVICE)
     plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules")
     plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
-    with gr.Blocks(title=translate("app_title", strings)) as demo:
-        gr.Markdown(f"# {translate('app_title', strings)}\n{translate('app_subtitle', strings)}")
+    with gr.Blocks(title=strings["app_title"]) as demo:
+        switch = _header(strings, language=language)
         with gr.Tabs() as tabs:
             plugins.tabs = tabs  # lets a tab switch to another (e.g. "Use in Generate")
-            plugins.create_tabs(config.LANGUAGE)
+            plugins.create_tabs(language, catalogs=catalogs, page=page)
         failures = plugins.failures()
         if failures:
-            gr.Markdown(
-                translate("plugins_failed", strings)
-                + "\n"
-                + "\n".join(f"- **{name}**: {error}" for name, error in failures.items())
-            )
+            listed = "\n".join(f"- **{name}**: {error}" for name, error in failures.items())
+            page.markdown(Text(lambda: f"{strings['plugins_failed']}\n{listed}"))
+        page.collect(demo)
+        _wire_language(demo, switch=switch, page=page, save=_language_saver(config_path, language))
     demo.model_manager = model_manager
     demo.plugins = plugins
     return demo
+
+
+def _header(strings, *, language):
+    """The title and the language switch (labelled in every language: it is how one finds one's own)."""
+    import gradio as gr
+
+    from core.config import LANGUAGES
+    from core.i18n import Text
+
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=8):
+            strings.page.markdown(Text(lambda: f"# {strings['app_title']}\n{strings['app_subtitle']}"))
+        with gr.Column(scale=1, min_width=170):
+            return gr.Dropdown(
+                choices=[(LANGUAGE_NAMES[code], code) for code in LANGUAGES],
+                value=language.code,
+                label=" / ".join(SWITCH_LABELS[code] for code in LANGUAGES),
+                elem_id="language",
+                interactive=True,
+            )
+
+
+def _language_saver(config_path: Path | None, language):
+    from core.config import save_language
+
+    def save(code: str) -> None:
+        if config_path is not None:
+            save_language(config_path, code)
+        language.code = code
+        log.info("language set to %s%s", code, f" in {config_path}" if config_path else "")
+
+    return save
+
+
+def _wire_language(demo, *, switch, page, save) -> None:
+    """Choosing a language saves it, re-labels the open page and rebuilds the page config that later page
+    loads get, so they arrive in the new language."""
+    from core.errors import UserError, shown_to_user
+
+    def on_switch(code: str) -> list:
+        try:
+            save(code)
+        except (UserError, OSError) as exc:
+            raise shown_to_user(exc) from exc
+        page.apply()
+        switch.value = code
+        demo.config = demo.get_config_file()
+        return page.updates()
+
+    switched = switch.input(on_switch, inputs=[switch], outputs=page.outputs, api_name="set_language")
+    for refresher in page.refreshers:
+        switched.then(refresher.fn, inputs=refresher.inputs, outputs=refresher.outputs, api_visibility="private")
 
 
 def parse_auth(value: str) -> tuple[str, str] | None:
@@ -104,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             config.MODELS_DIR,
         )
         ensure_demo_models(config.MODELS_DIR)
-    demo = build_app(config)
+    demo = build_app(config, config_path=args.config)
     demo.queue(default_concurrency_limit=1)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     # quiet: Gradio's own banner suggests share=True; this app is shared with --listen (and --auth).

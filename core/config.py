@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,22 @@ def load_config(path: Path) -> AppConfig:
 def ensure_folders(config: AppConfig) -> None:
     for folder in config.folders():
         folder.mkdir(parents=True, exist_ok=True)
+
+
+_LANGUAGE_ENTRY = re.compile(r'("LANGUAGE"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def save_language(path: Path, language: str) -> None:
+    """Set LANGUAGE in config.json, atomically; the rest of the file (order, layout) is kept as it is."""
+    from core.atomic import write_text_atomic
+
+    if language not in LANGUAGES:
+        raise UserError(f"config: LANGUAGE must be one of {', '.join(LANGUAGES)}, got {language!r}")
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    raw = json.loads(text)
+    edited, count = _LANGUAGE_ENTRY.subn(lambda m: f'{m.group(1)}"{language}"', text)
+    # One entry and nothing else changed: keep the user's layout; anything odder is written out afresh.
+    if count != 1 or json.loads(edited) != {**raw, "LANGUAGE": language}:
+        edited = json.dumps({**raw, "LANGUAGE": language}, indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(path, edited)

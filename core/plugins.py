@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import shown_to_user
-from core.i18n import module_strings
+from core.i18n import Language, LiveStrings, module_strings
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,16 @@ class PluginManager:
         info = self.plugins.get(name)
         return info.instance if info else None
 
-    def create_tabs(self, language: str) -> None:
-        """Call each plugin's ``create_tab`` inside the caller's ``gr.Tabs``."""
+    def create_tabs(self, language: str | Language, *, catalogs: dict | None = None, page=None) -> None:
+        """Call each plugin's ``create_tab`` inside the caller's ``gr.Tabs``. With a :class:`Language` the
+        tab gets :class:`LiveStrings` (following the language switch, ``page`` being the app's PageTexts),
+        with a language code a plain dict."""
         import gradio as gr
 
         for info in self.plugins.values():
             if info.instance is None:
                 continue
-            strings = module_strings(info.manifest.get("language", {}), language)
+            strings = _tab_strings(info.manifest.get("language", {}), language, catalogs=catalogs, page=page)
             try:
                 info.instance.create_tab(strings)
             except Exception as exc:
@@ -169,6 +171,12 @@ class PluginManager:
 
     def failures(self) -> dict[str, str]:
         return {name: info.error for name, info in self.plugins.items() if info.error}
+
+
+def _tab_strings(table: dict, language: str | Language, *, catalogs: dict | None, page):
+    if isinstance(language, Language):
+        return LiveStrings(table, language=language, catalogs=catalogs or {}, page=page)
+    return module_strings(table, language)
 
 
 def _dependency_order(plugins: list[PluginInfo]) -> list[PluginInfo]:

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 from core.client_presence import always_present, presence_check
 from core.errors import UserError, shown_to_user
-from core.i18n import translate
+from core.i18n import text_of, translate
 from core.lora_info import LoraInfo
 from core.model_files import native_image_size
 from core.model_manager import MAX_LORAS, GenerateLimits, GenerationRequest, LoraChoice
-from core.widgets import button
+from core.page_texts import page_texts_of
 from modules.generate.outputs import save_generation
 
 log = logging.getLogger(__name__)
@@ -151,18 +151,19 @@ class GenerateTab:
         import gradio as gr
 
         def t(key, **values):
-            return translate(key, strings, **values)
+            return text_of(strings, key, **values)
 
         self.strings = strings
+        texts = page_texts_of(strings)
         with gr.Tab(t("tab_title"), id="generate"):
             if not self.model_names():
-                gr.Markdown(t("no_models", folder=self.config.MODELS_DIR))
+                texts.markdown(t("no_models", folder=self.config.MODELS_DIR))
             with gr.Row():
                 with gr.Column(scale=3):
-                    page = self._build_inputs(t)
+                    page = self._build_inputs(t, button=texts.button)
                 with gr.Column(scale=2):
                     # At the top of the right column: visible without scrolling, above the image it makes.
-                    page.generate = button(t("generate"), variant="primary", size="lg", elem_id="generate-button")
+                    page.generate = texts.button(t("generate"), variant="primary", size="lg", elem_id="generate-button")
                     page.output = gr.Image(
                         label=t("output"), type="filepath", height=512, elem_id="generate-output", interactive=False
                     )
@@ -172,7 +173,7 @@ class GenerateTab:
         self._wire(page, t)
         self.offer_actions()
 
-    def _build_inputs(self, t):
+    def _build_inputs(self, t, *, button):
         import gradio as gr
 
         default = self.default_model()
@@ -260,7 +261,7 @@ class GenerateTab:
         if not model:
             raise shown_to_user(t("no_models", folder=self.config.MODELS_DIR))
         if not isinstance(model, str):
-            raise shown_to_user(f"model must be the name of a model in the list (got {model!r}).")
+            raise shown_to_user(f"model must be the name of a model in the list (got {model!r}).", strings)
         try:
             request = GenerationRequest(
                 model=model,
@@ -275,7 +276,7 @@ class GenerateTab:
             )
             return self.run_generation(request, strings, client_present=client_present)
         except UserError as exc:
-            raise shown_to_user(exc) from exc
+            raise shown_to_user(exc, strings) from exc
         except Exception as exc:
             log.exception("generation failed")
             raise gr.Error(t("failed", error=f"{type(exc).__name__}: {exc}")) from exc
@@ -313,6 +314,10 @@ class GenerateTab:
         )
         page.refresh_loras.click(
             self.refresh_lora_updates, inputs=[self.model_dropdown], outputs=self.lora_dropdowns, **private
+        )
+        # The LoRA entries ("· trigger: ohwx") are written in the language of the moment.
+        page_texts_of(strings).refresh(
+            lambda model: self.refresh_lora_updates(model), inputs=[self.model_dropdown], outputs=self.lora_dropdowns
         )
 
         def on_model_change(model):

@@ -126,6 +126,8 @@ def _for_families_using(option: str) -> tuple[str, FamiliesUsing]:
 
 
 _PREPARE = (PrepareConfig,)
+_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+_SCHEDULE_LABELS = tuple((name, f"schedule_{name}") for name in _SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,13 @@ FORM: tuple[Section, ...] = (
             ),
             (Option("base_model", "model", in_preset=False, scale=4),),
             (
-                Option("captioner", "dropdown", configs=_PREPARE, in_preset=False),
+                Option(
+                    "captioner",
+                    "dropdown",
+                    configs=_PREPARE,
+                    in_preset=False,
+                    choice_labels=(("florence2", "captioner_florence2"), ("none", "captioner_none")),
+                ),
                 Option(
                     "caption_task",
                     "dropdown",
@@ -202,7 +210,7 @@ FORM: tuple[Section, ...] = (
                 Option("mixed_precision", "dropdown"),
             ),
             (
-                Option("lr_scheduler", "dropdown"),
+                Option("lr_scheduler", "dropdown", choice_labels=_SCHEDULE_LABELS),
                 Option("lr_warmup_steps", "integer"),
                 Option("lr_num_cycles", "integer", shown_when=("lr_scheduler", ("cosine_with_restarts",))),
                 Option("lr_power", "number", shown_when=("lr_scheduler", ("polynomial",))),
@@ -242,7 +250,10 @@ FORM: tuple[Section, ...] = (
                 Option("timestep_sampling", "dropdown", shown_when=_for_families_using("timestep_sampling")),
                 Option("guidance_scale", "number", shown_when=_for_families_using("guidance_scale")),
             ),
-            (Option("lora_targets", "dropdown"), Option("base_quantization", "dropdown")),
+            (
+                Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
+                Option("base_quantization", "dropdown", choice_labels=(("none", "quantization_none"),)),
+            ),
         ),
     ),
 )

@@ -7,13 +7,27 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from core.widgets import button
+from core.i18n import Text
+from core.widgets import button, label_width
 from modules.lora_training.form import OPTIONS, SECTIONS, Option, default_widget_values
 
 
 def _range_text(bounds: tuple[float, float], t: Callable) -> str:
-    low, high = (f"{value:,}" if isinstance(value, int) else f"{value:g}" for value in bounds)
-    return t("range", minimum=low, maximum=high)
+    """``"1 to 1,000"``, its thousands grouped as the language groups them ("de 1 à 1 000")."""
+
+    def render() -> str:
+        group = str(t("thousands_separator"))
+        low, high = (f"{value:,}".replace(",", group) if isinstance(value, int) else f"{value:g}" for value in bounds)
+        return str(t("range", minimum=low, maximum=high))
+
+    return Text(render) if isinstance(t("range"), Text) else render()
+
+
+def _joined(first: str, second: str) -> str:
+    """``"first · second"``, rendered again in another language when both parts can be."""
+    if isinstance(first, Text) and isinstance(second, Text):
+        return Text(lambda: f"{first.render()} · {second.render()}")
+    return f"{first} · {second}"
 
 
 # A widget never gets narrower than this: a row wraps to the next line instead of wrapping labels.
@@ -25,11 +39,15 @@ class FormWidgets:
 
     ``initial`` overrides first values (the base model the tab picks); ``choices`` gives the
     choices of options whose values the app knows (the base models); ``family_of`` names a
-    base model's family for the visibility rules.
+    base model's family for the visibility rules; ``button`` makes buttons (the page's, whose text
+    follows the language).
     """
 
-    def __init__(self, t: Callable, *, initial: dict, choices: dict, family_of: Callable, info: dict) -> None:
+    def __init__(
+        self, t: Callable, *, initial: dict, choices: dict, family_of: Callable, info: dict, button=button
+    ) -> None:
         self.t = t
+        self.button = button
         self.initial = {**default_widget_values(), **initial}
         self.choices = choices
         self.family_of = family_of
@@ -75,10 +93,7 @@ class FormWidgets:
             "visible": visible,
             "scale": option.scale,
         }
-        # Checkbox labels sit beside the box and slider labels beside the number: room for both.
-        extra = {"checkbox": 70, "slider": 130}.get(option.kind)
-        needed = round(len(common["label"]) * 8.5) + extra if extra else 0
-        common["min_width"] = max(MIN_WIDTHS.get(option.kind, 160), needed)
+        common["min_width"] = max(MIN_WIDTHS.get(option.kind, 160), label_width(common["label"], option.kind))
         if option.name in self.info:
             common["info"] = self.info[option.name]
         if option.kind in ("text", "prompts"):
@@ -97,7 +112,7 @@ class FormWidgets:
             return gr.Slider(low, high, step=option.step, **common)
         # Numbers keep no minimum/maximum: config_from_dict names the field when one is out of range.
         bounds = _range_text((low, high), self.t)
-        common["info"] = f"{common['info']} · {bounds}" if "info" in common else bounds
+        common["info"] = _joined(common["info"], bounds) if "info" in common else bounds
         precision = 0 if option.kind == "integer" else None
         placeholder = self.t(option.placeholder) if option.placeholder else None
         return gr.Number(precision=precision, step=option.step or 1, placeholder=placeholder, **common)
@@ -105,7 +120,7 @@ class FormWidgets:
     def _model_dropdown(self, option: Option, common: dict):
         names = self.choices[option.name]
         dropdown = gr.Dropdown(choices=names(), **common)
-        refresh = button(self.t("refresh"), scale=1)
+        refresh = self.button(self.t("refresh"), scale=1)
         refresh.click(
             lambda current: gr.Dropdown(choices=names(), value=current),
             inputs=[dropdown],

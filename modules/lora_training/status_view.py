@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
-from core.i18n import translate
+from core.i18n import shown_message, text_of, translate
+from core.page_texts import page_texts_of
+
+_STAMP = re.compile(r"(\d\d:\d\d:\d\d  )(.*)", re.DOTALL)
 
 
 def format_eta(seconds: float | None) -> str:
@@ -36,10 +40,22 @@ def render_status(snapshot: dict, strings: dict) -> str:
         "done": snapshot.get("prep_done", 0),
         "total": snapshot.get("prep_total", 0) if state == "preparing" else snapshot.get("total_steps", 0),
         "step": snapshot.get("step", 0),
-        "message": snapshot.get("message", ""),
+        "message": shown_message(snapshot.get("message", ""), strings),
     }
     key = {"starting": "status_preparing"}.get(state, f"status_{state}")
     return translate(key, strings, **values)
+
+
+def shown_log(lines: list[str], strings) -> str:
+    """The job's log, newest first, each line in the page's language (the time stamp kept as it is)."""
+    shown = []
+    for line in reversed(lines):
+        stamped = _STAMP.fullmatch(line)
+        if stamped:
+            shown.append(stamped.group(1) + shown_message(stamped.group(2), strings))
+        else:
+            shown.append(shown_message(line, strings))
+    return "\n".join(shown)
 
 
 def _counts(snapshot: dict) -> dict:
@@ -89,13 +105,19 @@ class StatusView:
 
     def build(self) -> None:
         t = self.strings
-        self.status = gr.Markdown(translate("status_idle", t), elem_id="lt-status")
+        self.status = page_texts_of(t).markdown(text_of(t, "status_idle"), elem_id="lt-status")
         self.progress = gr.HTML(elem_id="lt-progress")
         self.loss_plot = gr.LinePlot(
-            pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", label=translate("loss", t), elem_id="lt-loss"
+            pd.DataFrame({"step": [], "loss": []}),
+            x="step",
+            y="loss",
+            label=text_of(t, "loss"),
+            x_title=text_of(t, "plot_step"),
+            y_title=text_of(t, "loss"),
+            elem_id="lt-loss",
         )
-        self.samples = gr.Gallery(label=translate("samples", t), columns=4, height=200, elem_id="lt-samples")
-        self.log_box = gr.Textbox(label=translate("log", t), lines=14, max_lines=14, elem_id="lt-log")
+        self.samples = gr.Gallery(label=text_of(t, "samples"), columns=4, height=200, elem_id="lt-samples")
+        self.log_box = gr.Textbox(label=text_of(t, "log"), lines=14, max_lines=14, elem_id="lt-log")
         self.seen = gr.State({"job_id": None, "state": None, "loaded": False})
         self.lora_version = gr.State(0)
 
@@ -106,13 +128,15 @@ class StatusView:
         updates = {
             self.status: render_status(snapshot, self.strings),
             self.progress: render_progress(snapshot, self.strings),
-            self.log_box: "\n".join(reversed(snapshot.get("log", []))),
+            self.log_box: shown_log(snapshot.get("log", []), self.strings),
             self.loss_plot: loss_frame(snapshot),
             self.seen: {"job_id": snapshot.get("job_id"), "state": snapshot["state"], "loaded": True},
             self.lora_version: self.jobs.lora_version,
         }
         if snapshot.get("samples"):
-            updates[self.samples] = [tuple(s) for s in snapshot["samples"]]
+            updates[self.samples] = [
+                (path, shown_message(caption, self.strings)) for path, caption in snapshot["samples"]
+            ]
         opened = not seen.get("loaded")
         if opened or (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state")):
             updates |= page.on_change(snapshot, opened=opened)

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import gradio as gr
 
 from core.errors import UserError, shown_to_user
-from core.i18n import translate
+from core.i18n import Text, shown_message, text_of, translate
 from core.model_files import native_image_size
-from core.widgets import button
+from core.page_texts import page_texts_of
 from model_formats.demo_models import DEMO_FLORENCE_NAME
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.config import (
@@ -213,7 +213,9 @@ class LoraTrainingTab:
     # ----- UI ------------------------------------------------------------------------
     def create_tab(self, strings: dict) -> None:
         def t(key, **values):
-            return translate(key, strings, **values)
+            return text_of(strings, key, **values)
+
+        texts = page_texts_of(strings)
 
         default_model = self.default_model()
         initial = {"base_model": default_model, "captioner": self.default_captioner()}
@@ -224,37 +226,39 @@ class LoraTrainingTab:
             initial=initial,
             choices={"base_model": self.model_choices},
             family_of=self.family_of,
+            button=texts.button,
             # Each label stays one short line; its explanation ("<field>_info" in the locale) goes beneath it.
             info={
-                **{key.removesuffix("_info"): text for key, text in strings.items() if key.endswith("_info")},
+                **{key.removesuffix("_info"): t(key) for key in strings if key.endswith("_info")},
                 "images_dir": t("images_roots", roots=roots),
             },
         )
         status = StatusView(jobs=self.jobs, strings=strings)
         with gr.Tab(t("tab_title"), id="lora_training"):
-            gr.Markdown(t("intro"))
+            texts.markdown(t("intro"))
             interrupted = self.interrupted()
-            banner = gr.Markdown(
+            banner = texts.markdown(
                 t("interrupted", projects=", ".join(interrupted)), visible=bool(interrupted), elem_id="lt-interrupted"
             )
             with gr.Row():
                 with gr.Column(scale=3):
-                    page = self._build_controls(form, t)
+                    page = self._build_controls(form, t, texts=texts)
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
-            self._build_caption_editor(page, t)
+            self._build_caption_editor(page, t, button=texts.button)
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
-        self._wire_presets(page, form, t=t)
-        self._wire_captions(page, form, t=t)
+        self._wire_presets(page, form, strings=strings)
+        self._wire_captions(page, form, strings=strings)
         status.wire(page=self._page_hooks(page, form, t=t))
         self._wire_plan(page, form, strings=strings)
-        self._wire_upload(page, form, t=t)
+        self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
 
-    def _build_controls(self, form: FormWidgets, t) -> SimpleNamespace:
+    def _build_controls(self, form: FormWidgets, t, *, texts) -> SimpleNamespace:
+        button = texts.button
         page = SimpleNamespace(extras=gr.State({}))  # a loaded preset's options that have no widget
         page.upload = gr.File(
             file_count="multiple",
@@ -264,7 +268,7 @@ class LoraTrainingTab:
             height=110,
         )
         form.build("dataset")
-        page.plan = gr.Markdown(self.plan_text(form.initial, t=t), elem_id="lt-plan")
+        page.plan = texts.markdown(Text(lambda: self.plan_text(form.initial, t=t)), elem_id="lt-plan")
         with gr.Row():
             page.preset = gr.Dropdown(self.presets(), value=None, label=t("preset"), elem_id="lt-preset", scale=3)
             page.load_preset = button(t("load_preset"), scale=1)
@@ -285,7 +289,7 @@ class LoraTrainingTab:
             page.use = button(t("use_in_generate"), elem_id="lt-use")
         return page
 
-    def _build_caption_editor(self, page: SimpleNamespace, t) -> None:
+    def _build_caption_editor(self, page: SimpleNamespace, t, *, button) -> None:
         page.prepared = gr.Gallery(label=t("prepared"), columns=6, height=260, elem_id="lt-prepared", interactive=False)
         with gr.Row():
             page.selected_image = gr.State(None)
@@ -297,7 +301,7 @@ class LoraTrainingTab:
             try:
                 job = start()
             except UserError as exc:
-                raise shown_to_user(exc) from exc
+                raise shown_to_user(exc, strings) from exc
             gr.Info(translate("started", strings, job_id=job["job_id"]))
 
         def on_prepare(data: dict) -> None:
@@ -315,14 +319,15 @@ class LoraTrainingTab:
 
         def on_estimate(data: dict) -> str:
             try:
-                return self.estimate(form.values(data), data[page.extras], strings=strings)
+                text = self.estimate(form.values(data), data[page.extras], strings=strings)
             except UserError as exc:
-                return str(exc)
+                return shown_message(exc, strings)
+            return "\n\n".join(shown_message(part, strings) for part in text.split("\n\n"))
 
         private = {"api_visibility": "private"}
         page.prepare.click(on_prepare, inputs=form.inputs, **private)
         page.train.click(on_train, inputs={*form.inputs, page.new_run, page.extras}, **private)
-        page.stop.click(lambda: gr.Info(self.jobs.stop()), **private)
+        page.stop.click(lambda: gr.Info(shown_message(self.jobs.stop(), strings)), **private)
         page.resume.click(lambda name: started(lambda: self.resume(name)), inputs=[form["project"]], **private)
         page.estimate_button.click(on_estimate, inputs={*form.inputs, page.extras}, outputs=[page.estimate], **private)
         form["base_model"].change(
@@ -336,7 +341,7 @@ class LoraTrainingTab:
             **private,
         )
 
-    def _wire_upload(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:
+    def _wire_upload(self, page: SimpleNamespace, form: FormWidgets, *, strings) -> None:
         def on_upload(project, files):
             if not files:
                 return gr.skip(), gr.skip()
@@ -347,8 +352,8 @@ class LoraTrainingTab:
             try:
                 folder, summary = self.upload_images(project, pairs)
             except UserError as exc:
-                raise shown_to_user(exc) from exc
-            gr.Info(summary)
+                raise shown_to_user(exc, strings) from exc
+            gr.Info(shown_message(summary, strings))
             return folder, None
 
         page.upload.upload(
@@ -389,22 +394,30 @@ class LoraTrainingTab:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
         names = ("images_dir", "include_subfolders", "project", "epochs", "repeats", "batch_size", "steps")
         names += ("gradient_accumulation", "save_every_steps", "sample_every_steps")
+
+        def plan(data: dict) -> str:
+            return self.plan_text(form.values(data), t=lambda key, **kw: translate(key, strings, **kw))
+
         gr.on(
             triggers=[form[name].change for name in names],
-            fn=lambda data: self.plan_text(form.values(data), t=lambda key, **kw: translate(key, strings, **kw)),
+            fn=plan,
             inputs=form.inputs,
             outputs=[page.plan],
             api_visibility="private",
             show_progress="hidden",
         )
+        page_texts_of(strings).refresh(plan, inputs=form.inputs, outputs=[page.plan])
 
-    def _wire_presets(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:
+    def _wire_presets(self, page: SimpleNamespace, form: FormWidgets, *, strings) -> None:
+        def t(key, **values):
+            return translate(key, strings, **values)
+
         def on_load(name: str) -> dict:
             if not name:
                 return {}
             preset = self.read_preset(name)
             values, extras = split_preset(preset)
-            message = t("preset_loaded", name=name, note=preset.get("note", ""))
+            message = t("preset_loaded", name=name, note=shown_message(preset.get("note", ""), strings))
             return {**form.updates(values), page.extras: extras, page.estimate: message}
 
         def on_save(data: dict) -> tuple:
@@ -414,7 +427,7 @@ class LoraTrainingTab:
             try:
                 saved = self.write_preset(data[page.preset_name], resolution=resolution, options=options)
             except UserError as exc:
-                raise shown_to_user(exc) from exc
+                raise shown_to_user(exc, strings) from exc
             return gr.Dropdown(choices=self.presets(), value=saved), t("preset_saved", name=saved)
 
         page.load_preset.click(
@@ -430,7 +443,10 @@ class LoraTrainingTab:
             api_visibility="private",
         )
 
-    def _wire_captions(self, page: SimpleNamespace, form: FormWidgets, *, t) -> None:
+    def _wire_captions(self, page: SimpleNamespace, form: FormWidgets, *, strings) -> None:
+        def t(key, **values):
+            return translate(key, strings, **values)
+
         def on_select(evt: gr.SelectData, gallery):
             item = gallery[evt.index]
             image = item[0] if isinstance(item, list | tuple) else item.get("image", {}).get("path")
@@ -446,7 +462,7 @@ class LoraTrainingTab:
             try:
                 saved = self.save_caption(name, matches[0] if matches else image, caption)
             except UserError as exc:
-                raise shown_to_user(exc) from exc
+                raise shown_to_user(exc, strings) from exc
             gr.Info(t("caption_saved", image=saved))
             return self.prepared_gallery(name)
 
@@ -468,7 +484,7 @@ class LoraTrainingTab:
             "generate.use_lora",
             event=page.use.click,
             payload=lambda: self.use_lora_payload(strings),
-            unavailable=translate("generate_unavailable", strings),
+            unavailable=text_of(strings, "generate_unavailable"),
         )
         self.actions.request(
             "generate.refresh_loras",

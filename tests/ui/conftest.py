@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from tests.conftest import ROOT
@@ -10,24 +12,38 @@ from tests.server import CHROMIUM, CHROMIUM_ARGS
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-@pytest.fixture
-def browser_page(tmp_path):
+@contextlib.contextmanager
+def _chromium_page(profile, **options):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (./test.sh installs it when run as root)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            user_data_dir=str(tmp_path / "profile"),
+            user_data_dir=str(profile),
             executable_path=str(CHROMIUM),
             args=CHROMIUM_ARGS,
             headless=True,
             viewport={"width": 1400, "height": 1000},
+            **options,
         )
         try:
             yield context.new_page()
         finally:
             context.close()
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    with _chromium_page(tmp_path / "profile") as page:
+        yield page
+
+
+@pytest.fixture
+def french_browser_page(tmp_path):
+    """A browser whose language is French: Gradio's own texts (upload prompts, footer) follow it."""
+    with _chromium_page(tmp_path / "profile", locale="fr-FR") as page:
+        yield page
 
 
 @pytest.fixture

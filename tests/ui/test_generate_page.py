@@ -32,4 +32,4 @@ def test_page_speaks_french(tmp_path, models_dir, browser_page):
         page.get_by_role("tab", name="Générer").wait_for(timeout=60_000)
         page.locator("#generate-button").get_by_text("Générer").wait_for()
         page.locator("#generate-button").click()
-        page.get_by_text("The prompt is empty").first.wait_for(timeout=60_000)
+        page.get_by_text("Le prompt est vide").first.wait_for(timeout=60_000)  # the core's message, translated

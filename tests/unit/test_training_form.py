@@ -47,7 +47,11 @@ def _page_values(**changes) -> dict:
 def _build_form() -> tuple[gr.Blocks, FormWidgets]:
     with gr.Blocks() as demo:
         form = FormWidgets(
-            lambda key, **values: f"{key} {values['minimum']}-{values['maximum']}" if values else key,
+            lambda key, **values: (
+                f"{key} {values['minimum']}-{values['maximum']}"
+                if values
+                else {"thousands_separator": ","}.get(key, key)
+            ),
             initial={"base_model": "an-sdxl"},
             choices={"base_model": lambda: list(MODELS)},
             family_of=MODELS.get,
