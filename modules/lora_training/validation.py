@@ -81,12 +81,13 @@ def fixed_noise_loss(
     return sum(losses) / len(losses)
 
 
-def describe_figures(step: int, *, validation_loss: float | None, training_images_loss: float | None) -> str:
+def describe_figures(step: int, *, validation_loss: float, training_images_loss: float) -> str:
     """The run log's line: "Validation at step 40: held-out images 0.1234, training images 0.1100"."""
-    held = "no held-out images" if validation_loss is None else f"held-out images {validation_loss:.4f}"
-    trained = "" if training_images_loss is None else f", training images {training_images_loss:.4f}"
     base = " (the base model: LoRA not trained yet)" if step == 0 else ""
-    return f"Validation at step {step}{base}: {held}{trained}"
+    return (
+        f"Validation at step {step}{base}: held-out images {validation_loss:.4f}, "
+        f"training images {training_images_loss:.4f}"
+    )
 
 
 @dataclass
