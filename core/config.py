@@ -51,6 +51,12 @@ def _default_model_keys() -> dict[str, str]:
     return {f"DEFAULT_{name.upper()}_MODEL_FOR_LORA": name for name in FAMILY_NAMES}
 
 
+def _demo_name(name: str) -> str:
+    from families import family
+
+    return family(name).demo_name
+
+
 def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
     default_models = _default_model_keys()
     known = (set(_TYPES) - {"DEFAULT_MODELS_FOR_LORA"}) | set(default_models)
@@ -58,7 +64,8 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
     if unknown:
         raise UserError(f"config: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(known))}")
     required = [f.name for f in dataclasses.fields(AppConfig) if f.default is dataclasses.MISSING]
-    required = [key for key in required if key != "DEFAULT_MODELS_FOR_LORA"] + list(default_models)
+    # A family's DEFAULT_<FAMILY>_MODEL_FOR_LORA may be left out: the family's demo model is its default.
+    required = [key for key in required if key != "DEFAULT_MODELS_FOR_LORA"]
     missing = [key for key in required if key not in raw]
     if missing:
         raise UserError(f"config: missing key(s) {', '.join(missing)}")
@@ -70,7 +77,9 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise UserError(f"config: {key} must be a {expected.__name__}, got {type(value).__name__} {value!r}")
         values[key] = (base_dir / value).resolve() if key in _PATH_KEYS else value
-    values["DEFAULT_MODELS_FOR_LORA"] = {family: values.pop(key) for key, family in default_models.items()}
+    values["DEFAULT_MODELS_FOR_LORA"] = {
+        name: values.pop(key) if key in values else _demo_name(name) for key, name in default_models.items()
+    }
     values.setdefault("DATASETS_DIR", (base_dir / "datasets").resolve())
     values["IMAGE_ROOTS"] = _image_roots(raw.get("IMAGE_ROOTS"), base_dir=base_dir, datasets=values["DATASETS_DIR"])
     config = AppConfig(**values)
