@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from core.model_manager import GenerationRequest, LoraChoice, ModelManager
@@ -54,7 +55,7 @@ def trained(tmp_path_factory, models_dir):
         on_event=events.append,
     )
     assert result.status == "finished", result.message
-    return root / "loras", result, events
+    return root / "loras", result, events, root / "p"
 
 
 def _render(manager, model, loras=(), guidance=7.5):
@@ -68,7 +69,7 @@ def test_training_saves_a_diffusers_lora_with_samples(trained):
     from modules.lora_training.events import SampleSaved
     from modules.lora_training.export import read_lora
 
-    _, result, events = trained
+    _, result, events, _ = trained
     assert [e for e in events if isinstance(e, SampleSaved)], "a sample was rendered"
     lora = read_lora(result.lora_path)
     assert (lora.family, lora.format) == ("sd15", "diffusers")
@@ -83,7 +84,7 @@ def test_webui_copy_has_sd_scripts_names_and_sd1_metadata(trained, models_dir):
     from families.sd15_lora_names import sd15_kohya_name
     from modules.lora_training.export import compare, read_lora
 
-    loras, result, _ = trained
+    loras, result, _, _ = trained
     webui = loras / "webui" / "sd15-lora.safetensors"
     with safe_open(str(webui), framework="pt") as handle:
         keys, meta = list(handle.keys()), handle.metadata()
@@ -108,7 +109,7 @@ def test_generate_tab_lists_and_renders_sd15_with_and_without_the_lora(trained, 
     from core.errors import UserError
     from modules.generate.tab import GenerateTab
 
-    loras, result, _ = trained
+    loras, result, _, _ = trained
     manager = ModelManager(models_dir=models_dir, loras_dir=loras, device="cpu")
     families = {entry.name: entry.family for entry in manager.list_models()}
     assert families[DEMO_SD15_NAME] == families[demo_paths.sd15_single_file.name] == "sd15"
@@ -140,3 +141,68 @@ def test_samples_use_the_encoded_empty_prompt_as_negative(models_dir):
         prompt_embeds, negative = family.pipe.encode_prompt("ohwx", "cpu", 1, True, negative_prompt=None)
     assert torch.allclose(kwargs["prompt_embeds"], prompt_embeds, atol=1e-6)
     assert torch.allclose(kwargs["negative_prompt_embeds"], negative, atol=1e-6)
+
+
+def _estimated_and_real_lora(models_dir, name: str, targets: str):
+    from core.model_files import model_entry
+    from families.sd15 import SD15Family
+    from modules.lora_training.estimate import estimate_memory
+
+    entry = model_entry(models_dir, name)
+    family = SD15Family(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in family.denoiser.parameters())
+    family.add_lora(rank=4, alpha=4.0, targets=targets, train_text_encoder=False)
+    estimate = estimate_memory(
+        entry=entry,
+        rank=4,
+        targets=family.target_modules(targets),
+        optimizer="adamw",
+        resolution=64,
+        batch_size=1,
+        gradient_checkpointing=False,
+        weight_bytes=4,
+        quantization="none",
+        device="cpu",
+        device_bytes=None,
+    )
+    assert estimate.parts["weights"] == weights
+    return estimate.parts["LoRA + gradients"], sum(p.numel() for p in family.lora_parameters()) * 8
+
+
+@pytest.mark.parametrize("layout", ["sd15_folder", "sd15_single_file"])
+def test_memory_estimate_counts_sd15_weights_and_lora_exactly(models_dir, demo_paths, layout):
+    estimated, real = _estimated_and_real_lora(models_dir, getattr(demo_paths, layout).name, "attention")
+    assert estimated == real
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="modules/lora_training/estimate.py counts LoRA on 2-D weights only; SD 1.5's proj_in/proj_out are "
+    "1x1 convolutions (4-D), so their LoRA is left out of the estimate",
+)
+def test_memory_estimate_counts_lora_on_sd15_convolution_projections(models_dir, demo_paths):
+    estimated, real = _estimated_and_real_lora(models_dir, demo_paths.sd15_folder.name, "attention+feedforward")
+    assert estimated == real
+
+
+def test_half_precision_training_samples_and_exports(trained, models_dir):
+    """fp16 frozen weights beside the fp32 VAE (the GPU path), on the CPU: samples decode, the LoRA saves."""
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.events import SampleSaved
+    from modules.lora_training.train import train
+
+    loras, _, _, projects = trained
+    options = {"project": "cat", "base_model": DEMO_SD15_NAME, "name": "sd15-fp16", "steps": 2, "rank": RANK}
+    options |= {"mixed_precision": "fp16", "cache_latents": False, "sample_every_steps": 2, "sample_steps": 2}
+    events = []
+    result = train(
+        config_from_dict(TrainConfig, options),
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=loras,
+        on_event=events.append,
+    )
+    assert result.status == "finished", result.message
+    samples = [e.path for e in events if isinstance(e, SampleSaved)]
+    assert samples and np.asarray(Image.open(samples[0]), dtype=np.float32).std() > 0
+    assert (loras / "webui" / "sd15-fp16.safetensors").is_file()
