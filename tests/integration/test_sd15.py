@@ -206,3 +206,27 @@ def test_half_precision_training_samples_and_exports(trained, models_dir):
     samples = [e.path for e in events if isinstance(e, SampleSaved)]
     assert samples and np.asarray(Image.open(samples[0]), dtype=np.float32).std() > 0
     assert (loras / "webui" / "sd15-fp16.safetensors").is_file()
+
+
+def test_main_file_applies_every_module_in_a_plain_diffusers_pipeline(trained, models_dir, caplog):
+    """diffusers' StableDiffusionPipeline.load_lora_weights puts a LoRA on each module the file holds, and no
+    other: U-Net attention, feed-forward and 1x1-conv projections, and the text encoder."""
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    from modules.lora_training.export import read_lora
+
+    _, result, _, _ = trained
+    expected = set(read_lora(result.lora_path).parts())
+    pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / DEMO_SD15_NAME))
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(result.lora_path), adapter_name="main")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    with_lora = {
+        f"{component}.{name.removeprefix('text_model.')}"
+        for component in ("unet", "text_encoder")
+        for name, layer in getattr(pipe, component).named_modules()
+        if hasattr(layer, "lora_A") and "main" in layer.lora_A
+    }
+    assert with_lora == expected

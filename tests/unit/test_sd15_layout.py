@@ -156,3 +156,33 @@ def test_kohya_header_is_what_sd_scripts_writes_for_sd1():
     v_pred = {"lora_studio.prediction_type": "v_prediction"}
     assert SD15Family.modelspec_prediction_type(v_pred) == "v"
     assert SD15Family.kohya_extra_metadata(v_pred)["ss_base_model_version"] == "sd_v1_v"
+
+
+def test_comfyui_key_map_consumes_every_tensor_of_a_full_size_main_file(full_size, tmp_path):
+    """The main LoRA file of SD 1.5's full-size layers, every target, read by ComfyUI's rules (the key map
+    model_lora_keys_unet / model_lora_keys_clip build; see tests/integration/test_main_lora_file.py)."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from families.sd15 import SD15Family
+    from modules.lora_training.main_file import write_main_lora
+    from tests.integration.test_main_lora_file import _comfy_consumes, _comfy_key_map
+
+    unet, _, text = full_size
+    shapes = {f"unet.{k}": v[:2] for k, v in _lora_layers(unet, ATTENTION + FEEDFORWARD).items()}
+    shapes |= {f"text_encoder.{k}": v[:2] for k, v in _lora_layers(text, TEXT).items()}
+    layers: dict[str, dict] = {}
+    for name, (out_features, in_features) in shapes.items():
+        component, _, module = name.partition(".")
+        conv = (1, 1) if module.endswith(("proj_in", "proj_out")) else ()
+        part = layers.setdefault(component, {})
+        part[f"{module}.lora_A.weight"] = torch.zeros(1, in_features, *conv)
+        part[f"{module}.lora_B.weight"] = torch.zeros(out_features, 1, *conv)
+    configs = {c: LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"]).to_dict() for c in layers}
+    path = tmp_path / "full.safetensors"
+    write_main_lora(path, layers, configs, metadata={}, keys=SD15Family.main_file_keys)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    consumed = _comfy_consumes(_comfy_key_map("sd15", shapes), tensors)
+    assert len(tensors) == 2 * len(shapes) == 2 * (192 + 48)
+    assert sorted(set(tensors) - consumed) == [], "ComfyUI leaves these keys unloaded"
