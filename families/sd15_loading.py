@@ -17,6 +17,19 @@ def sd15_config_folder(path: Path, models_dir: Path) -> Path:
     return named or write_sd15_config(Path(models_dir) / "configs" / SD15_CONFIG_NAME)
 
 
+def require_text_to_image(path: Path) -> None:
+    """Refuse SD 1.x variants whose U-Net takes more than the 4 latent channels (inpainting: 9, instruct: 8)."""
+    from core.errors import UserError
+    from model_formats.safetensors_header import header_shapes
+
+    shape = header_shapes(path).get("model.diffusion_model.input_blocks.0.0.weight")
+    if shape is not None and len(shape) == 4 and shape[1] != 4:
+        raise UserError(
+            f"{path.name}: its U-Net takes {shape[1]} input channels (an inpainting or instruct variant); "
+            "only text-to-image SD 1.5 checkpoints (4 channels) are supported."
+        )
+
+
 def load_sd15_pipeline(entry, *, models_dir: Path, dtype):
     from diffusers import StableDiffusionPipeline
 
@@ -24,6 +37,7 @@ def load_sd15_pipeline(entry, *, models_dir: Path, dtype):
 
     if not entry.single_file:
         return StableDiffusionPipeline.from_pretrained(str(entry.path), dtype=dtype, **_NOT_LOADED)
+    require_text_to_image(entry.path)
     config = sd15_config_folder(entry.path, models_dir)
     pipe = StableDiffusionPipeline.from_single_file(str(entry.path), config=str(config), dtype=dtype, **_NOT_LOADED)
     pipe.scheduler = scheduler_for_single_file(pipe.scheduler, entry.path)

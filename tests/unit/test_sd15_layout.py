@@ -186,3 +186,18 @@ def test_comfyui_key_map_consumes_every_tensor_of_a_full_size_main_file(full_siz
     consumed = _comfy_consumes(_comfy_key_map("sd15", shapes), tensors)
     assert len(tensors) == 2 * len(shapes) == 2 * (192 + 48)
     assert sorted(set(tensors) - consumed) == [], "ComfyUI leaves these keys unloaded"
+
+
+def test_an_inpainting_single_file_is_refused_in_words(tmp_path):
+    from safetensors.torch import save_file
+
+    from core.errors import UserError
+    from families.sd15_loading import require_text_to_image
+
+    keys = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}
+    plain, inpainting = tmp_path / "plain.safetensors", tmp_path / "inpainting.safetensors"
+    save_file({**keys, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, str(plain))
+    save_file({**keys, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, str(inpainting))
+    require_text_to_image(plain)
+    with pytest.raises(UserError, match="takes 9 input channels"):
+        require_text_to_image(inpainting)
