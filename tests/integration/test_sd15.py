@@ -230,3 +230,17 @@ def test_main_file_applies_every_module_in_a_plain_diffusers_pipeline(trained, m
         if hasattr(layer, "lora_A") and "main" in layer.lora_A
     }
     assert with_lora == expected
+
+
+def test_training_lowers_the_denoising_loss(trained, models_dir):
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.evaluate import denoising_loss
+    from modules.lora_training.train import train
+
+    loras, _, _, projects = trained
+    options = {"project": "cat", "base_model": DEMO_SD15_NAME, "name": "sd15-fit", "steps": 15, "rank": 8}
+    config = config_from_dict(TrainConfig, {**options, "alpha": 8.0, "learning_rate": 1e-2})
+    before = denoising_loss(config, projects_dir=projects, models_dir=models_dir)
+    result = train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras)
+    after = denoising_loss(config, projects_dir=projects, models_dir=models_dir, lora_path=result.lora_path)
+    assert after < 0.92 * before, (before, after)
