@@ -15,11 +15,13 @@ from pathlib import Path
 _REGISTRY = {
     "sdxl": ("families.sdxl", "SDXLFamily"),
     "flux": ("families.flux", "FluxFamily"),
+    "sd15": ("families.sd15", "SD15Family"),
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 # A Flux LoRA may also hold CLIP text-encoder layers named like SDXL's first encoder: its own
-# markers are looked for first.
-_LORA_DETECTION_ORDER = ("flux", "sdxl")
+# markers are looked for first. SD 1.5's markers are names SDXL LoRAs never have, while SDXL's
+# (``lora_unet_``, ``down_blocks``...) are in SD 1.5 LoRAs too: SD 1.5 comes before SDXL.
+_LORA_DETECTION_ORDER = ("flux", "sd15", "sdxl")
 # Which family a LoRA whose names carry no family marker is read as (the U-Net naming).
 FALLBACK_LORA_FAMILY = "sdxl"
 # Name prefixes of kohya-style LoRA modules (any family), LyCORIS included.
@@ -64,7 +66,7 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
 
 
 def display_names() -> str:
-    """ "SDXL or Flux": the families, for messages."""
+    """ "SDXL, Flux or SD 1.5": the families, for messages."""
     names = [f.display_name for f in all_families()]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
@@ -86,8 +88,10 @@ def detect(path: Path) -> str:
                 "copy the whole folder of the model, or pick another one."
             ) from exc
         found = family_of_pipeline(class_name)
-        if found is None:
-            raise UserError(f"{path.name}: pipeline {class_name!r} is not supported; use an {display_names()} model.")
+        refusal = family(found).folder_refusal(path) if found else None
+        if found is None or refusal:
+            why = refusal or f"pipeline {class_name!r} is not supported"
+            raise UserError(f"{path.name}: {why}; use an {display_names()} model.")
         return found
     keys, _ = read_safetensors_header(path)
     found = family_of_state_keys(keys)

@@ -48,6 +48,11 @@ class ModelFamily:
         """Whether kohya/modelspec header metadata names this family."""
         raise NotImplementedError
 
+    @classmethod
+    def folder_refusal(cls, folder: Path) -> str | None:
+        """Why a diffusers folder whose pipeline class this family claims is not of this family, else None."""
+        return None
+
     # ----- loading ------------------------------------------------------------------
     @classmethod
     def load_pipeline(cls, entry: ModelEntry, *, models_dir: Path, dtype):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from families.base import ModelFamily
-
-_ATTENTION_PROJECTION = re.compile(r"^(?P<head>.+\.attn\d)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
+from families.unet_files import UNetFiles
 
 
-class SDXLFiles(ModelFamily):
+class SDXLFiles(UNetFiles):
     # ----- detection and loading --------------------------------------------------------
     @classmethod
     def matches_checkpoint(cls, keys: list[str]) -> bool:
@@ -34,17 +31,6 @@ class SDXLFiles(ModelFamily):
         return single_file_config_folder(entry.path, models_dir) if entry.single_file else entry.path
 
     # ----- the estimate -----------------------------------------------------------------
-    @classmethod
-    def denoiser_blueprint(cls, entry, *, models_dir: Path) -> tuple[type, dict]:
-        from diffusers import UNet2DConditionModel
-
-        folder = cls.components_folder(entry, models_dir)
-        return UNet2DConditionModel, dict(UNet2DConditionModel.load_config(folder / "unet"))
-
-    @classmethod
-    def text_tokens(cls, folder: Path) -> int:
-        return 77
-
     @classmethod
     def meta_inputs(cls, config: dict, *, batch: int, latent_side: int, text_length: int, make) -> dict:
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
@@ -73,21 +59,6 @@ class SDXLFiles(ModelFamily):
 
     # ----- LoRA files -------------------------------------------------------------------
     @classmethod
-    def main_file_keys(cls, component: str, module: str) -> tuple[str, str]:
-        """U-Net attention projections use diffusers' attention-processor names
-        (``unet.<block>.attn1.processor.to_q_lora.down.weight``): ComfyUI's and Forge's SDXL map knows
-        ``unet.`` names only in that form, and diffusers' U-Net loader turns them back into ``to_q`` /
-        ``to_out.0``. Its loader converts names only when none is in PEFT spelling, so the U-Net's
-        other modules use diffusers' ``.lora.down.weight`` / ``.lora.up.weight``."""
-        if component != "unet":
-            return super().main_file_keys(component, module)
-        match = _ATTENTION_PROJECTION.match(module)
-        if match:
-            stem = f"unet.{match['head']}.processor.{match['proj'].removesuffix('.0')}_lora"
-            return f"{stem}.down.weight", f"{stem}.up.weight"
-        return f"unet.{module}.lora.down.weight", f"unet.{module}.lora.up.weight"
-
-    @classmethod
     def module_parts(cls, modules: list, layout: str) -> list[tuple[tuple[str, ...], str]]:
         from families.sdxl_lora_names import sdxl_module_parts
 
@@ -108,18 +79,6 @@ class SDXLFiles(ModelFamily):
         return {
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        }
-
-    @classmethod
-    def modelspec_prediction_type(cls, metadata: dict[str, str]) -> str:
-        return "v" if metadata.get("lora_studio.prediction_type") == "v_prediction" else "epsilon"
-
-    @classmethod
-    def kohya_extra_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
-        # As sd-scripts writes them (str of a bool).
-        return {
-            "ss_v_parameterization": str(metadata.get("lora_studio.prediction_type") == "v_prediction"),
-            "ss_zero_terminal_snr": str(metadata.get("lora_studio.zero_terminal_snr") == "true"),
         }
 
     # ----- full size and the demo model -------------------------------------------------

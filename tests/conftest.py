@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """A models/ folder holding the demo SDXL (folder + single file) and Flux."""
+    """A models/ folder holding every family's demo model (folder + single file)."""
     from model_formats.demo_models import ensure_demo_models
 
     folder = tmp_path_factory.mktemp("models")
@@ -39,16 +39,20 @@ def demo_paths(models_dir):
     return SimpleNamespace(**by_family, florence_folder=paths.florence_folder)
 
 
-def write_config(folder: Path, models_dir: Path, **overrides) -> Path:
-    from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+def default_model_keys() -> dict[str, str]:
+    """``DEFAULT_<FAMILY>_MODEL_FOR_LORA`` → the family's demo model, for every registered family."""
+    from families import all_families
 
+    return {f"DEFAULT_{f.name.upper()}_MODEL_FOR_LORA": f.demo_name for f in all_families()}
+
+
+def write_config(folder: Path, models_dir: Path, **overrides) -> Path:
     data = {
         "MODELS_DIR": str(models_dir),
         "LORAS_DIR": str(folder / "loras"),
         "LORA_PROJECTS_DIR": str(folder / "projects"),
         "OUTPUTS_DIR": str(folder / "outputs"),
-        "DEFAULT_SDXL_MODEL_FOR_LORA": DEMO_SDXL_NAME,
-        "DEFAULT_FLUX_MODEL_FOR_LORA": DEMO_FLUX_NAME,
+        **default_model_keys(),
         "LANGUAGE": "en",
         "DEVICE": "cpu",
         "BUILD_DEMO_MODELS": True,

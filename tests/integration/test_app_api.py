@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import write_config
-from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SD15_NAME, DEMO_SDXL_NAME
 from tests.lora_files import write_diffusers_lora
 from tests.server import running_app
 
@@ -33,10 +33,13 @@ def test_page_and_lists(app_url, client):
         assert response.status == 200
     models = {m["name"]: m["family"] for m in client.predict(api_name="/list_models")}
     assert models[DEMO_SDXL_NAME] == "sdxl" and models[DEMO_FLUX_NAME] == "flux"
+    assert models[DEMO_SD15_NAME] == models[f"{DEMO_SD15_NAME}.safetensors"] == "sd15"
     assert client.predict(api_name="/list_loras") == []
 
 
-@pytest.mark.parametrize(("model", "guidance"), [(DEMO_SDXL_NAME, 5.0), (DEMO_FLUX_NAME, 3.5)])
+@pytest.mark.parametrize(
+    ("model", "guidance"), [(DEMO_SDXL_NAME, 5.0), (DEMO_FLUX_NAME, 3.5), (f"{DEMO_SD15_NAME}.safetensors", 7.5)]
+)
 def test_generate_returns_an_image_with_its_settings(client, model, guidance):
     path, status = client.predict(model, "a red apple", "", 3, guidance, 64, 64, 11, *NO_LORAS, api_name="/generate")
     image = Image.open(path)

@@ -105,7 +105,7 @@ def test_step_time_estimate_for_a_config(models_dir, demo_paths):
         assert work[4] < estimate.total_flops < work[32]  # the config's rank is 16
 
 
-@pytest.mark.parametrize("layout", ["sdxl_folder", "flux_single_file"])
+@pytest.mark.parametrize("layout", ["sdxl_folder", "flux_single_file", "sd15_single_file"])
 def test_counted_activations_match_what_the_real_model_keeps(models_dir, demo_paths, layout):
     """The meta count of the tensors kept for backward, against the memory the same model, run for real,
     still holds after its forward pass (torch's profiler, not the estimator's own bookkeeping)."""

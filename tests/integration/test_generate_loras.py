@@ -191,6 +191,7 @@ def test_config_declares_and_checks_the_limits(tmp_path):
         "OUTPUTS_DIR": "o",
         "DEFAULT_SDXL_MODEL_FOR_LORA": "a",
         "DEFAULT_FLUX_MODEL_FOR_LORA": "b",
+        "DEFAULT_SD15_MODEL_FOR_LORA": "c",
     }
     config = config_from_dict(base, base_dir=tmp_path)
     assert (config.MAX_GENERATE_STEPS, config.MAX_IMAGE_SIDE) == (150, 2048)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import StepDone
 from modules.lora_training.train import train
-from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+from tests.demo_names import DEMO_FLUX_NAME, DEMO_SD15_NAME, DEMO_SDXL_NAME
 
 
 def _config(project_name, /, **options):
@@ -138,7 +138,7 @@ def test_quantized_base_still_learns_and_the_lora_fits_the_full_precision_model(
     assert len(loaded) == len(trained) > 0
 
 
-@pytest.mark.parametrize("model", [DEMO_FLUX_NAME, DEMO_SDXL_NAME])
+@pytest.mark.parametrize("model", [DEMO_FLUX_NAME, DEMO_SDXL_NAME, DEMO_SD15_NAME])
 def test_a_family_computes_the_loss_and_leaves_backward_and_the_update_to_the_loop(project, models_dir, model):
     """The family's part of a step: per-sample losses with a graph to the LoRA, no backward, no update."""
     from core.model_files import model_entry

@@ -27,6 +27,7 @@ def tab(sdxl_project, models_dir, tmp_path):
             "OUTPUTS_DIR": "outputs",
             "DEFAULT_SDXL_MODEL_FOR_LORA": "demo-tiny-sdxl-RANDOM-WEIGHTS",
             "DEFAULT_FLUX_MODEL_FOR_LORA": "demo-tiny-flux-RANDOM-WEIGHTS",
+            "DEFAULT_SD15_MODEL_FOR_LORA": "demo-tiny-sd15-RANDOM-WEIGHTS",
         },
         base_dir=tmp_path,
     )

@@ -13,6 +13,7 @@ VALID = {
     "OUTPUTS_DIR": "outputs",
     "DEFAULT_SDXL_MODEL_FOR_LORA": "a",
     "DEFAULT_FLUX_MODEL_FOR_LORA": "b",
+    "DEFAULT_SD15_MODEL_FOR_LORA": "c",
     "LANGUAGE": "fr",
 }
 

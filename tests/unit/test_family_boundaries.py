@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED = ("core", "modules", "model_formats", "bench", "app.py")
 FAMILY_WORDS = re.compile(
-    r"sdxl|flux|double_blocks|single_blocks|down_blocks|up_blocks|input_blocks|output_blocks|text_model"
+    r"sdxl|flux|sd15|sd ?1\.5|stable-diffusion-v1|double_blocks|single_blocks|down_blocks|up_blocks|input_blocks|output_blocks|text_model"
     r"|lora_unet|lora_te|transformer_blocks",
     re.IGNORECASE,
 )
@@ -35,6 +35,16 @@ def test_no_family_name_outside_families():
 
 
 def test_the_pattern_catches_what_it_should():
-    for text in ("SDXL", "Flux", "lora_te1_", "text_model.", "single_transformer_blocks", "up_blocks.0"):
+    for text in (
+        "SDXL",
+        "Flux",
+        "sd15",
+        "SD 1.5",
+        "stable-diffusion-v1",
+        "lora_te1_",
+        "text_model.",
+        "single_transformer_blocks",
+        "up_blocks.0",
+    ):
         assert FAMILY_WORDS.search(text), text
     assert not FAMILY_WORDS.search("unet.mid_block.attentions.0.proj_in")
