@@ -25,6 +25,7 @@ from core.client_presence import always_present
 from core.errors import GenerationCancelled, GpuBusyError, UserError
 from core.lora_info import LoraInfo, read_lora_info
 from core.model_files import ModelEntry, detect_family, list_loras, list_models, resolve_inside
+from families import display_name
 from families import family as family_named
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def validate_request(request: GenerationRequest, family: str, *, limits: Generat
         whole = isinstance(value, int) and not isinstance(value, bool)
         if not whole or value % multiple or not 64 <= value <= limits.max_side:
             raise UserError(
-                f"{label} {value!r} is not valid for {family.upper()}: use a multiple of {multiple} "
+                f"{label} {value!r} is not valid for {display_name(family)}: use a multiple of {multiple} "
                 f"between 64 and {limits.max_side}."
             )
     _check_whole("Steps", request.steps, 1, limits.max_steps)
@@ -238,8 +239,8 @@ class ModelManager:
                 raise UserError(f"{info.problem}. Replace or remove it from {self.loras_dir}.")
             if info.family != family:
                 raise UserError(
-                    f"{choice.name} is a {info.family.upper()} LoRA; the selected model is {family.upper()}. "
-                    f"Pick a {family.upper()} LoRA or a {info.family.upper()} base model."
+                    f"{choice.name} is a {display_name(info.family)} LoRA; the selected model is {display_name(family)}. "
+                    f"Pick a {display_name(family)} LoRA or a {display_name(info.family)} base model."
                 )
 
     @property
@@ -348,12 +349,12 @@ class ModelManager:
                 pipe.delete_adapters([adapter])
             log.warning("LoRA %s failed on %s: %s", lora, model, exc)
             raise UserError(
-                f"LoRA {lora!r} does not fit model {model!r} ({self._entry.family.upper()}): "
+                f"LoRA {lora!r} does not fit model {model!r} ({display_name(self._entry.family)}): "
                 f"{str(exc).splitlines()[0][:300]}. It was probably trained for another base model."
             ) from exc
         if adapter not in self._loaded_adapter_names():
             raise UserError(
-                f"LoRA {lora!r} has no weights that match model {model!r} ({self._entry.family.upper()}); "
+                f"LoRA {lora!r} has no weights that match model {model!r} ({display_name(self._entry.family)}); "
                 "it was made for another model family."
             )
 

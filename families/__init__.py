@@ -65,6 +65,11 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
     return None
 
 
+def display_name(name: str) -> str:
+    """How messages name a family: "SDXL", "Flux", "SD 1.5"."""
+    return family(name).display_name
+
+
 def display_names() -> str:
     """ "SDXL, Flux or SD 1.5": the families, for messages."""
     names = [f.display_name for f in all_families()]

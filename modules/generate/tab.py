@@ -54,12 +54,20 @@ def real_number(label: str, value) -> float:
         raise UserError(f"{label} must be a number (got {value!r}).") from exc
 
 
+def _family_label(name: str | None) -> str:
+    from families import display_name
+
+    return display_name(name) if name else ""
+
+
 def lora_label(info: LoraInfo, model_family: str | None, strings: dict) -> str:
     """The LoRA list's entry: name, family (marked when it is not the selected model's) and trigger word."""
     if info.family is None:
         return translate("lora_unreadable", strings, name=info.stem)
     key = "lora_entry" if model_family in (None, info.family) else "lora_entry_other_family"
-    label = translate(key, strings, name=info.stem, family=info.family.upper(), model_family=str(model_family).upper())
+    label = translate(
+        key, strings, name=info.stem, family=_family_label(info.family), model_family=_family_label(model_family)
+    )
     return translate("lora_trigger", strings, label=label, trigger=info.trigger_word) if info.trigger_word else label
 
 

@@ -25,7 +25,7 @@ import torch
 
 from core.atomic import atomic_path
 from core.errors import UserError
-from families import family
+from families import display_name, family
 from model_formats.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors_to
 from modules.lora_training.lora_layouts import FileModule, adapter_alpha, discover_modules
 
@@ -501,7 +501,7 @@ def inspect_lora(path: Path) -> str:
     """Family, layout, rank and the alphas written in the file, per group of layers (header and alphas only)."""
     lora = read_lora(path)
     meta = lora.metadata
-    lines = [f"{Path(path).name}: {lora.family.upper()} LoRA, {lora.format} format, {len(lora.modules)} layers"]
+    lines = [f"{Path(path).name}: {display_name(lora.family)} LoRA, {lora.format} format, {len(lora.modules)} layers"]
     lines += [f"  {pair}: {counts}" for pair, counts in alpha_groups(lora).items()]
     if any(m.kind == "fused" for m in lora.modules):
         lines.append("  fused modules hold q, k, v (and the MLP input) stacked: rank and alpha scale together")

@@ -32,6 +32,7 @@ from core.atomic import remove_stale_partials
 from core.errors import UserError
 from core.model_files import model_entry
 from core.model_manager import pick_device
+from families import display_name
 from families import family as model_family
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_to_dict
@@ -308,7 +309,7 @@ class Trainer:
         family = self.entry.family if self.config.family == "auto" else self.config.family
         if family != self.entry.family:
             raise UserError(
-                f"Base model {self.entry.name} is {self.entry.family.upper()}, but family {family!r} was asked for."
+                f"Base model {self.entry.name} is {display_name(self.entry.family)}, but family {family!r} was asked for."
             )
         self.family_name = family
 
@@ -322,7 +323,7 @@ class Trainer:
         self.precision = choose_precision(config.mixed_precision, self.device, family=self.family_name)
         self.hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.base_hash = self.hash_pool.submit(sha256_file, self.entry.path)
-        self.on_event(Log(f"Loading {self.entry.name} ({self.family_name.upper()}) on {self.device}"))
+        self.on_event(Log(f"Loading {self.entry.name} ({display_name(self.family_name)}) on {self.device}"))
         self.on_event(PrepProgress(stage="loading_model", done=0, total=0))
         clock = time.perf_counter()
         self.family = model_family(self.family_name)(
@@ -480,7 +481,7 @@ class Trainer:
         warnings = []
         if self.ignored_options:
             warnings.append(
-                f"Not used by {self.family_name.upper()} models, ignored: {', '.join(self.ignored_options)}."
+                f"Not used by {display_name(self.family_name)} models, ignored: {', '.join(self.ignored_options)}."
             )
         if config.optimizer == "prodigy" and config.learning_rate < PRODIGY_MIN_LR:
             warnings.append(

@@ -16,6 +16,7 @@ from core.errors import UserError, shown_to_user
 from core.i18n import Text, shown_message, text_of, translate
 from core.model_files import native_image_size
 from core.page_texts import page_texts_of
+from families import display_name
 from model_formats.demo_models import DEMO_FLORENCE_NAME
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.config import (
@@ -45,7 +46,7 @@ class LoraTrainingTab:
 
     # ----- plain functions (UI and API) ----------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
-        return [(f"{e.name} ({e.family.upper()})", e.name) for e in self.model_manager.list_models()]
+        return [(f"{e.name} ({display_name(e.family)})", e.name) for e in self.model_manager.list_models()]
 
     def default_model(self) -> str | None:
         names = [value for _, value in self.model_choices()]

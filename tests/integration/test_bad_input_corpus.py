@@ -541,7 +541,7 @@ GENERATE = [
     Case(
         "LoRA: for another family",
         refused(lambda w: gen(loras=one_lora("flux_only.safetensors"))),
-        "flux_only.safetensors.*(another model family|FLUX)",
+        "flux_only.safetensors.*(another model family|Flux)",
     ),
     Case(
         "LoRA: NaN weights",

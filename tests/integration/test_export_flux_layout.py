@@ -211,7 +211,7 @@ def test_inspect_prints_the_alphas_written_in_kohya_files(tmp_path):
         tmp_path / "flux.safetensors", random_lora_layers(shapes, rank=RANK), family="flux", rank=RANK, alpha=ALPHA
     )
     report = inspect_lora(export_lora(source, fmt="kohya").path)
-    assert "FLUX LoRA, kohya format" in report
+    assert "Flux LoRA, kohya format" in report
     assert "rank 12, alpha 6: 38 layers (fused q/k/v), alpha/rank 0.5" in report  # img and txt qkv of 19 blocks
     assert "rank 16, alpha 8: 38 layers (fused q/k/v/MLP), alpha/rank 0.5" in report
     assert "rank 4, alpha 2: 38 layers, alpha/rank 0.5" in report  # img_attn_proj and txt_attn_proj

@@ -79,11 +79,11 @@ def test_each_lora_is_listed_once_with_family_and_trigger(manager, loras, demo_p
         "lora_unreadable": "{name} (unreadable)",
     }
     choices = dict((value, label) for label, value in tab.lora_choices(demo_paths.sdxl_folder.name, strings))
-    assert choices["my_cat.safetensors"] == "my_cat (FLUX, not for SDXL) · trigger: ohwx cat"
+    assert choices["my_cat.safetensors"] == "my_cat (Flux, not for SDXL) · trigger: ohwx cat"
     assert choices["third_party.safetensors"] == "third_party · SDXL"
     assert choices["empty.safetensors"] == "empty (unreadable)"
     flux_choices = dict((value, label) for label, value in tab.lora_choices(demo_paths.flux_folder.name, strings))
-    assert flux_choices["my_cat.safetensors"] == "my_cat · FLUX · trigger: ohwx cat"
+    assert flux_choices["my_cat.safetensors"] == "my_cat · Flux · trigger: ohwx cat"
 
 
 def test_other_family_and_unreadable_loras_are_refused_before_loading(manager, loras, demo_paths):
@@ -92,7 +92,7 @@ def test_other_family_and_unreadable_loras_are_refused_before_loading(manager, l
     request = GenerationRequest(model=demo_paths.sdxl_folder.name, prompt="a cat", steps=2, width=64, height=64)
     with pytest.raises(UserError) as refused:
         manager.generate(GenerationRequest(**{**request.__dict__, "loras": (LoraChoice("my_cat.safetensors"),)}))
-    assert str(refused.value).startswith("my_cat.safetensors is a FLUX LoRA; the selected model is SDXL")
+    assert str(refused.value).startswith("my_cat.safetensors is a Flux LoRA; the selected model is SDXL")
     for name in bad:
         with pytest.raises(UserError) as refused:
             manager.generate(GenerationRequest(**{**request.__dict__, "loras": (LoraChoice(f"{name}.safetensors"),)}))

@@ -175,11 +175,6 @@ def test_memory_estimate_counts_sd15_weights_and_lora_exactly(models_dir, demo_p
     assert estimated == real
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modules/lora_training/estimate.py counts LoRA on 2-D weights only; SD 1.5's proj_in/proj_out are "
-    "1x1 convolutions (4-D), so their LoRA is left out of the estimate",
-)
 def test_memory_estimate_counts_lora_on_sd15_convolution_projections(models_dir, demo_paths):
     estimated, real = _estimated_and_real_lora(models_dir, demo_paths.sd15_folder.name, "attention+feedforward")
     assert estimated == real

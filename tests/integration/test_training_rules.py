@@ -95,7 +95,7 @@ def test_a_failing_sample_is_a_warning_and_settings_that_cannot_help_are_named(
     assert len(failed_samples) == 2 and all("decoder exploded" in w for w in failed_samples)
     assert not [e for e in events if isinstance(e, SampleSaved)]
     assert any("Prodigy runs with lr 0.0001" in w for w in warnings)
-    assert any("Not used by FLUX models, ignored: min_snr_gamma=5.0" in w for w in warnings)
+    assert any("Not used by Flux models, ignored: min_snr_gamma=5.0" in w for w in warnings)
 
 
 def test_samples_reuse_prompt_embeddings_computed_once(project, models_dir, tmp_path, monkeypatch):

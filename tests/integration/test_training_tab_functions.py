@@ -64,7 +64,7 @@ def test_presets_models_and_helpers(tab):
         tab.write_preset("bad", resolution=768, options={"optimizer": "sgd"})
     with pytest.raises(UserError, match="not found"):
         tab.read_preset("missing")
-    assert ("demo-tiny-flux-RANDOM-WEIGHTS (FLUX)", "demo-tiny-flux-RANDOM-WEIGHTS") in tab.model_choices()
+    assert ("demo-tiny-flux-RANDOM-WEIGHTS (Flux)", "demo-tiny-flux-RANDOM-WEIGHTS") in tab.model_choices()
     assert tab.resolution_for("demo-tiny-sdxl-RANDOM-WEIGHTS") == 64
     assert format_eta(3725) == "1h02m" and format_eta(65) == "1m05s" and format_eta(None) == "?"
     assert sample_prompt_list("", "man") == ("photo of {trigger} man",)

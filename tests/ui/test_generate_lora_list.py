@@ -30,14 +30,14 @@ def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_p
         page.get_by_text("LoRA Studio").first.wait_for(timeout=60_000)
         page.locator("#generate-prompt textarea").fill("a cat")
         page.locator("#generate-lora-1 input").click()
-        marked = page.get_by_role("option", name="my_cat (FLUX, not for SDXL) · trigger: ohwx", exact=True)
+        marked = page.get_by_role("option", name="my_cat (Flux, not for SDXL) · trigger: ohwx", exact=True)
         marked.wait_for(timeout=10_000)
         assert page.get_by_role("option", name="broken (unreadable: not a LoRA file)", exact=True).count() == 1
         assert page.get_by_role("option").count() == 2, "one entry per LoRA, the webui copy left out"
         screenshot("list")
         marked.click()
         page.locator("#generate-button").click()
-        page.get_by_text("my_cat.safetensors is a FLUX LoRA; the selected model is SDXL").first.wait_for(timeout=60_000)
+        page.get_by_text("my_cat.safetensors is a Flux LoRA; the selected model is SDXL").first.wait_for(timeout=60_000)
         screenshot("refused")
 
         model = page.locator("#generate-model input")
@@ -45,4 +45,4 @@ def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_p
         model.fill(DEMO_FLUX_NAME)
         page.get_by_role("option", name=DEMO_FLUX_NAME, exact=True).click()
         page.locator("#generate-lora-2 input").click()
-        page.get_by_role("option", name="my_cat · FLUX · trigger: ohwx", exact=True).wait_for(timeout=10_000)
+        page.get_by_role("option", name="my_cat · Flux · trigger: ohwx", exact=True).wait_for(timeout=10_000)

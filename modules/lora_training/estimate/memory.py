@@ -69,10 +69,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def lora_parameter_count(shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int) -> int:
+    """LoRA parameters on the targeted layers: linear (out, in) → rank·(in + out); convolution
+    (out, in, kh, kw) → down (rank, in, kh, kw) + up (out, rank, 1, 1)."""
     total = 0
     for key, shape in shapes.items():
-        if len(shape) == 2 and any(key.endswith(f".{t}.weight") for t in targets):
-            total += rank * (shape[0] + shape[1])
+        if len(shape) in (2, 4) and any(key.endswith(f".{t}.weight") for t in targets):
+            out_features, in_features = shape[0], _numel(shape[1:])
+            total += rank * (in_features + out_features)
     return total
 
 
