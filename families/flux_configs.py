@@ -73,27 +73,21 @@ def write_flux_dev_config(folder: Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, T5Config
 
-    from core.atomic import atomic_path
     from families.sdxl_configs import SDXL_TEXT_ENCODER, SDXL_VAE
-    from model_formats.config_folders import write_json
+    from model_formats.config_folders import save_transformers_config, write_config_folder
     from model_formats.tokenizers import build_clip_tokenizer, build_tiny_t5_tokenizer
 
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return folder
-    with atomic_path(folder) as tmp:
-        write_json(tmp / "model_index.json", FLUX_MODEL_INDEX)
-        transformer = {**FLUX_DEV_TRANSFORMER, "axes_dims_rope": list(FLUX_DEV_TRANSFORMER["axes_dims_rope"])}
-        write_json(tmp / "transformer" / "config.json", {"_class_name": "FluxTransformer2DModel", **transformer})
-        write_json(tmp / "vae" / "config.json", {**SDXL_VAE, **FLUX_VAE_CHANGES})
+    def write_rest(tmp: Path) -> None:
         # Flux's CLIP is the same CLIP ViT-L/14 text encoder as SDXL's first one.
-        clip = CLIPTextConfig(**SDXL_TEXT_ENCODER)
-        clip.architectures = ["CLIPTextModel"]
-        clip.save_pretrained(tmp / "text_encoder")
-        t5 = T5Config(**T5_XXL)
-        t5.architectures = ["T5EncoderModel"]
-        t5.save_pretrained(tmp / "text_encoder_2")
+        save_transformers_config(tmp / "text_encoder", CLIPTextConfig, SDXL_TEXT_ENCODER, architecture="CLIPTextModel")
+        save_transformers_config(tmp / "text_encoder_2", T5Config, T5_XXL, architecture="T5EncoderModel")
         build_clip_tokenizer().save_pretrained(tmp / "tokenizer")
         build_tiny_t5_tokenizer().save_pretrained(tmp / "tokenizer_2")  # random weights read any ids alike
         FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_config(tmp / "scheduler")
-    return folder
+
+    transformer = {**FLUX_DEV_TRANSFORMER, "axes_dims_rope": list(FLUX_DEV_TRANSFORMER["axes_dims_rope"])}
+    configs = {
+        "transformer": {"_class_name": "FluxTransformer2DModel", **transformer},
+        "vae": {**SDXL_VAE, **FLUX_VAE_CHANGES},
+    }
+    return write_config_folder(folder, model_index=FLUX_MODEL_INDEX, configs=configs, write_rest=write_rest)

@@ -73,20 +73,13 @@ def write_sd15_config(folder: Path) -> Path:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig
 
-    from core.atomic import atomic_path
-    from model_formats.config_folders import write_json
+    from model_formats.config_folders import save_transformers_config, write_config_folder
     from model_formats.tokenizers import build_clip_tokenizer
 
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return folder
-    with atomic_path(folder) as tmp:
-        write_json(tmp / "model_index.json", SD15_MODEL_INDEX)
-        write_json(tmp / "unet" / "config.json", SD15_UNET)
-        write_json(tmp / "vae" / "config.json", SD15_VAE)
-        text = CLIPTextConfig(**SD15_TEXT_ENCODER)
-        text.architectures = ["CLIPTextModel"]
-        text.save_pretrained(tmp / "text_encoder")
+    def write_rest(tmp: Path) -> None:
+        save_transformers_config(tmp / "text_encoder", CLIPTextConfig, SD15_TEXT_ENCODER, architecture="CLIPTextModel")
         build_clip_tokenizer().save_pretrained(tmp / "tokenizer")
         EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG).save_config(tmp / "scheduler")
-    return folder
+
+    configs = {"unet": SD15_UNET, "vae": SD15_VAE}
+    return write_config_folder(folder, model_index=SD15_MODEL_INDEX, configs=configs, write_rest=write_rest)

@@ -56,19 +56,6 @@ class SD15Files(UNetFiles):
             "return_dict": False,
         }
 
-    @classmethod
-    def narrow_config(cls, config: dict) -> dict:
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        blocks = len(config["block_out_channels"])
-        config.update(
-            block_out_channels=[32] * blocks,
-            norm_num_groups=32,
-            attention_head_dim=1,
-            num_attention_heads=None,
-            cross_attention_dim=16,
-        )
-        return config
-
     # ----- LoRA files -------------------------------------------------------------------
     @classmethod
     def module_parts(cls, modules: list, layout: str) -> list[tuple[tuple[str, ...], str]]:

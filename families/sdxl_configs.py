@@ -112,24 +112,17 @@ def write_sdxl_base_config(folder: Path) -> Path:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig
 
-    from core.atomic import atomic_path
-    from model_formats.config_folders import write_json
+    from model_formats.config_folders import save_transformers_config, write_config_folder
     from model_formats.tokenizers import build_clip_tokenizer
 
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return folder
-    with atomic_path(folder) as tmp:
-        write_json(tmp / "model_index.json", SDXL_MODEL_INDEX)
-        write_json(tmp / "unet" / "config.json", SDXL_UNET)
-        write_json(tmp / "vae" / "config.json", SDXL_VAE)
-        text_1 = CLIPTextConfig(**SDXL_TEXT_ENCODER)
-        text_1.architectures = ["CLIPTextModel"]
-        text_1.save_pretrained(tmp / "text_encoder")
-        text_2 = CLIPTextConfig(**SDXL_TEXT_ENCODER_2)
-        text_2.architectures = ["CLIPTextModelWithProjection"]
-        text_2.save_pretrained(tmp / "text_encoder_2")
+    def write_rest(tmp: Path) -> None:
+        save_transformers_config(tmp / "text_encoder", CLIPTextConfig, SDXL_TEXT_ENCODER, architecture="CLIPTextModel")
+        save_transformers_config(
+            tmp / "text_encoder_2", CLIPTextConfig, SDXL_TEXT_ENCODER_2, architecture="CLIPTextModelWithProjection"
+        )
         build_clip_tokenizer().save_pretrained(tmp / "tokenizer")
         build_clip_tokenizer(pad_token="!").save_pretrained(tmp / "tokenizer_2")
         EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG).save_config(tmp / "scheduler")
-    return folder
+
+    configs = {"unet": SDXL_UNET, "vae": SDXL_VAE}
+    return write_config_folder(folder, model_index=SDXL_MODEL_INDEX, configs=configs, write_rest=write_rest)

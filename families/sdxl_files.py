@@ -44,18 +44,12 @@ class SDXLFiles(UNetFiles):
 
     @classmethod
     def narrow_config(cls, config: dict) -> dict:
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        blocks = len(config["block_out_channels"])
-        config.update(
-            block_out_channels=[32] * blocks,
-            norm_num_groups=32,
-            attention_head_dim=1,
-            num_attention_heads=None,
-            cross_attention_dim=16,
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=16 + 6 * 8,
-        )
-        return config
+        # The size conditioning: 6 time ids of 8 values each beside a 16-wide pooled text embedding.
+        return {
+            **super().narrow_config(config),
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 16 + 6 * 8,
+        }
 
     # ----- LoRA files -------------------------------------------------------------------
     @classmethod

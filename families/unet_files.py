@@ -51,3 +51,16 @@ class UNetFiles(ModelFamily):
             "ss_v_parameterization": str(metadata.get("lora_studio.prediction_type") == "v_prediction"),
             "ss_zero_terminal_snr": str(metadata.get("lora_studio.zero_terminal_snr") == "true"),
         }
+
+    @classmethod
+    def narrow_config(cls, config: dict) -> dict:
+        """Every block and layer of the U-Net kept, at 32 channels, one attention head and 16-wide text."""
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config.update(
+            block_out_channels=[32] * len(config["block_out_channels"]),
+            norm_num_groups=32,
+            attention_head_dim=1,
+            num_attention_heads=None,
+            cross_attention_dim=16,
+        )
+        return config
