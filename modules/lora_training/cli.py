@@ -21,6 +21,7 @@ from modules.lora_training.events import (
     SampleSaved,
     StepDone,
     Stopped,
+    Validated,
 )
 from modules.lora_training.export import FORMATS
 
@@ -61,6 +62,8 @@ def _print_event(event) -> None:
                 f"step {event.step}/{event.total_steps} epoch {event.epoch} loss {event.loss:.4f} "
                 f"lr {event.lr:.2e} {event.s_per_step:.2f} s/step"
             )
+    elif isinstance(event, Validated):
+        print(event.describe())
     elif isinstance(event, CheckpointSaved):
         print(f"checkpoint saved: {event.path}")
     elif isinstance(event, SampleSaved):
@@ -168,6 +171,24 @@ def _evaluate(args: argparse.Namespace, app_config) -> int:
     return 0
 
 
+def _save_checkpoint(args: argparse.Namespace, app_config) -> int:
+    from modules.lora_training.checkpoint_lora import save_checkpoint_as_lora
+
+    path = save_checkpoint_as_lora(
+        args.project,
+        projects_dir=app_config.LORA_PROJECTS_DIR,
+        models_dir=app_config.MODELS_DIR,
+        loras_dir=app_config.LORAS_DIR,
+        name=args.name,
+        run_id=args.run_id,
+        step=args.step,
+        overwrite=args.overwrite,
+        webui_copy=not args.no_webui_copy,
+    )
+    print(f"Wrote {path}" + ("" if args.no_webui_copy else " and its webui copy"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modules.lora_training", description="LoRA Studio training tools")
     parser.add_argument("--app-config", type=Path, default=ROOT / "config.json", help="the app's config.json")
@@ -203,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--project", required=True)
     evaluate.add_argument("--run", dest="run_id", help="the run to evaluate (its id, runs/<id>/; default: the newest)")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    save = commands.add_parser("save-checkpoint", help="write a run's checkpoint (default: the best) as a LoRA")
+    save.add_argument("--project", required=True)
+    save.add_argument("--name", required=True, help="the LoRA's name in loras/")
+    save.add_argument("--run", dest="run_id", help="the run (its id, runs/<id>/; default: the newest)")
+    save.add_argument("--step", type=int, help="the checkpoint's step (default: the best by validation)")
+    save.add_argument("--overwrite", action="store_true", help="replace a LoRA of the same name")
+    save.add_argument("--no-webui-copy", action="store_true", help="do not write loras/webui/<name>.safetensors")
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
     return parser
@@ -237,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args, app_config)
+        if args.command == "save-checkpoint":
+            return _save_checkpoint(args, app_config)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

@@ -38,6 +38,22 @@ class StepDone:
 
 
 @dataclass(frozen=True)
+class Validated:
+    """Fixed-noise losses on the held-out images and on as many training images (:mod:`.validation`)."""
+
+    step: int
+    validation_loss: float
+    training_images_loss: float
+
+    def describe(self) -> str:
+        from modules.lora_training.validation import describe_figures
+
+        return describe_figures(
+            self.step, validation_loss=self.validation_loss, training_images_loss=self.training_images_loss
+        )
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     path: str
     step: int

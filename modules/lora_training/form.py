@@ -250,6 +250,7 @@ FORM: tuple[Section, ...] = (
                 Option("timestep_sampling", "dropdown", shown_when=_for_families_using("timestep_sampling")),
                 Option("guidance_scale", "number", shown_when=_for_families_using("guidance_scale")),
             ),
+            (Option("validation_share", "slider", step=0.05),),
             (
                 Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
                 Option("base_quantization", "dropdown", choice_labels=(("none", "quantization_none"),)),

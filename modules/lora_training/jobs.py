@@ -27,6 +27,7 @@ from modules.lora_training.events import (
     SampleSaved,
     StepDone,
     Stopped,
+    Validated,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class JobState:
     settings: dict = field(default_factory=dict)  # the job's prepare and train values, for the page to show
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     losses: list = field(default_factory=list)
+    validation: list = field(default_factory=list)  # (step, held-out loss, training-images loss)
     samples: list = field(default_factory=list)
 
     @property
@@ -91,6 +93,7 @@ class JobState:
             "settings": dict(self.settings),
             "log": list(self.log),
             "losses": thinned(self.losses, limit=LOSS_POINTS),
+            "validation": thinned(self.validation, limit=LOSS_POINTS),
             "samples": list(self.samples),
         }
 
@@ -178,7 +181,7 @@ class TrainingJobs:
         kind = "+".join(k for k, c in (("prepare", prepare_config), ("train", train_config)) if c is not None)
         # Project files are read before taking the lock: /training_status waits on it.
         trigger = prepare_config.trigger if prepare_config else self._prepared_trigger(project)
-        history = self._run_history(project, run_id) if resume else ([], [])
+        history = self._run_history(project, run_id) if resume else ([], [], [])
         note = self._stopped_run_note(project) if train_config is None else None
         with self._lock:
             if self._job is not None and self._job.running:
@@ -193,7 +196,7 @@ class TrainingJobs:
                 job.base_model = train_config.base_model
             job.trigger = trigger
             job.settings = _settings(prepare_config, train_config)
-            job.losses, job.samples = history
+            job.losses, job.validation, job.samples = history
             if note:
                 job.log.append(_line(note))
             self._next_id += 1
@@ -224,19 +227,25 @@ class TrainingJobs:
             if prepare_config is None and not self._paths(train_config.project).manifest.is_file():
                 raise UserError(f"Project {train_config.project!r} has no prepared images: run Prepare first.")
 
-    def _run_history(self, project: str, run_id: str | None) -> tuple[list, list]:
-        """The loss points and newest samples of the run a Resume continues, so the page shows its whole history."""
-        from modules.lora_training.metrics import read_metrics
+    def _run_history(self, project: str, run_id: str | None) -> tuple[list, list, list]:
+        """The loss points, validation figures and newest samples of the run a Resume continues, so the page
+        shows its whole history."""
+        from modules.lora_training.metrics import read_metrics, read_validation
         from modules.lora_training.runs import run_to_resume
 
         try:
             run = run_to_resume(self._paths(project), run_id)
         except UserError:
-            return [], []
+            return [], [], []
         resumed_at = run.last_step()  # steps after the checkpoint (a killed run) are trained again
-        losses = [(r["step"], r["loss"]) for r in read_metrics(run.logs) if r.get("step", 0) <= resumed_at]
+        losses = [(r["step"], r["loss"]) for r in read_metrics(run.logs) if r["step"] <= resumed_at]
+        validation = [
+            (r["step"], r["validation_loss"], r["training_images_loss"])
+            for r in read_validation(run.logs)
+            if r["step"] <= resumed_at
+        ]
         pictures = sorted(run.samples.glob("step-*.png"), reverse=True)[:8] if run.samples.is_dir() else []
-        return losses, [(str(p), f"step {int(p.name.split('-')[1])}") for p in pictures]
+        return losses, validation, [(str(p), f"step {int(p.name.split('-')[1])}") for p in pictures]
 
     def image_roots(self, project: str) -> tuple[Path, ...]:
         """Where a project's photos may come from: IMAGE_ROOTS, and the photos uploaded into it."""
@@ -307,6 +316,9 @@ class TrainingJobs:
                             f"lr {event.lr:.2e}  {event.s_per_step:.2f} s/step"
                         )
                     )
+            elif isinstance(event, Validated):
+                job.validation.append((event.step, event.validation_loss, event.training_images_loss))
+                job.log.append(_line(event.describe()))
             elif isinstance(event, CheckpointSaved):
                 job.checkpoint = event.path
                 job.log.append(_line(f"Checkpoint saved: {event.path}"))

@@ -81,9 +81,13 @@ def render_progress(snapshot: dict, strings: dict) -> str:
     return f'<progress value="{step}" max="{total}" style="width:100%"></progress><div>{text}</div>'
 
 
-def loss_frame(snapshot: dict) -> pd.DataFrame:
-    losses = snapshot.get("losses", [])
-    return pd.DataFrame(losses, columns=["step", "loss"]) if losses else pd.DataFrame({"step": [], "loss": []})
+def loss_frame(snapshot: dict, strings: dict) -> pd.DataFrame:
+    """The plot's points: the training loss per step, and the validation figures as two more series."""
+    names = [translate(key, strings) for key in ("series_training", "series_held_out", "series_training_images")]
+    rows = [(step, loss, names[0]) for step, loss in snapshot.get("losses", [])]
+    for step, held_out, trained in snapshot.get("validation", []):
+        rows += [(step, held_out, names[1]), (step, trained, names[2])]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,10 @@ class StatusView:
         self.status = page_texts_of(t).markdown(text_of(t, "status_idle"), elem_id="lt-status")
         self.progress = gr.HTML(elem_id="lt-progress")
         self.loss_plot = gr.LinePlot(
-            pd.DataFrame({"step": [], "loss": []}),
+            pd.DataFrame({"step": [], "loss": [], "series": []}),
             x="step",
             y="loss",
+            color="series",
             label=text_of(t, "loss"),
             x_title=text_of(t, "plot_step"),
             y_title=text_of(t, "loss"),
@@ -129,7 +134,7 @@ class StatusView:
             self.status: render_status(snapshot, self.strings),
             self.progress: render_progress(snapshot, self.strings),
             self.log_box: shown_log(snapshot.get("log", []), self.strings),
-            self.loss_plot: loss_frame(snapshot),
+            self.loss_plot: loss_frame(snapshot, self.strings),
             self.seen: {"job_id": snapshot.get("job_id"), "state": snapshot["state"], "loaded": True},
             self.lora_version: self.jobs.lora_version,
         }

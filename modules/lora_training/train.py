@@ -56,6 +56,7 @@ from modules.lora_training.events import (
     SampleSaved,
     StepDone,
     Stopped,
+    Validated,
     ignore_events,
 )
 from modules.lora_training.manifest import ProjectManifest
@@ -65,7 +66,6 @@ from modules.lora_training.project import ProjectPaths, write_json
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
 from modules.lora_training.validation import (
     Evaluation,
-    describe_figures,
     fixed_noise_loss,
     split_validation,
     training_probe,
@@ -616,7 +616,7 @@ class Trainer:
         self.evaluation.write(self.current_run.evaluation)
         self._metrics({"step": step, **figures})
         self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - clock
-        self.on_event(Log(describe_figures(step, **figures)))
+        self.on_event(Validated(step=step, **figures))
 
     def _fixed_loss(self, items: list[TrainItem]) -> float | None:
         if not items:
@@ -670,30 +670,18 @@ class Trainer:
             return self.family.encode_text([prompt])
 
     def _final_metadata(self, step: int) -> dict[str, str]:
-        from families.training import metadata_json
-
-        return {
-            "lora_studio.family": self.family_name,
-            "lora_studio.project": self.paths.name,
-            "lora_studio.run_id": self.current_run.run_id,
-            "lora_studio.base_model": self.entry.name,
-            "lora_studio.base_model_sha256": self.base_hash.result(),
-            "lora_studio.resolution": str(self.resolution),
-            "lora_studio.steps": str(step),
-            "lora_studio.trigger_word": self.trigger,
-            "lora_studio.rank": str(self.config.rank),
-            "lora_studio.alpha": f"{self.config.alpha:g}",
-            "lora_studio.prediction_type": self.family.prediction_type(self.config),
-            "lora_studio.zero_terminal_snr": str(getattr(self.family, "zero_terminal_snr", False)).lower(),
-            "lora_studio.training_config": metadata_json(config_to_dict(self.config)),
-            "lora_studio.tag_frequency": metadata_json({self.paths.name: self._tag_counts()}),
-        }
-
-    def _tag_counts(self) -> dict[str, int]:
-        counts: Counter = Counter()
-        for item in self.items:
-            counts.update(tag.strip() for tag in item.caption.split(",") if tag.strip())
-        return dict(counts.most_common(200))
+        return lora_metadata(
+            family=self.family,
+            config=self.config,
+            project=self.paths.name,
+            run_id=self.current_run.run_id,
+            base_model=self.entry.name,
+            base_sha256=self.base_hash.result(),
+            resolution=self.resolution,
+            step=step,
+            trigger=self.trigger,
+            captions=[item.caption for item in self.items],
+        )
 
     def _save_webui_copy(self) -> None:
         from modules.lora_training.export import default_export_path, export_lora
@@ -809,6 +797,43 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         return self.processes.any(bool(self.should_stop()))
+
+
+def lora_metadata(
+    *,
+    family,
+    config: TrainConfig,
+    project: str,
+    run_id: str,
+    base_model: str,
+    base_sha256: str,
+    resolution: int,
+    step: int,
+    trigger: str,
+    captions: list[str],
+) -> dict[str, str]:
+    """The ``lora_studio.*`` header of a LoRA file: where it came from and how it was trained."""
+    from families.training import metadata_json
+
+    tags: Counter = Counter()
+    for caption in captions:
+        tags.update(tag.strip() for tag in caption.split(",") if tag.strip())
+    return {
+        "lora_studio.family": family.name,
+        "lora_studio.project": project,
+        "lora_studio.run_id": run_id,
+        "lora_studio.base_model": base_model,
+        "lora_studio.base_model_sha256": base_sha256,
+        "lora_studio.resolution": str(resolution),
+        "lora_studio.steps": str(step),
+        "lora_studio.trigger_word": trigger,
+        "lora_studio.rank": str(config.rank),
+        "lora_studio.alpha": f"{config.alpha:g}",
+        "lora_studio.prediction_type": family.prediction_type(config),
+        "lora_studio.zero_terminal_snr": str(getattr(family, "zero_terminal_snr", False)).lower(),
+        "lora_studio.training_config": metadata_json(config_to_dict(config)),
+        "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
+    }
 
 
 def lora_header(path: Path) -> dict:

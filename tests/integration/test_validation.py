@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.metrics import read_metrics, read_validation
@@ -90,3 +91,34 @@ def test_validation_during_training_and_a_re_evaluation_that_reproduces_it(
         assert after["training_images_loss"] == pytest.approx(before["training_images_loss"], rel=1e-5)
     assert again["best"]["step"] == best["step"]
     assert f"{best['checkpoint']}  <- best" in printed and "(base model)" in printed
+    _save_the_best_checkpoint(app_config, models_dir, name=name, best=best, run=run, capsys=capsys)
+
+
+def _save_the_best_checkpoint(app_config, models_dir, *, name, best, run, capsys):
+    """The best checkpoint written as a LoRA: both files, its figures in the header, loads in plain diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from families import family
+    from modules.lora_training.cli import main
+
+    assert main(["--app-config", str(app_config), "save-checkpoint", "--project", name, "--name", "best"]) == 0
+    saved = app_config.parent / "loras" / "best.safetensors"
+    assert (saved.parent / "webui" / "best.safetensors").is_file(), "the kohya/webui copy, verified"
+    with safe_open(str(saved), "pt") as handle:
+        header = handle.metadata()
+    assert header["lora_studio.checkpoint_step"] == str(best["step"])
+    assert float(header["lora_studio.validation_loss"]) == pytest.approx(best["validation_loss"], rel=1e-5)
+    checkpoint = load_file(str(run / "checkpoints" / best["checkpoint"] / "lora.safetensors"))
+    written = load_file(str(saved))
+    some_key = next(k for k in checkpoint if k.endswith("lora_B.weight"))
+    module = some_key.split("/", 1)[1].removesuffix(".lora_B.weight")
+    _, main_key = family("sdxl").main_file_keys("unet", module)
+    assert torch.allclose(written[main_key].float(), checkpoint[some_key], atol=1e-3), "the checkpoint's weights"
+    pipe = StableDiffusionXLPipeline.from_pretrained(models_dir / DEMO_SDXL_NAME)
+    pipe.load_lora_weights(str(saved), adapter_name="best")
+    loaded = [n for n, m in pipe.unet.named_modules() if "best" in getattr(m, "lora_A", {})]
+    assert len(loaded) == len(written) // 2 > 0, "every layer of the file found its module (a down and an up each)"
+    assert main(["--app-config", str(app_config), "save-checkpoint", "--project", name, "--name", "best"]) == 2
+    assert "already exists" in capsys.readouterr().err

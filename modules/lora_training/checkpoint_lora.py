@@ -1,0 +1,104 @@
+"""A kept checkpoint written out as a normal LoRA: the best one by validation, or any step the user picks.
+
+The result is the same pair of files a finished run writes (the main file in ``loras/`` and its
+verified kohya/webui copy), with the checkpoint's step and validation figures in the header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.errors import UserError
+from modules.lora_training import checkpoints as ckpt
+from modules.lora_training.evaluate import find_run, run_config
+from modules.lora_training.manifest import ProjectManifest
+from modules.lora_training.names import validate_name
+from modules.lora_training.project import ProjectPaths
+from modules.lora_training.validation import BEST_RULE, Evaluation
+
+
+def chosen_checkpoint(run, evaluation: Evaluation, step: int | None) -> tuple[Path, dict | None]:
+    """The checkpoint folder of ``step`` (the best one when None) and its validation record, if any."""
+    record = evaluation.best() if step is None else next((r for r in evaluation.records if r["step"] == step), None)
+    if step is None and record is None:
+        raise UserError(
+            f"Run {run.run_id} has no best checkpoint yet (it is chosen by {BEST_RULE} on held-out images, which "
+            "needs 5 prepared images or more); name a step instead."
+        )
+    folder = ckpt.checkpoint_dir(run.checkpoints, record["step"] if step is None else step)
+    if not (folder / "state.json").is_file():
+        kept = ", ".join(str(int(p.name.split("-")[1])) for p in ckpt.list_checkpoints(run.checkpoints)) or "none"
+        raise UserError(f"Run {run.run_id} has no checkpoint at step {step} (kept steps: {kept}); pick one of those.")
+    return folder, record
+
+
+def save_checkpoint_as_lora(
+    project: str,
+    *,
+    projects_dir: Path,
+    models_dir: Path,
+    loras_dir: Path,
+    name: str,
+    run_id: str | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    webui_copy: bool = True,
+) -> Path:
+    """Write the run's checkpoint at ``step`` (default: the best) as ``loras/<name>.safetensors``."""
+    paths = ProjectPaths.for_project(projects_dir, project)
+    run = find_run(paths, run_id)
+    target = Path(loras_dir) / f"{validate_name(name, what='LoRA name')}.safetensors"
+    if target.exists() and not overwrite:
+        raise UserError(f"A LoRA named {target.name} already exists in {loras_dir}; choose another name or overwrite.")
+    folder, record = chosen_checkpoint(run, Evaluation.read(run.evaluation, up_to_step=run.last_step()), step)
+    state = ckpt.load_checkpoint(folder)
+    config = run_config(run)
+    family = _family_with_lora(config, models_dir=Path(models_dir))
+    family.load_lora_state_dict(state.lora)
+    metadata = _metadata(family, config=config, run=run, paths=paths, step=state.step, record=record)
+    family.save_lora(target, metadata=metadata)
+    if webui_copy:
+        from modules.lora_training.export import export_lora
+
+        export_lora(target, fmt="kohya")
+    return target
+
+
+def _family_with_lora(config, *, models_dir: Path):
+    """The run's base model on the CPU with its LoRA layers (weights are only copied, never run)."""
+    import torch
+
+    from core.model_files import model_entry
+    from families import family as model_family
+
+    entry = model_entry(models_dir, config.base_model)
+    family = model_family(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
+    family.configure(config)
+    family.add_lora(
+        rank=config.rank, alpha=config.alpha, targets=config.lora_targets, train_text_encoder=config.train_text_encoder
+    )
+    return family
+
+
+def _metadata(family, *, config, run, paths: ProjectPaths, step: int, record: dict | None) -> dict[str, str]:
+    from modules.lora_training.data import load_items
+    from modules.lora_training.train import lora_metadata, sha256_file
+
+    manifest = ProjectManifest.read(paths) or ProjectManifest()
+    metadata = lora_metadata(
+        family=family,
+        config=config,
+        project=paths.name,
+        run_id=run.run_id,
+        base_model=family.entry.name,
+        base_sha256=sha256_file(family.entry.path),
+        resolution=manifest.resolution,
+        step=step,
+        trigger=manifest.trigger,
+        captions=[item.caption for item in load_items(paths)],
+    )
+    metadata["lora_studio.checkpoint_step"] = str(step)
+    if record is not None:
+        metadata["lora_studio.validation_loss"] = f"{record['validation_loss']:.6g}"
+        metadata["lora_studio.training_images_loss"] = f"{record['training_images_loss']:.6g}"
+    return metadata
