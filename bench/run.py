@@ -312,6 +312,35 @@ def bench_end_to_end(workspace: dict, root: Path) -> dict:
     }
 
 
+def bench_validation(workspace: dict, root: Path) -> dict:
+    """Validation with the defaults (10% of the images held out, a checkpoint every 10% of the run): one
+    validation's seconds over the seconds of training between two checkpoints, in the same run."""
+    from modules.lora_training.train import Trainer
+
+    trainer = Trainer(
+        _train_config(workspace, steps=40, name="validation", save_every_steps=None),
+        projects_dir=workspace["projects"],
+        models_dir=workspace["models"],
+        loras_dir=root / "loras-validation",
+        on_event=lambda event: None,
+        should_stop=lambda: False,
+        resume=False,
+        new_run=True,
+    )
+    trainer.setup()
+    trainer.run()
+    validations = len(trainer.evaluation.records)
+    per_validation = trainer.timings["validation"] / validations
+    per_interval = trainer.timings["train"] / (trainer.total_steps / trainer.save_every)
+    return {
+        "ratio": per_validation / per_interval,
+        "validation_s": per_validation,
+        "training_between_checkpoints_s": per_interval,
+        "validations": validations,
+        "held_out_images": len(trainer.held_out),
+    }
+
+
 def bench_generate(workspace: dict, root: Path) -> dict:
     import torch
 
@@ -418,6 +447,27 @@ def bench_memory(workspace_root: Path) -> dict:
     return {"ours_peak_mib": ours, "reference_peak_mib": reference, "ratio": ours / reference}
 
 
+def _print_results(results: dict) -> None:
+    """The ratios as a table, then the time to the first step and its phases."""
+    full_size_label = f"full-size {bench_family().display_name}, counted FLOPs: uncached / cached"
+    rows = [
+        ("training step: ours / bare PEFT step", results["step_overhead"], "s"),
+        ("s/step: tab's estimate / measured", results["step_estimate"], ""),
+        ("epoch: uncached / cached", results["caching"], ""),
+        (full_size_label, results["caching_full_size_by_flops"], ""),
+        ("validation / training since the last checkpoint", results["validation"], "s"),
+        ("generate: ModelManager / direct diffusers", results["generate"], "s"),
+        ("peak RSS: ours / reference (MiB)", results["memory"], ""),
+    ]
+    print(f"{'measure':50} {'ratio':>7}  details")
+    for label, data, _ in rows:
+        details = ", ".join(f"{k} {v:.4g}" for k, v in data.items() if k != "ratio")
+        print(f"{label:50} {data['ratio']:7.3f}  {details}")
+    e2e = results["end_to_end"]
+    print(f"{'time to first step (s)':50} {e2e['time_to_first_step_s']:7.2f}")
+    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e2e["phases_s"].items()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
@@ -454,28 +504,14 @@ def main() -> int:
             "caching": bench_caching(workspace, root),
             "caching_full_size_by_flops": caching_by_counted_flops(),
             "end_to_end": bench_end_to_end(workspace, root),
+            "validation": bench_validation(workspace, root),
             "generate": bench_generate(workspace, root),
             "memory": bench_memory(root),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     args.out.write_text(json.dumps(results, indent=2))
-    full_size_label = f"full-size {bench_family().display_name}, counted FLOPs: uncached / cached"
-    rows = [
-        ("training step: ours / bare PEFT step", results["step_overhead"], "s"),
-        ("s/step: tab's estimate / measured", results["step_estimate"], ""),
-        ("epoch: uncached / cached", results["caching"], ""),
-        (full_size_label, results["caching_full_size_by_flops"], ""),
-        ("generate: ModelManager / direct diffusers", results["generate"], "s"),
-        ("peak RSS: ours / reference (MiB)", results["memory"], ""),
-    ]
-    print(f"{'measure':50} {'ratio':>7}  details")
-    for label, data, _ in rows:
-        details = ", ".join(f"{k} {v:.4g}" for k, v in data.items() if k != "ratio")
-        print(f"{label:50} {data['ratio']:7.3f}  {details}")
-    e2e = results["end_to_end"]
-    print(f"{'time to first step (s)':50} {e2e['time_to_first_step_s']:7.2f}")
-    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in e2e["phases_s"].items()))
+    _print_results(results)
     print(f"results written to {args.out}")
     return 0
 

@@ -146,7 +146,7 @@ def test_samples_use_the_encoded_empty_prompt_as_negative(models_dir):
 def _estimated_and_real_lora(models_dir, name: str, targets: str):
     from core.model_files import model_entry
     from families.sd15 import SD15Family
-    from modules.lora_training.estimate import estimate_memory
+    from modules.lora_training.estimate.memory import estimate_memory
 
     entry = model_entry(models_dir, name)
     family = SD15Family(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
