@@ -56,28 +56,29 @@ def fixed_noise_loss(
 ) -> float | None:
     """Mean denoising loss over ``items`` × :data:`NOISE_LEVELS`; ``inputs(item)`` gives the item's
     (unscaled latent mean, text embeddings) on the training device. Plain MSE (no min-SNR weights).
-    None when ``should_stop`` turned true on the way (checked between images)."""
+    Each image's noise levels go through the model as one batch. None when ``should_stop`` turned true
+    on the way (checked between images)."""
     import dataclasses
 
     plain = dataclasses.replace(config, min_snr_gamma=0.0)
+    levels = len(NOISE_LEVELS)
     losses = []
     for item in items:
         if should_stop():
             return None
         mean, text = inputs(item)
-        latents = family.scale_latents(mean)
-        for level, fraction in enumerate(NOISE_LEVELS):
-            noise = _noise_for(item, tuple(latents.shape), level).to(latents.device, latents.dtype)
-            loss = family.training_loss(
-                latents=latents,
-                text=text,
-                items=[item],
-                generator=None,  # noise and timestep are given
-                config=plain,
-                fixed_t=torch.tensor([fraction]),
-                noise=noise,
-            )
-            losses.append(float(loss.float().mean()))
+        latents = family.scale_latents(mean).expand(levels, *mean.shape[1:])
+        noise = torch.cat([_noise_for(item, tuple(mean.shape), level) for level in range(levels)])
+        loss = family.training_loss(
+            latents=latents,
+            text={key: value.expand(levels, *value.shape[1:]) for key, value in text.items()},
+            items=[item] * levels,
+            generator=None,  # noise and timesteps are given
+            config=plain,
+            fixed_t=torch.tensor(NOISE_LEVELS),
+            noise=noise.to(latents.device, latents.dtype),
+        )
+        losses.append(float(loss.float().mean()))
     return sum(losses) / len(losses)
 
 
