@@ -29,6 +29,12 @@ def options_dict(options) -> dict:
     return dict(options)
 
 
+def _text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text; got {value!r}"[:300])
+    return value.strip()
+
+
 class TrainingApi:
     def __init__(self, tab) -> None:
         self.tab = tab
@@ -39,6 +45,8 @@ class TrainingApi:
         gr.api(self.stop_training, api_name="stop_training", queue=False)
         gr.api(self.training_status, api_name="training_status", queue=False)
         gr.api(self.resume_training, api_name="resume_training")
+        gr.api(self.evaluate_lora, api_name="evaluate_lora")
+        gr.api(self.save_checkpoint_lora, api_name="save_checkpoint_lora")
 
     def prepare_dataset(
         self,
@@ -92,6 +100,32 @@ class TrainingApi:
     def training_status(self) -> dict:
         """The current (or last) job: state, step, loss, ETA, log, samples, LoRA path."""
         return self.tab.jobs.snapshot()
+
+    def evaluate_lora(self, project: str, run_id: str = "") -> dict:
+        """Measure a run's base model and kept checkpoints on its held-out images again, in the background;
+        `/training_status` follows it, and its evaluation.json names the best checkpoint."""
+        try:
+            return self.tab.jobs.evaluate(_text("project", project), run_id=_text("run_id", run_id) or None)
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def save_checkpoint_lora(
+        self, project: str, name: str, step: int = -1, run_id: str = "", overwrite: bool = False
+    ) -> str:
+        """Write a run's checkpoint as a LoRA in loras/ (both files): the best by validation (step -1) or `step`."""
+        try:
+            if not isinstance(step, int) or isinstance(step, bool) or not -1 <= step <= 10**6:
+                raise UserError(f"step must be a whole number from 0 to 1000000, or -1 for the best; got {step!r}")
+            path = self.tab.save_checkpoint_lora(
+                _text("project", project),
+                name=_text("name", name),
+                step=None if step == -1 else step,
+                run_id=_text("run_id", run_id) or None,
+                overwrite=flag("overwrite", overwrite),
+            )
+            return path.name
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
 
     def resume_training(self, project: str) -> dict:
         """Continue a stopped or interrupted run from its newest checkpoint."""

@@ -78,11 +78,13 @@ class _Measurer:
         mean, _ = self.family.encode_image_moments(_load_pixels(item, flip=False)[None]).chunk(2, dim=1)
         return mean.to(self.device), self.family.encode_text([item.caption])
 
-    def loss(self, items: list) -> float:
+    def loss(self, items: list, should_stop: Callable[[], bool] = lambda: False) -> float | None:
         autocast = self.precision.autocast_dtype
         device_type = torch.device(self.device).type
         with torch.autocast(device_type, dtype=autocast) if autocast else torch.autocast(device_type, enabled=False):
-            return fixed_noise_loss(self.family, items, inputs=self._inputs, config=self.config)
+            return fixed_noise_loss(
+                self.family, items, inputs=self._inputs, config=self.config, should_stop=should_stop
+            )
 
 
 def denoising_loss(
@@ -106,8 +108,10 @@ def evaluate_run(
     run_id: str | None = None,
     device: str = "auto",
     on_record: Callable[[dict], None] = lambda record: None,
-) -> Evaluation:
-    """Measure the base model and every checkpoint of the run; rewrite and return its ``evaluation.json``."""
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Evaluation | None:
+    """Measure the base model and every checkpoint of the run; rewrite and return its ``evaluation.json``.
+    None when ``should_stop`` turned true on the way (the file is then left as it was)."""
     from core.model_manager import pick_device
     from modules.lora_training.data import load_items
 
@@ -128,21 +132,24 @@ def evaluate_run(
     evaluation.validation_images = [item.image_path.name for item in held_out]
     evaluation.training_images = [item.image_path.name for item in probe]
 
-    def measure(step: int, checkpoint: str | None) -> None:
-        record = {
-            "step": step,
-            "validation_loss": measurer.loss(held_out),
-            "training_images_loss": measurer.loss(probe),
-            "checkpoint": checkpoint,
-        }
+    def measure(step: int, checkpoint: str | None) -> bool:
+        figures = {"validation_loss": measurer.loss(held_out, should_stop), "training_images_loss": None}
+        if figures["validation_loss"] is not None:
+            figures["training_images_loss"] = measurer.loss(probe, should_stop)
+        if None in figures.values():
+            return False
+        record = {"step": step, **figures, "checkpoint": checkpoint}
         on_record(record)
         evaluation.add(record)
+        return True
 
-    measure(0, None)  # the LoRA layers are a no-op yet: the base model's figures
+    if not measure(0, None):  # the LoRA layers are a no-op yet: the base model's figures
+        return None
     for folder in ckpt.list_checkpoints(run.checkpoints):
         state = ckpt.load_checkpoint(folder)
         measurer.family.load_lora_state_dict(state.lora)
-        measure(state.step, folder.name)
+        if not measure(state.step, folder.name):
+            return None
     evaluation.write(run.evaluation)
     return evaluation
 

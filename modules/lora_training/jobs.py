@@ -7,6 +7,7 @@ is released before training and restored after, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -63,7 +64,7 @@ class JobState:
 
     @property
     def running(self) -> bool:
-        return self.state in ("starting", "preparing", "training", "stopping")
+        return self.state in ("starting", "preparing", "training", "evaluating", "stopping")
 
     def eta_seconds(self) -> float | None:
         if not self.s_per_step or not self.total_steps:
@@ -184,11 +185,7 @@ class TrainingJobs:
         history = self._run_history(project, run_id) if resume else ([], [], [])
         note = self._stopped_run_note(project) if train_config is None else None
         with self._lock:
-            if self._job is not None and self._job.running:
-                raise UserError(
-                    f"A job is already running ({self._job.kind} of {self._job.project!r}); "
-                    "stop it or wait for it to finish."
-                )
+            self._refuse_while_running()
             if train_config is not None and not resume and not new_run:
                 self._check_can_start(project)
             job = JobState(job_id=self._next_id, project=project, kind=kind)
@@ -199,17 +196,34 @@ class TrainingJobs:
             job.losses, job.validation, job.samples = history
             if note:
                 job.log.append(_line(note))
-            self._next_id += 1
-            self._job = job
-            self._stop.clear()
-            self._thread = threading.Thread(
-                target=self._run,
-                args=(job, prepare_config, train_config, {"resume": resume, "new_run": new_run, "run_id": run_id}),
-                name=f"lora-job-{job.job_id}",
-                daemon=True,
+            run_options = {"resume": resume, "new_run": new_run, "run_id": run_id}
+            return self._launch(job, self._run, job, prepare_config, train_config, run_options)
+
+    def evaluate(self, project: str, *, run_id: str | None = None) -> dict:
+        """Measure a run's base model and kept checkpoints again (:mod:`.evaluate`), in the background."""
+        from modules.lora_training.evaluate import find_run
+
+        run = find_run(self._paths(project), run_id or None)
+        with self._lock:
+            self._refuse_while_running()
+            job = JobState(job_id=self._next_id, project=project, kind="evaluate")
+            return self._launch(job, self._evaluate, job, run.run_id)
+
+    def _refuse_while_running(self) -> None:
+        if self._job is not None and self._job.running:
+            raise UserError(
+                f"A job is already running ({self._job.kind} of {self._job.project!r}); "
+                "stop it or wait for it to finish."
             )
-            self._thread.start()
-            return job.as_dict()
+
+    def _launch(self, job: JobState, target, *args) -> dict:
+        """Make ``job`` the current one and run ``target(*args)`` in its thread (the lock is held)."""
+        self._next_id += 1
+        self._job = job
+        self._stop.clear()
+        self._thread = threading.Thread(target=target, args=args, name=f"lora-job-{job.job_id}", daemon=True)
+        self._thread.start()
+        return job.as_dict()
 
     def _check_before_starting(self, prepare_config: PrepareConfig | None, train_config: TrainConfig | None) -> None:
         """The checks that need no model and no image, so a bad request is refused at once, not by a failed job."""
@@ -288,6 +302,9 @@ class TrainingJobs:
                 return "Already stopping: the run ends after the current step."
             self._stop.set()
             preparing, job.state = job.state in ("starting", "preparing"), "stopping"
+            if job.kind == "evaluate":
+                job.log.append(_line("Stop requested: the evaluation ends after the current image."))
+                return "Stopping the evaluation after the current image; evaluation.json stays as it was."
             if preparing:
                 job.log.append(_line("Stop requested: preparation ends after the current image."))
                 return "Stopping the preparation after the current image."
@@ -373,19 +390,66 @@ class TrainingJobs:
                 self._set(job, state="stopped", message="Stopped before training started.")
                 return
             self._train(job, train_config, run_options, train)
-        except UserError as exc:
-            self._record(job, Failed(str(exc)))
-            self._set(job, state="failed", message=str(exc))
-        except OSError as exc:  # a full disk, a read-only or vanished folder: the user can fix it
+        except Exception as exc:  # noqa: BLE001 - every failure ends the job with a message
+            self._fail(job, exc)
+
+    def _fail(self, job: JobState, exc: Exception) -> None:
+        """End ``job`` as failed, with a message the user can act on (a traceback in the log for bugs)."""
+        if isinstance(exc, UserError):
+            message = str(exc)
+        elif isinstance(exc, OSError):  # a full disk, a read-only or vanished folder: the user can fix it
             log.error("job %s stopped by a failed read or write: %s", job.job_id, exc)
             message = disk_failure_message(exc)
-            self._record(job, Failed(message))
-            self._set(job, state="failed", message=message)
-        except Exception as exc:  # a bug or an environment problem: keep the server alive, say what happened
+        else:  # a bug or an environment problem: keep the server alive, say what happened
             log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
             message = f"Unexpected error: {type(exc).__name__}: {exc}. See the server log for details."
-            self._record(job, Failed(message))
-            self._set(job, state="failed", message=message)
+        self._record(job, Failed(message))
+        self._set(job, state="failed", message=message)
+
+    def _evaluate(self, job, run_id: str) -> None:
+        from modules.lora_training.evaluate import evaluate_run, format_table
+
+        def measured(record: dict) -> None:
+            self._record(job, Validated(record["step"], record["validation_loss"], record["training_images_loss"]))
+
+        try:
+            with self._model_released(job, f"evaluating LoRA project {job.project!r}"):
+                self._set(job, state="stopping" if self._stop.is_set() else "evaluating")
+                evaluation = evaluate_run(
+                    job.project,
+                    projects_dir=self.app_config.LORA_PROJECTS_DIR,
+                    models_dir=self.app_config.MODELS_DIR,
+                    run_id=run_id,
+                    device=self.app_config.DEVICE,
+                    on_record=measured,
+                    should_stop=self._stop.is_set,
+                )
+        except Exception as exc:  # noqa: BLE001 - every failure ends the job with a message
+            self._fail(job, exc)
+            return
+        if evaluation is None:
+            self._set(job, state="stopped", message="Evaluation stopped; evaluation.json is unchanged.")
+            return
+        best = evaluation.best()
+        self._record(job, Log(format_table(evaluation)))
+        message = f"Best checkpoint: {best['checkpoint']} (step {best['step']})." if best else "No checkpoint yet."
+        self._set(job, state="evaluated", message=message)
+
+    @contextlib.contextmanager
+    def _model_released(self, job, reason: str):
+        """The Generate tab's model off the GPU while the job runs, restored after."""
+        try:
+            info = self.model_manager.release(reason)
+        except GpuBusyError as exc:
+            raise UserError(str(exc)) from exc
+        freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
+        self._record(job, Log(f"Inference model {info.model or '(none)'} released for training{freed}."))
+        try:
+            yield
+        finally:
+            restored = self.model_manager.restore()
+            if restored:
+                self._record(job, Log(f"Inference model {restored} restored."))
 
     def _log_estimate(self, job, train_config) -> None:
         from modules.lora_training.estimate import estimate_run
@@ -403,15 +467,9 @@ class TrainingJobs:
 
     def _train(self, job, train_config, run_options: dict, train) -> None:
         config = self.app_config
-        try:
-            info = self.model_manager.release(f"training LoRA {train_config.output_name!r}")
-        except GpuBusyError as exc:
-            raise UserError(str(exc)) from exc
-        freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
-        self._record(job, Log(f"Inference model {info.model or '(none)'} released for training{freed}."))
-        self._set(job, state="stopping" if self._stop.is_set() else "training")
-        self._log_estimate(job, train_config)
-        try:
+        with self._model_released(job, f"training LoRA {train_config.output_name!r}"):
+            self._set(job, state="stopping" if self._stop.is_set() else "training")
+            self._log_estimate(job, train_config)
             result = train(
                 train_config,
                 projects_dir=config.LORA_PROJECTS_DIR,
@@ -421,10 +479,6 @@ class TrainingJobs:
                 should_stop=self._stop.is_set,
                 **run_options,
             )
-        finally:
-            restored = self.model_manager.restore()
-            if restored:
-                self._record(job, Log(f"Inference model {restored} restored."))
         if result.status == "finished":
             self.lora_version += 1
             self._set(job, state="finished", message=f"{Path(result.lora_path).name} is ready in the Generate tab.")

@@ -102,6 +102,25 @@ class LoraTrainingTab:
     def start(self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False) -> dict:
         return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run)
 
+    def save_checkpoint_lora(self, project: str, *, name: str, step: int | None, run_id: str | None, overwrite: bool):
+        """A run's checkpoint written as a LoRA (refused while a job holds the device and the files)."""
+        from modules.lora_training.checkpoint_lora import save_checkpoint_as_lora
+
+        if self.jobs.is_running():
+            raise UserError("A job is running; save the checkpoint once it has finished or stopped.")
+        path = save_checkpoint_as_lora(
+            project,
+            projects_dir=self.config.LORA_PROJECTS_DIR,
+            models_dir=self.config.MODELS_DIR,
+            loras_dir=self.config.LORAS_DIR,
+            name=name,
+            run_id=run_id,
+            step=step,
+            overwrite=overwrite,
+        )
+        self.jobs.lora_version += 1  # the Generate tab lists it
+        return path
+
     def resume(self, project: str) -> dict:
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
         return self.jobs.start(train_config=config, resume=True)
@@ -251,6 +270,7 @@ class LoraTrainingTab:
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
+        self._wire_evaluation(page, form, strings=strings)
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
         status.wire(page=self._page_hooks(page, form, t=t))
@@ -288,6 +308,12 @@ class LoraTrainingTab:
                 value=False, label=t("new_run"), info=t("new_run_info"), elem_id="lt-new-run", min_width=190
             )
             page.use = button(t("use_in_generate"), elem_id="lt-use")
+        with gr.Row():
+            page.evaluate = button(t("evaluate"), elem_id="lt-evaluate")
+            page.best_name = gr.Textbox(
+                label=t("best_name"), placeholder=t("best_name_placeholder"), elem_id="lt-best-name", scale=2
+            )
+            page.save_best = button(t("save_best"), elem_id="lt-save-best")
         return page
 
     def _build_caption_editor(self, page: SimpleNamespace, t, *, button) -> None:
@@ -341,6 +367,29 @@ class LoraTrainingTab:
             outputs=[form["learning_rate"], form["text_encoder_lr"]],
             **private,
         )
+
+    def _wire_evaluation(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
+        """Evaluate a run again (a job the status column follows); save its best checkpoint as a LoRA."""
+
+        def on_evaluate(project: str) -> None:
+            try:
+                job = self.jobs.evaluate(project)
+            except UserError as exc:
+                raise shown_to_user(exc, strings) from exc
+            gr.Info(translate("started", strings, job_id=job["job_id"]))
+
+        def on_save_best(project: str, name: str) -> None:
+            try:
+                path = self.save_checkpoint_lora(
+                    project, name=name.strip() or f"{project}_best", step=None, run_id=None, overwrite=False
+                )
+            except UserError as exc:
+                raise shown_to_user(exc, strings) from exc
+            gr.Info(translate("saved_best", strings, name=path.stem))
+
+        private = {"api_visibility": "private"}
+        page.evaluate.click(on_evaluate, inputs=[form["project"]], **private)
+        page.save_best.click(on_save_best, inputs=[form["project"], page.best_name], **private)
 
     def _wire_upload(self, page: SimpleNamespace, form: FormWidgets, *, strings) -> None:
         def on_upload(project, files):

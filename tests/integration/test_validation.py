@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.metrics import read_metrics, read_validation
 from modules.lora_training.train import train
@@ -92,6 +93,29 @@ def test_validation_during_training_and_a_re_evaluation_that_reproduces_it(
     assert again["best"]["step"] == best["step"]
     assert f"{best['checkpoint']}  <- best" in printed and "(base model)" in printed
     _save_the_best_checkpoint(app_config, models_dir, name=name, best=best, run=run, capsys=capsys)
+    _evaluate_as_a_job(app_config, name=name, best=best)
+
+
+def _evaluate_as_a_job(app_config, *, name, best):
+    """The tab's Evaluate: a job like training (the inference model handed over), its figures in the log."""
+    from core.config import load_config
+    from core.model_manager import ModelManager
+    from modules.lora_training.jobs import TrainingJobs
+
+    config = load_config(app_config)
+    manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device="cpu")
+    jobs = TrainingJobs(model_manager=manager, app_config=config)
+    assert jobs.evaluate(name)["kind"] == "evaluate"
+    with pytest.raises(UserError, match="already running"):
+        jobs.evaluate(name)
+    status = jobs.wait(timeout=120)
+    assert status["state"] == "evaluated", status
+    assert status["message"] == f"Best checkpoint: {best['checkpoint']} (step {best['step']})."
+    measured = [step for step, _, _ in status["validation"]]
+    assert measured == sorted({0, best["step"], 6}), "the base and each kept checkpoint"
+    assert any("Validation at step 0 (the base model" in line for line in status["log"])
+    with pytest.raises(UserError, match="no run 'nope'"):
+        jobs.evaluate(name, run_id="nope")
 
 
 def _save_the_best_checkpoint(app_config, models_dir, *, name, best, run, capsys):
