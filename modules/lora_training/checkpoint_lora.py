@@ -46,8 +46,8 @@ def save_checkpoint_as_lora(
 ) -> Path:
     """Write the run's checkpoint at ``step`` (default: the best) as ``loras/<name>.safetensors``."""
     paths = ProjectPaths.for_project(projects_dir, project)
-    run = find_run(paths, run_id)
     target = Path(loras_dir) / f"{validate_name(name, what='LoRA name')}.safetensors"
+    run = find_run(paths, run_id)
     if target.exists() and not overwrite:
         raise UserError(f"A LoRA named {target.name} already exists in {loras_dir}; choose another name or overwrite.")
     folder, record = chosen_checkpoint(run, Evaluation.read(run.evaluation, up_to_step=run.last_step()), step)

@@ -235,6 +235,32 @@ NAMES = [
         "LoRA name.*must not contain",
     ),
     Case("resume: traversal", lambda w: w.refused("resume_training", "../../etc"), "must not contain"),
+    Case(
+        "evaluate: traversal",
+        lambda w: w.refused("evaluate_lora", "../../etc", ""),
+        "must not contain",
+        cli("evaluate", "--project", "../../etc"),
+    ),
+    Case(
+        "evaluate: a project never trained", lambda w: w.refused("evaluate_lora", "nothing-here", ""), "train it first"
+    ),
+    Case("evaluate: a number, not text", lambda w: w.refused("evaluate_lora", 5, ""), "project must be text"),
+    Case(
+        "save checkpoint: traversal name",
+        lambda w: w.refused("save_checkpoint_lora", "keep", "../../evil", -1, "", False),
+        "LoRA name.*must not contain",
+        cli("save-checkpoint", "--project", "keep", "--name", "../../evil"),
+    ),
+    Case(
+        "save checkpoint: NaN step",
+        lambda w: w.refused("save_checkpoint_lora", "keep", "x", float("nan"), "", False),
+        "step must be a whole number",
+    ),
+    Case(
+        "save checkpoint: 'yes' for overwrite",
+        lambda w: w.refused("save_checkpoint_lora", "keep", "x", -1, "", "yes"),
+        "overwrite must be true or false",
+    ),
 ]
 
 
