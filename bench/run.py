@@ -289,20 +289,8 @@ def bench_caching(workspace: dict, root: Path) -> dict:
 
 
 def bench_end_to_end(workspace: dict, root: Path) -> dict:
-    from modules.lora_training.train import Trainer
-
     started = time.perf_counter()
-    trainer = Trainer(
-        _train_config(workspace, steps=20, name="e2e", also_save_webui=True),
-        projects_dir=workspace["projects"],
-        models_dir=workspace["models"],
-        loras_dir=root / "loras-e2e",
-        on_event=lambda event: None,
-        should_stop=lambda: False,
-        resume=False,
-        new_run=True,  # a bench measures; it never continues an earlier run
-    )
-    trainer.setup()
+    trainer = _trainer(workspace, root / "loras-e2e", steps=20, name="e2e", also_save_webui=True)
     trainer.run()
     phases = {**workspace["prepare"], **trainer.timings}
     return {
@@ -315,19 +303,7 @@ def bench_end_to_end(workspace: dict, root: Path) -> dict:
 def bench_validation(workspace: dict, root: Path) -> dict:
     """Validation with the defaults (10% of the images held out, a checkpoint every 10% of the run): one
     validation's seconds over the seconds of training between two checkpoints, in the same run."""
-    from modules.lora_training.train import Trainer
-
-    trainer = Trainer(
-        _train_config(workspace, steps=40, name="validation", save_every_steps=None),
-        projects_dir=workspace["projects"],
-        models_dir=workspace["models"],
-        loras_dir=root / "loras-validation",
-        on_event=lambda event: None,
-        should_stop=lambda: False,
-        resume=False,
-        new_run=True,
-    )
-    trainer.setup()
+    trainer = _trainer(workspace, root / "loras-validation", steps=40, name="validation", save_every_steps=None)
     trainer.run()
     validations = len(trainer.evaluation.records)
     per_validation = trainer.timings["validation"] / validations
