@@ -443,7 +443,11 @@ class TrainingJobs:
         except GpuBusyError as exc:
             raise UserError(str(exc)) from exc
         freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
-        self._record(job, Log(f"Inference model {info.model or '(none)'} released for training{freed}."))
+        model = info.model or "(none)"
+        if job.kind == "evaluate":
+            self._record(job, Log(f"Inference model {model} released for evaluation{freed}."))
+        else:
+            self._record(job, Log(f"Inference model {model} released for training{freed}."))
         try:
             yield
         finally:

@@ -422,10 +422,13 @@ class LoraTrainingTab:
 
         def on_change(snapshot: dict, *, opened: bool) -> dict:
             state, running = snapshot["state"], snapshot.get("running", False)
+            resumable = (
+                state == "stopped" and snapshot.get("kind") != "evaluate"
+            )  # a stopped evaluation resumes nothing
             interrupted = self.interrupted()
             updates = {
                 page.stop: gr.update(interactive=running),
-                page.resume: gr.update(interactive=not running and (state == "stopped" or bool(interrupted))),
+                page.resume: gr.update(interactive=not running and (resumable or bool(interrupted))),
                 page.use: gr.update(interactive=state == "finished" and bool(snapshot.get("lora_path"))),
                 page.banner: gr.update(
                     value=t("interrupted", projects=", ".join(interrupted)), visible=bool(interrupted)
