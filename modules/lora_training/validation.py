@@ -21,7 +21,7 @@ import torch
 
 from core.atomic import write_text_atomic
 
-NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule; the same for every figure
+NOISE_LEVELS = (0.25, 0.5, 0.75)  # fractions of the schedule (mid-range: where a subject is learned)
 MIN_IMAGES_FOR_A_SPLIT = 5  # below this every photo trains; the training-image figure still shows
 MAX_PROBE_IMAGES = 8  # training images measured beside the held-out ones (bounds the cost)
 BEST_RULE = "lowest validation loss"
