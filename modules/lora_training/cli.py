@@ -157,6 +157,8 @@ def _evaluate(args: argparse.Namespace, app_config) -> int:
     def progress(record: dict) -> None:
         print(f"measured step {record['step']}", flush=True)
 
+    if args.lora is not None:
+        return _evaluate_file(args, app_config)
     evaluation = evaluate_run(
         args.project,
         projects_dir=app_config.LORA_PROJECTS_DIR,
@@ -168,6 +170,24 @@ def _evaluate(args: argparse.Namespace, app_config) -> int:
     print(format_table(evaluation))
     best = evaluation.best()
     print(f"best checkpoint ({BEST_RULE}): {best['checkpoint'] if best else 'none yet'}")
+    return 0
+
+
+def _evaluate_file(args: argparse.Namespace, app_config) -> int:
+    from modules.lora_training.evaluate import evaluate_lora_file
+
+    figures = evaluate_lora_file(
+        args.project,
+        args.lora,
+        projects_dir=app_config.LORA_PROJECTS_DIR,
+        models_dir=app_config.MODELS_DIR,
+        run_id=args.run_id,
+        device=args.device,
+    )
+    print(f"{'':>12}  {'held-out':>10}  {'training':>10}")
+    for label, key in (("base model", "base"), (args.lora.name, "lora")):
+        row = figures[key]
+        print(f"{label:>12}  {row['validation_loss']:>10.5f}  {row['training_images_loss']:>10.5f}")
     return 0
 
 
@@ -224,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--project", required=True)
     evaluate.add_argument("--run", dest="run_id", help="the run to evaluate (its id, runs/<id>/; default: the newest)")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument(
+        "--lora", type=Path, help="measure this LoRA file (as diffusers applies it) against the base instead"
+    )
     save = commands.add_parser("save-checkpoint", help="write a run's checkpoint (default: the best) as a LoRA")
     save.add_argument("--project", required=True)
     save.add_argument("--name", required=True, help="the LoRA's name in loras/")

@@ -113,18 +113,11 @@ def evaluate_run(
     """Measure the base model and every checkpoint of the run; rewrite and return its ``evaluation.json``.
     None when ``should_stop`` turned true on the way (the file is then left as it was)."""
     from core.model_manager import pick_device
-    from modules.lora_training.data import load_items
 
     paths = ProjectPaths.for_project(projects_dir, project)
     run = find_run(paths, run_id)
     config = run_config(run)
-    items, held_out = split_validation(load_items(paths), config.validation_share)
-    if not held_out:
-        raise UserError(
-            f"Run {run.run_id} of project {paths.name!r} held no images out (that needs 5 prepared images or more "
-            "and validation_share above 0): there is nothing to validate on; train a new run."
-        )
-    probe = training_probe(items, count=len(held_out))
+    held_out, probe = _measured_images(paths, run=run, config=config)
     measurer = _Measurer(config, models_dir=Path(models_dir), device=pick_device(device))
     measurer.add_lora_layers()
     # Figures of checkpoints pruned since they were measured stay as training recorded them.
@@ -152,6 +145,48 @@ def evaluate_run(
             return None
     evaluation.write(run.evaluation)
     return evaluation
+
+
+def _measured_images(paths: ProjectPaths, *, run: RunPaths, config: TrainConfig) -> tuple[list, list]:
+    """The run's held-out images and as many training images, as training chose them."""
+    from modules.lora_training.data import load_items
+
+    items, held_out = split_validation(load_items(paths), config.validation_share)
+    if not held_out:
+        raise UserError(
+            f"Run {run.run_id} of project {paths.name!r} held no images out (that needs 5 prepared images or more "
+            "and validation_share above 0): there is nothing to validate on; train a new run."
+        )
+    return held_out, training_probe(items, count=len(held_out))
+
+
+def evaluate_lora_file(
+    project: str, lora_path: Path, *, projects_dir: Path, models_dir: Path, run_id: str | None = None, device="auto"
+) -> dict[str, dict[str, float]]:
+    """The base model's figures and those with the LoRA file applied by diffusers' own loader (what other
+    apps apply), on the images the project's run held out: ``{"base": {...}, "lora": {...}}``."""
+    from core.model_manager import pick_device
+    from model_formats.safetensors_header import require_regular_file
+
+    require_regular_file(Path(lora_path))
+    paths = ProjectPaths.for_project(projects_dir, project)
+    run = find_run(paths, run_id)
+    config = run_config(run)
+    held_out, probe = _measured_images(paths, run=run, config=config)
+    measurer = _Measurer(config, models_dir=Path(models_dir), device=pick_device(device))
+
+    def figures() -> dict[str, float]:
+        return {"validation_loss": measurer.loss(held_out), "training_images_loss": measurer.loss(probe)}
+
+    base = figures()
+    try:
+        measurer.family.pipe.load_lora_weights(str(lora_path))
+    except Exception as exc:  # noqa: BLE001 - whatever the loader raises, the file does not fit this model
+        raise UserError(
+            f"{Path(lora_path).name} does not load onto {config.base_model}, the base model of project "
+            f"{paths.name!r} ({type(exc).__name__}); evaluate a LoRA trained for that model."
+        ) from exc
+    return {"base": base, "lora": figures()}
 
 
 def format_table(evaluation: Evaluation) -> str:

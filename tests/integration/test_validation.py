@@ -146,3 +146,19 @@ def _save_the_best_checkpoint(app_config, models_dir, *, name, best, run, capsys
     assert len(loaded) == len(written) // 2 > 0, "every layer of the file found its module (a down and an up each)"
     assert main(["--app-config", str(app_config), "save-checkpoint", "--project", name, "--name", "best"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+    # The saved file, applied by diffusers' own loader, measures as its checkpoint did (fp16 weights: close).
+    from modules.lora_training.evaluate import evaluate_lora_file
+
+    config = __import__("core.config", fromlist=["load_config"]).load_config(app_config)
+    figures = evaluate_lora_file(
+        name, saved, projects_dir=config.LORA_PROJECTS_DIR, models_dir=config.MODELS_DIR, device="cpu"
+    )
+    assert figures["lora"]["validation_loss"] == pytest.approx(best["validation_loss"], rel=1e-3)
+    assert figures["lora"]["training_images_loss"] < figures["base"]["training_images_loss"]
+    where = {"projects_dir": config.LORA_PROJECTS_DIR, "models_dir": models_dir}
+    with pytest.raises(UserError, match="x.safetensors cannot be read"):
+        evaluate_lora_file(name, saved.parent / "x.safetensors", **where)
+    (saved.parent / "notes.safetensors").write_text("not a LoRA")
+    with pytest.raises(UserError, match="notes.safetensors does not load onto"):
+        evaluate_lora_file(name, saved.parent / "notes.safetensors", **where)
