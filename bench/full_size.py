@@ -75,7 +75,7 @@ def build_random_pipeline(config_folder: Path, out_folder: Path, *, device: str,
                 config_folder / name
             )
     index = json.loads((config_folder / "model_index.json").read_text(encoding="utf-8"))
-    # Components a folder declares absent ([null, null], e.g. SD 1.5's safety checker) and its flags.
+    # Components a folder declares absent ([null, null], e.g. a safety checker) and its flags.
     absent = {name: None for name, spec in index.items() if spec == [None, None]}
     flags = {name: value for name, value in index.items() if isinstance(value, bool)}
     pipe = getattr(diffusers, index["_class_name"])(**parts, **absent, **flags)
