@@ -18,8 +18,6 @@ class SD15Family(SD15Files, DDPMFamily):
     display_name = "SD 1.5"
     pipeline_marker = "StableDiffusionPipeline"
     text_encoder_attrs = ("text_encoder",)
-    attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
     size_multiple = 8
     uses_negative_prompt = True
     auto_precision_on_gpu = "fp16"

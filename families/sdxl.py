@@ -17,10 +17,7 @@ class SDXLFamily(SDXLFiles, DDPMFamily):
     name = "sdxl"
     display_name = "SDXL"
     pipeline_marker = "StableDiffusionXL"
-    denoiser_attr = "unet"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
-    attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
     size_multiple = 8
     uses_negative_prompt = True
     auto_precision_on_gpu = "fp16"

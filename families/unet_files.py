@@ -13,6 +13,9 @@ _ATTENTION_PROJECTION = re.compile(r"^(?P<head>.+\.attn\d)\.(?P<proj>to_q|to_k|t
 
 class UNetFiles(ModelFamily):
     denoiser_attr = "unet"
+    # The U-Net's LoRA layers (its transformer blocks' attention; feed-forward and the projections around them).
+    attention_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    feedforward_targets = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
     @classmethod
     def main_file_keys(cls, component: str, module: str) -> tuple[str, str]:
