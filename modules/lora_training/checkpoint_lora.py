@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from modules.lora_training import checkpoints as ckpt
-from modules.lora_training.evaluate import find_run, run_config
+from modules.lora_training.evaluate import RunModel, find_run, run_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.names import validate_name
 from modules.lora_training.project import ProjectPaths
@@ -53,7 +53,9 @@ def save_checkpoint_as_lora(
     folder, record = chosen_checkpoint(run, Evaluation.read(run.evaluation, up_to_step=run.last_step()), step)
     state = ckpt.load_checkpoint(folder)
     config = run_config(run)
-    family = _family_with_lora(config, models_dir=Path(models_dir))
+    model = RunModel(config, models_dir=Path(models_dir), device="cpu")  # weights are only copied, never run
+    model.add_lora_layers()
+    family = model.family
     family.load_lora_state_dict(state.lora)
     metadata = _metadata(family, config=config, run=run, paths=paths, step=state.step, record=record)
     family.save_lora(target, metadata=metadata)
@@ -62,22 +64,6 @@ def save_checkpoint_as_lora(
 
         export_lora(target, fmt="kohya")
     return target
-
-
-def _family_with_lora(config, *, models_dir: Path):
-    """The run's base model on the CPU with its LoRA layers (weights are only copied, never run)."""
-    import torch
-
-    from core.model_files import model_entry
-    from families import family as model_family
-
-    entry = model_entry(models_dir, config.base_model)
-    family = model_family(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
-    family.configure(config)
-    family.add_lora(
-        rank=config.rank, alpha=config.alpha, targets=config.lora_targets, train_text_encoder=config.train_text_encoder
-    )
-    return family
 
 
 def _metadata(family, *, config, run, paths: ProjectPaths, step: int, record: dict | None) -> dict[str, str]:

@@ -40,8 +40,9 @@ def run_config(run: RunPaths) -> TrainConfig:
     return config_from_dict(TrainConfig, {"validation_share": 0.0, **(read_json(run.training_config) or {})})
 
 
-class _Measurer:
-    """A base model on ``device`` that measures the fixed-noise loss of image sets, as training does."""
+class RunModel:
+    """A run's base model on ``device`` in the run's precision (and, once asked, its LoRA layers): measures the
+    fixed-noise loss of image sets as training does, and is what a checkpoint is loaded into to be saved."""
 
     def __init__(self, config: TrainConfig, *, models_dir: Path, device: str) -> None:
         from core.model_files import model_entry
@@ -92,7 +93,7 @@ def denoising_loss(
 ) -> float:
     """The fixed-noise loss on every prepared image of ``config.project``, of the base model or of the base
     with the LoRA file ``lora_path`` loaded by diffusers' own loader (what other apps would apply)."""
-    measurer = _Measurer(config, models_dir=Path(models_dir), device=device)
+    measurer = RunModel(config, models_dir=Path(models_dir), device=device)
     if lora_path is not None:
         measurer.family.pipe.load_lora_weights(str(lora_path))
     from modules.lora_training.data import load_items
@@ -118,7 +119,7 @@ def evaluate_run(
     run = find_run(paths, run_id)
     config = run_config(run)
     held_out, probe = _measured_images(paths, run=run, config=config)
-    measurer = _Measurer(config, models_dir=Path(models_dir), device=pick_device(device))
+    measurer = RunModel(config, models_dir=Path(models_dir), device=pick_device(device))
     measurer.add_lora_layers()
     # Figures of checkpoints pruned since they were measured stay as training recorded them.
     evaluation = Evaluation.read(run.evaluation, up_to_step=run.last_step())
@@ -173,7 +174,7 @@ def evaluate_lora_file(
     run = find_run(paths, run_id)
     config = run_config(run)
     held_out, probe = _measured_images(paths, run=run, config=config)
-    measurer = _Measurer(config, models_dir=Path(models_dir), device=pick_device(device))
+    measurer = RunModel(config, models_dir=Path(models_dir), device=pick_device(device))
 
     def figures() -> dict[str, float]:
         return {"validation_loss": measurer.loss(held_out), "training_images_loss": measurer.loss(probe)}
