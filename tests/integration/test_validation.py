@@ -162,3 +162,20 @@ def _save_the_best_checkpoint(app_config, models_dir, *, name, best, run, capsys
     (saved.parent / "notes.safetensors").write_text("not a LoRA")
     with pytest.raises(UserError, match="notes.safetensors does not load onto"):
         evaluate_lora_file(name, saved.parent / "notes.safetensors", **where)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_validation_under_half_precision(seven_image_project, models_dir, tmp_path, precision):
+    """The figures are measured under the run's autocast (the GPU path, here on the CPU) and stay finite."""
+    import math
+
+    projects, name = seven_image_project
+    result = _train(
+        projects, name, models_dir, tmp_path / "loras", steps=2, save_every_steps=1, mixed_precision=precision
+    )
+    assert result.status == "finished", result.message
+    run = next((projects / name / "runs").iterdir())
+    records = json.loads((run / "evaluation.json").read_text())["records"]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(math.isfinite(r[key]) for r in records for key in ("validation_loss", "training_images_loss"))
