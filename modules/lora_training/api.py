@@ -47,6 +47,7 @@ class TrainingApi:
         gr.api(self.resume_training, api_name="resume_training")
         gr.api(self.evaluate_lora, api_name="evaluate_lora")
         gr.api(self.save_checkpoint_lora, api_name="save_checkpoint_lora")
+        gr.api(self.comparison_grid, api_name="comparison_grid")
 
     def prepare_dataset(
         self,
@@ -101,11 +102,30 @@ class TrainingApi:
         """The current (or last) job: state, step, loss, ETA, log, samples, LoRA path."""
         return self.tab.jobs.snapshot()
 
-    def evaluate_lora(self, project: str, run_id: str = "") -> dict:
-        """Measure a run's base model and kept checkpoints on its held-out images again, in the background;
-        `/training_status` follows it, and its evaluation.json names the best checkpoint."""
+    def evaluate_lora(
+        self, project: str, run_id: str = "", best_rule: str = "validation_loss", margin: float = 0.02
+    ) -> dict:
+        """Measure a run's base model and kept checkpoints again (held-out loss; CLIP figures when a CLIP model
+        is in models/clip/) and draw its comparison grid, in the background; `/training_status` follows it.
+        `best_rule` is validation_loss or subject_similarity (prompt adherence within `margin` of the base)."""
         try:
-            return self.tab.jobs.evaluate(_text("project", project), run_id=_text("run_id", run_id) or None)
+            return self.tab.jobs.evaluate(
+                _text("project", project),
+                run_id=_text("run_id", run_id) or None,
+                best_rule=_text("best_rule", best_rule),
+                margin=margin,
+            )
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def comparison_grid(self, project: str, run_id: str = "", rows: str = "checkpoints") -> dict:
+        """Render a run's comparison grid in the background: rows = checkpoints, or LoRA weights 0, 0.5, 0.75
+        and 1 of the best checkpoint; columns = the prompt panel; one seed. `/training_status`'s `grid` names
+        the PNG when it is done."""
+        try:
+            return self.tab.jobs.comparison_grid(
+                _text("project", project), run_id=_text("run_id", run_id) or None, rows=_text("rows", rows)
+            )
         except UserError as exc:
             raise shown_to_user(exc) from exc
 

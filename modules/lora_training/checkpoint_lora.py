@@ -14,7 +14,7 @@ from modules.lora_training.evaluate import RunModel, find_run, run_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.names import validate_name
 from modules.lora_training.project import ProjectPaths
-from modules.lora_training.validation import BEST_RULE, Evaluation
+from modules.lora_training.validation import BEST_RULES, Evaluation
 
 
 def chosen_checkpoint(run, evaluation: Evaluation, step: int | None) -> tuple[Path, dict | None]:
@@ -22,8 +22,8 @@ def chosen_checkpoint(run, evaluation: Evaluation, step: int | None) -> tuple[Pa
     record = evaluation.best() if step is None else next((r for r in evaluation.records if r["step"] == step), None)
     if step is None and record is None:
         raise UserError(
-            f"Run {run.run_id} has no best checkpoint yet (it is chosen by {BEST_RULE} on held-out images, which "
-            "needs 5 prepared images or more); name a step instead."
+            f"Run {run.run_id} has no best checkpoint yet by {BEST_RULES[evaluation.rule]} (held-out images need 5 "
+            "prepared images or more; CLIP figures need an evaluation with a CLIP model); name a step instead."
         )
     folder = ckpt.checkpoint_dir(run.checkpoints, record["step"] if step is None else step)
     if not (folder / "state.json").is_file():
@@ -84,7 +84,7 @@ def _metadata(family, *, config, run, paths: ProjectPaths, step: int, record: di
         captions=[item.caption for item in load_items(paths)],
     )
     metadata["lora_studio.checkpoint_step"] = str(step)
-    if record is not None:
-        metadata["lora_studio.validation_loss"] = f"{record['validation_loss']:.6g}"
-        metadata["lora_studio.training_images_loss"] = f"{record['training_images_loss']:.6g}"
+    for key in ("validation_loss", "training_images_loss", "subject_similarity", "prompt_adherence", "aesthetic"):
+        if record is not None and record.get(key) is not None:
+            metadata[f"lora_studio.{key}"] = f"{record[key]:.6g}"
     return metadata

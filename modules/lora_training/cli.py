@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from core.errors import UserError
+from modules.lora_training.comparison_grid import ROW_KINDS
 from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict
 from modules.lora_training.events import (
     CheckpointSaved,
@@ -24,6 +25,7 @@ from modules.lora_training.events import (
     Validated,
 )
 from modules.lora_training.export import FORMATS
+from modules.lora_training.validation import BEST_RULES, DEFAULT_MARGIN, DEFAULT_RULE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,7 +154,6 @@ def _export(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace, app_config) -> int:
     from modules.lora_training.evaluate import evaluate_run, format_table
-    from modules.lora_training.validation import BEST_RULE
 
     def progress(record: dict) -> None:
         print(f"measured step {record['step']}", flush=True)
@@ -165,11 +166,16 @@ def _evaluate(args: argparse.Namespace, app_config) -> int:
         models_dir=app_config.MODELS_DIR,
         run_id=args.run_id,
         device=args.device,
+        best_rule=args.best_rule,
+        margin=args.margin,
+        clip_model=args.clip_model,
         on_record=progress,
     )
     print(format_table(evaluation))
     best = evaluation.best()
-    print(f"best checkpoint ({BEST_RULE}): {best['checkpoint'] if best else 'none yet'}")
+    print(f"best checkpoint ({BEST_RULES[evaluation.rule]}): {best['checkpoint'] if best else 'none yet'}")
+    if evaluation.grid:
+        print(f"comparison grid: {evaluation.grid} (in the run's folder)")
     return 0
 
 
@@ -209,6 +215,27 @@ def _save_checkpoint(args: argparse.Namespace, app_config) -> int:
     return 0
 
 
+def _run_arguments(command: argparse.ArgumentParser, *, run_help: str) -> None:
+    command.add_argument("--project", required=True)
+    command.add_argument("--run", dest="run_id", help=run_help)
+    command.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _grid(args: argparse.Namespace, app_config) -> int:
+    from modules.lora_training.comparison_grid import comparison_grid
+
+    path = comparison_grid(
+        args.project,
+        projects_dir=app_config.LORA_PROJECTS_DIR,
+        models_dir=app_config.MODELS_DIR,
+        run_id=args.run_id,
+        rows=args.rows,
+        device=args.device,
+    )
+    print(f"Wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modules.lora_training", description="LoRA Studio training tools")
     parser.add_argument("--app-config", type=Path, default=ROOT / "config.json", help="the app's config.json")
@@ -239,14 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace the output file when it exists")
     evaluate = commands.add_parser(
-        "evaluate", help="validation loss of a run's checkpoints (held-out and training images); best checkpoint"
+        "evaluate",
+        help="validation loss and CLIP figures of a run's checkpoints; best checkpoint; comparison grid",
     )
-    evaluate.add_argument("--project", required=True)
-    evaluate.add_argument("--run", dest="run_id", help="the run to evaluate (its id, runs/<id>/; default: the newest)")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _run_arguments(evaluate, run_help="the run to evaluate (its id, runs/<id>/; default: the newest)")
     evaluate.add_argument(
         "--lora", type=Path, help="measure this LoRA file (as diffusers applies it) against the base instead"
     )
+    evaluate.add_argument("--best-rule", choices=tuple(BEST_RULES), default=DEFAULT_RULE, help="how the best is chosen")
+    evaluate.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN, help="prompt adherence a checkpoint may lose (CLIP rule)"
+    )
+    evaluate.add_argument("--clip-model", default="", help="a folder name in models/clip/ (default: the first)")
+    grid = commands.add_parser("grid", help="a labelled PNG: checkpoints (or LoRA weights) x the prompt panel")
+    _run_arguments(grid, run_help="the run (its id, runs/<id>/; default: the newest)")
+    grid.add_argument("--rows", choices=ROW_KINDS, default="checkpoints")
     save = commands.add_parser("save-checkpoint", help="write a run's checkpoint (default: the best) as a LoRA")
     save.add_argument("--project", required=True)
     save.add_argument("--name", required=True, help="the LoRA's name in loras/")
@@ -290,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args, app_config)
         if args.command == "save-checkpoint":
             return _save_checkpoint(args, app_config)
+        if args.command == "grid":
+            return _grid(args, app_config)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

@@ -1,13 +1,18 @@
-"""Evaluate a run after the fact: the validation figures of each of its checkpoints (or of a LoRA file),
-measured as training measured them (:mod:`.validation`), so a re-evaluation gives the same numbers.
+"""Evaluate a run after the fact: for the base model and each kept checkpoint, the validation figures
+measured as training measured them (:mod:`.validation`), the prompt panel rendered at one seed
+(:mod:`.prompt_panel`) and, when a CLIP model is in ``models/clip/``, its CLIP figures
+(:mod:`.panel_judge`). A re-evaluation gives the same numbers.
 
-``evaluate_run`` rewrites the run's ``evaluation.json`` and returns it; the CLI prints it as a table
+``evaluate_run`` rewrites the run's ``evaluation.json`` and its comparison grid and returns the
+evaluation; the CLI prints it as a table
 (``python -m modules.lora_training evaluate --project P [--run R] [--lora FILE]``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +22,14 @@ from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.project import ProjectPaths, read_json
 from modules.lora_training.runs import RunPaths, list_runs
-from modules.lora_training.validation import Evaluation, fixed_noise_loss, split_validation, training_probe
+from modules.lora_training.validation import (
+    DEFAULT_MARGIN,
+    DEFAULT_RULE,
+    Evaluation,
+    fixed_noise_loss,
+    split_validation,
+    training_probe,
+)
 
 
 def find_run(paths: ProjectPaths, run_id: str | None) -> RunPaths:
@@ -33,6 +45,49 @@ def find_run(paths: ProjectPaths, run_id: str | None) -> RunPaths:
     raise UserError(
         f"Project {paths.name!r} has no run {run_id!r} (runs: {', '.join(r.run_id for r in runs)}); pick one of those."
     )
+
+
+@dataclass(frozen=True)
+class RunUnderTest:
+    """What an evaluation of one run needs before any model is loaded."""
+
+    paths: ProjectPaths
+    run: RunPaths
+    config: TrainConfig
+    training: list  # the run's training images (prepared items), the held-out ones excluded
+    held_out: list
+    probe: list  # as many training images as are held out, measured beside them
+    subject: str  # the trigger word (the project's name when it has none)
+    size: tuple[int, int]  # width, height of panel images: the set's most common bucket
+
+    @classmethod
+    def open(cls, project: str, *, projects_dir: Path, run_id: str | None) -> RunUnderTest:
+        from modules.lora_training.data import load_items
+        from modules.lora_training.manifest import ProjectManifest
+
+        paths = ProjectPaths.for_project(projects_dir, project)
+        run = find_run(paths, run_id)
+        config = run_config(run)
+        items = load_items(paths)
+        training, held_out = split_validation(items, config.validation_share)
+        manifest = ProjectManifest.read(paths)
+        return cls(
+            paths=paths,
+            run=run,
+            config=config,
+            training=training,
+            held_out=held_out,
+            probe=training_probe(training, count=len(held_out)),
+            subject=(manifest.trigger if manifest else "") or paths.name,
+            size=Counter(item.bucket for item in items).most_common(1)[0][0],
+        )
+
+    def require_held_out(self) -> None:
+        if not self.held_out:
+            raise UserError(
+                f"Run {self.run.run_id} of project {self.paths.name!r} held no images out (that needs 5 prepared "
+                "images or more and validation_share above 0): there is nothing to validate on; train a new run."
+            )
 
 
 def run_config(run: RunPaths) -> TrainConfig:
@@ -108,57 +163,75 @@ def evaluate_run(
     models_dir: Path,
     run_id: str | None = None,
     device: str = "auto",
+    best_rule: str = DEFAULT_RULE,
+    margin: float = DEFAULT_MARGIN,
+    clip_model: str = "",
     on_record: Callable[[dict], None] = lambda record: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Evaluation | None:
-    """Measure the base model and every checkpoint of the run; rewrite and return its ``evaluation.json``.
-    None when ``should_stop`` turned true on the way (the file is then left as it was)."""
+    """Measure the base model and every checkpoint of the run; rewrite and return its ``evaluation.json``
+    and comparison grid. None when ``should_stop`` turned true on the way (the files are then left as they
+    were). ``best_rule`` / ``margin`` choose the best checkpoint (:data:`.validation.BEST_RULES`)."""
     from core.model_manager import pick_device
+    from modules.lora_training.panel_judge import PanelJudge, load_scorer
 
-    paths = ProjectPaths.for_project(projects_dir, project)
-    run = find_run(paths, run_id)
-    config = run_config(run)
-    held_out, probe = _measured_images(paths, run=run, config=config)
-    measurer = RunModel(config, models_dir=Path(models_dir), device=pick_device(device))
-    measurer.add_lora_layers()
+    target = RunUnderTest.open(project, projects_dir=projects_dir, run_id=run_id)
+    run = target.run
     # Figures of checkpoints pruned since they were measured stay as training recorded them.
     evaluation = Evaluation.read(run.evaluation, up_to_step=run.last_step())
-    evaluation.validation_images = [item.image_path.name for item in held_out]
-    evaluation.training_images = [item.image_path.name for item in probe]
-
-    def measure(step: int, checkpoint: str | None) -> bool:
-        figures = {"validation_loss": measurer.loss(held_out, should_stop), "training_images_loss": None}
-        if figures["validation_loss"] is not None:
-            figures["training_images_loss"] = measurer.loss(probe, should_stop)
-        if None in figures.values():
-            return False
-        record = {"step": step, **figures, "checkpoint": checkpoint}
-        on_record(record)
-        evaluation.add(record)
-        return True
-
-    if not measure(0, None):  # the LoRA layers are a no-op yet: the base model's figures
+    evaluation.choose(best_rule, margin)
+    scorer = load_scorer(Path(models_dir), name=clip_model, device=pick_device(device))
+    if evaluation.rule == "subject_similarity" and scorer is None:
+        raise UserError(
+            "The subject-similarity rule needs a CLIP model in models/clip/ (run ./run.sh once to build the demo "
+            "one, or place a CLIP folder there); choose the validation-loss rule otherwise."
+        )
+    model = RunModel(target.config, models_dir=Path(models_dir), device=pick_device(device))
+    model.add_lora_layers()
+    judge = PanelJudge(model, target=target, scorer=scorer)
+    evaluation.validation_images = [item.image_path.name for item in target.held_out]
+    evaluation.training_images = [item.image_path.name for item in target.probe]
+    rows = _measure_all(model, judge=judge, target=target, evaluation=evaluation, on_record=on_record, stop=should_stop)
+    if rows is None:
         return None
-    for folder in ckpt.list_checkpoints(run.checkpoints):
-        state = ckpt.load_checkpoint(folder)
-        measurer.family.load_lora_state_dict(state.lora)
-        if not measure(state.step, folder.name):
-            return None
+    evaluation.clip = judge.describe()
+    evaluation.grid = judge.save_grid(
+        rows, path=run.grid("checkpoints"), title=f"{target.paths.name} · run {run.run_id}"
+    )
     evaluation.write(run.evaluation)
     return evaluation
 
 
-def _measured_images(paths: ProjectPaths, *, run: RunPaths, config: TrainConfig) -> tuple[list, list]:
-    """The run's held-out images and as many training images, as training chose them."""
-    from modules.lora_training.data import load_items
+def _measure_all(model, *, judge, target: RunUnderTest, evaluation: Evaluation, on_record, stop) -> list | None:
+    """Measure the base model (the LoRA layers are a no-op until a checkpoint is loaded), then each kept
+    checkpoint; add each record to ``evaluation``. The grid's rows, or None when stopped."""
+    rows = []
+    checkpoints = [None, *ckpt.list_checkpoints(target.run.checkpoints)]
+    for folder in checkpoints:
+        step = 0
+        if folder is not None:
+            state = ckpt.load_checkpoint(folder)
+            model.family.load_lora_state_dict(state.lora)
+            step = state.step
+        figures = _validation_figures(model, target=target, stop=stop)
+        judged = judge.judge(step=step, should_stop=stop) if figures is not None else None
+        if judged is None:
+            return None
+        images, clip_figures = judged
+        record = {"step": step, **figures, **clip_figures, "checkpoint": folder.name if folder else None}
+        on_record(record)
+        evaluation.add(record)
+        rows.append(("base model" if folder is None else f"step {step}", images))
+    return rows
 
-    items, held_out = split_validation(load_items(paths), config.validation_share)
-    if not held_out:
-        raise UserError(
-            f"Run {run.run_id} of project {paths.name!r} held no images out (that needs 5 prepared images or more "
-            "and validation_share above 0): there is nothing to validate on; train a new run."
-        )
-    return held_out, training_probe(items, count=len(held_out))
+
+def _validation_figures(model, *, target: RunUnderTest, stop) -> dict | None:
+    """Held-out and training-image losses (None figures when the run held no images out); None when stopped."""
+    if not target.held_out:
+        return {"validation_loss": None, "training_images_loss": None}
+    validation = model.loss(target.held_out, stop)
+    training = model.loss(target.probe, stop) if validation is not None else None
+    return None if training is None else {"validation_loss": validation, "training_images_loss": training}
 
 
 def evaluate_lora_file(
@@ -170,35 +243,44 @@ def evaluate_lora_file(
     from model_formats.safetensors_header import require_regular_file
 
     require_regular_file(Path(lora_path))
-    paths = ProjectPaths.for_project(projects_dir, project)
-    run = find_run(paths, run_id)
-    config = run_config(run)
-    held_out, probe = _measured_images(paths, run=run, config=config)
-    measurer = RunModel(config, models_dir=Path(models_dir), device=pick_device(device))
+    target = RunUnderTest.open(project, projects_dir=projects_dir, run_id=run_id)
+    target.require_held_out()
+    measurer = RunModel(target.config, models_dir=Path(models_dir), device=pick_device(device))
 
     def figures() -> dict[str, float]:
-        return {"validation_loss": measurer.loss(held_out), "training_images_loss": measurer.loss(probe)}
+        return {"validation_loss": measurer.loss(target.held_out), "training_images_loss": measurer.loss(target.probe)}
 
     base = figures()
     try:
         measurer.family.pipe.load_lora_weights(str(lora_path))
     except Exception as exc:  # noqa: BLE001 - whatever the loader raises, the file does not fit this model
         raise UserError(
-            f"{Path(lora_path).name} does not load onto {config.base_model}, the base model of project "
-            f"{paths.name!r} ({type(exc).__name__}); evaluate a LoRA trained for that model."
+            f"{Path(lora_path).name} does not load onto {target.config.base_model}, the base model of project "
+            f"{target.paths.name!r} ({type(exc).__name__}); evaluate a LoRA trained for that model."
         ) from exc
     return {"base": base, "lora": figures()}
 
 
+_COLUMNS = (
+    ("validation_loss", "held-out", ".5f"),
+    ("training_images_loss", "training", ".5f"),
+    ("subject_similarity", "subject", "+.4f"),
+    ("prompt_adherence", "prompts", ".4f"),
+    ("aesthetic", "aesthetic", ".3f"),
+)
+
+
 def format_table(evaluation: Evaluation) -> str:
-    """The figures as the CLI prints them, the best checkpoint marked."""
+    """The figures as the CLI prints them (the columns that were measured), the best checkpoint marked."""
     best = evaluation.best()
-    lines = [f"{'step':>8}  {'held-out':>10}  {'training':>10}  checkpoint"]
-    for record in sorted(evaluation.records, key=lambda r: r["step"]):
+    records = sorted(evaluation.records, key=lambda r: r["step"])
+    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in records)]
+    lines = ["  ".join([f"{'step':>8}", *(f"{title:>10}" for _, title, _ in columns), "checkpoint"])]
+    for record in records:
         mark = "  <- best" if best is not None and record["step"] == best["step"] else ""
         checkpoint = record.get("checkpoint") or ("(base model)" if record["step"] == 0 else "-")
-        lines.append(
-            f"{record['step']:>8}  {record['validation_loss']:>10.5f}  {record['training_images_loss']:>10.5f}  "
-            f"{checkpoint}{mark}"
-        )
+        cells = [
+            f"{record[key]:>10{style}}" if record.get(key) is not None else f"{'-':>10}" for key, _, style in columns
+        ]
+        lines.append("  ".join([f"{record['step']:>8}", *cells, f"{checkpoint}{mark}"]))
     return "\n".join(lines)

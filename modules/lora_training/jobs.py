@@ -30,6 +30,7 @@ from modules.lora_training.events import (
     Stopped,
     Validated,
 )
+from modules.lora_training.validation import DEFAULT_MARGIN, DEFAULT_RULE
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ LOSS_POINTS = 1000  # the most loss points a status carries: a long run's curve,
 class JobState:
     job_id: int
     project: str
-    kind: str  # prepare | train | prepare+train
+    kind: str  # prepare | train | prepare+train | evaluate | grid
     state: str = "starting"  # preparing | training | stopping | prepared | finished | stopped | failed
     started: float = field(default_factory=time.time)
     step: int = 0
@@ -61,6 +62,7 @@ class JobState:
     losses: list = field(default_factory=list)
     validation: list = field(default_factory=list)  # (step, held-out loss, training-images loss)
     samples: list = field(default_factory=list)
+    grid: str | None = None  # the comparison grid an evaluation or grid job wrote
 
     @property
     def running(self) -> bool:
@@ -96,6 +98,7 @@ class JobState:
             "losses": thinned(self.losses, limit=LOSS_POINTS),
             "validation": thinned(self.validation, limit=LOSS_POINTS),
             "samples": list(self.samples),
+            "grid": self.grid,
         }
 
 
@@ -199,15 +202,34 @@ class TrainingJobs:
             run_options = {"resume": resume, "new_run": new_run, "run_id": run_id}
             return self._launch(job, self._run, job, prepare_config, train_config, run_options)
 
-    def evaluate(self, project: str, *, run_id: str | None = None) -> dict:
+    def evaluate(
+        self, project: str, *, run_id: str | None = None, best_rule: str = DEFAULT_RULE, margin: float = DEFAULT_MARGIN
+    ) -> dict:
         """Measure a run's base model and kept checkpoints again (:mod:`.evaluate`), in the background."""
         from modules.lora_training.evaluate import find_run
+        from modules.lora_training.validation import Evaluation
 
+        Evaluation().choose(best_rule, margin)  # refused now, not by a failed job
         run = find_run(self._paths(project), run_id or None)
         with self._lock:
             self._refuse_while_running()
             job = JobState(job_id=self._next_id, project=project, kind="evaluate")
-            return self._launch(job, self._evaluate, job, run.run_id)
+            return self._launch(
+                job, self._evaluate, job, {"run_id": run.run_id, "best_rule": best_rule, "margin": margin}
+            )
+
+    def comparison_grid(self, project: str, *, run_id: str | None = None, rows: str = "checkpoints") -> dict:
+        """Render a run's comparison grid (:mod:`.comparison_grid`) in the background; ``grid`` names the PNG."""
+        from modules.lora_training.comparison_grid import ROW_KINDS
+        from modules.lora_training.evaluate import find_run
+
+        if rows not in ROW_KINDS:
+            raise UserError(f"rows must be one of {', '.join(ROW_KINDS)}; got {rows!r}"[:300])
+        run = find_run(self._paths(project), run_id or None)
+        with self._lock:
+            self._refuse_while_running()
+            job = JobState(job_id=self._next_id, project=project, kind="grid")
+            return self._launch(job, self._grid, job, run.run_id, rows)
 
     def _refuse_while_running(self) -> None:
         if self._job is not None and self._job.running:
@@ -302,9 +324,9 @@ class TrainingJobs:
                 return "Already stopping: the run ends after the current step."
             self._stop.set()
             preparing, job.state = job.state in ("starting", "preparing"), "stopping"
-            if job.kind == "evaluate":
+            if job.kind in ("evaluate", "grid"):
                 job.log.append(_line("Stop requested: the evaluation ends after the current image."))
-                return "Stopping the evaluation after the current image; evaluation.json stays as it was."
+                return "Stopping the evaluation after the current image; its files stay as they were."
             if preparing:
                 job.log.append(_line("Stop requested: preparation ends after the current image."))
                 return "Stopping the preparation after the current image."
@@ -406,34 +428,70 @@ class TrainingJobs:
         self._record(job, Failed(message))
         self._set(job, state="failed", message=message)
 
-    def _evaluate(self, job, run_id: str) -> None:
+    def _evaluate(self, job, options: dict) -> None:
         from modules.lora_training.evaluate import evaluate_run, format_table
+        from modules.lora_training.panel_judge import describe_clip_figures
 
         def measured(record: dict) -> None:
-            self._record(job, Validated(record["step"], record["validation_loss"], record["training_images_loss"]))
+            if record["validation_loss"] is not None:
+                self._record(job, Validated(record["step"], record["validation_loss"], record["training_images_loss"]))
+            if record.get("subject_similarity") is not None:
+                self._record(job, Log(describe_clip_figures(record)))
 
-        try:
-            with self._model_released(job, f"evaluating LoRA project {job.project!r}"):
-                self._set(job, state="stopping" if self._stop.is_set() else "evaluating")
-                evaluation = evaluate_run(
-                    job.project,
-                    projects_dir=self.app_config.LORA_PROJECTS_DIR,
-                    models_dir=self.app_config.MODELS_DIR,
-                    run_id=run_id,
-                    device=self.app_config.DEVICE,
-                    on_record=measured,
-                    should_stop=self._stop.is_set,
-                )
-        except Exception as exc:  # noqa: BLE001 - every failure ends the job with a message
-            self._fail(job, exc)
-            return
+        def evaluate():
+            return evaluate_run(
+                job.project,
+                projects_dir=self.app_config.LORA_PROJECTS_DIR,
+                models_dir=self.app_config.MODELS_DIR,
+                device=self.app_config.DEVICE,
+                on_record=measured,
+                should_stop=self._stop.is_set,
+                **options,
+            )
+
+        evaluation = self._evaluation_work(job, evaluate)
         if evaluation is None:
-            self._set(job, state="stopped", message="Evaluation stopped; evaluation.json is unchanged.")
             return
         best = evaluation.best()
         self._record(job, Log(format_table(evaluation)))
+        run = self._paths(job.project).root / "runs" / options["run_id"]
+        job.grid = str(run / evaluation.grid) if evaluation.grid else None
         message = f"Best checkpoint: {best['checkpoint']} (step {best['step']})." if best else "No checkpoint yet."
         self._set(job, state="evaluated", message=message)
+
+    def _grid(self, job, run_id: str, rows: str) -> None:
+        from modules.lora_training.comparison_grid import comparison_grid
+
+        def render():
+            return comparison_grid(
+                job.project,
+                projects_dir=self.app_config.LORA_PROJECTS_DIR,
+                models_dir=self.app_config.MODELS_DIR,
+                run_id=run_id,
+                rows=rows,
+                device=self.app_config.DEVICE,
+                should_stop=self._stop.is_set,
+            )
+
+        path = self._evaluation_work(job, render)
+        if path is not None:
+            job.grid = str(path)
+            self._record(job, Log(f"Comparison grid saved: {path}"))
+            self._set(job, state="evaluated", message=f"Comparison grid saved: {path.name}.")
+
+    def _evaluation_work(self, job, work):
+        """Run ``work()`` with the inference model released; its result, or None once the job has ended
+        as stopped (``work`` returned None) or failed."""
+        try:
+            with self._model_released(job, f"evaluating LoRA project {job.project!r}"):
+                self._set(job, state="stopping" if self._stop.is_set() else "evaluating")
+                result = work()
+        except Exception as exc:  # noqa: BLE001 - every failure ends the job with a message
+            self._fail(job, exc)
+            return None
+        if result is None:
+            self._set(job, state="stopped", message="Evaluation stopped; its files are unchanged.")
+        return result
 
     @contextlib.contextmanager
     def _model_released(self, job, reason: str):
@@ -444,7 +502,7 @@ class TrainingJobs:
             raise UserError(str(exc)) from exc
         freed = f", {info.freed_bytes / 2**20:.0f} MiB of GPU memory freed" if info.freed_bytes else ""
         model = info.model or "(none)"
-        if job.kind == "evaluate":
+        if job.kind in ("evaluate", "grid"):
             self._record(job, Log(f"Inference model {model} released for evaluation{freed}."))
         else:
             self._record(job, Log(f"Inference model {model} released for training{freed}."))

@@ -47,6 +47,10 @@ class RunPaths:
         """Validation figures per checkpoint and the best one (:mod:`.validation`)."""
         return self.root / "evaluation.json"
 
+    def grid(self, rows: str) -> Path:
+        """The comparison grid PNG whose rows are ``rows`` ("checkpoints" or "weights")."""
+        return self.root / f"comparison-{rows}.png"
+
     @property
     def training_config(self) -> Path:
         return self.root / "training_config.json"

@@ -54,6 +54,14 @@ def render_samples(
 
 
 def _render_one(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple[int, int], steps: int, path: Path):
+    image = render_image(family, text=text, seed=seed, size=size, steps=steps)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def render_image(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple[int, int], steps: int):
+    """One image (PIL) of the family's pipeline as it stands (with whatever LoRA it holds): the same seed and
+    text give the same image. The VAE must be on the pipeline's device (:func:`render_samples` moves it)."""
     width, height = size
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
@@ -66,6 +74,4 @@ def _render_one(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple
             **family.sample_kwargs(),
             **family.sample_text_kwargs(text),
         ).images
-        image = family.decode_latents(latents, width=width, height=height)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        return family.decode_latents(latents, width=width, height=height)

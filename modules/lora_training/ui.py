@@ -27,6 +27,7 @@ from modules.lora_training.config import (
     default_text_encoder_lr,
 )
 from modules.lora_training.dataset.captioners import resolve_florence_model
+from modules.lora_training.evaluate_section import EvaluateSection
 from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset, widget_values
 from modules.lora_training.form_widgets import FormWidgets
 from modules.lora_training.jobs import interrupted_projects, resumable_config
@@ -267,13 +268,15 @@ class LoraTrainingTab:
                 with gr.Column(scale=2):
                     status.build()
             self._build_caption_editor(page, t, button=texts.button)
+            evaluation = EvaluateSection(self, strings=strings)
+            page.evaluation = evaluation.build(t, texts=texts)
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
-        self._wire_evaluation(page, form, strings=strings)
+        evaluation.wire(form["project"])
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
-        status.wire(page=self._page_hooks(page, form, t=t))
+        status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation))
         self._wire_plan(page, form, strings=strings)
         self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
@@ -308,12 +311,6 @@ class LoraTrainingTab:
                 value=False, label=t("new_run"), info=t("new_run_info"), elem_id="lt-new-run", min_width=190
             )
             page.use = button(t("use_in_generate"), elem_id="lt-use")
-        with gr.Row():
-            page.evaluate = button(t("evaluate"), elem_id="lt-evaluate")
-            page.best_name = gr.Textbox(
-                label=t("best_name"), placeholder=t("best_name_placeholder"), elem_id="lt-best-name", scale=2
-            )
-            page.save_best = button(t("save_best"), elem_id="lt-save-best")
         return page
 
     def _build_caption_editor(self, page: SimpleNamespace, t, *, button) -> None:
@@ -368,29 +365,6 @@ class LoraTrainingTab:
             **private,
         )
 
-    def _wire_evaluation(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
-        """Evaluate a run again (a job the status column follows); save its best checkpoint as a LoRA."""
-
-        def on_evaluate(project: str) -> None:
-            try:
-                job = self.jobs.evaluate(project)
-            except UserError as exc:
-                raise shown_to_user(exc, strings) from exc
-            gr.Info(translate("started", strings, job_id=job["job_id"]))
-
-        def on_save_best(project: str, name: str) -> None:
-            try:
-                path = self.save_checkpoint_lora(
-                    project, name=name.strip() or f"{project}_best", step=None, run_id=None, overwrite=False
-                )
-            except UserError as exc:
-                raise shown_to_user(exc, strings) from exc
-            gr.Info(translate("saved_best", strings, name=path.stem))
-
-        private = {"api_visibility": "private"}
-        page.evaluate.click(on_evaluate, inputs=[form["project"]], **private)
-        page.save_best.click(on_save_best, inputs=[form["project"], page.best_name], **private)
-
     def _wire_upload(self, page: SimpleNamespace, form: FormWidgets, *, strings) -> None:
         def on_upload(project, files):
             if not files:
@@ -416,15 +390,13 @@ class LoraTrainingTab:
     def interrupted(self) -> list[str]:
         return interrupted_projects(self.config.LORA_PROJECTS_DIR, self.config.LORAS_DIR)
 
-    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t) -> PageHooks:
+    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t, evaluation: EvaluateSection) -> PageHooks:
         """The page follows the server: the job's project and settings when a page is opened or reloaded,
         the prepared gallery, buttons enabled only when they can act, the interrupted-runs banner."""
 
         def on_change(snapshot: dict, *, opened: bool) -> dict:
             state, running = snapshot["state"], snapshot.get("running", False)
-            resumable = (
-                state == "stopped" and snapshot.get("kind") != "evaluate"
-            )  # a stopped evaluation resumes nothing
+            resumable = state == "stopped" and snapshot.get("kind") not in ("evaluate", "grid")  # nothing to resume
             interrupted = self.interrupted()
             updates = {
                 page.stop: gr.update(interactive=running),
@@ -438,9 +410,12 @@ class LoraTrainingTab:
                 updates[page.prepared] = self.prepared_gallery(snapshot["project"])
             if opened and state != "idle":
                 updates |= form.updates(widget_values({"project": snapshot["project"], **snapshot.get("settings", {})}))
+            if state in ("evaluated", "finished", "stopped") or (opened and state != "idle"):
+                updates |= evaluation.view(snapshot["project"], grid=snapshot.get("grid"))
             return updates
 
         outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
+        outputs += evaluation.outputs
         return PageHooks(outputs=outputs, on_change=on_change)
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:

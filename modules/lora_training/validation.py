@@ -24,7 +24,13 @@ from core.atomic import write_text_atomic
 NOISE_LEVELS = (0.25, 0.5, 0.75)  # fractions of the schedule (mid-range: where a subject is learned)
 MIN_IMAGES_FOR_A_SPLIT = 5  # below this every photo trains; the training-image figure still shows
 MAX_PROBE_IMAGES = 8  # training images measured beside the held-out ones (bounds the cost)
-BEST_RULE = "lowest validation loss"
+# How the best checkpoint is chosen: the user picks the rule (evaluate --best-rule, the tab, the API).
+BEST_RULES = {
+    "validation_loss": "lowest validation loss",
+    "subject_similarity": "highest CLIP subject similarity, prompt adherence within the margin of the base model's",
+}
+DEFAULT_RULE = "validation_loss"
+DEFAULT_MARGIN = 0.02  # CLIP cosine units: how much prompt adherence a checkpoint may lose against the base
 
 
 def _rank(item) -> str:
@@ -93,11 +99,16 @@ def describe_figures(step: int, *, validation_loss: float, training_images_loss:
 
 @dataclass
 class Evaluation:
-    """The figures of one run, as ``evaluation.json`` holds them."""
+    """The figures of one run, as ``evaluation.json`` holds them. ``clip`` describes the CLIP figures when they
+    were measured (model, prompts, seed, the base model's raw figures); ``grid`` names the comparison grid."""
 
     validation_images: list[str] = field(default_factory=list)
     training_images: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)  # step, validation_loss, training_images_loss, checkpoint
+    rule: str = DEFAULT_RULE
+    margin: float = DEFAULT_MARGIN
+    clip: dict | None = None
+    grid: str | None = None
 
     @classmethod
     def read(cls, path: Path, *, up_to_step: int) -> Evaluation:
@@ -105,27 +116,54 @@ class Evaluation:
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
             records = [r for r in raw.get("records", []) if isinstance(r, dict) and r.get("step", 0) <= up_to_step]
-            return cls(raw.get("validation_images", []), raw.get("training_images", []), records)
+            evaluation = cls(raw.get("validation_images", []), raw.get("training_images", []), records)
         except (OSError, ValueError, AttributeError):
             return cls()
+        evaluation.choose(raw.get("rule_id", DEFAULT_RULE), raw.get("margin", DEFAULT_MARGIN), strict=False)
+        evaluation.clip = raw.get("clip") if isinstance(raw.get("clip"), dict) else None
+        evaluation.grid = raw.get("grid") if isinstance(raw.get("grid"), str) else None
+        return evaluation
+
+    def choose(self, rule: str, margin: float, *, strict: bool = True) -> None:
+        """Set the best-checkpoint rule; a rule or margin out of range is refused (``strict``) or ignored."""
+        good_margin = isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin <= 1
+        if rule not in BEST_RULES or not good_margin:
+            if strict:
+                from core.errors import UserError
+
+                raise UserError(
+                    f"best rule must be one of {', '.join(BEST_RULES)} and margin a number from 0 to 1; "
+                    f"got {rule!r} and {margin!r}"
+                )
+            return
+        self.rule, self.margin = rule, float(margin)
 
     def add(self, record: dict) -> None:
         others = [r for r in self.records if r["step"] != record["step"]]
         self.records = sorted([*others, record], key=lambda r: r["step"])
 
     def best(self) -> dict | None:
-        """The checkpointed record with the lowest validation loss; None without held-out images."""
-        candidates = [r for r in self.records if r.get("checkpoint") and r.get("validation_loss") is not None]
+        """The checkpointed record the rule picks; None when no record has the figures it needs."""
+        candidates = [r for r in self.records if r.get("checkpoint")]
+        if self.rule == "subject_similarity":
+            floor = (self.clip or {}).get("base_prompt_adherence", 0.0) - self.margin
+            kept = [r for r in candidates if r.get("subject_similarity") is not None]
+            kept = [r for r in kept if r["prompt_adherence"] >= floor]
+            return max(kept, key=lambda r: (r["subject_similarity"], r["step"])) if kept else None
+        candidates = [r for r in candidates if r.get("validation_loss") is not None]
         return min(candidates, key=lambda r: (r["validation_loss"], -r["step"])) if candidates else None
 
     def write(self, path: Path) -> None:
-        best = self.best()
         document = {
-            "rule": BEST_RULE,
+            "rule": BEST_RULES[self.rule],
+            "rule_id": self.rule,
+            "margin": self.margin,
             "noise_levels": list(NOISE_LEVELS),
             "validation_images": self.validation_images,
             "training_images": self.training_images,
+            "clip": self.clip,
+            "grid": self.grid,
             "records": self.records,
-            "best": best,
+            "best": self.best(),
         }
         write_text_atomic(path, json.dumps(document, indent=2))
