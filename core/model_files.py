@@ -8,7 +8,7 @@ from pathlib import Path
 from core.errors import UserError
 
 # Folders inside models/ that hold helpers, not base models.
-_NOT_BASE_MODELS = {"captioners", "configs"}
+_NOT_BASE_MODELS = {"captioners", "clip", "configs"}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ hub, and so the tests exercise the same loading code as real checkpoints. Random
 weights draw noise: that is expected. Names say so, so nobody takes them for a real
 model. Each family builds its pipeline and writes its single file
 (``family.build_demo_pipeline``, ``family.save_single_file``); this module names, stamps
-and saves them, and builds the tiny captioner. Run ``python -m model_formats.demo_models
+and saves them, and builds the tiny captioner and the tiny CLIP that scores LoRA samples. Run ``python -m model_formats.demo_models
 [MODELS_DIR]`` to (re)build them.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_FLORENCE_NAME = "demo-tiny-florence2-RANDOM-WEIGHTS"
+DEMO_CLIP_NAME = "demo-tiny-clip-RANDOM-WEIGHTS"
 DEMO_IMAGE_SIZE = 64
 # Bump when the builders change so stale demo folders are rebuilt.
 DEMO_VERSION = "2"
@@ -115,15 +116,55 @@ def build_tiny_florence2(*, seed: int = 2, image_size: int = 64):
     return Florence2ForConditionalGeneration(config).eval(), processor
 
 
+def build_tiny_clip(*, seed: int = 0):
+    """A tiny random CLIP (text and vision towers), the real CLIP tokenizer and a 32-px image processor.
+
+    Returns ``(CLIPModel, CLIPTokenizer, CLIPImageProcessor)``; the processor is the PIL/numpy one.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    from model_formats.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    text = tiny_clip_config(hidden_size=32, intermediate_size=64, hidden_act="quick_gelu")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    side = 32
+    processor = clip_image_processor_class()(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, resample=3
+    )
+    return CLIPModel(config).eval(), build_clip_tokenizer(), processor
+
+
+def clip_image_processor_class():
+    """CLIP's PIL/numpy image processor (torchvision is not installed, so never the "fast" one)."""
+    try:
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers before the PIL backend split: this class is the numpy one
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    return CLIPImageProcessorPil
+
+
 @dataclass(frozen=True)
 class DemoModelPaths:
     folders: dict[str, Path]  # family name → the diffusers folder
     single_files: dict[str, Path]  # family name → the single file, in the family's original layout
     florence_folder: Path
+    clip_folder: Path
 
     def all(self) -> list[Path]:
         pairs = [(self.folders[name], self.single_files[name]) for name in self.folders]
-        return [path for pair in pairs for path in pair] + [self.florence_folder]
+        return [path for pair in pairs for path in pair] + [self.florence_folder, self.clip_folder]
 
 
 def demo_model_paths(models_dir: Path) -> DemoModelPaths:
@@ -134,6 +175,7 @@ def demo_model_paths(models_dir: Path) -> DemoModelPaths:
         folders={f.name: models_dir / f.demo_name for f in all_families()},
         single_files={f.name: models_dir / f"{f.demo_name}.safetensors" for f in all_families()},
         florence_folder=models_dir / "captioners" / DEMO_FLORENCE_NAME,
+        clip_folder=models_dir / "clip" / DEMO_CLIP_NAME,
     )
 
 
@@ -168,6 +210,8 @@ def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPat
             family.save_single_file(pipe, single_file, metadata=_single_file_metadata(family))
     if force or not _is_current(paths.florence_folder):
         _save_pipeline_folder(paths.florence_folder, *build_tiny_florence2())
+    if force or not _is_current(paths.clip_folder):
+        _save_pipeline_folder(paths.clip_folder, *build_tiny_clip())
     return paths
 
 
