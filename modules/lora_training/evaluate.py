@@ -280,7 +280,7 @@ def format_table(evaluation: Evaluation) -> str:
         mark = "  <- best" if best is not None and record["step"] == best["step"] else ""
         checkpoint = record.get("checkpoint") or ("(base model)" if record["step"] == 0 else "-")
         cells = [
-            f"{record[key]:>10{style}}" if record.get(key) is not None else f"{'-':>10}" for key, _, style in columns
+            (format(record[key], style) if record.get(key) is not None else "-").rjust(10) for key, _, style in columns
         ]
         lines.append("  ".join([f"{record['step']:>8}", *cells, f"{checkpoint}{mark}"]))
     return "\n".join(lines)
