@@ -84,6 +84,8 @@ def clip_format(folder: Path, *, root: Path) -> str:
     """``"transformers"`` or ``"open_clip"`` for a loadable CLIP folder; UserError saying what to fix otherwise."""
     if not is_folder(folder, root=root) or not _inside(Path(os.path.abspath(folder)), Path(os.path.abspath(root))):
         raise UserError(f"{folder} is not a folder inside {root} (links leaving it are not followed).")
+    if all(is_regular_file(folder / name, root=root) for name in OPEN_CLIP_FILES):
+        return "open_clip"
     _refuse_pickle_only(folder, root=root)
     if not is_regular_file(folder / "config.json", root=root):
         raise UserError(
@@ -185,8 +187,12 @@ class ClipScorer:
     def load(cls, folder: Path, *, device: str = "cpu") -> ClipScorer:
         folder = Path(folder)
         root = folder.parent
-        clip_format(folder, root=root)
-        model, tokenizer, processor = _load_transformers(folder)
+        if clip_format(folder, root=root) == "open_clip":
+            from modules.lora_training.clip_open_clip import load_open_clip
+
+            model, tokenizer, processor = load_open_clip(folder, root=root)
+        else:
+            model, tokenizer, processor = _load_transformers(folder)
         model.to(device).eval()
         head = load_aesthetic_head(folder, root=root, dim=int(model.config.projection_dim))
         return cls(name=folder.name, model=model, tokenizer=tokenizer, processor=processor, head=head, device=device)
