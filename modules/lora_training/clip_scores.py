@@ -84,8 +84,17 @@ def clip_format(folder: Path, *, root: Path) -> str:
     """``"transformers"`` or ``"open_clip"`` for a loadable CLIP folder; UserError saying what to fix otherwise."""
     if not is_folder(folder, root=root) or not _inside(Path(os.path.abspath(folder)), Path(os.path.abspath(root))):
         raise UserError(f"{folder} is not a folder inside {root} (links leaving it are not followed).")
-    if all(is_regular_file(folder / name, root=root) for name in OPEN_CLIP_FILES):
-        return "open_clip"
+    try:
+        _check_transformers_folder(folder, root=root)
+    except UserError:
+        # Hub downloads of open_clip models often hold both layouts: transformers' is preferred when complete.
+        if all(is_regular_file(folder / name, root=root) for name in OPEN_CLIP_FILES):
+            return "open_clip"
+        raise
+    return "transformers"
+
+
+def _check_transformers_folder(folder: Path, *, root: Path) -> None:
     _refuse_pickle_only(folder, root=root)
     if not is_regular_file(folder / "config.json", root=root):
         raise UserError(
@@ -102,7 +111,6 @@ def clip_format(folder: Path, *, root: Path) -> str:
     has_json = is_regular_file(folder / "tokenizer.json", root=root)
     if not has_json and not all(is_regular_file(folder / n, root=root) for n in ("vocab.json", "merges.txt")):
         raise UserError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt).")
-    return "transformers"
 
 
 def _refuse_pickle_only(folder: Path, *, root: Path) -> None:

@@ -17,6 +17,7 @@ from modules.lora_training.clip_scores import (
     AESTHETIC_HEAD,
     CLIP_FOLDER,
     ClipScorer,
+    clip_format,
     find_clip_folder,
     prompt_adherence,
     subject_similarity,
@@ -142,6 +143,9 @@ def test_find_prefers_real_weights_over_the_demo(clip_models):
     real = clip / "z-real-clip"  # sorts after the demo, still preferred
     shutil.copytree(clip / DEMO_CLIP_NAME, real)
     (real / "lora_studio_demo.json").unlink()
+    (real / "open_clip_config.json").write_text("{}")  # both layouts: transformers' complete one is read
+    (real / "open_clip_model.safetensors").write_bytes(b"")
+    assert clip_format(real, root=clip) == "transformers"
     assert find_clip_folder(clip_models) == real
     assert ClipScorer.load(find_clip_folder(clip_models)).name == "z-real-clip"
     assert find_clip_folder(clip_models.parent / "empty") is None
@@ -255,6 +259,9 @@ def test_an_open_clip_folder_scores_as_open_clip_computes(tmp_path, monkeypatch,
     )
 
     assert find_clip_folder(tmp_path / "models") == folder
+    assert clip_format(folder, root=folder.parent) == "open_clip"
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip"}))  # an incomplete transformers layout
+    assert clip_format(folder, root=folder.parent) == "open_clip"
     scorer = ClipScorer.load(folder)
     assert list(scorer.processor.image_mean) == [0.5, 0.4, 0.3]
     pixels = torch.stack([_pixels_by_hand(image, scorer.processor) for image in images])
