@@ -28,7 +28,6 @@ CLIP_FOLDER = "clip"  # models/clip/<name>/
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 BATCH_SIZE = 16
 DEMO_STAMP = "lora_studio_demo.json"  # model_formats.demo_models stamps its random models with it
-TRANSFORMERS_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_JSON_BYTES = 4 * 2**20
