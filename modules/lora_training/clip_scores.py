@@ -28,7 +28,6 @@ CLIP_FOLDER = "clip"  # models/clip/<name>/
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 BATCH_SIZE = 16
 DEMO_STAMP = "lora_studio_demo.json"  # model_formats.demo_models stamps its random models with it
-TRANSFORMERS_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_JSON_BYTES = 4 * 2**20
@@ -84,6 +83,17 @@ def clip_format(folder: Path, *, root: Path) -> str:
     """``"transformers"`` or ``"open_clip"`` for a loadable CLIP folder; UserError saying what to fix otherwise."""
     if not is_folder(folder, root=root) or not _inside(Path(os.path.abspath(folder)), Path(os.path.abspath(root))):
         raise UserError(f"{folder} is not a folder inside {root} (links leaving it are not followed).")
+    try:
+        _check_transformers_folder(folder, root=root)
+    except UserError:
+        # Hub downloads of open_clip models often hold both layouts: transformers' is preferred when complete.
+        if all(is_regular_file(folder / name, root=root) for name in OPEN_CLIP_FILES):
+            return "open_clip"
+        raise
+    return "transformers"
+
+
+def _check_transformers_folder(folder: Path, *, root: Path) -> None:
     _refuse_pickle_only(folder, root=root)
     if not is_regular_file(folder / "config.json", root=root):
         raise UserError(
@@ -100,7 +110,6 @@ def clip_format(folder: Path, *, root: Path) -> str:
     has_json = is_regular_file(folder / "tokenizer.json", root=root)
     if not has_json and not all(is_regular_file(folder / n, root=root) for n in ("vocab.json", "merges.txt")):
         raise UserError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt).")
-    return "transformers"
 
 
 def _refuse_pickle_only(folder: Path, *, root: Path) -> None:
@@ -185,8 +194,12 @@ class ClipScorer:
     def load(cls, folder: Path, *, device: str = "cpu") -> ClipScorer:
         folder = Path(folder)
         root = folder.parent
-        clip_format(folder, root=root)
-        model, tokenizer, processor = _load_transformers(folder)
+        if clip_format(folder, root=root) == "open_clip":
+            from modules.lora_training.clip_open_clip import load_open_clip
+
+            model, tokenizer, processor = load_open_clip(folder, root=root)
+        else:
+            model, tokenizer, processor = _load_transformers(folder)
         model.to(device).eval()
         head = load_aesthetic_head(folder, root=root, dim=int(model.config.projection_dim))
         return cls(name=folder.name, model=model, tokenizer=tokenizer, processor=processor, head=head, device=device)

@@ -17,6 +17,7 @@ from modules.lora_training.clip_scores import (
     AESTHETIC_HEAD,
     CLIP_FOLDER,
     ClipScorer,
+    clip_format,
     find_clip_folder,
     prompt_adherence,
     subject_similarity,
@@ -142,6 +143,9 @@ def test_find_prefers_real_weights_over_the_demo(clip_models):
     real = clip / "z-real-clip"  # sorts after the demo, still preferred
     shutil.copytree(clip / DEMO_CLIP_NAME, real)
     (real / "lora_studio_demo.json").unlink()
+    (real / "open_clip_config.json").write_text("{}")  # both layouts: transformers' complete one is read
+    (real / "open_clip_model.safetensors").write_bytes(b"")
+    assert clip_format(real, root=clip) == "transformers"
     assert find_clip_folder(clip_models) == real
     assert ClipScorer.load(find_clip_folder(clip_models)).name == "z-real-clip"
     assert find_clip_folder(clip_models.parent / "empty") is None
@@ -191,3 +195,93 @@ def test_pickle_weights_are_refused_with_the_fix(clip_models):
     with pytest.raises(UserError, match="only pickle weights"):
         ClipScorer.load(folder)
     assert find_clip_folder(clip_models) == clip_models / CLIP_FOLDER / DEMO_CLIP_NAME
+
+
+def _open_clip_source(monkeypatch):
+    """open_clip's own model code (``model.py``), loaded without its package ``__init__`` (which needs
+    torchvision): a stand-in for the one torchvision class its ``utils`` imports, removed after the test."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        pytest.skip("open_clip_torch is not installed")
+    package = types.ModuleType("open_clip_source")
+    package.__path__ = [os.path.dirname(spec.origin)]
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
+    for name, module in {
+        "open_clip_source": package,
+        "torchvision": types.ModuleType("torchvision"),
+        "torchvision.ops": types.ModuleType("torchvision.ops"),
+        "torchvision.ops.misc": misc,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in ("utils", "pos_embed", "transformer", "modified_resnet", "timm_model", "hf_model", "model"):
+        monkeypatch.delitem(sys.modules, f"open_clip_source.{name}", raising=False)
+    model = importlib.import_module("open_clip_source.model")
+    for name in [name for name in sys.modules if name.startswith("open_clip_source.")]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again after the test
+    return model
+
+
+OPEN_CLIP_CFG = {
+    "embed_dim": 24,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def test_an_open_clip_folder_scores_as_open_clip_computes(tmp_path, monkeypatch, images):
+    import json
+
+    from safetensors.torch import save_file
+
+    from model_formats.tokenizers import build_clip_tokenizer
+
+    source = _open_clip_source(monkeypatch)
+    torch.manual_seed(3)
+    reference = source.CLIP(**OPEN_CLIP_CFG).eval()
+    with torch.no_grad():  # open_clip's init leaves some weights at zero or one: make every one count
+        for value in reference.parameters():
+            value.copy_(torch.randn_like(value) * 0.1)
+    folder = tmp_path / "models" / CLIP_FOLDER / "ViT-tiny-openclip"
+    folder.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()}, str(folder / "open_clip_model.safetensors")
+    )
+    preprocess = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic"}
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": preprocess})
+    )
+
+    assert find_clip_folder(tmp_path / "models") == folder
+    assert clip_format(folder, root=folder.parent) == "open_clip"
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip"}))  # an incomplete transformers layout
+    assert clip_format(folder, root=folder.parent) == "open_clip"
+    scorer = ClipScorer.load(folder)
+    assert list(scorer.processor.image_mean) == [0.5, 0.4, 0.3]
+    pixels = torch.stack([_pixels_by_hand(image, scorer.processor) for image in images])
+    tokens = torch.tensor(build_clip_tokenizer()(TEXTS[:2], padding="max_length", max_length=77)["input_ids"])
+    tokens[tokens == 49407] = 0  # open_clip pads with 0 after the end token
+    tokens[torch.arange(2), torch.tensor([len(build_clip_tokenizer()(t)["input_ids"]) - 1 for t in TEXTS[:2]])] = 49407
+    with torch.no_grad():
+        expected_images = reference.encode_image(pixels, normalize=True)
+        expected_texts = reference.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(scorer.image_embeddings(images), expected_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scorer.text_embeddings(TEXTS[:2]), expected_texts, atol=1e-5, rtol=0)
+
+
+def test_open_clip_architectures_other_than_the_original_are_refused(tmp_path):
+    import json
+
+    folder = tmp_path / "models" / CLIP_FOLDER / "siglip"
+    folder.mkdir(parents=True)
+    config = {**OPEN_CLIP_CFG, "text_cfg": {**OPEN_CLIP_CFG["text_cfg"], "pool_type": "last"}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    (folder / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="text tower's pool_type is 'last'; only the original CLIP architecture"):
+        ClipScorer.load(folder)
