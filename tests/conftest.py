@@ -93,6 +93,27 @@ def sdxl_project(tmp_path_factory, models_dir):
     return root / "projects", "tiny"
 
 
+def seven_image_copy(sdxl_project, projects_dir: Path):
+    """A copy of the shared 4-image project in ``projects_dir``, its crops duplicated under new hashes to 7
+    images (enough to hold one out for validation): (projects_dir, project name)."""
+    import json
+    import shutil
+
+    projects, name = sdxl_project
+    shutil.copytree(projects, projects_dir)
+    root = projects_dir / name
+    manifest = json.loads((root / "manifest.json").read_text())
+    used = [e for e in manifest["images"] if e["status"] == "used"]
+    for number, entry in enumerate(used[:3]):
+        twin = {**entry, "sha256": f"{number:02d}" + entry["sha256"][2:], "image": f"twin{number}.png"}
+        twin["caption_file"] = f"twin{number}.txt"
+        shutil.copy(root / "images" / entry["image"], root / "images" / twin["image"])
+        shutil.copy(root / "images" / entry["caption_file"], root / "images" / twin["caption_file"])
+        manifest["images"].append(twin)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return projects_dir, name
+
+
 @pytest.fixture
 def project(sdxl_project, tmp_path):
     """A private copy of the prepared project, without runs (training writes runs and caches into it)."""

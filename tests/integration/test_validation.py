@@ -1,7 +1,6 @@
 """Held-out validation during training: stable split, deterministic figures, the best checkpoint kept."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.metrics import read_metrics, read_validation
 from modules.lora_training.train import train
 from modules.lora_training.validation import MIN_IMAGES_FOR_A_SPLIT, split_validation, training_probe
-from tests.conftest import write_config
+from tests.conftest import seven_image_copy, write_config
 from tests.demo_names import DEMO_SDXL_NAME
 
 
@@ -36,23 +35,13 @@ def test_the_split_is_stable_and_sized_by_the_share():
 @pytest.fixture
 def seven_image_project(tmp_path, sdxl_project):
     """The shared 4-image SDXL project, its crops duplicated under new hashes to 7 images."""
-    projects, name = sdxl_project
-    shutil.copytree(projects, tmp_path / "projects")
-    root = tmp_path / "projects" / name
-    manifest = json.loads((root / "manifest.json").read_text())
-    used = [e for e in manifest["images"] if e["status"] == "used"]
-    for number, entry in enumerate(used[:3]):
-        twin = {**entry, "sha256": f"{number:02d}" + entry["sha256"][2:], "image": f"twin{number}.png"}
-        twin["caption_file"] = f"twin{number}.txt"
-        shutil.copy(root / "images" / entry["image"], root / "images" / twin["image"])
-        shutil.copy(root / "images" / entry["caption_file"], root / "images" / twin["caption_file"])
-        manifest["images"].append(twin)
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return tmp_path / "projects", name
+    return seven_image_copy(sdxl_project, tmp_path / "projects")
 
 
 def _train(projects, name, models_dir, loras, *, new_run=False, **options):
+    # Two denoising steps per panel image: evaluations render the prompt panel at every checkpoint.
     values = {"project": name, "base_model": DEMO_SDXL_NAME, "rank": 4, "learning_rate": 1e-3, "seed": 3}
+    values["sample_steps"] = 2
     config = config_from_dict(TrainConfig, {**values, "sample_every_steps": 0, "also_save_webui": False, **options})
     return train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras, new_run=new_run)
 
