@@ -195,6 +195,9 @@ def evaluate_run(
     if rows is None:
         return None
     evaluation.clip = judge.describe()
+    best = evaluation.best()
+    if best is not None:  # the grid marks the best checkpoint's row
+        rows = [(f"{label} · best" if label == f"step {best['step']}" else label, images) for label, images in rows]
     evaluation.grid = judge.save_grid(
         rows, path=run.grid("checkpoints"), title=f"{target.paths.name} · run {run.run_id}"
     )

@@ -13,6 +13,7 @@ import pandas as pd
 
 from core.errors import UserError, shown_to_user
 from core.i18n import translate
+from modules.lora_training.status_view import series_frame
 from modules.lora_training.validation import BEST_RULES, DEFAULT_MARGIN, DEFAULT_RULE, Evaluation
 
 _LOSS_SERIES = (("validation_loss", "series_held_out"), ("training_images_loss", "series_training_images"))
@@ -33,7 +34,7 @@ def figure_frames(evaluation: Evaluation, strings: dict) -> tuple[pd.DataFrame, 
             for key, name in series
             if record.get(key) is not None
         ]
-        return pd.DataFrame(rows, columns=["step", "value", "series"])
+        return series_frame(rows, value="value")
 
     return frame(_LOSS_SERIES), frame(_CLIP_SERIES)
 
@@ -66,7 +67,7 @@ class EvaluateSection:
     def build(self, t, *, texts) -> SimpleNamespace:
         button = texts.button
         page = SimpleNamespace()
-        with gr.Accordion(t("evaluate_section"), open=True, elem_id="lt-evaluate-section"):
+        with gr.Accordion(t("evaluate_section"), open=False, elem_id="lt-evaluate-section"):
             with gr.Row():
                 rules = [(t(f"rule_{rule}"), rule) for rule in BEST_RULES]
                 page.rule = gr.Dropdown(rules, value=DEFAULT_RULE, label=t("best_rule"), elem_id="lt-best-rule")
@@ -80,8 +81,9 @@ class EvaluateSection:
                     elem_id="lt-margin",
                 )
                 page.evaluate = button(t("evaluate"), elem_id="lt-evaluate")
+            with gr.Row():
                 rows = [(t("rows_checkpoints"), "checkpoints"), (t("rows_weights"), "weights")]
-                page.rows = gr.Radio(rows, value="checkpoints", label=t("grid_rows"), elem_id="lt-grid-rows")
+                page.rows = gr.Radio(rows, value="checkpoints", label=t("grid_rows"), elem_id="lt-grid-rows", scale=2)
                 page.grid_button = button(t("draw_grid"), elem_id="lt-draw-grid")
             page.best = texts.markdown("", elem_id="lt-best")
             with gr.Row():
@@ -90,22 +92,32 @@ class EvaluateSection:
                 )
                 page.save_best = button(t("save_best"), elem_id="lt-save-best")
             with gr.Row():
-                page.loss_plot = self._plot(t("figures_loss"), t, elem_id="lt-eval-loss")
-                page.clip_plot = self._plot(t("figures_clip"), t, elem_id="lt-eval-clip")
+                page.loss_plot = self._plot(t("figures_loss"), t, y_title=t("loss"), elem_id="lt-eval-loss")
+                page.clip_plot = self._plot(t("figures_clip"), t, y_title=t("clip_cosine"), elem_id="lt-eval-clip")
             page.grid = gr.Image(label=t("grid"), type="filepath", interactive=False, elem_id="lt-grid", height=420)
         self.page = page
         return page
 
     @staticmethod
-    def _plot(label, t, *, elem_id: str):
-        empty = pd.DataFrame({"step": [], "value": [], "series": []})
+    def _plot(label, t, *, y_title, elem_id: str):
         return gr.LinePlot(
-            empty, x="step", y="value", color="series", label=label, x_title=t("plot_step"), elem_id=elem_id
+            series_frame([], value="value"),
+            x="step",
+            y="value",
+            color="series",
+            label=label,
+            x_title=t("plot_step"),
+            y_title=y_title,
+            elem_id=elem_id,
         )
 
     @property
     def outputs(self) -> list:
-        return [self.page.best, self.page.loss_plot, self.page.clip_plot, self.page.grid]
+        return [self.page.best, *self.plots, self.page.grid]
+
+    @property
+    def plots(self) -> list:
+        return [self.page.loss_plot, self.page.clip_plot]
 
     def view(self, project: str, *, grid: str | None = None) -> dict:
         """The section's widgets for the project's newest run (empty when it has none); ``grid`` is the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 import pandas as pd
@@ -87,7 +87,21 @@ def loss_frame(snapshot: dict, strings: dict) -> pd.DataFrame:
     rows = [(step, loss, names[0]) for step, loss in snapshot.get("losses", [])]
     for step, held_out, trained in snapshot.get("validation", []):
         rows += [(step, held_out, names[1]), (step, trained, names[2])]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return series_frame(rows, value="loss")
+
+
+def lines_caption(frame: pd.DataFrame, strings: dict) -> str:
+    """ "Lines: training, held-out images": the names of a plot frame's lines."""
+    names = list(dict.fromkeys(frame["series"]))
+    return translate("plot_lines", strings, names=", ".join(names)) if names else ""
+
+
+def series_frame(rows: list[tuple], *, value: str) -> pd.DataFrame:
+    """(step, value, series name) rows as a line plot's frame. The types are explicit: the page draws with
+    the types of the plot's first value, and an empty frame would type ``series`` as a number (a colour
+    gradient, no lines at all) instead of the names of the lines."""
+    frame = pd.DataFrame(rows, columns=["step", value, "series"])
+    return frame.astype({"step": "float64", value: "float64", "series": "str"})
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class PageHooks:
 
     outputs: list
     on_change: Callable[..., dict]
+    plots: list = field(default_factory=list)  # line plots among ``outputs`` (see StatusView.caption_plots)
 
 
 class StatusView:
@@ -112,7 +127,7 @@ class StatusView:
         self.status = page_texts_of(t).markdown(text_of(t, "status_idle"), elem_id="lt-status")
         self.progress = gr.HTML(elem_id="lt-progress")
         self.loss_plot = gr.LinePlot(
-            pd.DataFrame({"step": [], "loss": [], "series": []}),
+            series_frame([], value="loss"),
             x="step",
             y="loss",
             color="series",
@@ -145,7 +160,27 @@ class StatusView:
         opened = not seen.get("loaded")
         if opened or (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state")):
             updates |= page.on_change(snapshot, opened=opened)
+        captions = self.caption_plots(updates, seen=seen, plots=[self.loss_plot, *page.plots])
+        updates[self.seen] = {**updates[self.seen], **captions}
         return updates
+
+    def caption_plots(self, updates: dict, *, seen: dict, plots: list) -> dict:
+        """Caption each plot with the names of the lines it was sent on the previous tick, one tick after.
+
+        A Gradio line plot takes its colour scale from its lines only when it is redrawn, which a caption
+        change does; redrawn in the same update as new lines, it misses them (they are drawn without a
+        colour: invisible). So the caption naming the lines follows their frame by a tick."""
+        sent, shown = dict(seen.get("sent", {})), dict(seen.get("shown", {}))
+        for plot in plots:
+            key = plot.elem_id
+            frame = updates.get(plot)
+            if sent.get(key) != shown.get(key):
+                changes = {"caption": sent[key]} if frame is None else {"caption": sent[key], "value": frame}
+                updates[plot] = gr.update(**changes)
+                shown[key] = sent[key]
+            if isinstance(frame, pd.DataFrame):
+                sent[key] = lines_caption(frame, self.strings)
+        return {"sent": sent, "shown": shown}
 
     def wire(self, *, page: PageHooks) -> None:
         """Poll once a second (the first tick of a page also restores it from the server's state)."""

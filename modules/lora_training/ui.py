@@ -416,7 +416,7 @@ class LoraTrainingTab:
 
         outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
         outputs += evaluation.outputs
-        return PageHooks(outputs=outputs, on_change=on_change)
+        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots)
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
