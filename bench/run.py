@@ -300,22 +300,47 @@ def bench_end_to_end(workspace: dict, root: Path) -> dict:
     }
 
 
-def bench_validation(workspace: dict, root: Path) -> dict:
+def bench_validation(workspace: dict, root: Path) -> tuple[dict, dict]:
     """Validation with the defaults (10% of the images held out, a checkpoint every 10% of the run): one
-    validation's seconds over the seconds of training between two checkpoints, in the same run."""
+    validation's seconds over the seconds of training between two checkpoints, in the same run. Then the
+    Evaluate job on that run (validation, the prompt panel rendered, CLIP figures, the grid): its seconds per
+    measured checkpoint over the same training seconds."""
+    import time
+
+    from modules.lora_training.evaluate import evaluate_run
+
     # The defaults: 10 epochs (steps unset), a checkpoint every 10% of the run, 10% of the images held out.
     trainer = _trainer(workspace, root / "loras-validation", steps=None, name="validation", save_every_steps=None)
     trainer.run()
     validations = len(trainer.evaluation.records)
     per_validation = trainer.timings["validation"] / validations
     per_interval = trainer.timings["train"] / (trainer.total_steps / trainer.save_every)
-    return {
+    validation = {
         "ratio": per_validation / per_interval,
         "validation_s": per_validation,
         "training_between_checkpoints_s": per_interval,
         "validations": validations,
         "held_out_images": len(trainer.held_out),
     }
+    measured = []
+    started = time.perf_counter()
+    evaluate_run(
+        "bench",
+        projects_dir=workspace["projects"],
+        models_dir=workspace["models"],
+        run_id=trainer.current_run.run_id,
+        device="cpu",
+        on_record=measured.append,
+    )
+    per_checkpoint = (time.perf_counter() - started) / len(measured)
+    evaluation = {
+        "ratio": per_checkpoint / per_interval,
+        "evaluation_s": per_checkpoint,
+        "training_between_checkpoints_s": per_interval,
+        "measured": len(measured),
+        "clip": float(measured[-1].get("subject_similarity") is not None),
+    }
+    return validation, evaluation
 
 
 def bench_generate(workspace: dict, root: Path) -> dict:
@@ -433,6 +458,7 @@ def _print_results(results: dict) -> None:
         ("epoch: uncached / cached", results["caching"], ""),
         (full_size_label, results["caching_full_size_by_flops"], ""),
         ("validation / training since the last checkpoint", results["validation"], "s"),
+        ("evaluate job per checkpoint / training between", results["evaluation"], "s"),
         ("generate: ModelManager / direct diffusers", results["generate"], "s"),
         ("peak RSS: ours / reference (MiB)", results["memory"], ""),
     ]
@@ -481,7 +507,7 @@ def main() -> int:
             "caching": bench_caching(workspace, root),
             "caching_full_size_by_flops": caching_by_counted_flops(),
             "end_to_end": bench_end_to_end(workspace, root),
-            "validation": bench_validation(workspace, root),
+            **dict(zip(("validation", "evaluation"), bench_validation(workspace, root), strict=True)),
             "generate": bench_generate(workspace, root),
             "memory": bench_memory(root),
         }

@@ -180,7 +180,7 @@ def _evaluate(args: argparse.Namespace, app_config) -> int:
 
 
 def _evaluate_file(args: argparse.Namespace, app_config) -> int:
-    from modules.lora_training.evaluate import evaluate_lora_file
+    from modules.lora_training.evaluate import evaluate_lora_file, figures_table
 
     figures = evaluate_lora_file(
         args.project,
@@ -189,11 +189,9 @@ def _evaluate_file(args: argparse.Namespace, app_config) -> int:
         models_dir=app_config.MODELS_DIR,
         run_id=args.run_id,
         device=args.device,
+        clip_model=args.clip_model,
     )
-    print(f"{'':>12}  {'held-out':>10}  {'training':>10}")
-    for label, key in (("base model", "base"), (args.lora.name, "lora")):
-        row = figures[key]
-        print(f"{label:>12}  {row['validation_loss']:>10.5f}  {row['training_images_loss']:>10.5f}")
+    print(figures_table([("base model", figures["base"], ""), (args.lora.name, figures["lora"], "")], first=""))
     return 0
 
 

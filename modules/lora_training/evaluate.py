@@ -238,22 +238,36 @@ def _validation_figures(model, *, target: RunUnderTest, stop) -> dict | None:
 
 
 def evaluate_lora_file(
-    project: str, lora_path: Path, *, projects_dir: Path, models_dir: Path, run_id: str | None = None, device="auto"
+    project: str,
+    lora_path: Path,
+    *,
+    projects_dir: Path,
+    models_dir: Path,
+    run_id: str | None = None,
+    device="auto",
+    clip_model: str = "",
 ) -> dict[str, dict[str, float]]:
     """The base model's figures and those with the LoRA file applied by diffusers' own loader (what other
-    apps apply), on the images the project's run held out: ``{"base": {...}, "lora": {...}}``."""
+    apps apply): the validation losses on the images the project's run held out (None without held-out
+    images) and, with a CLIP model in models/clip/, the CLIP figures of the prompt panel:
+    ``{"base": {...}, "lora": {...}}``."""
     from core.model_manager import pick_device
     from model_formats.safetensors_header import require_regular_file
+    from modules.lora_training.panel_judge import PanelJudge, load_scorer
 
     require_regular_file(Path(lora_path))
     target = RunUnderTest.open(project, projects_dir=projects_dir, run_id=run_id)
-    target.require_held_out()
+    scorer = load_scorer(Path(models_dir), name=clip_model, device=pick_device(device))
+    if not target.held_out and scorer is None:
+        target.require_held_out()
     measurer = RunModel(target.config, models_dir=Path(models_dir), device=pick_device(device))
+    judge = PanelJudge(measurer, target=target, scorer=scorer)
 
-    def figures() -> dict[str, float]:
-        return {"validation_loss": measurer.loss(target.held_out), "training_images_loss": measurer.loss(target.probe)}
+    def figures(step: int) -> dict[str, float]:
+        losses = _validation_figures(measurer, target=target, stop=lambda: False)
+        return {**losses, **(judge.judge(step=step, should_stop=lambda: False)[1] if scorer else {})}
 
-    base = figures()
+    base = figures(0)
     try:
         measurer.family.pipe.load_lora_weights(str(lora_path))
     except Exception as exc:  # noqa: BLE001 - whatever the loader raises, the file does not fit this model
@@ -261,7 +275,7 @@ def evaluate_lora_file(
             f"{Path(lora_path).name} does not load onto {target.config.base_model}, the base model of project "
             f"{target.paths.name!r} ({type(exc).__name__}); evaluate a LoRA trained for that model."
         ) from exc
-    return {"base": base, "lora": figures()}
+    return {"base": base, "lora": figures(1)}
 
 
 _COLUMNS = (
@@ -276,14 +290,20 @@ _COLUMNS = (
 def format_table(evaluation: Evaluation) -> str:
     """The figures as the CLI prints them (the columns that were measured), the best checkpoint marked."""
     best = evaluation.best()
-    records = sorted(evaluation.records, key=lambda r: r["step"])
-    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in records)]
-    lines = ["  ".join([f"{'step':>8}", *(f"{title:>10}" for _, title, _ in columns), "checkpoint"])]
-    for record in records:
+    rows = []
+    for record in sorted(evaluation.records, key=lambda r: r["step"]):
         mark = "  <- best" if best is not None and record["step"] == best["step"] else ""
         checkpoint = record.get("checkpoint") or ("(base model)" if record["step"] == 0 else "-")
-        cells = [
-            (format(record[key], style) if record.get(key) is not None else "-").rjust(10) for key, _, style in columns
-        ]
-        lines.append("  ".join([f"{record['step']:>8}", *cells, f"{checkpoint}{mark}"]))
+        rows.append((str(record["step"]), record, f"{checkpoint}{mark}"))
+    return figures_table(rows, first="step", last="checkpoint")
+
+
+def figures_table(rows: list[tuple[str, dict, str]], *, first: str, last: str = "") -> str:
+    """(label, figures, note) rows as aligned columns, one per figure that some row has."""
+    columns = [c for c in _COLUMNS if any(figures.get(c[0]) is not None for _, figures, _ in rows)]
+    width = max([len(first), 8, *(len(label) for label, _, _ in rows)])
+    lines = ["  ".join([first.rjust(width), *(title.rjust(10) for _, title, _ in columns), last]).rstrip()]
+    for label, figures, note in rows:
+        cells = [(format(figures[key], style) if figures.get(key) is not None else "-") for key, _, style in columns]
+        lines.append("  ".join([label.rjust(width), *(cell.rjust(10) for cell in cells), note]).rstrip())
     return "\n".join(lines)

@@ -149,6 +149,15 @@ def test_the_best_by_clip_is_saved_with_its_figures(trained, models_dir, tmp_pat
     assert float(header["lora_studio.subject_similarity"]) == pytest.approx(best["subject_similarity"], abs=1e-5)
     assert float(header["lora_studio.prompt_adherence"]) == pytest.approx(best["prompt_adherence"], abs=1e-5)
 
+    # The file, applied by diffusers' own loader, scores as its checkpoint did (its weights are stored in half
+    # precision: close, not equal).
+    from modules.lora_training.evaluate import evaluate_lora_file
+
+    figures = evaluate_lora_file(name, target, projects_dir=projects, models_dir=models_dir, device="cpu")
+    assert figures["base"]["subject_similarity"] == 0.0
+    for key in ("subject_similarity", "prompt_adherence"):
+        assert figures["lora"][key] == pytest.approx(best[key], abs=2e-3), key
+
 
 def test_best_rules_and_their_bounds():
     base = {"step": 0, "checkpoint": None, "validation_loss": 0.5, "subject_similarity": 0.0, "prompt_adherence": 0.3}
