@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--lora", type=Path, help="measure this LoRA file (as diffusers applies it) against the base instead"
     )
-    evaluate.add_argument("--best-rule", choices=tuple(BEST_RULES), default=DEFAULT_RULE, help="how the best is chosen")
+    evaluate.add_argument(
+        "--best-rule", default=DEFAULT_RULE, help=f"how the best checkpoint is chosen: {', '.join(BEST_RULES)}"
+    )
     evaluate.add_argument(
         "--margin", type=float, default=DEFAULT_MARGIN, help="prompt adherence a checkpoint may lose (CLIP rule)"
     )

@@ -237,14 +237,52 @@ NAMES = [
     Case("resume: traversal", lambda w: w.refused("resume_training", "../../etc"), "must not contain"),
     Case(
         "evaluate: traversal",
-        lambda w: w.refused("evaluate_lora", "../../etc", ""),
+        lambda w: w.refused("evaluate_lora", "../../etc", "", "validation_loss", 0.02),
         "must not contain",
         cli("evaluate", "--project", "../../etc"),
     ),
     Case(
-        "evaluate: a project never trained", lambda w: w.refused("evaluate_lora", "nothing-here", ""), "train it first"
+        "evaluate: a project never trained",
+        lambda w: w.refused("evaluate_lora", "nothing-here", "", "validation_loss", 0.02),
+        "train it first",
     ),
-    Case("evaluate: a number, not text", lambda w: w.refused("evaluate_lora", 5, ""), "project must be text"),
+    Case(
+        "evaluate: a number, not text",
+        lambda w: w.refused("evaluate_lora", 5, "", "validation_loss", 0.02),
+        "project must be text",
+    ),
+    Case(
+        "evaluate: an unknown best rule",
+        lambda w: w.refused("evaluate_lora", "keep", "", "prettiest", 0.02),
+        "best rule must be one of validation_loss, subject_similarity",
+        cli("evaluate", "--project", "keep", "--best-rule", "prettiest"),
+    ),
+    Case(
+        "evaluate: NaN margin",
+        lambda w: w.refused("evaluate_lora", "keep", "", "subject_similarity", float("nan")),
+        "margin a number from 0 to 1",
+    ),
+    Case(
+        "evaluate: margin as text",
+        lambda w: w.refused("evaluate_lora", "keep", "", "subject_similarity", "wide"),
+        "margin a number from 0 to 1",
+    ),
+    Case(
+        "grid: traversal",
+        lambda w: w.refused("comparison_grid", "../../etc", "", "checkpoints"),
+        "must not contain",
+        cli("grid", "--project", "../../etc"),
+    ),
+    Case(
+        "grid: rows that are a path",
+        lambda w: w.refused("comparison_grid", "keep", "", "../../x"),
+        "rows must be one of checkpoints, weights",
+    ),
+    Case(
+        "grid: a project never trained",
+        lambda w: w.refused("comparison_grid", "nothing-here", "", "weights"),
+        "train it first",
+    ),
     Case(
         "save checkpoint: traversal name",
         lambda w: w.refused("save_checkpoint_lora", "keep", "../../evil", -1, "", False),
