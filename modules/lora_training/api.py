@@ -48,6 +48,7 @@ class TrainingApi:
         gr.api(self.evaluate_lora, api_name="evaluate_lora")
         gr.api(self.save_checkpoint_lora, api_name="save_checkpoint_lora")
         gr.api(self.comparison_grid, api_name="comparison_grid")
+        gr.api(self.caption_tools, api_name="caption_tools")
 
     def prepare_dataset(
         self,
@@ -144,6 +145,20 @@ class TrainingApi:
                 overwrite=flag("overwrite", overwrite),
             )
             return path.name
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def caption_tools(self, project: str, action: str = "frequencies", tag: str = "", replacement: str = "") -> dict:
+        """The prepared captions' tag frequencies, or an action across all of them: add, remove or replace
+        (`tag` -> `replacement`) a tag, prefix or suffix text (`replacement`), search (`tag`), undo. The
+        answer holds the message, how many captions changed, the frequencies and the search matches."""
+        try:
+            return self.tab.caption_tool(
+                _text("project", project),
+                action=_text("action", action),
+                tag=tag,  # text checks per action, in caption_tools
+                replacement=replacement,
+            )
         except UserError as exc:
             raise shown_to_user(exc) from exc
 

@@ -213,6 +213,43 @@ def _save_checkpoint(args: argparse.Namespace, app_config) -> int:
     return 0
 
 
+def _caption_arguments(captions: argparse.ArgumentParser) -> None:
+    captions.add_argument("--project", required=True)
+    actions = captions.add_mutually_exclusive_group()
+    actions.add_argument("--add", metavar="TAG", help="add a tag at the end of every caption that lacks it")
+    actions.add_argument("--remove", metavar="TAG", help="remove a tag from every caption")
+    actions.add_argument("--replace", nargs=2, metavar=("OLD", "NEW"), help="replace a tag in every caption")
+    actions.add_argument("--prefix", metavar="TEXT", help="put text after the trigger word of every caption")
+    actions.add_argument("--suffix", metavar="TEXT", help="put text at the end of every caption")
+    actions.add_argument("--search", metavar="TEXT", help="the captions containing the text")
+    actions.add_argument("--undo", action="store_true", help="put the captions back as before the last change")
+
+
+def _captions(args: argparse.Namespace, app_config) -> int:
+    from modules.lora_training.caption_tools import run_caption_tool
+    from modules.lora_training.project import ProjectPaths
+
+    action, tag, replacement = "frequencies", "", ""
+    if args.replace:
+        action, (tag, replacement) = "replace", args.replace
+    for name in ("add", "remove", "search"):
+        if getattr(args, name) is not None:
+            action, tag = name, getattr(args, name)
+    for name in ("prefix", "suffix"):
+        if getattr(args, name) is not None:
+            action, replacement = name, getattr(args, name)
+    if args.undo:
+        action = "undo"
+    paths = ProjectPaths.for_project(app_config.LORA_PROJECTS_DIR, args.project)
+    result = run_caption_tool(paths, action=action, tag=tag, replacement=replacement)
+    print(result.message)
+    for image, caption in result.matches:
+        print(f"  {image}: {caption}")
+    if action != "search":
+        print("\n".join(f"{count:>6}  {tag}" for tag, count in result.frequencies))
+    return 0
+
+
 def _run_arguments(command: argparse.ArgumentParser, *, run_help: str) -> None:
     command.add_argument("--project", required=True)
     command.add_argument("--run", dest="run_id", help=run_help)
@@ -278,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--margin", type=float, default=DEFAULT_MARGIN, help="prompt adherence a checkpoint may lose (CLIP rule)"
     )
     evaluate.add_argument("--clip-model", default="", help="a folder name in models/clip/ (default: the first)")
+    _caption_arguments(commands.add_parser("captions", help="tag counts; add, remove, replace, search, undo"))
     grid = commands.add_parser("grid", help="a labelled PNG: checkpoints (or LoRA weights) x the prompt panel")
     _run_arguments(grid, run_help="the run (its id, runs/<id>/; default: the newest)")
     grid.add_argument("--rows", choices=ROW_KINDS, default="checkpoints")
@@ -326,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             return _save_checkpoint(args, app_config)
         if args.command == "grid":
             return _grid(args, app_config)
+        if args.command == "captions":
+            return _captions(args, app_config)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

@@ -19,6 +19,7 @@ from core.page_texts import page_texts_of
 from families import display_name
 from model_formats.demo_models import DEMO_FLORENCE_NAME
 from modules.lora_training.api import TrainingApi
+from modules.lora_training.caption_tools_section import CaptionToolsSection
 from modules.lora_training.config import (
     PrepareConfig,
     TrainConfig,
@@ -153,6 +154,15 @@ class LoraTrainingTab:
             items.append((str(paths.images / image.image), caption))
         return items
 
+    def caption_tool(self, project: str, *, action: str, tag: str = "", replacement: str = "") -> dict:
+        """A caption tool on the project's prepared captions (refused while a job may be reading them)."""
+        from modules.lora_training.caption_tools import run_caption_tool
+
+        paths = ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, project)
+        if action not in ("frequencies", "search") and self.jobs.is_running():
+            raise UserError("A job is running; change the captions once it has finished or stopped.")
+        return run_caption_tool(paths, action=action, tag=tag, replacement=replacement).as_dict()
+
     def save_caption(self, project: str, image_path: str, caption: str) -> str:
         from core.atomic import write_text_atomic
 
@@ -268,12 +278,15 @@ class LoraTrainingTab:
                 with gr.Column(scale=2):
                     status.build()
             self._build_caption_editor(page, t, button=texts.button)
+            caption_tools = CaptionToolsSection(self, strings=strings)
+            caption_tools.build(t, texts=texts)
             evaluation = EvaluateSection(self, strings=strings)
             page.evaluation = evaluation.build(t, texts=texts)
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
         evaluation.wire(form["project"])
+        caption_tools.wire(form["project"], gallery=page.prepared)
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
         status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation))

@@ -268,6 +268,38 @@ NAMES = [
         "margin a number from 0 to 1",
     ),
     Case(
+        "caption tools: traversal",
+        lambda w: w.refused("caption_tools", "../../etc", "frequencies", "", ""),
+        "must not contain",
+        cli("captions", "--project", "../../etc"),
+    ),
+    Case(
+        "caption tools: unknown action",
+        lambda w: w.refused("caption_tools", "keep", "rm -rf", "", ""),
+        "action must be one of",
+    ),
+    Case(
+        "caption tools: two tags in one",
+        lambda w: w.refused("caption_tools", "keep", "add", "a, b", ""),
+        "one tag, without commas",
+        cli("captions", "--project", "keep", "--add", "a, b"),
+    ),
+    Case(
+        "caption tools: remove the trigger",
+        lambda w: w.refused("caption_tools", "keep", "remove", "ohwx", ""),
+        "is the trigger word",
+    ),
+    Case(
+        "caption tools: a number for the tag",
+        lambda w: w.refused("caption_tools", "keep", "add", 7, ""),
+        "tag must be text",
+    ),
+    Case(
+        "caption tools: a 10,000-character suffix",
+        lambda w: w.refused("caption_tools", "keep", "suffix", "", "x" * 10_000),
+        "1 to 500 characters",
+    ),
+    Case(
         "grid: traversal",
         lambda w: w.refused("comparison_grid", "../../etc", "", "checkpoints"),
         "must not contain",
