@@ -13,7 +13,7 @@ import pandas as pd
 
 from core.errors import UserError, shown_to_user
 from core.i18n import translate
-from modules.lora_training.status_view import series_frame
+from modules.lora_training.status_view import series_frame, start_job
 from modules.lora_training.validation import BEST_RULES, DEFAULT_MARGIN, DEFAULT_RULE, Evaluation
 
 _LOSS_SERIES = (("validation_loss", "series_held_out"), ("training_images_loss", "series_training_images"))
@@ -145,11 +145,7 @@ class EvaluateSection:
         page = self.page
 
         def started(start) -> None:
-            try:
-                job = start()
-            except UserError as exc:
-                raise shown_to_user(exc, strings) from exc
-            gr.Info(translate("started", strings, job_id=job["job_id"]))
+            start_job(start, strings)
 
         def on_evaluate(name: str, rule: str, margin) -> None:
             margin = DEFAULT_MARGIN if margin is None else margin

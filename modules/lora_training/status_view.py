@@ -90,6 +90,17 @@ def loss_frame(snapshot: dict, strings: dict) -> pd.DataFrame:
     return series_frame(rows, value="loss")
 
 
+def start_job(start: Callable[[], dict], strings: dict) -> None:
+    """Run ``start()`` (a job's start) from a button: "Job N started", or the refusal shown on the page."""
+    from core.errors import UserError, shown_to_user
+
+    try:
+        job = start()
+    except UserError as exc:
+        raise shown_to_user(exc, strings) from exc
+    gr.Info(translate("started", strings, job_id=job["job_id"]))
+
+
 def lines_caption(frame: pd.DataFrame, strings: dict) -> str:
     """ "Lines: training, held-out images": the names of a plot frame's lines."""
     names = list(dict.fromkeys(frame["series"]))

@@ -35,7 +35,7 @@ from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths
-from modules.lora_training.status_view import PageHooks, StatusView
+from modules.lora_training.status_view import PageHooks, StatusView, start_job
 
 
 class LoraTrainingTab:
@@ -335,11 +335,7 @@ class LoraTrainingTab:
 
     def _wire_runs(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         def started(start) -> None:
-            try:
-                job = start()
-            except UserError as exc:
-                raise shown_to_user(exc, strings) from exc
-            gr.Info(translate("started", strings, job_id=job["job_id"]))
+            start_job(start, strings)
 
         def on_prepare(data: dict) -> None:
             return started(lambda: self.start(prepare=self.prepare_config(form.values(data)), train=None))
