@@ -113,7 +113,7 @@ class EvaluateSection:
 
     @property
     def outputs(self) -> list:
-        return [self.page.best, *self.plots, self.page.grid]
+        return [self.page.best, *self.plots, self.page.grid, self.page.rule, self.page.margin]
 
     @property
     def plots(self) -> list:
@@ -138,6 +138,8 @@ class EvaluateSection:
             self.page.loss_plot: losses,
             self.page.clip_plot: clip,
             self.page.grid: grid or (str(newest) if newest else None),
+            self.page.rule: evaluation.rule,  # the rule the figures were ranked by
+            self.page.margin: evaluation.margin,
         }
 
     def wire(self, project) -> None:
