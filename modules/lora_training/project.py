@@ -41,7 +41,7 @@ class ProjectPaths:
 
     @property
     def caption_cache(self) -> Path:
-        """Each image's captioner outputs, by content hash and captioner settings (``caption_cache.py``)."""
+        """Each image's captioner outputs, by content hash and captioner settings (``caption_run.py``)."""
         return self.root / "caption_cache.json"
 
 

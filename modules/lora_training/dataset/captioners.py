@@ -1,7 +1,7 @@
 """Captioners behind one small interface: ``caption(images, should_stop=...) -> list[str]`` and ``close()``.
 
 The ``captioner`` setting names one (``florence2``, ``tags``: the WD14 tagger of ``wd14_tagger.py``) or two
-(``florence2+tags``: the sentence, then the tags; ``caption_cache.py`` runs them and combines the outputs).
+(``florence2+tags``: the sentence, then the tags; ``caption_run.py`` runs them and combines the outputs).
 
 Florence-2 uses transformers' native classes (no remote code). It loads from a local
 folder (``models/captioners/...``) or, when online, a hub id; runs batched, in fp16 on
