@@ -29,29 +29,6 @@ def options_dict(options) -> dict:
     return dict(options)
 
 
-TAG_OPTIONS = (
-    "tag_threshold",
-    "character_threshold",
-    "max_tags",
-    "rating_tag",
-    "tag_spaces",
-    "escape_brackets",
-    "exclude_tags",
-    "include_tags",
-)
-
-
-def tag_options(options) -> dict:
-    """``/prepare_dataset``'s ``options``: the tagger's settings only (the model folders are the app's choice)."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict) or set(options) - set(TAG_OPTIONS):
-        raise UserError(
-            f"options must be an object of tagger settings ({', '.join(TAG_OPTIONS)}); got {options!r}"[:300]
-        )
-    return dict(options)
-
-
 def _text(name: str, value) -> str:
     if not isinstance(value, str):
         raise UserError(f"{name} must be text; got {value!r}"[:300])
@@ -82,16 +59,12 @@ class TrainingApi:
         caption_task: str = "<DETAILED_CAPTION>",
         resolution: int = 1024,
         include_subfolders: bool = False,
-        options: dict | None = None,
     ) -> dict:
         """Start preparing a folder of images (crop to buckets, caption, add the trigger word). `captioner` is
-        florence2, tags (a WD14 tagger), florence2+tags or none; `options` holds the tagger's settings
-        (tag_threshold, character_threshold, max_tags, rating_tag, tag_spaces, escape_brackets,
-        exclude_tags, include_tags)."""
+        florence2, tags (a WD14 tagger), florence2+tags or none; the tagger's settings keep their defaults."""
         values = {"images_dir": images_dir, "project": project, "trigger": trigger, "captioner": captioner}
         values |= {"caption_task": caption_task, "resolution": resolution, "include_subfolders": include_subfolders}
         try:
-            values |= tag_options(options)
             config = self.tab.prepare_config({**values, "base_model": base_model or self.tab.default_model()})
             return self.tab.start(prepare=config, train=None)
         except UserError as exc:

@@ -125,6 +125,9 @@ def test_the_tiny_tagger_scores_what_its_weights_say(demo_paths):
     captions = tagger.caption(images)
     assert captions == [", ".join(expected_tags(known_scores(i))) for i in images]
     assert "tiny character \\(demo\\)" in captions[0], "a character above 0.85, brackets escaped"
+    on_cuda = WD14Tagger(demo_paths.tagger_folder, settings=TagSettings(), device="cuda")
+    assert on_cuda.session.get_providers()[-1] == "CPUExecutionProvider", "the CPU provider when CUDA's is absent"
+    np.testing.assert_allclose(on_cuda.scores(images), tagger.scores(images), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -308,11 +311,10 @@ def test_cli_prepare_with_tags(tmp_path, photos, models_dir):
         assert parts[:2] == ["ohwx", "solo"] and len(parts) == 4 and parts[3] in NAMES[:4], entry["caption"]
 
 
-def test_the_tab_picks_the_tagger_folder_and_the_api_takes_tag_settings(tmp_path, photos, demo_paths):
+def test_the_tab_picks_the_tagger_folder(tmp_path, photos, demo_paths):
     import shutil
     from types import SimpleNamespace
 
-    from modules.lora_training.api import tag_options
     from modules.lora_training.ui import LoraTrainingTab
 
     models = tmp_path / "models"
@@ -321,7 +323,7 @@ def test_the_tab_picks_the_tagger_folder_and_the_api_takes_tag_settings(tmp_path
     config = SimpleNamespace(MODELS_DIR=models, LORA_PROJECTS_DIR=tmp_path, IMAGE_ROOTS=[tmp_path])
     tab = LoraTrainingTab(jobs=None, model_manager=SimpleNamespace(list_models=list), gestionnaire=None, config=config)
     values = {"images_dir": str(photos), "project": "p", "trigger": "ohwx", "captioner": "florence2+tags"}
-    values |= tag_options({"max_tags": 3, "exclude_tags": "bright"})
+    values |= {"max_tags": 3, "exclude_tags": "bright"}
     prepared = tab.prepare_config(values)
     assert prepared.tagger_model == str(models / "captioners" / demo_paths.tagger_folder.name)
     assert prepared.caption_model == str(models / "captioners" / demo_paths.florence_folder.name)
@@ -330,5 +332,3 @@ def test_the_tab_picks_the_tagger_folder_and_the_api_takes_tag_settings(tmp_path
     shutil.copytree(demo_paths.tagger_folder, models / "captioners" / "wd-swinv2-tagger-v3")
     assert tab.prepare_config({**values, "captioner": "tags"}).tagger_model.endswith("wd-swinv2-tagger-v3")
     assert tab.default_captioner() == "tags", "a real tagger (and no real Florence-2) captions by default"
-    with pytest.raises(UserError, match="options must be an object of tagger settings"):
-        tag_options({"tagger_model": "/etc"})
