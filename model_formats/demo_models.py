@@ -5,7 +5,8 @@ hub, and so the tests exercise the same loading code as real checkpoints. Random
 weights draw noise: that is expected. Names say so, so nobody takes them for a real
 model. Each family builds its pipeline and writes its single file
 (``family.build_demo_pipeline``, ``family.save_single_file``); this module names, stamps
-and saves them, and builds the tiny captioner and the tiny CLIP that scores LoRA samples. Run ``python -m model_formats.demo_models
+and saves them, and builds the tiny captioner, the tiny WD14 tagger (a fixed colour rule, not a trained
+model) and the tiny CLIP that scores LoRA samples. Run ``python -m model_formats.demo_models
 [MODELS_DIR]`` to (re)build them.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 DEMO_FLORENCE_NAME = "demo-tiny-florence2-RANDOM-WEIGHTS"
 DEMO_CLIP_NAME = "demo-tiny-clip-RANDOM-WEIGHTS"
+DEMO_TAGGER_NAME = "demo-tiny-wd14-tagger-NOT-TRAINED"
 DEMO_IMAGE_SIZE = 64
 # Bump when the builders change so stale demo folders are rebuilt.
 DEMO_VERSION = "2"
@@ -116,6 +118,108 @@ def build_tiny_florence2(*, seed: int = 2, image_size: int = 64):
     return Florence2ForConditionalGeneration(config).eval(), processor
 
 
+# The demo tagger's tags (tag_id, name, category) in the published selected_tags.csv layout.
+TINY_TAGS = (
+    ("general", 9),
+    ("sensitive", 9),
+    ("questionable", 9),
+    ("explicit", 9),
+    ("red_theme", 0),
+    ("blue_sky", 0),
+    ("grass_(green)", 0),
+    ("bright", 0),
+    ("dark", 0),
+    ("^_^", 0),
+    ("tiny_character_(demo)", 4),
+    ("other_character", 4),
+)
+TINY_TAGGER_INPUT = "input_1:0"
+
+
+def tiny_tagger_weights():
+    """The demo tagger's linear map: features (the mean B, G, R / 255 of the image's four quadrants, in
+    the order row, column, channel: 12 values) → one logit per tag of ``TINY_TAGS``: ``(weight [12, N], bias [N])``.
+    Its score for an image is ``sigmoid(features @ weight + bias)``."""
+    import numpy as np
+
+    blue, green, red = (np.zeros((2, 2, 3)) for _ in range(3))
+    blue[..., 0] = green[..., 1] = red[..., 2] = 0.25  # a channel's mean over the four quadrants
+    top, bottom = np.zeros((2, 2, 3)), np.zeros((2, 2, 3))
+    top[0], bottom[1] = 0.5, 0.5  # the mean of one half, per channel
+
+    def channel_of(half, channel):
+        out = np.zeros((2, 2, 3))
+        out[..., channel] = half[..., channel]
+        return out
+
+    light = (blue + green + red) / 3
+    columns = [
+        (np.zeros((2, 2, 3)), 1.0),
+        (np.zeros((2, 2, 3)), 0.0),
+        (np.zeros((2, 2, 3)), -1.0),
+        (np.zeros((2, 2, 3)), -3.0),
+        (8 * red - 4 * green - 4 * blue, -1.0),
+        (8 * channel_of(top, 0) - 4 * channel_of(top, 1) - 4 * channel_of(top, 2), -1.0),
+        (8 * channel_of(bottom, 1) - 4 * channel_of(bottom, 0) - 4 * channel_of(bottom, 2), -1.0),
+        (6 * light, -3.0),
+        (-6 * light, 3.0),
+        (2 * red, -1.5),
+        (10 * red, -6.0),
+        (10 * blue, -6.0),
+    ]
+    weight = np.stack([c.reshape(12) for c, _ in columns], axis=1).astype(np.float32)
+    bias = np.array([b for _, b in columns], dtype=np.float32)
+    return weight, bias
+
+
+def build_tiny_tagger(*, image_size: int = DEMO_IMAGE_SIZE):
+    """A WD14-format ONNX tagger (NHWC BGR float input, one sigmoid score per tag) computing
+    ``tiny_tagger_weights``' rule, and its ``selected_tags.csv`` text: ``(onnx ModelProto, csv text)``."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight, bias = tiny_tagger_weights()
+    half = image_size // 2
+    nodes = [
+        helper.make_node("Reshape", [TINY_TAGGER_INPUT, "quadrant_shape"], ["quadrants"]),
+        helper.make_node("ReduceMean", ["quadrants", "mean_axes"], ["means"], keepdims=0),
+        helper.make_node("Reshape", ["means", "feature_shape"], ["features_255"]),
+        helper.make_node("Div", ["features_255", "full_scale"], ["features"]),
+        helper.make_node("MatMul", ["features", "weight"], ["logits_0"]),
+        helper.make_node("Add", ["logits_0", "bias"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+    ]
+    constants = {
+        "quadrant_shape": np.array([-1, 2, half, 2, half, 3], dtype=np.int64),
+        "mean_axes": np.array([2, 4], dtype=np.int64),
+        "feature_shape": np.array([-1, 12], dtype=np.int64),
+        "full_scale": np.array(255.0, dtype=np.float32),
+        "weight": weight,
+        "bias": bias,
+    }
+    graph = helper.make_graph(
+        nodes,
+        "tiny_wd14_tagger",
+        [helper.make_tensor_value_info(TINY_TAGGER_INPUT, TensorProto.FLOAT, ["batch", image_size, image_size, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(TINY_TAGS)])],
+        initializer=[numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    rows = [f"{i},{name},{category},{1000 - i}" for i, (name, category) in enumerate(TINY_TAGS)]
+    return model, "tag_id,name,category,count\n" + "\n".join(rows) + "\n"
+
+
+def _save_tagger_folder(folder: Path) -> None:
+    from core.atomic import atomic_path
+
+    model, tags_csv = build_tiny_tagger()
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "model.onnx").write_bytes(model.SerializeToString())
+        (tmp / "selected_tags.csv").write_text(tags_csv, encoding="utf-8")
+        (tmp / _STAMP).write_text(json.dumps({"version": DEMO_VERSION, "not_trained": True}))
+
+
 def build_tiny_clip(*, seed: int = 0):
     """A tiny random CLIP (text and vision towers), the real CLIP tokenizer and a 32-px image processor.
 
@@ -161,10 +265,11 @@ class DemoModelPaths:
     single_files: dict[str, Path]  # family name → the single file, in the family's original layout
     florence_folder: Path
     clip_folder: Path
+    tagger_folder: Path
 
     def all(self) -> list[Path]:
         pairs = [(self.folders[name], self.single_files[name]) for name in self.folders]
-        return [path for pair in pairs for path in pair] + [self.florence_folder, self.clip_folder]
+        return [path for pair in pairs for path in pair] + [self.florence_folder, self.clip_folder, self.tagger_folder]
 
 
 def demo_model_paths(models_dir: Path) -> DemoModelPaths:
@@ -176,6 +281,7 @@ def demo_model_paths(models_dir: Path) -> DemoModelPaths:
         single_files={f.name: models_dir / f"{f.demo_name}.safetensors" for f in all_families()},
         florence_folder=models_dir / "captioners" / DEMO_FLORENCE_NAME,
         clip_folder=models_dir / "clip" / DEMO_CLIP_NAME,
+        tagger_folder=models_dir / "captioners" / DEMO_TAGGER_NAME,
     )
 
 
@@ -212,6 +318,8 @@ def ensure_demo_models(models_dir: Path, *, force: bool = False) -> DemoModelPat
         _save_pipeline_folder(paths.florence_folder, *build_tiny_florence2())
     if force or not _is_current(paths.clip_folder):
         _save_pipeline_folder(paths.clip_folder, *build_tiny_clip())
+    if force or not _is_current(paths.tagger_folder):
+        _save_tagger_folder(paths.tagger_folder)
     return paths
 
 

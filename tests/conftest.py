@@ -36,7 +36,12 @@ def demo_paths(models_dir):
     paths = demo_model_paths(models_dir)
     by_family = {f"{name}_folder": folder for name, folder in paths.folders.items()}
     by_family |= {f"{name}_single_file": file for name, file in paths.single_files.items()}
-    return SimpleNamespace(**by_family, florence_folder=paths.florence_folder, clip_folder=paths.clip_folder)
+    return SimpleNamespace(
+        **by_family,
+        florence_folder=paths.florence_folder,
+        clip_folder=paths.clip_folder,
+        tagger_folder=paths.tagger_folder,
+    )
 
 
 def default_model_keys() -> dict[str, str]:

@@ -61,7 +61,8 @@ class TrainingApi:
         resolution: int = 1024,
         include_subfolders: bool = False,
     ) -> dict:
-        """Start preparing a folder of images (crop to buckets, caption, add the trigger word)."""
+        """Start preparing a folder of images (crop to buckets, caption, add the trigger word). `captioner` is
+        florence2, tags (a WD14 tagger), florence2+tags or none; the tagger's settings keep their defaults."""
         values = {"images_dir": images_dir, "project": project, "trigger": trigger, "captioner": captioner}
         values |= {"caption_task": caption_task, "resolution": resolution, "include_subfolders": include_subfolders}
         try:

@@ -24,6 +24,7 @@ def choice(default, choices: tuple, help: str = ""):
 
 
 MAX_STEPS = 1_000_000
+MAX_TAG_TEXT = 4000
 MAX_SEED = 2**63 - 1
 
 
@@ -117,9 +118,26 @@ class PrepareConfig:
     min_side: int | None = bounded(
         None, minimum=8, maximum=4096, help="shortest side an image needs (default: resolution/2)"
     )
-    captioner: str = choice("florence2", CAPTIONERS, "caption model, or 'none' for .txt + trigger only")
+    captioner: str = choice(
+        "florence2",
+        CAPTIONERS,
+        "caption model: Florence-2 sentences, WD14 tags, both (sentence then tags), or 'none' for .txt + trigger only",
+    )
     caption_task: str = choice("<DETAILED_CAPTION>", FLORENCE_TASKS, "Florence-2 task")
-    caption_model: str | None = field(default=None, metadata={"help": "captioner folder or hub id"})
+    caption_model: str | None = field(default=None, metadata={"help": "Florence-2 folder or hub id"})
+    tagger_model: str | None = field(
+        default=None, metadata={"help": "WD14 tagger folder (a path or a folder name in models/captioners/)"}
+    )
+    tag_threshold: float = bounded(0.35, minimum=0.0, maximum=1.0, help="tagger: general tags scoring above this")
+    character_threshold: float = bounded(
+        0.85, minimum=0.0, maximum=1.0, help="tagger: character tags scoring above this"
+    )
+    max_tags: int = bounded(0, minimum=0, maximum=1000, help="tagger: keep the N highest-scoring tags (0 = all)")
+    rating_tag: bool = field(default=False, metadata={"help": "tagger: add the rating tag (general, sensitive...)"})
+    tag_spaces: bool = field(default=True, metadata={"help": "tagger: underscores in tags become spaces"})
+    escape_brackets: bool = field(default=True, metadata={"help": "tagger: write ( ) as \\( \\) in tags"})
+    exclude_tags: str = field(default="", metadata={"help": "tagger: comma-separated tags never written"})
+    include_tags: str = field(default="", metadata={"help": "tagger: comma-separated tags always written"})
     existing_captions: str = choice("keep", EXISTING_CAPTION_MODES, "what to do with .txt beside the sources")
     recaption: bool = field(default=False, metadata={"help": "caption again, overwriting edited captions"})
     duplicate_threshold: int = bounded(4, minimum=0, maximum=32, help="perceptual-hash bits for near-duplicates")
@@ -129,6 +147,9 @@ class PrepareConfig:
         from modules.lora_training.dataset.scan import require_folder_text
 
         require_folder_text(self.images_dir)
+        for name in ("exclude_tags", "include_tags", "tagger_model"):
+            if len(getattr(self, name) or "") > MAX_TAG_TEXT:
+                raise UserError(f"{name} is longer than {MAX_TAG_TEXT} characters")
         if self.resolution % 64:
             raise UserError(f"resolution must be a multiple of 64; got {self.resolution}")
 

@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from modules.lora_training.config import PrepareConfig, TrainConfig
+from modules.lora_training.dataset.captioners import CAPTIONERS, captioner_members
 
 TEXT_KINDS = ("text", "prompts")
 KINDS = ("text", "prompts", "integer", "number", "slider", "checkbox", "dropdown", "model")
@@ -126,6 +127,14 @@ def _for_families_using(option: str) -> tuple[str, FamiliesUsing]:
 
 
 _PREPARE = (PrepareConfig,)
+_WITH_TAGS = ("captioner", tuple(name for name in CAPTIONERS if "tags" in captioner_members(name)))
+
+
+def _tag_option(name: str, kind: str, *, step: float | None = None) -> Option:
+    """A WD14 tagger setting: shown when the captioner writes tags."""
+    return Option(name, kind, configs=_PREPARE, in_preset=False, shown_when=_WITH_TAGS, step=step)
+
+
 _SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 _SCHEDULE_LABELS = tuple((name, f"schedule_{name}") for name in _SCHEDULES)
 
@@ -174,14 +183,14 @@ FORM: tuple[Section, ...] = (
                     "dropdown",
                     configs=_PREPARE,
                     in_preset=False,
-                    choice_labels=(("florence2", "captioner_florence2"), ("none", "captioner_none")),
+                    choice_labels=tuple((name, f"captioner_{name}") for name in CAPTIONERS),
                 ),
                 Option(
                     "caption_task",
                     "dropdown",
                     configs=_PREPARE,
                     in_preset=False,
-                    shown_when=("captioner", ("florence2",)),
+                    shown_when=("captioner", ("florence2", "florence2+tags")),
                     choice_labels=(
                         ("<CAPTION>", "caption_short"),
                         ("<DETAILED_CAPTION>", "caption_detailed"),
@@ -189,6 +198,18 @@ FORM: tuple[Section, ...] = (
                     ),
                 ),
                 Option("resolution", "integer", configs=_PREPARE, step=64),
+            ),
+            (
+                _tag_option("tag_threshold", "number", step=0.05),
+                _tag_option("character_threshold", "number", step=0.05),
+                _tag_option("max_tags", "integer"),
+                _tag_option("rating_tag", "checkbox"),
+            ),
+            (
+                _tag_option("exclude_tags", "text"),
+                _tag_option("include_tags", "text"),
+                _tag_option("tag_spaces", "checkbox"),
+                _tag_option("escape_brackets", "checkbox"),
             ),
             (
                 Option("epochs", "integer"),

@@ -39,6 +39,11 @@ class ProjectPaths:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    @property
+    def caption_cache(self) -> Path:
+        """Each image's captioner outputs, by content hash and captioner settings (``caption_run.py``)."""
+        return self.root / "caption_cache.json"
+
 
 def read_json(path: Path, default=None):
     try:

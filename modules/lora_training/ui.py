@@ -17,7 +17,7 @@ from core.i18n import Text, shown_message, text_of, translate
 from core.model_files import native_image_size
 from core.page_texts import page_texts_of
 from families import display_name
-from model_formats.demo_models import DEMO_FLORENCE_NAME
+from model_formats.demo_models import DEMO_FLORENCE_NAME, DEMO_TAGGER_NAME
 from modules.lora_training.api import TrainingApi
 from modules.lora_training.caption_tools_section import CaptionToolsSection
 from modules.lora_training.config import (
@@ -27,7 +27,7 @@ from modules.lora_training.config import (
     default_learning_rate,
     default_text_encoder_lr,
 )
-from modules.lora_training.dataset.captioners import resolve_florence_model
+from modules.lora_training.dataset.captioners import CAPTIONERS, captioner_members, resolve_florence_model
 from modules.lora_training.evaluate_section import EvaluateSection
 from modules.lora_training.form import config_values, preset_settings, run_plan, split_preset, widget_values
 from modules.lora_training.form_widgets import FormWidgets
@@ -61,10 +61,23 @@ class LoraTrainingTab:
         return next((e.family for e in self.model_manager.list_models() if e.name == model), None)
 
     def default_captioner(self) -> str:
-        """Florence-2 when real weights are there; the random demo one writes gibberish, so with only that
-        the captions are the trigger word (and the .txt beside each photo) until the user picks Florence-2."""
+        """Florence-2 when real weights are there, else a real WD14 tagger; the demo ones write gibberish
+        or colour words, so with only those the captions are the trigger word (and the .txt beside each
+        photo) until the user picks a captioner."""
         model = self.caption_model()
-        return "florence2" if model and Path(model).name != DEMO_FLORENCE_NAME else "none"
+        if model and Path(model).name != DEMO_FLORENCE_NAME:
+            return "florence2"
+        tagger = self.tagger_model()
+        return "tags" if tagger and Path(tagger).name != DEMO_TAGGER_NAME else "none"
+
+    def tagger_model(self) -> str | None:
+        """The WD14 tagger folder to use: a real one in models/captioners/ if present, else the demo one."""
+        from modules.lora_training.dataset.wd14_tagger import resolve_tagger_folder
+
+        try:
+            return str(resolve_tagger_folder(None, self.config.MODELS_DIR, demo_name=DEMO_TAGGER_NAME))
+        except UserError:
+            return None
 
     def caption_model(self) -> str | None:
         """The local Florence-2 folder to use: a real one if present, else the demo one."""
@@ -86,8 +99,11 @@ class LoraTrainingTab:
         family = self.family_of(values.get("base_model"))
         if family:
             raw["family"] = family
-        if raw.get("captioner") == "florence2":
+        members = captioner_members(raw["captioner"]) if raw.get("captioner") in CAPTIONERS else ()
+        if "florence2" in members:
             raw["caption_model"] = self.caption_model()
+        if "tags" in members:
+            raw["tagger_model"] = self.tagger_model()
         return config_from_dict(PrepareConfig, raw)
 
     def train_config(self, values: dict) -> TrainConfig:

@@ -48,6 +48,13 @@ def _check(page, *, where: str) -> list[str]:
     return [f"{where}: {problem}" for problem in page.evaluate(FIND_PROBLEMS)]
 
 
+def _show_tag_settings(page) -> None:
+    """Captioner Florence-2 + tags: the tagger's settings appear under it."""
+    page.locator("#lt-captioner input").click()
+    page.get_by_role("option", name="Florence-2 + tags").click()
+    page.locator("#lt-tag-threshold").wait_for(state="visible")
+
+
 def _generated_image_is_large(page) -> None:
     page.locator("#generate-prompt textarea").fill("a lighthouse")
     page.locator("#generate-button").click()
@@ -81,4 +88,6 @@ def test_both_tabs_hold_at_1400_and_1024_px(tmp_path, models_dir, browser_page, 
                     accordion.click()
             problems += _check(page, where=f"{language} {width}px Training")
             page.screenshot(path=str(ARTIFACTS / f"layout-{language}-{width}-training.png"), full_page=True)
+            _show_tag_settings(page)
+            problems += _check(page, where=f"{language} {width}px Training, tag settings")
     assert problems == [], "\n".join(problems)

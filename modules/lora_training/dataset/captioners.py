@@ -1,5 +1,8 @@
 """Captioners behind one small interface: ``caption(images, should_stop=...) -> list[str]`` and ``close()``.
 
+The ``captioner`` setting names one (``florence2``, ``tags``: the WD14 tagger of ``wd14_tagger.py``) or two
+(``florence2+tags``: the sentence, then the tags; ``caption_run.py`` runs them and combines the outputs).
+
 Florence-2 uses transformers' native classes (no remote code). It loads from a local
 folder (``models/captioners/...``) or, when online, a hub id; runs batched, in fp16 on
 a GPU; and frees its memory on ``close()``. ``should_stop`` is checked at every generated
@@ -18,7 +21,14 @@ from core.errors import UserError
 
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 DEFAULT_FLORENCE_MODEL = "florence-community/Florence-2-base"
-CAPTIONERS = ("florence2", "none")
+CAPTIONERS = ("florence2", "none", "tags", "florence2+tags")
+
+
+def captioner_members(name: str) -> tuple[str, ...]:
+    """The captioners a ``captioner`` setting runs, in caption order: ``"florence2+tags"`` → both."""
+    if name not in CAPTIONERS:
+        raise UserError(f"Captioner {name!r} is not one of {', '.join(CAPTIONERS)}.")
+    return () if name == "none" else tuple(name.split("+"))
 
 
 class Captioner(Protocol):
@@ -143,11 +153,3 @@ def resolve_florence_model(value: str | None, models_dir: Path) -> str:
         if candidate.is_dir():
             return str(candidate)
     return value or DEFAULT_FLORENCE_MODEL
-
-
-def make_captioner(name: str, *, model: str | None, task: str, models_dir: Path) -> Captioner:
-    if name == "none":
-        return NoCaptioner()
-    if name == "florence2":
-        return Florence2Captioner(resolve_florence_model(model, models_dir), task=task)
-    raise UserError(f"Captioner {name!r} is not one of {', '.join(CAPTIONERS)}.")

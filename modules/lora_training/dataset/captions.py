@@ -33,6 +33,32 @@ def inject_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {rest}" if rest else trigger
 
 
+def plain_tag(tag: str) -> str:
+    """A tag's form for comparisons: brackets unescaped, underscores as spaces, lower case, single spaces."""
+    tag = tag.replace("\\(", "(").replace("\\)", ")").replace("_", " ")
+    return re.sub(r"\s+", " ", tag).strip().lower()
+
+
+def _in_sentence(tag: str, sentence: str) -> bool:
+    words = plain_tag(tag).split(" ")
+    if not any(words):
+        return True
+    pattern = r"(?<![\w])" + r"\s+".join(re.escape(word) for word in words) + r"(?![\w])"
+    return re.search(pattern, sentence, re.IGNORECASE) is not None
+
+
+def sentence_and_tags(sentence: str, tags: str) -> str:
+    """A sentence, then the comma-separated ``tags`` that it does not already say (a tag whose words appear
+    in it in that order, whatever the case, is dropped; so is a tag given twice)."""
+    sentence = _tidy(sentence)
+    kept, seen = [], set()
+    for tag in (part.strip() for part in tags.split(",")):
+        if tag and plain_tag(tag) not in seen and not _in_sentence(tag, sentence):
+            seen.add(plain_tag(tag))
+            kept.append(tag)
+    return ", ".join(part for part in (sentence, ", ".join(kept)) if part)
+
+
 def merge_existing(existing: str | None, generated: str | None, mode: str) -> str:
     """Combine a caption found beside the source image with the captioner's output."""
     existing = _tidy(existing or "")

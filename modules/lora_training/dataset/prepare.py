@@ -21,7 +21,7 @@ from core.atomic import atomic_path, write_text_atomic
 from core.errors import UserError
 from modules.lora_training.config import PrepareConfig, config_to_dict
 from modules.lora_training.dataset.buckets import Bucket, apply_crop, make_buckets, nearest_bucket, plan_crop
-from modules.lora_training.dataset.captioners import Captioner, make_captioner
+from modules.lora_training.dataset.caption_run import CaptionCache, Member, MemberRun, combine, members_of
 from modules.lora_training.dataset.captions import (
     CLIP_CONTENT_TOKENS,
     count_clip_tokens,
@@ -84,6 +84,8 @@ class PrepareResult:
         for entry in self.used:
             if entry.get("caption_note"):
                 lines.append(f"  {entry['source']}: {entry['caption_note']}")
+            if entry.get("caption_fallback"):
+                lines.append(f"  caption of {entry['source']}: {entry['caption_fallback']}")
         if self.used:
             buckets = ", ".join(f"{k}: {v}" for k, v in self.bucket_histogram().items())
             lines.append(f"Buckets: {buckets}")
@@ -259,14 +261,17 @@ class _Preparation:
                 apply_crop(loaded.image, crop).save(tmp, format="PNG")
         return entry
 
-    def _caption_by(self) -> str:
-        if self.config.captioner == "none":
+    def _caption_by(self, members: list[Member]) -> str:
+        """What decided the captions: a change re-captions (outputs already in the caption cache are reused)."""
+        if not members:
             return "none"
-        return f"{self.config.captioner}:{self.config.caption_task}:{self.config.caption_model or 'default'}"
+        by = f"{self.config.captioner}:{self.config.caption_task}:{self.config.caption_model or 'default'}"
+        return by + "".join(f":{m.name}={m.key}" for m in members if m.name != "florence2")
 
     def caption(self, models_dir: Path) -> None:
-        """Decide each caption; run the captioner only on images that need it."""
-        caption_by = self._caption_by()
+        """Decide each caption; run the captioners only on images that need it."""
+        members = members_of(self.config, models_dir)
+        caption_by = self._caption_by(members)
         to_caption: list[dict] = []
         for entry in self.result.used:
             old = self.old_by_hash.get(entry["sha256"])
@@ -284,7 +289,9 @@ class _Preparation:
             )
             if same_inputs and not self.config.recaption:
                 entry.update(caption_raw=old.get("caption_raw", ""), caption_origin=old.get("caption_origin", ""))
-            elif needs_captioner(entry["source_caption"], self.config.existing_captions) and caption_by != "none":
+                if old.get("caption_fallback"):
+                    entry["caption_fallback"] = old["caption_fallback"]
+            elif needs_captioner(entry["source_caption"], self.config.existing_captions) and members:
                 to_caption.append(entry)
                 continue
             else:
@@ -294,40 +301,40 @@ class _Preparation:
                 )
             entry["caption"] = inject_trigger(entry["caption_raw"], self.config.trigger)
         if to_caption:
-            self._run_captioner(to_caption, models_dir)
+            self._run_captioners(to_caption, members)
         for entry in self.result.used:
             entry["caption_by"] = caption_by
             entry["existing_captions"] = self.config.existing_captions
 
-    def _run_captioner(self, entries: list[dict], models_dir: Path) -> None:
+    def _load_crop(self, entry: dict):
         from PIL import Image
 
-        captioner: Captioner = make_captioner(
-            self.config.captioner, model=self.config.caption_model, task=self.config.caption_task, models_dir=models_dir
-        )
-        self.on_event(Log(f"Captioning {len(entries)} image(s) with {captioner.name} ({self.config.caption_task})"))
+        with Image.open(self.paths.images / entry["image"]) as opened:
+            return opened.convert("RGB")
+
+    def _run_captioners(self, entries: list[dict], members: list[Member]) -> None:
+        cache = CaptionCache(self.paths.caption_cache)
+        outputs = {}
         try:
-            batch_size = getattr(captioner, "batch_size", 4)
-            for start in range(0, len(entries), batch_size):
-                self.check_stop()
-                batch = entries[start : start + batch_size]
-                self.on_event(PrepProgress(stage="caption", done=start, total=len(entries), item=batch[0]["source"]))
-                images = []
-                for entry in batch:
-                    with Image.open(self.paths.images / entry["image"]) as opened:
-                        images.append(opened.convert("RGB"))
-                captions = captioner.caption(images, should_stop=self.should_stop)
-                self.check_stop()
-                for entry, generated in zip(batch, captions, strict=True):
-                    entry["caption_raw"] = merge_existing(
-                        entry["source_caption"], generated, self.config.existing_captions
-                    )
-                    entry["caption_origin"] = captioner.name
-                    entry["caption"] = inject_trigger(entry["caption_raw"], self.config.trigger)
-                    self.result.captioned += 1
-            self.on_event(PrepProgress(stage="caption", done=len(entries), total=len(entries)))
+            for member in members:
+                run = MemberRun(
+                    member,
+                    cache=cache,
+                    load=self._load_crop,
+                    on_event=self.on_event,
+                    check_stop=self.check_stop,
+                    should_stop=self.should_stop,
+                )
+                outputs[member.name] = run.outputs(entries)
         finally:
-            captioner.close()
+            cache.save({entry["sha256"] for entry in self.result.used})
+        for entry in entries:
+            by_member = {member.name: outputs[member.name].get(entry["sha256"]) for member in members}
+            generated, origin = combine(entry, by_member, on_event=self.on_event)
+            entry["caption_raw"] = merge_existing(entry["source_caption"], generated, self.config.existing_captions)
+            entry["caption_origin"] = origin
+            entry["caption"] = inject_trigger(entry["caption_raw"], self.config.trigger)
+            self.result.captioned += 1
 
     def count_tokens(self) -> None:
         from model_formats.tokenizers import build_clip_tokenizer
