@@ -9,6 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.errors import UserError, shown_to_user
+from modules.lora_training.config import PrepareConfig, config_from_dict, config_to_dict
 
 
 def flag(name: str, value) -> bool:
@@ -19,7 +20,7 @@ def flag(name: str, value) -> bool:
 
 
 def options_dict(options) -> dict:
-    """The API's ``options``: an object of TrainConfig fields (null means none)."""
+    """The API's ``options``: an object of config fields (null means none)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -27,6 +28,26 @@ def options_dict(options) -> dict:
             f'options must be an object of training options such as {{"steps": 500}}; got {options!r}'[:300]
         )
     return dict(options)
+
+
+_PREPARE_INPUTS = ("images_dir", "project", "trigger", "base_model", "captioner", "caption_task", "resolution")
+
+
+def _prepare_options(options) -> dict:
+    """``/prepare_dataset``'s ``options``: preparation settings that have no input of their own."""
+    import dataclasses
+
+    from modules.lora_training.config import PrepareConfig
+
+    chosen = options_dict(options)
+    names = {f.name for f in dataclasses.fields(PrepareConfig)} - {*_PREPARE_INPUTS, "include_subfolders"}
+    unknown = sorted(set(chosen) - names)
+    if unknown:
+        raise UserError(
+            f"options holds names that are not preparation settings without an input of their own: "
+            f"{', '.join(unknown)}"[:300]
+        )
+    return chosen
 
 
 def _text(name: str, value) -> str:
@@ -60,13 +81,18 @@ class TrainingApi:
         caption_task: str = "<DETAILED_CAPTION>",
         resolution: int = 1024,
         include_subfolders: bool = False,
+        options: dict | None = None,
     ) -> dict:
         """Start preparing a folder of images (crop to buckets, caption, add the trigger word). `captioner` is
-        florence2, tags (a WD14 tagger), florence2+tags or none; the tagger's settings keep their defaults."""
+        florence2, tags (a WD14 tagger), florence2+tags or none; `options` holds other preparation fields,
+        e.g. the tagger's {"tag_threshold": 0.4, "max_tags": 20, "exclude_tags": "solo"}."""
         values = {"images_dir": images_dir, "project": project, "trigger": trigger, "captioner": captioner}
         values |= {"caption_task": caption_task, "resolution": resolution, "include_subfolders": include_subfolders}
         try:
+            chosen = _prepare_options(options)
             config = self.tab.prepare_config({**values, "base_model": base_model or self.tab.default_model()})
+            if chosen:  # checked like every field, whether or not the chosen captioner reads them
+                config = config_from_dict(PrepareConfig, {**config_to_dict(config), **chosen})
             return self.tab.start(prepare=config, train=None)
         except UserError as exc:
             raise shown_to_user(exc) from exc

@@ -161,7 +161,8 @@ class World:
 def prep(world: World, *, images=None, project="fresh", trigger="ohwx", model=SDXL, res=64, sub=False, task=None):
     images = str(world.photos) if images is None else images
     captioner = "florence2" if task else "none"  # the caption task is read only for Florence-2
-    return ("prepare_dataset", images, project, trigger, model, captioner, task or "<DETAILED_CAPTION>", res, sub)
+    task = task or "<DETAILED_CAPTION>"
+    return ("prepare_dataset", images, project, trigger, model, captioner, task, res, sub, None)
 
 
 def train(world: World, *, project="keep", options=None, prepare=False, model=SDXL, images=None, new_run=False):
@@ -266,6 +267,16 @@ NAMES = [
         "evaluate: margin as text",
         lambda w: w.refused("evaluate_lora", "keep", "", "subject_similarity", "wide"),
         "margin a number from 0 to 1",
+    ),
+    Case(
+        "prepare: an option that is no preparation setting",
+        lambda w: w.refused(*prep(w)[:-1], {"tag_threshold": 0.5, "rm": "-rf"}),
+        "not preparation settings without an input of their own: rm",
+    ),
+    Case(
+        "prepare: NaN tag threshold",
+        lambda w: w.refused(*prep(w)[:-1], {"tag_threshold": float("nan")}),
+        "tag_threshold",
     ),
     Case(
         "caption tools: traversal",
