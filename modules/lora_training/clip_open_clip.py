@@ -14,13 +14,7 @@ from pathlib import Path
 from core.errors import UserError
 
 # open_clip settings that change the architecture away from the original CLIP, with the value that keeps it.
-_PLAIN_VISION = {
-    "ls_init_value": None,
-    "attentional_pool": False,
-    "no_ln_pre": False,
-    "pos_embed_type": "learnable",
-    "pool_type": "tok",
-    "timm_model_name": None,
+_PLAIN_BLOCK = {  # residual-block settings both towers have
     "qk_norm": False,
     "scaled_cosine_attn": False,
     "scale_heads": False,
@@ -28,6 +22,15 @@ _PLAIN_VISION = {
     "scale_attn": False,
     "scale_fc": False,
     "block_type": None,
+}
+_PLAIN_VISION = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "pool_type": "tok",
+    "timm_model_name": None,
+    **_PLAIN_BLOCK,
 }
 _PLAIN_TEXT = {
     "ls_init_value": None,
@@ -38,13 +41,7 @@ _PLAIN_TEXT = {
     "proj_type": "linear",
     "hf_model_name": None,
     "hf_tokenizer_name": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "block_type": None,
+    **_PLAIN_BLOCK,
 }
 # Per residual block: open_clip's name → transformers' name (the fused in_proj is split separately).
 _BLOCK_NAMES = {
