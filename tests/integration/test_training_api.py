@@ -45,7 +45,7 @@ def test_prepare_train_stop_resume_through_the_api(app):
     done = _status_until(client, lambda s: not s["running"])
     assert done["state"] == "prepared", done["message"]
 
-    options = {"steps": 60, "rank": 4, "save_every_steps": 0, "sample_every_steps": 0}
+    options = {"steps": 60, "rank": 4, "save_every_steps": 0, "sample_every_steps": 0, "sample_steps": 2}
     started = client.predict(
         str(photos), "api", "ohwx", DEMO_SDXL_NAME, options, False, "none", 64, api_name="/train_lora"
     )
@@ -73,6 +73,29 @@ def test_prepare_train_stop_resume_through_the_api(app):
     assert path.endswith(".png")
     with pytest.raises(AppError, match="no stopped run"):
         client.predict("nothing-here", api_name="/resume_training")
+
+
+def test_evaluation_grid_and_caption_tools_through_the_api(app):
+    """On the project the first test trained: Evaluate with the CLIP rule, the weights grid, caption tools."""
+    from gradio_client.exceptions import AppError
+
+    client, _, folder = app
+    assert client.predict("api", "", "subject_similarity", 1.0, api_name="/evaluate_lora")["kind"] == "evaluate"
+    evaluated = _status_until(client, lambda s: not s["running"])
+    assert evaluated["state"] == "evaluated", evaluated["message"]
+    assert evaluated["message"] == "Best checkpoint: step-000060 (step 60)."
+    assert evaluated["grid"].endswith("comparison-checkpoints.png")
+    client.predict("api", "", "weights", api_name="/comparison_grid")
+    drawn = _status_until(client, lambda s: not s["running"])
+    assert drawn["state"] == "evaluated" and drawn["grid"].endswith("comparison-weights.png"), drawn["message"]
+    with pytest.raises(AppError, match="rows must be one of"):
+        client.predict("api", "", "diagonal", api_name="/comparison_grid")
+
+    added = client.predict("api", "add", "sunny", "", api_name="/caption_tools")
+    assert added["changed"] == 3 and ["sunny", 3] in added["frequencies"]
+    assert client.predict("api", "undo", "", "", api_name="/caption_tools")["changed"] == 3
+    counts = dict(map(tuple, client.predict("api", "frequencies", "", "", api_name="/caption_tools")["frequencies"]))
+    assert "sunny" not in counts and counts["ohwx"] == 3
 
 
 def test_photos_uploaded_through_the_api_are_prepared_from_the_project(app):
