@@ -98,3 +98,23 @@ def test_variants_are_cached_only_when_that_is_cheaper():
     assert variants_to_cache(few, **options, encodings=5) is None, "a short run encodes fewer than 8 captions"
     assert variants_to_cache([CAPTION], **options, encodings=10**6) is None, "7 shuffled tags: 5040 orders"
     assert variants_to_cache(few, **{**options, "dropout": 0.1}, encodings=10**6) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tag_dropout": float("nan")}, "tag_dropout must be a finite number"),
+        ({"tag_dropout": 1.5}, "tag_dropout must be between 0 and 1"),
+        ({"keep_tokens": 65}, "keep_tokens must be between 0 and 64"),
+        ({"keep_tokens": -1}, "keep_tokens must be between 0 and 64"),
+        ({"shuffle_caption": "yes"}, "shuffle_caption must be true or false"),
+    ],
+)
+def test_the_options_are_bounded_in_the_config(options, message):
+    from core.errors import UserError
+    from modules.lora_training.config import TrainConfig, config_from_dict
+
+    with pytest.raises(UserError, match=message):
+        config_from_dict(TrainConfig, {"project": "p", "base_model": "m", **options})
+    defaults = config_from_dict(TrainConfig, {"project": "p", "base_model": "m"})
+    assert (defaults.shuffle_caption, defaults.keep_tokens, defaults.tag_dropout) == (False, 1, 0.0)
