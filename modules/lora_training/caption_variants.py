@@ -138,7 +138,8 @@ def describe_options(*, shuffle: bool, keep_tokens: int, dropout: float) -> list
     """The run log's words for the options that are on."""
     words = []
     if shuffle:
-        words.append(f"caption tags shuffled (the first {keep_tokens} and the trigger kept in place)")
+        kept = f"the first {keep_tokens} and the trigger" if keep_tokens else "the trigger"
+        words.append(f"caption tags shuffled ({kept} kept in place)")
     if dropout > 0:
         words.append(f"tag dropout {dropout:g}")
     return words

@@ -118,3 +118,16 @@ def test_the_options_are_bounded_in_the_config(options, message):
         config_from_dict(TrainConfig, {"project": "p", "base_model": "m", **options})
     defaults = config_from_dict(TrainConfig, {"project": "p", "base_model": "m"})
     assert (defaults.shuffle_caption, defaults.keep_tokens, defaults.tag_dropout) == (False, 1, 0.0)
+
+
+def test_the_run_log_names_the_options_that_are_on():
+    from modules.lora_training.caption_variants import describe_options
+
+    assert describe_options(shuffle=False, keep_tokens=1, dropout=0.0) == []
+    assert describe_options(shuffle=True, keep_tokens=2, dropout=0.25) == [
+        "caption tags shuffled (the first 2 and the trigger kept in place)",
+        "tag dropout 0.25",
+    ]
+    assert describe_options(shuffle=True, keep_tokens=0, dropout=0.0) == [
+        "caption tags shuffled (the trigger kept in place)"
+    ]
