@@ -244,6 +244,22 @@ class TrainConfig:
     )
     # data
     caption_dropout: float = bounded(0.0, minimum=0.0, maximum=1.0)
+    shuffle_caption: bool = field(
+        default=False,
+        metadata={
+            "help": "shuffle each caption's comma-separated tags at every step (cached text embeddings are then "
+            "encoded per step, unless each caption has only a few variants)"
+        },
+    )
+    keep_tokens: int = bounded(
+        1,
+        minimum=0,
+        maximum=64,
+        help="the first N comma-separated tags never move or drop out (the trigger word always stays in place)",
+    )
+    tag_dropout: float = bounded(
+        0.0, minimum=0.0, maximum=1.0, help="drop each tag past the kept ones with this probability at every step"
+    )
     flip: bool = False
     shuffle: bool = True
     seed: int = bounded(42, minimum=0, maximum=MAX_SEED)

@@ -265,6 +265,11 @@ FORM: tuple[Section, ...] = (
                 Option("noise_offset", "number"),
             ),
             (
+                Option("shuffle_caption", "checkbox"),
+                Option("keep_tokens", "integer"),
+                Option("tag_dropout", "slider", step=0.05),
+            ),
+            (
                 Option("min_snr_gamma", "number", default=5.0, shown_when=_for_families_using("min_snr_gamma")),
                 Option("prediction_type", "dropdown", shown_when=_for_families_using("prediction_type")),
                 Option("zero_terminal_snr", "checkbox", shown_when=_for_families_using("zero_terminal_snr")),

@@ -35,6 +35,7 @@ from core.model_manager import pick_device
 from families import display_name
 from families import family as model_family
 from modules.lora_training import checkpoints as ckpt
+from modules.lora_training.caption_variants import caption_variant, describe_options, variants_on, variants_to_cache
 from modules.lora_training.config import TrainConfig, config_to_dict
 from modules.lora_training.data import (
     BatchStream,
@@ -398,6 +399,10 @@ class Trainer:
         self.caches = _Caches(self.family, self.paths, device=self.device)
         self.flips = (False, True) if config.flip else (False,)
         self.cached_text = config.cache_text_embeddings and not config.train_text_encoder
+        self.caption_variants = self._cached_caption_variants() if self.cached_text else None
+        if self.cached_text and variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+            self.cached_text = self.caption_variants is not None
+            self._log_caption_encoding()
         if self.is_main and config.cache_latents:
             made = self.caches.fill_latents(self.items, flips=self.flips, on_event=self.on_event)
             self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
@@ -422,8 +427,53 @@ class Trainer:
             return {p: {k: v.cpu() for k, v in self.family.encode_text([p]).items()} for p in dict.fromkeys(prompts)}
 
     def _all_captions(self) -> list[str]:
-        captions = [item.caption for item in self.items + self.held_out]
+        trained = self.caption_variants if self.caption_variants is not None else [i.caption for i in self.items]
+        # The plain captions too: validation measures the training and held-out images on them.
+        captions = [*trained, *(item.caption for item in self.items + self.held_out)]
         return captions + [""] if self.config.caption_dropout > 0 else captions
+
+    def _cached_caption_variants(self) -> list[str] | None:
+        """Every caption variant the run can train on, when caching them is cheaper than encoding at each
+        step (see :mod:`.caption_variants`); None when the captions are encoded at each step instead."""
+        config = self.config
+        if not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+            return None
+        return variants_to_cache(
+            [item.caption for item in self.items],
+            trigger=self.trigger,
+            keep_tokens=config.keep_tokens,
+            shuffle=config.shuffle_caption,
+            dropout=config.tag_dropout,
+            encodings=self.total_steps * config.gradient_accumulation * config.batch_size * self.world,
+        )
+
+    def _log_caption_encoding(self) -> None:
+        if self.caption_variants is not None:
+            self.on_event(Log(f"Caption shuffle/tag dropout: {len(self.caption_variants)} caption variants cached"))
+        else:
+            self.on_event(
+                Log("Caption shuffle/tag dropout: captions are encoded at each step (text encoders stay on the device)")
+            )
+
+    def _vary_captions(self, share: Share, *, draw: int, micro: int) -> list[TrainItem]:
+        """The share's items with this step's caption variants (shuffled tags, tag dropout)."""
+        config = self.config
+        return [
+            dataclasses.replace(
+                item,
+                caption=caption_variant(
+                    item.caption,
+                    trigger=self.trigger,
+                    keep_tokens=config.keep_tokens,
+                    shuffle=config.shuffle_caption,
+                    dropout=config.tag_dropout,
+                    seed=config.seed,
+                    step=draw,
+                    index=f"{micro}/{position}/{item.sha256}",
+                ),
+            )
+            for item, position in zip(share.items, share.positions, strict=True)
+        ]
 
     def _resume_state(self) -> int:
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
@@ -470,6 +520,9 @@ class Trainer:
             active.append("cached text embeddings (text encoders off the GPU)")
         if config.train_text_encoder:
             active.append(f"text encoder LoRA (lr {config.text_encoder_lr:g})")
+        active += describe_options(
+            shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens, dropout=config.tag_dropout
+        )
         prediction = self.family.prediction_type(config)
         if prediction != "flow":
             zero_snr = ", zero terminal SNR" if getattr(self.family, "zero_terminal_snr", False) else ""
@@ -520,7 +573,7 @@ class Trainer:
         """This process's part of one micro-batch's loss: its per-sample losses, summed and weighted so that
         the processes' mean is the global batch's mean (see :class:`Share`)."""
         generator = SampleRandom.for_step(self.config.seed, step=draw, micro=micro, positions=share.positions)
-        latents, text, items = self._batch_inputs(share.items, generator)
+        latents, text, items = self._batch_inputs(self._vary_captions(share, draw=draw, micro=micro), generator)
         with self._autocast():
             losses = self.family.training_loss(
                 latents=latents, text=text, items=items, generator=generator, config=self.config
