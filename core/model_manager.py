@@ -137,6 +137,20 @@ def _check_loras(loras: tuple[LoraChoice, ...]) -> None:
 def validate_request(request: GenerationRequest, family: str, *, limits: GenerateLimits | None = None) -> None:
     """Refuse a request whose numbers are out of range (NaN and infinities included) before any work."""
     limits = limits or GenerateLimits()
+    check_prompts(request)
+    multiple = family_named(family).size_multiple
+    for label, value in (("Width", request.width), ("Height", request.height)):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or value % multiple or not 64 <= value <= limits.max_side:
+            raise UserError(
+                f"{label} {value!r} is not valid for {display_name(family)}: use a multiple of {multiple} "
+                f"between 64 and {limits.max_side}."
+            )
+    check_settings(request, limits=limits)
+
+
+def check_prompts(request: GenerationRequest) -> None:
+    """The prompt and negative prompt: text, not empty (the prompt), not too long."""
     for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
         if not isinstance(text, str):
             raise UserError(f"The {label} must be text (got {text!r}).")
@@ -147,14 +161,10 @@ def validate_request(request: GenerationRequest, family: str, *, limits: Generat
             )
     if not request.prompt.strip():
         raise UserError("The prompt is empty: describe the image you want.")
-    multiple = family_named(family).size_multiple
-    for label, value in (("Width", request.width), ("Height", request.height)):
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if not whole or value % multiple or not 64 <= value <= limits.max_side:
-            raise UserError(
-                f"{label} {value!r} is not valid for {display_name(family)}: use a multiple of {multiple} "
-                f"between 64 and {limits.max_side}."
-            )
+
+
+def check_settings(request: GenerationRequest, *, limits: GenerateLimits) -> None:
+    """Steps, seed, guidance and LoRA weights: the checks that do not depend on the model's family."""
     _check_whole("Steps", request.steps, 1, limits.max_steps)
     _check_whole("Seed", request.seed, -(2**63), 2**63 - 1)
     guidance = request.guidance

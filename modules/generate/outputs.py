@@ -26,16 +26,22 @@ def a1111_parameters(parameters: dict) -> str:
     return "\n".join(lines)
 
 
-def save_generation(image, parameters: dict, outputs_dir: Path) -> Path:
+def save_png(image, parameters: dict, path: Path) -> Path:
+    """``image`` as a PNG at ``path`` (written atomically), its settings in the text chunks ("parameters" for
+    other tools, "lora_studio" as JSON)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(parameters))
     info.add_text("lora_studio", json.dumps(parameters, ensure_ascii=False))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def save_generation(image, parameters: dict, outputs_dir: Path) -> Path:
     day = time.strftime("%Y-%m-%d")
     stamp = time.strftime("%H%M%S")
     folder = Path(outputs_dir) / day
     path = folder / f"{stamp}-{time.monotonic_ns() % 10**6:06d}-seed{parameters['seed']}.png"
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+    return save_png(image, parameters, path)

@@ -85,6 +85,20 @@ class GenerateTab:
         self.prompt_box = None
         self.lora_dropdowns: list = []
         self.strings: dict = {}
+        self.batch = None  # the batch section, made in create_tab
+
+    def batch_defaults(self):
+        """What an empty cell of a batch file means: this tab's defaults."""
+        from modules.generate.batch import BatchDefaults
+
+        return BatchDefaults(model=self.default_model(), size_for=self.image_size_for, limits=self.model_manager.limits)
+
+    def batch_runner(self):
+        from modules.generate.batch_job import BatchRunner
+
+        return BatchRunner(
+            manager=self.model_manager, outputs_dir=self.config.OUTPUTS_DIR, defaults=self.batch_defaults
+        )
 
     # ----- plain functions behind the widgets (also the API) --------------------
     def model_names(self) -> list[str]:
@@ -158,6 +172,8 @@ class GenerateTab:
     def create_tab(self, strings: dict) -> None:
         import gradio as gr
 
+        from modules.generate.batch_section import BatchSection
+
         def t(key, **values):
             return text_of(strings, key, **values)
 
@@ -176,9 +192,13 @@ class GenerateTab:
                         label=t("output"), type="filepath", height=512, elem_id="generate-output", interactive=False
                     )
                     page.status = gr.Markdown(elem_id="generate-status")
+            self.batch = BatchSection(self.batch_runner())
+            self.batch.build(t, button=texts.button)
             # API-only endpoints live inside the tab: gr.Tabs may hold only gr.Tab children.
             self._register_list_api()
+            self.batch.register_api()
         self._wire(page, t)
+        self.batch.wire(strings)
         self.offer_actions()
 
     def _build_inputs(self, t, *, button):

@@ -82,3 +82,30 @@ def test_bad_input_is_explained_and_the_app_keeps_serving(app_url, client, chang
         client.predict(*args, api_name="/generate")
     on_disk = sorted(path.name for path in (app_url[1] / "loras").glob("*.safetensors"))
     assert sorted(client.predict(api_name="/list_loras")) == on_disk, "the app still answers, and right"
+
+
+def test_batch_through_the_api(client):
+    import json
+    import time
+
+    from gradio_client.exceptions import AppError
+
+    text = json.dumps(
+        [
+            {"prompt": "a red apple", "model": DEMO_SDXL_NAME, "width": 64, "height": 64, "steps": 2, "seed": 4},
+            {"prompt": "a pear", "model": DEMO_SDXL_NAME, "width": 64, "height": 128, "steps": 2},
+            {"prompt": "a boat", "model": "missing.safetensors", "steps": 2},
+        ]
+    )
+    started = client.predict(text, 20, api_name="/batch_generate")
+    assert started["folder"].endswith(f"batch-{started['id']}") and started["total"] == 3
+    deadline = time.monotonic() + 120
+    status = client.predict(started["id"], api_name="/batch_status")
+    while status["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        status = client.predict(started["id"], api_name="/batch_status")
+    assert status["state"] == "done" and status["done"] == 3 and status["failed"] == 1
+    assert [row["status"] for row in status["rows"]] == ["done", "done", "failed"]
+    assert "Seed: 21" in Image.open(status["images"][1]).info["parameters"], "base seed + row index"
+    with pytest.raises(AppError, match="Row 1, column steps"):
+        client.predict('[{"prompt": "a", "steps": 999}]', None, api_name="/batch_generate")

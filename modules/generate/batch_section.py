@@ -1,0 +1,130 @@
+"""The Generate tab's batch section (a CSV/JSON file → one background batch) and its API endpoints
+``/batch_generate``, ``/batch_status`` and ``/batch_stop``. Thin: the work is in batch.py / batch_job.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from core.errors import UserError, shown_to_user
+from core.i18n import shown_message, translate
+from modules.generate.batch import read_batch_file
+from modules.generate.batch_job import BatchRunner
+
+
+class BatchSection:
+    def __init__(self, runner: BatchRunner) -> None:
+        self.runner = runner
+        self.strings: dict = {}
+        self.widgets = SimpleNamespace()
+
+    # ----- plain functions (the page's handlers and the API) ---------------------
+    def progress_text(self, snapshot: dict) -> str:
+        strings = self.strings
+        if not snapshot.get("id"):
+            return ""
+        state = translate(f"batch_state_{snapshot['state']}", strings)
+        line = translate(
+            "batch_progress",
+            strings,
+            done=snapshot["done"],
+            total=snapshot["total"],
+            failed=snapshot["failed"],
+            state=state,
+            folder=snapshot["folder"],
+        )
+        message = snapshot.get("message")
+        return f"{line}  \n{shown_message(message, strings)}" if message else line
+
+    def gallery_items(self, snapshot: dict) -> list[tuple[str, str]]:
+        items = [(row_path, f"#{n}") for n, row_path in _numbered_images(snapshot)]
+        if snapshot.get("contact_sheet"):
+            items.append((snapshot["contact_sheet"], translate("batch_contact_sheet", self.strings)))
+        return items
+
+    def run_file(self, path) -> dict:
+        if not path:
+            raise UserError("Choose a batch file (CSV or JSON) first.")
+        return self.runner.start(read_batch_file(str(path)))
+
+    # ----- API -------------------------------------------------------------------
+    def register_api(self) -> None:
+        import gradio as gr
+
+        def batch_generate(batch: str, base_seed: int | None = None) -> dict:
+            """Run a batch in the background: `batch` is the text of a CSV or JSON file of rows (prompt, negative,
+            model, loras, seed, width, height, steps, guidance; all but prompt optional); a row without a seed
+            gets base_seed + its index (a random base seed when none). Returns the batch's id, folder, rows."""
+            try:
+                return self.runner.start(batch, base_seed=base_seed)
+            except UserError as exc:
+                raise shown_to_user(exc, self.strings) from exc
+
+        def batch_status(batch_id: str = "") -> dict:
+            """A batch's progress (rows done/total), state, per-row results and folder; the latest when no id."""
+            try:
+                return self.runner.status(batch_id)
+            except UserError as exc:
+                raise shown_to_user(exc, self.strings) from exc
+
+        def batch_stop(batch_id: str = "") -> dict:
+            """Stop a batch (the latest when no id) between rows; the row in flight stops at its next step."""
+            try:
+                return self.runner.stop(batch_id)
+            except UserError as exc:
+                raise shown_to_user(exc, self.strings) from exc
+
+        gr.api(batch_generate, api_name="batch_generate")
+        gr.api(batch_status, api_name="batch_status", queue=False)
+        gr.api(batch_stop, api_name="batch_stop", queue=False)
+
+    # ----- UI --------------------------------------------------------------------
+    def build(self, t, *, button) -> None:
+        import gradio as gr
+
+        w = self.widgets
+        with gr.Accordion(t("batch"), open=False, elem_id="generate-batch"):
+            with gr.Row():
+                w.file = gr.File(
+                    label=t("batch_file"), file_types=[".csv", ".json"], type="filepath", scale=3, height=120
+                )
+                with gr.Column(scale=1, min_width=160):
+                    w.run = button(t("batch_run"), variant="primary", elem_id="generate-batch-run")
+                    w.stop = button(t("batch_stop"), elem_id="generate-batch-stop")
+            w.progress = gr.Markdown(elem_id="generate-batch-progress")
+            w.gallery = gr.Gallery(
+                label=t("batch_images"), columns=6, height=280, elem_id="generate-batch-gallery", interactive=False
+            )
+        w.timer = gr.Timer(1.0, active=False)
+
+    def wire(self, strings) -> None:
+        import gradio as gr
+
+        self.strings = strings
+        w = self.widgets
+        private = {"api_visibility": "private"}
+
+        def poll():
+            snapshot = self.runner.status()
+            running = snapshot["state"] in ("queued", "running")
+            return self.progress_text(snapshot), self.gallery_items(snapshot), gr.Timer(active=running)
+
+        def run(path):
+            try:
+                self.run_file(path)
+            except UserError as exc:
+                raise shown_to_user(exc, strings) from exc
+            return poll()
+
+        def stop():
+            self.runner.stop()
+            return poll()
+
+        outputs = [w.progress, w.gallery, w.timer]
+        w.run.click(run, inputs=[w.file], outputs=outputs, **private)
+        w.stop.click(stop, outputs=outputs, queue=False, **private)
+        w.timer.tick(poll, outputs=outputs, show_progress="hidden", queue=False, **private)
+
+
+def _numbered_images(snapshot: dict) -> list[tuple[int, str]]:
+    folder = snapshot.get("folder") or ""
+    return [(row["row"], f"{folder}/{row['file']}") for row in snapshot.get("rows", []) if row.get("file")]
