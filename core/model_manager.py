@@ -339,6 +339,8 @@ class ModelManager:
                 self._load_adapter(path, adapter, choice.name)
                 self._adapters[choice.name] = _LoadedAdapter(adapter, fingerprint)
             wanted.append((self._adapters[choice.name].adapter, float(choice.weight)))
+        # A LoRA at weight 0 is left out: peft would still apply a DoRA's magnitudes (weight scales only B·A).
+        wanted = [(adapter, weight) for adapter, weight in wanted if weight != 0]
         if wanted:
             pipe.enable_lora()
             pipe.set_adapters([a for a, _ in wanted], adapter_weights=[w for _, w in wanted])

@@ -119,7 +119,8 @@ class TrainingFamily(ModelFamily):
         return cls.attention_targets
 
     @classmethod
-    def denoiser_lora_config(cls, *, rank: int, alpha: float, lora_targets: str):
+    def denoiser_lora_config(cls, *, rank: int, alpha: float, lora_targets: str, network: str = "lora"):
+        """peft's ``LoraConfig`` for the denoiser; ``network="dora"`` is peft's DoRA (``use_dora``)."""
         from peft import LoraConfig
 
         targets = cls.target_modules(lora_targets)
@@ -129,16 +130,24 @@ class TrainingFamily(ModelFamily):
             init_lora_weights="gaussian",
             target_modules=list(targets),
             exclude_modules=cls.excluded_modules if cls.excluded_modules in targets else None,
+            use_dora=network == "dora",
         )
 
-    def add_lora(self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool) -> None:
+    def add_lora(
+        self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool, network: str = "lora"
+    ) -> None:
+        """peft adapters on the denoiser (and the text encoders); ``network`` is "lora" or "dora"."""
         from peft import LoraConfig
 
-        self.lora_config = self.denoiser_lora_config(rank=rank, alpha=alpha, lora_targets=targets)
+        self.lora_config = self.denoiser_lora_config(rank=rank, alpha=alpha, lora_targets=targets, network=network)
         self.denoiser.add_adapter(self.lora_config)
         if train_text_encoder:
             self.text_lora_config = LoraConfig(
-                r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.text_encoder_targets)
+                r=rank,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(self.text_encoder_targets),
+                use_dora=network == "dora",
             )
             for encoder in self.text_encoders_with_lora():
                 encoder.add_adapter(self.text_lora_config)

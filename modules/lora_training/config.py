@@ -162,6 +162,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "lion", "prod
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("auto", "attention", "attention+feedforward")
+NETWORKS = ("lora", "dora")
 TIMESTEP_SAMPLING = ("sigmoid", "uniform", "shift")
 QUANTIZATIONS = ("none", "int8", "nf4")
 ADAMW_LR = 1e-4
@@ -198,6 +199,9 @@ class TrainConfig:
         "auto",
         LORA_TARGETS,
         "which layers get LoRA (auto: the family's usual ones, attention and for some feed-forward)",
+    )
+    network: str = choice(
+        "lora", NETWORKS, "adapter type: plain LoRA, or DoRA (weight-decomposed: a learned magnitude per output row)"
     )
     train_text_encoder: bool = False
     # optimisation

@@ -125,6 +125,7 @@ class RunModel:
             alpha=config.alpha,
             targets=config.lora_targets,
             train_text_encoder=config.train_text_encoder,
+            network=config.network,
         )
         self.family.denoiser.eval()
 

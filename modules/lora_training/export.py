@@ -33,6 +33,7 @@ FORMATS = ("kohya", "diffusers")
 VERIFY_TOLERANCE = 1e-3  # relative to the largest response of a change; fp16 storage rounds at ~1e-3
 VERIFY_PROBES = 16  # random vectors each weight change is applied to when verifying an export
 OUT_DTYPE = torch.float16
+DORA_KEY = re.compile(r"\.(lora_magnitude_vector|dora_scale)(\.weight)?$")  # DoRA's per-row magnitudes
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LoraFile:
     format: str  # diffusers | kohya | comfyui
     modules: list[FileModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    network: str = "lora"  # lora | dora (the file holds DoRA magnitude vectors)
 
     def parts(self) -> list[str]:
         """The diffusers modules this LoRA changes, in file order."""
@@ -89,7 +91,8 @@ def read_lora(path: Path) -> LoraFile:
         if not modules:
             raise UserError(f"corrupt or not a LoRA file: {path.name} (no LoRA down/up weight pairs)")
         modules = [replace(module, alpha=_read_alpha(reader, module, reader.metadata)) for module in modules]
-        return LoraFile(path, family_name, layout, modules, dict(reader.metadata))
+        network = "dora" if any(DORA_KEY.search(name) for name in shapes) else "lora"
+        return LoraFile(path, family_name, layout, modules, dict(reader.metadata), network)
 
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
@@ -428,6 +431,11 @@ def export_lora(source_path: Path, *, fmt: str, out: Path | None = None) -> Expo
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     source = read_lora(source_path)
+    if source.network == "dora":
+        raise UserError(
+            f"{Path(source_path).name} is a DoRA LoRA: this app cannot write or verify its {fmt} copy yet. "
+            "Use the main file: diffusers and Generate apply it."
+        )
     out = Path(out) if out else default_export_path(source_path, fmt)
     if out.resolve() == Path(source_path).resolve():
         raise UserError("The export would overwrite its source; choose another --out.")
@@ -501,7 +509,8 @@ def inspect_lora(path: Path) -> str:
     """Family, layout, rank and the alphas written in the file, per group of layers (header and alphas only)."""
     lora = read_lora(path)
     meta = lora.metadata
-    lines = [f"{Path(path).name}: {display_name(lora.family)} LoRA, {lora.format} format, {len(lora.modules)} layers"]
+    kind = "DoRA (weight-decomposed LoRA)" if lora.network == "dora" else "LoRA"
+    lines = [f"{Path(path).name}: {display_name(lora.family)} {kind}, {lora.format} format, {len(lora.modules)} layers"]
     lines += [f"  {pair}: {counts}" for pair, counts in alpha_groups(lora).items()]
     if any(m.kind == "fused" for m in lora.modules):
         lines.append("  fused modules hold q, k, v (and the MLP input) stacked: rank and alpha scale together")

@@ -279,6 +279,7 @@ FORM: tuple[Section, ...] = (
             (Option("validation_share", "slider", step=0.05),),
             (
                 Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
+                Option("network", "dropdown", choice_labels=(("lora", "network_lora"), ("dora", "network_dora"))),
                 Option("base_quantization", "dropdown", choice_labels=(("none", "quantization_none"),)),
             ),
         ),

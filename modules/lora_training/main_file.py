@@ -20,6 +20,7 @@ import torch
 from model_formats.safetensors_stream import TensorSpec, write_safetensors
 
 OUT_DTYPE = torch.float16
+MAGNITUDE = "lora_magnitude_vector"
 KeyNames = Callable[[str, str], tuple[str, str]]
 
 
@@ -32,23 +33,37 @@ def adapter_metadata_json(configs: dict[str, dict]) -> str:
     return json.dumps(packed, indent=2, sort_keys=True)
 
 
-def _module_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's ``<module>.lora_A.weight`` / ``lora_B.weight`` as {module: (down, up)}."""
-    pairs = {}
+def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """PEFT's ``<module>.lora_A.weight`` / ``lora_B.weight`` (and DoRA's ``lora_magnitude_vector``) as
+    {module: (down, up)} or {module: (down, up, magnitude)}."""
+    modules = {}
     for key, down in state.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            pairs[module] = (down, state[f"{module}.lora_B.weight"])
-    unknown = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+            magnitude = state.get(f"{module}.{MAGNITUDE}")
+            modules[module] = (down, state[f"{module}.lora_B.weight"]) + (() if magnitude is None else (magnitude,))
+    unknown = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight", f".{MAGNITUDE}"))]
     if unknown:
-        raise ValueError(f"not a plain LoRA state dict (e.g. {unknown[0]})")
-    return pairs
+        raise ValueError(f"not a LoRA or DoRA state dict (e.g. {unknown[0]})")
+    return modules
+
+
+def magnitude_key(component: str, module: str, down_key: str) -> str:
+    """DoRA's magnitude vector beside ``down_key``, as ``<module>.lora_magnitude_vector.weight``: diffusers'
+    loaders keep that name (their U-Net renames touch only down/up spellings) and infer ``use_dora`` from it;
+    peft and transformers' adapter loader both insert the adapter name before ``.weight``, as the model names it."""
+    if down_key.endswith(".lora_A.weight"):
+        return down_key.removesuffix(".lora_A.weight") + f".{MAGNITUDE}.weight"
+    return f"{component}.{module}.{MAGNITUDE}.weight"
 
 
 def _specs(component: str, state: dict[str, torch.Tensor], keys: KeyNames) -> list[TensorSpec]:
     specs = []
-    for module, pair in _module_pairs(state).items():
-        for key, tensor in zip(keys(component, module), pair, strict=True):
+    for module, tensors in _module_tensors(state).items():
+        names = keys(component, module)
+        if len(tensors) == 3:
+            names = (*names, magnitude_key(component, module, names[0]))
+        for key, tensor in zip(names, tensors, strict=True):
             produce = lambda t=tensor: t.detach().to("cpu", OUT_DTYPE).contiguous()  # noqa: E731
             specs.append(TensorSpec(key, OUT_DTYPE, tuple(tensor.shape), produce))
     return specs

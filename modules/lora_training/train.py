@@ -78,7 +78,9 @@ MAX_BAD_STEPS = 5
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
 MAX_BAD_STEPS_WITH_SCALER = 20
 PRODIGY_MIN_LR = 0.1
-LORA_SHAPE = ("rank", "alpha", "lora_targets", "train_text_encoder", "base_model")
+LORA_SHAPE = ("rank", "alpha", "lora_targets", "network", "train_text_encoder", "base_model")
+# Shape options that checkpoints from before the option existed do not name: they trained with this value.
+LORA_SHAPE_BEFORE = {"network": "lora"}
 OOM_ADVICE = (
     "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
     "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
@@ -285,7 +287,7 @@ class Trainer:
         whatever the caller passed."""
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
         saved = json.loads((latest / "config.json").read_text(encoding="utf-8"))
-        shape = {key: saved[key] for key in LORA_SHAPE if key in saved}
+        shape = {**LORA_SHAPE_BEFORE, **{key: saved[key] for key in LORA_SHAPE if key in saved}}
         # Runs from before validation trained on every image.
         shape["validation_share"] = saved.get("validation_share", 0.0)
         changes = {key: value for key, value in shape.items() if value != getattr(self.config, key)}
@@ -381,6 +383,7 @@ class Trainer:
                 alpha=config.alpha,
                 targets=config.lora_targets,
                 train_text_encoder=config.train_text_encoder,
+                network=config.network,
             )
         if config.gradient_checkpointing:
             self.family.denoiser.enable_gradient_checkpointing()
@@ -479,9 +482,10 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
         state = ckpt.load_checkpoint(latest)
         for key in LORA_SHAPE:
-            if state.config.get(key) != getattr(self.config, key):
+            saved = state.config.get(key, LORA_SHAPE_BEFORE.get(key))
+            if saved != getattr(self.config, key):
                 raise UserError(
-                    f"Cannot resume: {key} was {state.config.get(key)!r} in the checkpoint, now {getattr(self.config, key)!r}."
+                    f"Cannot resume: {key} was {saved!r} in the checkpoint, now {getattr(self.config, key)!r}."
                 )
         self.family.load_lora_state_dict(state.lora)
         self.optimizer.load_state_dict(state.optimizer)
@@ -882,6 +886,7 @@ def lora_metadata(
         "lora_studio.trigger_word": trigger,
         "lora_studio.rank": str(config.rank),
         "lora_studio.alpha": f"{config.alpha:g}",
+        "lora_studio.network": config.network,
         "lora_studio.prediction_type": family.prediction_type(config),
         "lora_studio.zero_terminal_snr": str(getattr(family, "zero_terminal_snr", False)).lower(),
         "lora_studio.training_config": metadata_json(config_to_dict(config)),
