@@ -210,10 +210,13 @@ class TrainingJobs:
         from modules.lora_training.validation import Evaluation
 
         Evaluation().choose(best_rule, margin)  # refused now, not by a failed job
+        from modules.lora_training.checkpoints import list_checkpoints
+
         run = find_run(self._paths(project), run_id or None)
         with self._lock:
             self._refuse_while_running()
             job = JobState(job_id=self._next_id, project=project, kind="evaluate")
+            job.total_steps = 1 + len(list_checkpoints(run.checkpoints))  # the base model and each checkpoint
             return self._launch(
                 job, self._evaluate, job, {"run_id": run.run_id, "best_rule": best_rule, "margin": margin}
             )
@@ -432,7 +435,11 @@ class TrainingJobs:
         from modules.lora_training.evaluate import evaluate_run, format_table
         from modules.lora_training.panel_judge import describe_clip_figures
 
+        started = time.monotonic()
+
         def measured(record: dict) -> None:
+            done = job.step + 1
+            self._set(job, step=done, s_per_step=(time.monotonic() - started) / done)
             if record["validation_loss"] is not None:
                 self._record(job, Validated(record["step"], record["validation_loss"], record["training_images_loss"]))
             if record.get("subject_similarity") is not None:

@@ -67,11 +67,13 @@ def render_progress(snapshot: dict, strings: dict) -> str:
     if not total:
         return ""
     step = snapshot.get("step", 0)
+    # An evaluation counts measured checkpoints, not training steps.
+    suffix = "_evaluation" if snapshot.get("kind") == "evaluate" else ""
     if not snapshot.get("running"):  # a stopped or finished run has no time left to show
-        text = translate("progress_done", strings, step=step, total=total)
+        text = translate(f"progress_done{suffix}", strings, step=step, total=total)
         return f'<progress value="{step}" max="{total}" style="width:100%"></progress><div>{text}</div>'
     text = translate(
-        "progress",
+        f"progress{suffix}",
         strings,
         step=step,
         total=total,

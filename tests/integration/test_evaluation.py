@@ -215,5 +215,6 @@ def test_evaluate_and_grid_jobs_through_the_cli_and_the_jobs(trained, models_dir
     assert status["state"] == "evaluated" and status["grid"] == str(run / "comparison-checkpoints.png"), status
     jobs.evaluate(name, best_rule="subject_similarity", margin=1.0)
     status = jobs.wait(timeout=120)
+    assert status["step"] == status["total_steps"] == 3, "the base and the two checkpoints, measured"
     assert status["state"] == "evaluated" and status["grid"] == str(run / "comparison-checkpoints.png"), status
     assert any("CLIP at step 2: subject" in line for line in status["log"]), status["log"]

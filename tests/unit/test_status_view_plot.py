@@ -20,3 +20,17 @@ def test_the_plot_has_one_series_per_figure():
 def test_an_empty_job_plots_nothing():
     frame = loss_frame({"state": "idle"}, STRINGS)
     assert frame.empty and list(frame.columns) == ["step", "loss", "series"]
+
+
+def test_an_evaluation_shows_checkpoints_measured():
+    from modules.lora_training.status_view import render_progress
+
+    strings = {
+        "progress_evaluation": "checkpoint {step}/{total} · {s_per_step:.1f} s each · ETA {eta}",
+        "progress_done_evaluation": "checkpoint {step}/{total}",
+    }
+    snapshot = {"kind": "evaluate", "running": True, "step": 1, "total_steps": 3, "s_per_step": 20.0}
+    assert render_progress({**snapshot, "eta_seconds": 40}, strings).endswith(
+        "<div>checkpoint 1/3 · 20.0 s each · ETA 0m40s</div>"
+    )
+    assert render_progress({**snapshot, "running": False, "step": 3}, strings).endswith("<div>checkpoint 3/3</div>")
