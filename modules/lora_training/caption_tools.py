@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.atomic import write_text_atomic
 from core.errors import UserError
+from modules.lora_training.dataset.captions import join_tags, split_tags
 from modules.lora_training.project import ProjectPaths
 
 ACTIONS = ("frequencies", "add", "remove", "replace", "prefix", "suffix", "search", "undo")
@@ -39,14 +40,6 @@ class CaptionToolsResult:
             "frequencies": [list(pair) for pair in self.frequencies],
             "matches": [list(pair) for pair in self.matches],
         }
-
-
-def split_tags(caption: str) -> list[str]:
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
-
-
-def join_tags(tags: list[str]) -> str:
-    return ", ".join(tags)
 
 
 def read_captions(paths: ProjectPaths) -> dict[str, str]:

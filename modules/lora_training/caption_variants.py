@@ -30,11 +30,9 @@ import math
 import random
 import re
 
+from modules.lora_training.dataset.captions import join_tags, split_tags
+
 VARIANTS_PER_CAPTION = 6
-
-
-def split_tags(caption: str) -> list[str]:
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
 def variants_on(*, shuffle: bool, dropout: float) -> bool:
@@ -49,10 +47,12 @@ def _pinned(tags: list[str], *, trigger: str, keep_tokens: int) -> list[bool]:
 
 def _join(tags: list[str], pinned: list[bool], placed: dict[int, str]) -> str:
     """The pinned tags in their places and the free places that hold a tag (``placed``), in order."""
-    return ", ".join(
-        tag if keep else placed[i]
-        for i, (tag, keep) in enumerate(zip(tags, pinned, strict=True))
-        if keep or i in placed
+    return join_tags(
+        [
+            tag if keep else placed[i]
+            for i, (tag, keep) in enumerate(zip(tags, pinned, strict=True))
+            if keep or i in placed
+        ]
     )
 
 

@@ -46,6 +46,7 @@ from modules.lora_training.data import (
     load_items,
     planned_steps,
 )
+from modules.lora_training.dataset.captions import split_tags
 from modules.lora_training.distributed import GradientSync, start_processes
 from modules.lora_training.events import (
     CheckpointSaved,
@@ -874,7 +875,7 @@ def lora_metadata(
 
     tags: Counter = Counter()
     for caption in captions:
-        tags.update(tag.strip() for tag in caption.split(",") if tag.strip())
+        tags.update(split_tags(caption))
     return {
         "lora_studio.family": family.name,
         "lora_studio.project": project,

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 import modules.lora_training.train as train_module
 from families.flux import FluxFamily
 from families.sdxl import SDXLFamily
-from modules.lora_training.caption_variants import split_tags
 from modules.lora_training.config import TrainConfig, config_from_dict
+from modules.lora_training.dataset.captions import split_tags
 from modules.lora_training.events import Log, StepDone
 from modules.lora_training.train import train
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME

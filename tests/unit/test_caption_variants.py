@@ -7,10 +7,10 @@ import pytest
 from modules.lora_training.caption_variants import (
     all_variants,
     caption_variant,
-    split_tags,
     variant_count,
     variants_to_cache,
 )
+from modules.lora_training.dataset.captions import split_tags
 
 CAPTION = "ohwx, red hair, smiling, outdoors, blue sky, tree, portrait, looking at viewer"
 

@@ -54,7 +54,8 @@ def _file_signature(path: Path) -> list[int]:
 
 
 def tag_settings(config):
-    from modules.lora_training.dataset.wd14_tagger import TagSettings, tag_list
+    from modules.lora_training.dataset.captions import split_tags
+    from modules.lora_training.dataset.wd14_tagger import TagSettings
 
     return TagSettings(
         general_threshold=config.tag_threshold,
@@ -63,8 +64,8 @@ def tag_settings(config):
         rating=config.rating_tag,
         underscores_to_spaces=config.tag_spaces,
         escape_brackets=config.escape_brackets,
-        exclude=tag_list(config.exclude_tags),
-        include=tag_list(config.include_tags),
+        exclude=tuple(split_tags(config.exclude_tags)),
+        include=tuple(split_tags(config.include_tags)),
     )
 
 

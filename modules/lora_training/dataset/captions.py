@@ -1,4 +1,4 @@
-"""Caption text: trigger word placement, merging with existing captions, token limits."""
+"""Caption text: comma-separated tags, trigger word placement, merging with existing captions, token limits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ import unicodedata
 EXISTING_CAPTION_MODES = ("keep", "replace", "append")
 # CLIP reads 77 tokens, two of them BOS and EOS.
 CLIP_CONTENT_TOKENS = 75
+
+
+def split_tags(caption: str) -> list[str]:
+    """``"a, b ,, c"`` → ``["a", "b", "c"]``: a caption's comma-separated tags, trimmed, empty ones left out."""
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def join_tags(tags: list[str]) -> str:
+    return ", ".join(tags)
 
 
 def _trigger_pattern(trigger: str) -> re.Pattern:
@@ -52,8 +61,8 @@ def sentence_and_tags(sentence: str, tags: str) -> str:
     in it in that order, whatever the case, is dropped; so is a tag given twice)."""
     sentence = _tidy(sentence)
     kept, seen = [], set()
-    for tag in (part.strip() for part in tags.split(",")):
-        if tag and plain_tag(tag) not in seen and not _in_sentence(tag, sentence):
+    for tag in split_tags(tags):
+        if plain_tag(tag) not in seen and not _in_sentence(tag, sentence):
             seen.add(plain_tag(tag))
             kept.append(tag)
     return ", ".join(part for part in (sentence, ", ".join(kept)) if part)

@@ -45,11 +45,6 @@ class TagSettings:
     include: tuple[str, ...] = ()
 
 
-def tag_list(text: str) -> tuple[str, ...]:
-    """``"a, b ,, c"`` → ``("a", "b", "c")``."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
-
-
 def format_tag(name: str, settings: TagSettings) -> str:
     if settings.underscores_to_spaces and name not in KAOMOJIS:
         name = name.replace("_", " ")
