@@ -10,7 +10,6 @@ snapshot back. The trigger word stays first: it cannot be removed or replaced he
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,31 +41,36 @@ class CaptionToolsResult:
         }
 
 
+@dataclass(frozen=True)
+class _PreparedCaptions:
+    """A project's captions as training reads them (the .txt file, else the manifest's), read once per action."""
+
+    captions: dict[str, str]  # image file name -> caption
+    files: dict[str, Path]  # image file name -> its caption file
+    trigger: str
+
+    @classmethod
+    def read(cls, paths: ProjectPaths) -> _PreparedCaptions:
+        from modules.lora_training.manifest import ProjectManifest
+
+        manifest = ProjectManifest.read(paths)
+        if manifest is None:
+            raise UserError(f"Project {paths.name!r} has no prepared images: run Prepare first.")
+        captions, files = {}, {}
+        for image in manifest.prepared_images(paths):
+            text_file = paths.images / image.caption_file
+            text = text_file.read_text(encoding="utf-8") if _regular(text_file) else image.caption
+            captions[image.image], files[image.image] = text.strip(), text_file
+        return cls(captions, files, manifest.trigger)
+
+    def write(self, changed: dict[str, str]) -> None:
+        for image_name, text in changed.items():
+            write_text_atomic(self.files[image_name], text + "\n")
+
+
 def read_captions(paths: ProjectPaths) -> dict[str, str]:
     """Image file name -> its caption, as training reads it (the .txt file, else the manifest's)."""
-    return {name: text for name, (text, _) in _prepared(paths).items()}
-
-
-def _prepared(paths: ProjectPaths) -> dict[str, tuple[str, Path]]:
-    """Image file name -> (caption, caption file)."""
-    from modules.lora_training.manifest import ProjectManifest
-
-    manifest = ProjectManifest.read(paths)
-    if manifest is None:
-        raise UserError(f"Project {paths.name!r} has no prepared images: run Prepare first.")
-    found = {}
-    for image in manifest.prepared_images(paths):
-        text_file = paths.images / image.caption_file
-        text = text_file.read_text(encoding="utf-8") if _regular(text_file) else image.caption
-        found[image.image] = (text.strip(), text_file)
-    return found
-
-
-def project_trigger(paths: ProjectPaths) -> str:
-    from modules.lora_training.manifest import ProjectManifest
-
-    manifest = ProjectManifest.read_or_none(paths)
-    return manifest.trigger if manifest else ""
+    return _PreparedCaptions.read(paths).captions
 
 
 def _regular(path: Path) -> bool:
@@ -107,12 +111,12 @@ def run_caption_tool(paths: ProjectPaths, *, action: str, tag: str = "", replace
     """Carry out ``action`` on every caption of the project; the frequencies after it come back with it."""
     if action not in ACTIONS:
         raise UserError(f"action must be one of {', '.join(ACTIONS)}; got {action!r}"[:300])
-    captions = read_captions(paths)
-    trigger = project_trigger(paths)
+    prepared = _PreparedCaptions.read(paths)
+    captions, trigger = prepared.captions, prepared.trigger
     if action == "frequencies":
         return CaptionToolsResult(f"{len(captions)} caption(s).", frequencies=tag_frequencies(captions))
     if action == "undo":
-        return _undo(paths)
+        return _undo(paths, prepared)
     if action == "search":
         needle = _checked(tag, what="search text", limit=MAX_TAG).lower()
         found = [(name, text) for name, text in captions.items() if needle in text.lower()]
@@ -125,7 +129,7 @@ def run_caption_tool(paths: ProjectPaths, *, action: str, tag: str = "", replace
     }
     if changed:
         _snapshot(paths, captions, action=action)
-        _write(paths, changed)
+        prepared.write(changed)
     after = {**captions, **changed}
     return CaptionToolsResult(
         f"{action}: {len(changed)} caption(s) changed.", changed=len(changed), frequencies=tag_frequencies(after)
@@ -163,30 +167,32 @@ def _history(paths: ProjectPaths) -> Path:
 def _snapshot(paths: ProjectPaths, captions: dict[str, str], *, action: str) -> None:
     folder = _history(paths)
     folder.mkdir(exist_ok=True)
-    name = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.monotonic_ns() % 10**9:09d}.json"
-    write_text_atomic(folder / name, json.dumps({"action": action, "captions": captions}))
-    for old in sorted(folder.glob("*.json"))[:-HISTORY_LIMIT]:
+    snapshots = _snapshots(paths)
+    number = int(snapshots[-1].stem) + 1 if snapshots else 1  # a counter: the newest sorts last, whatever the clock
+    write_text_atomic(folder / f"{number:08d}.json", json.dumps({"action": action, "captions": captions}))
+    for old in _snapshots(paths)[:-HISTORY_LIMIT]:
         old.unlink()
 
 
-def _undo(paths: ProjectPaths) -> CaptionToolsResult:
-    snapshots = sorted(_history(paths).glob("*.json")) if _history(paths).is_dir() else []
+def _snapshots(paths: ProjectPaths) -> list[Path]:
+    """The kept snapshots, oldest first."""
+    folder = _history(paths)
+    found = [path for path in folder.glob("*.json") if path.stem.isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda path: int(path.stem))
+
+
+def _undo(paths: ProjectPaths, prepared: _PreparedCaptions) -> CaptionToolsResult:
+    snapshots = _snapshots(paths)
+    current = prepared.captions
     if not snapshots:
-        return CaptionToolsResult("Nothing to undo.", frequencies=tag_frequencies(read_captions(paths)))
+        return CaptionToolsResult("Nothing to undo.", frequencies=tag_frequencies(current))
     newest = snapshots[-1]
     saved = json.loads(newest.read_text(encoding="utf-8"))
-    current = read_captions(paths)
     restored = {name: text for name, text in saved["captions"].items() if name in current and current[name] != text}
-    _write(paths, restored)
+    prepared.write(restored)
     newest.unlink()
     return CaptionToolsResult(
         f"Undid {saved['action']}: {len(restored)} caption(s) restored.",
         changed=len(restored),
         frequencies=tag_frequencies({**current, **restored}),
     )
-
-
-def _write(paths: ProjectPaths, captions: dict[str, str]) -> None:
-    files = {name: text_file for name, (_, text_file) in _prepared(paths).items()}
-    for image_name, text in captions.items():
-        write_text_atomic(files[image_name], text + "\n")
