@@ -51,16 +51,22 @@ def render_panel(
 
 @contextlib.contextmanager
 def lora_weight(modules: list, weight: float) -> Iterator[None]:
-    """Every LoRA layer inside ``modules`` applied at ``weight`` times its trained strength, restored after."""
+    """Every LoRA layer inside ``modules`` applied at ``weight`` times its trained strength, restored after.
+    At weight 0 the layers are switched off, as Generate leaves a LoRA at 0 out: scaling only scales B·A,
+    and a DoRA layer would still apply its magnitudes."""
     from peft.tuners.lora import LoraLayer
 
     layers = [layer for module in modules for layer in module.modules() if isinstance(layer, LoraLayer)]
+    were_off = [layer.disable_adapters for layer in layers]
     for layer in layers:
+        if weight == 0:
+            layer.enable_adapters(False)
         for adapter in layer.active_adapters:
             if adapter in layer.scaling:
                 layer.scaling[adapter] *= weight
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, off in zip(layers, were_off, strict=True):
             layer.unscale_layer(None)  # back to alpha / rank, as the layers were built
+            layer.enable_adapters(not off)
