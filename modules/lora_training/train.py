@@ -462,6 +462,8 @@ class Trainer:
     def _vary_captions(self, share: Share, *, draw: int, micro: int) -> list[TrainItem]:
         """The share's items with this step's caption variants (shuffled tags, tag dropout)."""
         config = self.config
+        if not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+            return share.items  # every step: nothing to draw
         return [
             dataclasses.replace(
                 item,
