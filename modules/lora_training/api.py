@@ -37,8 +37,6 @@ def _prepare_options(options) -> dict:
     """``/prepare_dataset``'s ``options``: preparation settings that have no input of their own."""
     import dataclasses
 
-    from modules.lora_training.config import PrepareConfig
-
     chosen = options_dict(options)
     names = {f.name for f in dataclasses.fields(PrepareConfig)} - {*_PREPARE_INPUTS, "include_subfolders"}
     unknown = sorted(set(chosen) - names)

@@ -15,6 +15,13 @@ HEADER_HEIGHT = 44
 ROW_KINDS = ("checkpoints", "weights")
 
 
+def check_rows(rows) -> None:
+    from core.errors import UserError
+
+    if rows not in ROW_KINDS:
+        raise UserError(f"rows must be one of {', '.join(ROW_KINDS)}; got {rows!r}"[:300])
+
+
 def draw_grid(rows: list[tuple[str, list]], *, columns: list[str], title: str, cell: int = CELL):
     """A PIL image: ``title`` on top, ``columns`` as headers, then each (label, images) row."""
     from PIL import Image, ImageDraw, ImageFont
@@ -90,8 +97,7 @@ def comparison_grid(
     from modules.lora_training.prompt_panel import GRID_WEIGHTS, lora_weight
     from modules.lora_training.validation import Evaluation
 
-    if rows not in ROW_KINDS:
-        raise UserError(f"rows must be one of {', '.join(ROW_KINDS)}; got {rows!r}"[:300])
+    check_rows(rows)
     target = RunUnderTest.open(project, projects_dir=projects_dir, run_id=run_id)
     run = target.run
     kept = ckpt.list_checkpoints(run.checkpoints)

@@ -146,15 +146,12 @@ class EvaluateSection:
         strings = self.strings
         page = self.page
 
-        def started(start) -> None:
-            start_job(start, strings)
-
         def on_evaluate(name: str, rule: str, margin) -> None:
             margin = DEFAULT_MARGIN if margin is None else margin
-            started(lambda: self.jobs.evaluate(name, best_rule=rule, margin=margin))
+            start_job(lambda: self.jobs.evaluate(name, best_rule=rule, margin=margin), strings)
 
         def on_grid(name: str, rows: str) -> None:
-            started(lambda: self.jobs.comparison_grid(name, rows=rows))
+            start_job(lambda: self.jobs.comparison_grid(name, rows=rows), strings)
 
         def on_save_best(name: str, lora_name: str) -> None:
             try:

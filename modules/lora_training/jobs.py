@@ -206,12 +206,11 @@ class TrainingJobs:
         self, project: str, *, run_id: str | None = None, best_rule: str = DEFAULT_RULE, margin: float = DEFAULT_MARGIN
     ) -> dict:
         """Measure a run's base model and kept checkpoints again (:mod:`.evaluate`), in the background."""
+        from modules.lora_training.checkpoints import list_checkpoints
         from modules.lora_training.evaluate import find_run
         from modules.lora_training.validation import Evaluation
 
         Evaluation().choose(best_rule, margin)  # refused now, not by a failed job
-        from modules.lora_training.checkpoints import list_checkpoints
-
         run = find_run(self._paths(project), run_id or None)
         with self._lock:
             self._refuse_while_running()
@@ -223,11 +222,10 @@ class TrainingJobs:
 
     def comparison_grid(self, project: str, *, run_id: str | None = None, rows: str = "checkpoints") -> dict:
         """Render a run's comparison grid (:mod:`.comparison_grid`) in the background; ``grid`` names the PNG."""
-        from modules.lora_training.comparison_grid import ROW_KINDS
+        from modules.lora_training.comparison_grid import check_rows
         from modules.lora_training.evaluate import find_run
 
-        if rows not in ROW_KINDS:
-            raise UserError(f"rows must be one of {', '.join(ROW_KINDS)}; got {rows!r}"[:300])
+        check_rows(rows)  # refused now, not by a failed job
         run = find_run(self._paths(project), run_id or None)
         with self._lock:
             self._refuse_while_running()
@@ -434,6 +432,7 @@ class TrainingJobs:
     def _evaluate(self, job, options: dict) -> None:
         from modules.lora_training.evaluate import evaluate_run, format_table
         from modules.lora_training.panel_judge import describe_clip_figures
+        from modules.lora_training.runs import RunPaths, runs_dir
 
         started = time.monotonic()
 
@@ -461,8 +460,8 @@ class TrainingJobs:
             return
         best = evaluation.best()
         self._record(job, Log(format_table(evaluation)))
-        run = self._paths(job.project).root / "runs" / options["run_id"]
-        job.grid = str(run / evaluation.grid) if evaluation.grid else None
+        run = RunPaths(runs_dir(self._paths(job.project)) / options["run_id"])
+        job.grid = str(run.grid("checkpoints")) if evaluation.grid else None
         message = f"Best checkpoint: {best['checkpoint']} (step {best['step']})." if best else "No checkpoint yet."
         self._set(job, state="evaluated", message=message)
 

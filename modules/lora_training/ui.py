@@ -297,7 +297,7 @@ class LoraTrainingTab:
             caption_tools = CaptionToolsSection(self, strings=strings)
             caption_tools.build(t, texts=texts)
             evaluation = EvaluateSection(self, strings=strings)
-            page.evaluation = evaluation.build(t, texts=texts)
+            evaluation.build(t, texts=texts)
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
