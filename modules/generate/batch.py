@@ -31,6 +31,7 @@ from core.model_manager import (
     check_prompts,
     check_settings,
 )
+from core.regular_files import UnreadableFile, read_bounded
 from modules.generate.tab import real_number, whole_number
 
 MAX_BATCH_BYTES = 1_000_000
@@ -61,8 +62,12 @@ def read_batch_file(path: str | Path) -> str:
         raise UserError("The batch file is not a regular file: give a CSV or JSON file.")
     if info.st_size > MAX_BATCH_BYTES:
         raise UserError(f"The batch file is {info.st_size} bytes; at most {MAX_BATCH_BYTES} bytes are read.")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_BATCH_BYTES + 1)
+    try:
+        data = read_bounded(path, max_bytes=MAX_BATCH_BYTES)
+    except UnreadableFile as exc:
+        if exc.too_large:  # it grew since the stat
+            raise UserError(f"The batch file is over {MAX_BATCH_BYTES} bytes; split it into smaller batches.") from exc
+        raise UserError("The batch file is not a regular file: give a CSV or JSON file.") from exc
     return decode_batch(data)
 
 

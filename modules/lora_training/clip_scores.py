@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_bounded
 
 CLIP_FOLDER = "clip"  # models/clip/<name>/
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
@@ -65,13 +66,14 @@ def read_json_file(path: Path, *, root: Path) -> dict:
     """A small JSON object from a regular file (checked before and after opening)."""
     if not is_regular_file(path, root=root):
         raise UserError(f"{path} is missing or not a regular file.")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{path} is missing or not a regular file.")
-        data = handle.read(_MAX_JSON_BYTES + 1)
     try:
-        value = json.loads(data) if len(data) <= _MAX_JSON_BYTES else None
+        data = read_bounded(path, max_bytes=_MAX_JSON_BYTES)
+    except UnreadableFile as exc:
+        if exc.too_large:
+            raise UserError(f"{path} does not hold a JSON object (or is larger than 4 MB).") from exc
+        raise UserError(f"{path} is missing or not a regular file.") from exc
+    try:
+        value = json.loads(data)
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}).") from exc
     if not isinstance(value, dict):

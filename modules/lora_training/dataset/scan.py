@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_bounded
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
@@ -111,18 +112,12 @@ def read_regular_file(path: Path, *, folder: Path, max_bytes: int, setting: str 
     size = regular_file_stat(path, folder=folder).st_size
     if size > max_bytes:
         raise RejectedFile(too_large(size, max_bytes, setting=setting))
-    # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open returns instead of waiting.
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        raise RejectedFile(f"cannot be read ({exc.strerror or exc})") from exc
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RejectedFile("not a regular file")
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise RejectedFile(too_large(len(data), max_bytes, setting=setting))
-    return data
+        return read_bounded(path, max_bytes=max_bytes)
+    except UnreadableFile as exc:
+        if exc.too_large:
+            raise RejectedFile(too_large(max_bytes + 1, max_bytes, setting=setting)) from exc
+        raise RejectedFile(str(exc)) from exc
 
 
 def read_caption_beside(image: Path, *, folder: Path, max_bytes: int) -> tuple[str | None, str]:

@@ -1,0 +1,36 @@
+"""Reading a file the user named, safely: a regular file only, never more than a bound.
+
+The caller has usually ``stat``-ed the path already; the path can still be swapped for a FIFO or a
+device between that check and ``open``. Opening with ``O_NONBLOCK`` makes ``open`` return at once
+even on a FIFO, and the ``fstat`` of the opened descriptor is the check that cannot be raced.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class UnreadableFile(Exception):
+    """Why a file was not read, in words for the user (``too_large`` tells the size case apart)."""
+
+    def __init__(self, reason: str, *, too_large: bool = False) -> None:
+        super().__init__(reason)
+        self.too_large = too_large
+
+
+def read_bounded(path: str | Path, *, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path``; UnreadableFile if it is not one or holds over ``max_bytes``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise UnreadableFile(f"cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)  # before fdopen: Python refuses to wrap a folder's descriptor
+        raise UnreadableFile("not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnreadableFile(f"larger than {max_bytes} bytes", too_large=True)
+    return data
