@@ -275,6 +275,21 @@ class TrainConfig:
         maximum=0.5,
         help="share of the prepared images held out to measure the LoRA on (none below 5 images; 0 = off)",
     )
+    # EMA of the adapter weights
+    ema: bool = field(
+        default=False, metadata={"help": "keep an exponential moving average of the adapter weights (fp32)"}
+    )
+    ema_decay: float = bounded(
+        0.999, minimum=0.0, maximum=1.0, help="share of the average kept at each step, strictly between 0 and 1"
+    )
+    ema_start_step: int = bounded(
+        0, minimum=0, maximum=MAX_STEPS, help="the average follows the weights until this step, then averages"
+    )
+    ema_weights: str = choice(
+        "raw",
+        ("raw", "ema"),
+        "weights of the samples and the main LoRA file (the other set goes beside it, <name>.ema/.raw)",
+    )
     # outputs
     save_every_steps: int | None = bounded(
         0,
@@ -301,6 +316,8 @@ class TrainConfig:
             object.__setattr__(self, "learning_rate", default_learning_rate(self.optimizer))
         if self.text_encoder_lr is None:
             object.__setattr__(self, "text_encoder_lr", default_text_encoder_lr(self.optimizer, self.learning_rate))
+        if not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be greater than 0 and less than 1; got {self.ema_decay!r}")
 
     @property
     def output_name(self) -> str:

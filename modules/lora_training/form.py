@@ -278,6 +278,17 @@ FORM: tuple[Section, ...] = (
             ),
             (Option("validation_share", "slider", step=0.05),),
             (
+                Option("ema", "checkbox"),
+                Option("ema_decay", "number", step=0.001, shown_when=("ema", (True,))),
+                Option("ema_start_step", "integer", shown_when=("ema", (True,))),
+                Option(
+                    "ema_weights",
+                    "dropdown",
+                    shown_when=("ema", (True,)),
+                    choice_labels=(("raw", "ema_weights_raw"), ("ema", "ema_weights_ema")),
+                ),
+            ),
+            (
                 Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
                 Option("network", "dropdown", choice_labels=(("lora", "network_lora"), ("dora", "network_dora"))),
                 Option("base_quantization", "dropdown", choice_labels=(("none", "quantization_none"),)),

@@ -48,6 +48,7 @@ from modules.lora_training.data import (
 )
 from modules.lora_training.dataset.captions import split_tags
 from modules.lora_training.distributed import GradientSync, start_processes
+from modules.lora_training.ema import AdapterEMA
 from modules.lora_training.events import (
     CheckpointSaved,
     EventSink,
@@ -362,6 +363,7 @@ class Trainer:
         self.family.place_denoiser()
         self.timings["cache"] = time.perf_counter() - clock
         self._add_lora_and_optimizer()
+        self.ema = self._make_ema()
         self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
         self.evaluation = Evaluation.read(self.current_run.evaluation, up_to_step=self.start_step)
@@ -397,6 +399,25 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps=self.total_steps)
         device_type = torch.device(self.device).type
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
+
+    def _make_ema(self) -> AdapterEMA | None:
+        """The moving average of the trained adapter parameters (named by module), when EMA is on."""
+        if not self.config.ema:
+            return None
+        trainable = {id(p) for p in self.trainable}
+        params = {
+            f"{part}/{name}": param
+            for part, module in self.family.lora_modules().items()
+            for name, param in module.named_parameters()
+            if id(param) in trainable
+        }
+        return AdapterEMA(params, decay=self.config.ema_decay, start_step=self.config.ema_start_step)
+
+    def _output_weights(self):
+        """The weights samples and the main LoRA file use: the trained ones, or their average."""
+        if self.ema is not None and self.config.ema_weights == "ema":
+            return self.ema.applied()
+        return contextlib.nullcontext()
 
     def _fill_caches(self) -> None:
         config = self.config
@@ -496,10 +517,18 @@ class Trainer:
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         self.skipped = state.skipped
+        if self.ema is not None:
+            self._resume_ema(state)
         if self.is_main:
             keep_metrics_up_to(self.current_run.logs, step=state.step)
         self.on_event(Log(f"Resuming run {self.current_run.run_id} from step {state.step} ({latest})"))
         return state.step
+
+    def _resume_ema(self, state: ckpt.CheckpointState) -> None:
+        if state.ema is None:
+            self.on_event(Log("The checkpoint has no EMA: the average starts from its weights", level="warning"))
+            return
+        self.ema.load_state_dict(state.ema, updates=state.ema_updates)
 
     def _describe_run(self) -> str:
         config = self.config
@@ -525,6 +554,11 @@ class Trainer:
             active.append("cached latents (VAE off the GPU)")
         if self.cached_text:
             active.append("cached text embeddings (text encoders off the GPU)")
+        if config.ema:
+            active.append(
+                f"EMA of the adapter (decay {config.ema_decay:g} from step {config.ema_start_step}; "
+                f"{config.ema_weights} weights for samples and the main file)"
+            )
         if config.train_text_encoder:
             active.append(f"text encoder LoRA (lr {config.text_encoder_lr:g})")
         active += describe_options(
@@ -633,6 +667,8 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler else None,
             config=config_to_dict(self.config),
             skipped=self.skipped,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema_updates=self.ema.updates if self.ema is not None else 0,
         )
         best = self.evaluation.best()
         path = ckpt.save_checkpoint(
@@ -708,19 +744,20 @@ class Trainer:
             )
 
         width, height = Counter(item.bucket for item in self.items).most_common(1)[0][0]
-        for path, prompt in render_samples(
-            self.family,
-            prompts=self.sample_prompts,
-            text_for=self._sample_text,
-            seed=self.config.sample_seed,
-            size=(width, height),
-            steps=self.config.sample_steps,
-            folder=self.current_run.samples,
-            step=step,
-            device=self.device,
-            on_failure=failed,
-        ):
-            self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
+        with self._output_weights():
+            for path, prompt in render_samples(
+                self.family,
+                prompts=self.sample_prompts,
+                text_for=self._sample_text,
+                seed=self.config.sample_seed,
+                size=(width, height),
+                steps=self.config.sample_steps,
+                folder=self.current_run.samples,
+                step=step,
+                device=self.device,
+                on_failure=failed,
+            ):
+                self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
 
     def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
         """Embeddings computed at the start, or now with the text encoders being trained."""
@@ -729,8 +766,10 @@ class Trainer:
         with torch.no_grad():
             return self.family.encode_text([prompt])
 
-    def _final_metadata(self, step: int) -> dict[str, str]:
+    def _final_metadata(self, step: int, *, weights: str = "raw") -> dict[str, str]:
         return lora_metadata(
+            weights=weights,
+            ema_updates=self.ema.updates if self.ema is not None else 0,
             family=self.family,
             config=self.config,
             project=self.paths.name,
@@ -796,6 +835,8 @@ class Trainer:
                 continue
             bad_steps = 0
             step += 1
+            if self.ema is not None:
+                self.ema.update(step)
             seconds = time.perf_counter() - started
             lr = self.scheduler.get_last_lr()[0]
             self._metrics({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "seconds": round(seconds, 4)})
@@ -843,8 +884,7 @@ class Trainer:
 
         clock = time.perf_counter()
         write_loss_plot(self.current_run.logs)
-        self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
-        self.on_event(Log(f"Saved {self.lora_path}"))
+        self._save_loras(step)
         mark_finished(self.current_run, step=step)
         if self.config.also_save_webui:
             self._save_webui_copy()
@@ -854,6 +894,23 @@ class Trainer:
         self.on_event(Log("Time spent: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())))
         self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
+
+    def _save_loras(self, step: int) -> None:
+        """The main LoRA file; with EMA on, the other set of weights beside it (``<name>.ema`` or ``.raw``)."""
+        main = self.config.ema_weights if self.ema is not None else "raw"
+        with self._output_weights():
+            self.family.save_lora(self.lora_path, metadata=self._final_metadata(step, weights=main))
+        self.on_event(Log(f"Saved {self.lora_path}"))
+        if self.ema is None:
+            return
+        other = "raw" if main == "ema" else "ema"
+        beside = self.lora_path.with_name(f"{self.config.output_name}.{other}.safetensors")
+        if not self._may_replace(beside):
+            self.on_event(Log(f"Not written: {beside.name} exists; allow overwriting to replace it.", level="warning"))
+            return
+        with self.ema.applied() if other == "ema" else contextlib.nullcontext():
+            self.family.save_lora(beside, metadata=self._final_metadata(step, weights=other))
+        self.on_event(Log(f"Saved the {other} weights beside it: {beside}"))
 
     def _stop_requested(self) -> bool:
         return self.processes.any(bool(self.should_stop()))
@@ -871,6 +928,8 @@ def lora_metadata(
     step: int,
     trigger: str,
     captions: list[str],
+    weights: str = "raw",
+    ema_updates: int = 0,
 ) -> dict[str, str]:
     """The ``lora_studio.*`` header of a LoRA file: where it came from and how it was trained."""
     from families.training import metadata_json
@@ -894,7 +953,20 @@ def lora_metadata(
         "lora_studio.zero_terminal_snr": str(getattr(family, "zero_terminal_snr", False)).lower(),
         "lora_studio.training_config": metadata_json(config_to_dict(config)),
         "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
+        **_ema_metadata(config, weights=weights, updates=ema_updates),
     }
+
+
+def _ema_metadata(config: TrainConfig, *, weights: str, updates: int) -> dict[str, str]:
+    """Which weights the file holds, and how they were averaged when they are the EMA's."""
+    if not config.ema:
+        return {}
+    meta = {"lora_studio.weights": weights}
+    if weights == "ema":
+        meta["lora_studio.ema"] = (
+            f"decay {config.ema_decay:g}, from step {config.ema_start_step}, {updates} averaging updates"
+        )
+    return meta
 
 
 def lora_header(path: Path) -> dict:

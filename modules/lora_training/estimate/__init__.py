@@ -115,6 +115,7 @@ def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: in
         device_bytes=plan.device_bytes,
         activation_bytes=activation_bytes,
         sample_bytes=sample_bytes,
+        ema=config.ema,
     )
 
 
