@@ -265,6 +265,15 @@ class TrainConfig:
         0.0, minimum=0.0, maximum=1.0, help="drop each tag past the kept ones with this probability at every step"
     )
     flip: bool = False
+    masked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "weight the loss by the images' masks (alpha channel or <name>.mask.png), where they have one"
+        },
+    )
+    mask_floor: float = bounded(
+        0.1, minimum=0.0, maximum=1.0, help="masked loss: the weight of the masked-out part (0 = not learned at all)"
+    )
     shuffle: bool = True
     seed: int = bounded(42, minimum=0, maximum=MAX_SEED)
     cache_latents: bool = True

@@ -35,6 +35,7 @@ class TrainItem:
     crop_top_left: tuple[int, int]  # top, left in the resized image
     resized_size: tuple[int, int] = (0, 0)  # width, height of the image the crop was cut from
     flipped: bool = False  # mirrored for this step (random horizontal flip)
+    mask_path: Path | None = None  # its loss mask (white: learn, black: the background), when it has one
 
 
 def load_items(paths: ProjectPaths) -> list[TrainItem]:
@@ -49,6 +50,9 @@ def load_items(paths: ProjectPaths) -> list[TrainItem]:
         if not image_path.is_file():
             raise UserError(f"Prepared image {image_path.name} is missing: run Prepare again.")
         caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else prepared.caption
+        mask_path = paths.images / prepared.mask if prepared.mask else None
+        if mask_path is not None and not mask_path.is_file():
+            raise UserError(f"The loss mask of {image_path.name} is missing: run Prepare again.")
         items.append(
             TrainItem(
                 sha256=prepared.sha256,
@@ -58,6 +62,7 @@ def load_items(paths: ProjectPaths) -> list[TrainItem]:
                 original_size=prepared.original_size,
                 crop_top_left=prepared.crop_top_left,
                 resized_size=prepared.resized_size,
+                mask_path=mask_path,
             )
         )
     if not items:

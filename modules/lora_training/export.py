@@ -500,6 +500,7 @@ def _settings_lines(meta: dict) -> list[str]:
         ("ss_network_alpha", "network alpha (sd-scripts)"),
         ("lora_studio.weights", "weights (trained or EMA)"),
         ("lora_studio.ema", "EMA"),
+        ("lora_studio.masked_loss", "masked loss"),
     ):
         if meta.get(key) and label not in shown:
             shown.add(label)

@@ -276,6 +276,10 @@ FORM: tuple[Section, ...] = (
                 Option("timestep_sampling", "dropdown", shown_when=_for_families_using("timestep_sampling")),
                 Option("guidance_scale", "number", shown_when=_for_families_using("guidance_scale")),
             ),
+            (
+                Option("masked_loss", "checkbox"),
+                Option("mask_floor", "slider", step=0.05, shown_when=("masked_loss", (True,))),
+            ),
             (Option("validation_share", "slider", step=0.05),),
             (
                 Option("ema", "checkbox"),

@@ -47,6 +47,7 @@ from modules.lora_training.data import (
     planned_steps,
 )
 from modules.lora_training.dataset.captions import split_tags
+from modules.lora_training.dataset.masks import mask_weights
 from modules.lora_training.distributed import GradientSync, start_processes
 from modules.lora_training.ema import AdapterEMA
 from modules.lora_training.events import (
@@ -554,6 +555,11 @@ class Trainer:
             active.append("cached latents (VAE off the GPU)")
         if self.cached_text:
             active.append("cached text embeddings (text encoders off the GPU)")
+        if config.masked_loss:
+            masked = sum(1 for item in self.items if item.mask_path)
+            active.append(
+                f"masked loss ({masked} of {len(self.items)} images have a mask; floor {config.mask_floor:g})"
+            )
         if config.ema:
             active.append(
                 f"EMA of the adapter (decay {config.ema_decay:g} from step {config.ema_start_step}; "
@@ -577,6 +583,11 @@ class Trainer:
             warnings.append(
                 f"Not used by {display_name(self.family_name)} models, ignored: {', '.join(self.ignored_options)}."
             )
+        if config.masked_loss and not any(item.mask_path for item in self.items):
+            warnings.append(
+                "Masked loss is on but no prepared image has a mask (an alpha channel or a <name>.mask.png "
+                "beside the photo): the loss is not weighted."
+            )
         if config.optimizer == "prodigy" and config.learning_rate < PRODIGY_MIN_LR:
             warnings.append(
                 f"Prodigy runs with lr {config.learning_rate:g}: it adapts its own step size and its lr is a "
@@ -597,13 +608,28 @@ class Trainer:
             pixels = torch.stack([_load_pixels(item, flip=flip) for item, flip in zip(items, flips, strict=True)])
             moments = self.family.encode_image_moments(pixels)
         latents = self.family.latents_from_moments(moments.to(self.device), generator)
+        weights = self._mask_weights(items, size=latents.shape[-2:])
         if self.cached_text:
             rows = [self.caches.text(caption) for caption in captions]
             text = {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
         else:
             with torch.no_grad() if not config.train_text_encoder else contextlib.nullcontext():
                 text = self.family.encode_text(captions)
-        return latents, text, items
+        return latents, text, items, weights
+
+    def _mask_weights(self, items: list[TrainItem], *, size) -> torch.Tensor | None:
+        """Per-latent-pixel loss weights (B, 1, h, w) from the items' masks (1 for an item without one);
+        None when masked loss is off or no item of the batch has a mask."""
+        if not self.config.masked_loss or not any(item.mask_path for item in items):
+            return None
+        floor = self.config.mask_floor
+        rows = [
+            mask_weights(item.mask_path, size=tuple(size), flip=item.flipped, floor=floor)
+            if item.mask_path
+            else torch.ones((1, 1, *size))
+            for item in items
+        ]
+        return torch.cat(rows).to(self.device)
 
     def _autocast(self):
         if self.precision.autocast_dtype is None:
@@ -614,10 +640,12 @@ class Trainer:
         """This process's part of one micro-batch's loss: its per-sample losses, summed and weighted so that
         the processes' mean is the global batch's mean (see :class:`Share`)."""
         generator = SampleRandom.for_step(self.config.seed, step=draw, micro=micro, positions=share.positions)
-        latents, text, items = self._batch_inputs(self._vary_captions(share, draw=draw, micro=micro), generator)
+        latents, text, items, weights = self._batch_inputs(
+            self._vary_captions(share, draw=draw, micro=micro), generator
+        )
         with self._autocast():
             losses = self.family.training_loss(
-                latents=latents, text=text, items=items, generator=generator, config=self.config
+                latents=latents, text=text, items=items, generator=generator, config=self.config, loss_weights=weights
             )
         return losses.float().sum() * share.weight
 
@@ -954,6 +982,7 @@ def lora_metadata(
         "lora_studio.training_config": metadata_json(config_to_dict(config)),
         "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
         **_ema_metadata(config, weights=weights, updates=ema_updates),
+        **({"lora_studio.masked_loss": f"floor {config.mask_floor:g}"} if config.masked_loss else {}),
     }
 
 
