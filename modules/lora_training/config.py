@@ -284,6 +284,19 @@ class TrainConfig:
         maximum=0.5,
         help="share of the prepared images held out to measure the LoRA on (none below 5 images; 0 = off)",
     )
+    # regularization (prior preservation)
+    reg_ratio: float = bounded(
+        0.0, minimum=0.0, maximum=0.9, help="share of the micro-batches taken from the class images (0 = off)"
+    )
+    class_prompt: str = field(
+        default="", metadata={"help": "the class images' caption, e.g. 'a photo of a dog' (needed with reg_ratio)"}
+    )
+    reg_images_dir: str = field(
+        default="",
+        metadata={"help": "a folder of class images; empty: the base model renders reg_count of them (cached)"},
+    )
+    reg_count: int = bounded(100, minimum=1, maximum=10_000, help="class images to render when no folder is given")
+    prior_loss_weight: float = bounded(1.0, minimum=0.0, maximum=100.0, help="weight of the class images' loss")
     # EMA of the adapter weights
     ema: bool = field(
         default=False, metadata={"help": "keep an exponential moving average of the adapter weights (fp32)"}
@@ -325,6 +338,14 @@ class TrainConfig:
             object.__setattr__(self, "learning_rate", default_learning_rate(self.optimizer))
         if self.text_encoder_lr is None:
             object.__setattr__(self, "text_encoder_lr", default_text_encoder_lr(self.optimizer, self.learning_rate))
+        if self.reg_ratio > 0 and not self.class_prompt.strip():
+            raise UserError(
+                "reg_ratio is set but class_prompt is empty: give the class images' caption, "
+                "e.g. 'a photo of a dog', or set reg_ratio to 0."
+            )
+        for name in ("class_prompt", "reg_images_dir"):
+            if len(getattr(self, name)) > MAX_TAG_TEXT:
+                raise UserError(f"{name} is longer than {MAX_TAG_TEXT} characters")
         if not 0.0 < self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be greater than 0 and less than 1; got {self.ema_decay!r}")
 

@@ -501,6 +501,7 @@ def _settings_lines(meta: dict) -> list[str]:
         ("lora_studio.weights", "weights (trained or EMA)"),
         ("lora_studio.ema", "EMA"),
         ("lora_studio.masked_loss", "masked loss"),
+        ("lora_studio.regularization", "regularization"),
     ):
         if meta.get(key) and label not in shown:
             shown.add(label)

@@ -39,6 +39,7 @@ from modules.lora_training.caption_variants import caption_variant, describe_opt
 from modules.lora_training.config import TrainConfig, config_to_dict
 from modules.lora_training.data import (
     BatchStream,
+    MixedStream,
     SampleRandom,
     Share,
     TrainItem,
@@ -48,6 +49,7 @@ from modules.lora_training.data import (
 )
 from modules.lora_training.dataset.captions import split_tags
 from modules.lora_training.dataset.masks import mask_weights
+from modules.lora_training.dataset.scan import DEFAULT_LIMITS
 from modules.lora_training.distributed import GradientSync, start_processes
 from modules.lora_training.ema import AdapterEMA
 from modules.lora_training.events import (
@@ -67,6 +69,13 @@ from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, write_json
+from modules.lora_training.regularization import (
+    class_store,
+    folder_class_images,
+    render_class_images,
+    rendered_items,
+    rendered_set,
+)
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
 from modules.lora_training.validation import (
     Evaluation,
@@ -237,6 +246,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.paths = ProjectPaths.for_project(projects_dir, config.project)
+        self.projects_dir = Path(projects_dir)
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir)
         self.should_stop = should_stop
@@ -340,18 +350,8 @@ class Trainer:
             base_quantization=config.base_quantization,
         )
         self.ignored_options = self.family.configure(config)
-        global_batch = config.batch_size * self.world
-        self.stream = BatchStream(
-            self.items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
-        )
-        self.total_steps = planned_steps(
-            Counter(item.bucket for item in self.items).values(),
-            batch_size=global_batch,
-            repeats=config.repeats,
-            accumulation=config.gradient_accumulation,
-            epochs=config.epochs,
-            steps=config.steps,
-        )
+        self.class_items = self._class_images()
+        self._plan_batches()
         self.save_every = every_tenth(config.save_every_steps, self.total_steps)
         self.sample_every = every_tenth(config.sample_every_steps, self.total_steps)
         self.sample_prompts = (
@@ -401,6 +401,73 @@ class Trainer:
         device_type = torch.device(self.device).type
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
 
+    def _plan_batches(self) -> None:
+        """The micro-batch stream (the training images, with the class images mixed in) and the run's length."""
+        config = self.config
+        global_batch = config.batch_size * self.world
+        streams = [
+            BatchStream(
+                items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
+            )
+            if items
+            else None
+            for items in (self.items, self.class_items)
+        ]
+        self.stream = MixedStream(*streams, ratio=config.reg_ratio, seed=config.seed)
+        self.total_steps = planned_steps(
+            Counter(item.bucket for item in self.items).values(),
+            batch_size=global_batch,
+            repeats=config.repeats,
+            accumulation=config.gradient_accumulation,
+            epochs=config.epochs,
+            steps=config.steps,
+            reg_ratio=self.stream.ratio,
+        )
+
+    def _class_images(self) -> list[TrainItem]:
+        """The regularization images (none when reg_ratio is 0): made by the main process, then read by all."""
+        if not self.config.reg_ratio:
+            return []
+        if self.is_main:
+            items = self._make_class_images()
+        self.processes.barrier()
+        return items if self.is_main else self._make_class_images()
+
+    def _make_class_images(self) -> list[TrainItem]:
+        config = self.config
+        store = class_store(self.projects_dir)
+        if config.reg_images_dir:
+            return folder_class_images(
+                Path(config.reg_images_dir),
+                store=store / "from-folders",
+                caption=config.class_prompt,
+                resolution=self.resolution,
+                max_image_bytes=DEFAULT_LIMITS.max_image_bytes,
+                on_event=self.on_event,
+            )
+        size = Counter(item.bucket for item in self.items).most_common(1)[0][0]
+        folder = rendered_set(
+            store,
+            model_key=self.family.model_key(),
+            prompt=config.class_prompt,
+            count=config.reg_count,
+            size=size,
+            steps=config.sample_steps,
+        )
+        if self.is_main:
+            render_class_images(
+                self.family,
+                folder=folder,
+                prompt=config.class_prompt,
+                count=config.reg_count,
+                size=size,
+                steps=config.sample_steps,
+                seed=config.seed,
+                on_event=self.on_event,
+                should_stop=self.should_stop,
+            )
+        return rendered_items(folder, count=config.reg_count, caption=config.class_prompt, size=size)
+
     def _make_ema(self) -> AdapterEMA | None:
         """The moving average of the trained adapter parameters (named by module), when EMA is on."""
         if not self.config.ema:
@@ -430,8 +497,9 @@ class Trainer:
             self.cached_text = self.caption_variants is not None
             self._log_caption_encoding()
         if self.is_main and config.cache_latents:
-            made = self.caches.fill_latents(self.items, flips=self.flips, on_event=self.on_event)
-            self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
+            trained = self.items + self.class_items
+            made = self.caches.fill_latents(trained, flips=self.flips, on_event=self.on_event)
+            self.on_event(Log(f"Latents: {made} encoded, {len(trained) * len(self.flips) - made} from cache"))
             self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event)
         if self.is_main and self.cached_text:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
@@ -455,7 +523,7 @@ class Trainer:
     def _all_captions(self) -> list[str]:
         trained = self.caption_variants if self.caption_variants is not None else [i.caption for i in self.items]
         # The plain captions too: validation measures the training and held-out images on them.
-        captions = [*trained, *(item.caption for item in self.items + self.held_out)]
+        captions = [*trained, *(item.caption for item in self.items + self.held_out + self.class_items)]
         return captions + [""] if self.config.caption_dropout > 0 else captions
 
     def _cached_caption_variants(self) -> list[str] | None:
@@ -484,8 +552,8 @@ class Trainer:
     def _vary_captions(self, share: Share, *, draw: int, micro: int) -> list[TrainItem]:
         """The share's items with this step's caption variants (shuffled tags, tag dropout)."""
         config = self.config
-        if not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
-            return share.items  # every step: nothing to draw
+        if share.prior or not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+            return share.items  # class images keep their prompt; without variants there is nothing to draw
         return [
             dataclasses.replace(
                 item,
@@ -555,6 +623,12 @@ class Trainer:
             active.append("cached latents (VAE off the GPU)")
         if self.cached_text:
             active.append("cached text embeddings (text encoders off the GPU)")
+        if self.class_items:
+            source = config.reg_images_dir or "rendered by the base model"
+            active.append(
+                f"regularization: {len(self.class_items)} class images ({source}) captioned {config.class_prompt!r}, "
+                f"{self.stream.ratio:.0%} of the micro-batches, prior-loss weight {config.prior_loss_weight:g}"
+            )
         if config.masked_loss:
             masked = sum(1 for item in self.items if item.mask_path)
             active.append(
@@ -647,7 +721,8 @@ class Trainer:
             losses = self.family.training_loss(
                 latents=latents, text=text, items=items, generator=generator, config=self.config, loss_weights=weights
             )
-        return losses.float().sum() * share.weight
+        weight = share.weight * (self.config.prior_loss_weight if share.prior else 1.0)
+        return losses.float().sum() * weight
 
     def _step(self, step: int) -> tuple[float, int, bool]:
         """One optimizer step; returns (loss, epoch, applied). A step whose loss or gradients are not
@@ -798,6 +873,7 @@ class Trainer:
         return lora_metadata(
             weights=weights,
             ema_updates=self.ema.updates if self.ema is not None else 0,
+            class_images=len(self.class_items),
             family=self.family,
             config=self.config,
             project=self.paths.name,
@@ -958,6 +1034,7 @@ def lora_metadata(
     captions: list[str],
     weights: str = "raw",
     ema_updates: int = 0,
+    class_images: int = 0,
 ) -> dict[str, str]:
     """The ``lora_studio.*`` header of a LoRA file: where it came from and how it was trained."""
     from families.training import metadata_json
@@ -983,6 +1060,27 @@ def lora_metadata(
         "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
         **_ema_metadata(config, weights=weights, updates=ema_updates),
         **({"lora_studio.masked_loss": f"floor {config.mask_floor:g}"} if config.masked_loss else {}),
+        **_regularization_metadata(config, count=class_images),
+    }
+
+
+def _regularization_metadata(config: TrainConfig, *, count: int) -> dict[str, str]:
+    from families.training import metadata_json
+
+    if not count:
+        return {}
+    source = "a folder" if config.reg_images_dir else "rendered by the base model"  # no server path in a shared file
+    return {
+        "lora_studio.regularization": metadata_json(
+            {
+                "class_prompt": config.class_prompt,
+                "images": count,
+                "source": source,
+                "ratio": config.reg_ratio,
+                "prior_loss_weight": config.prior_loss_weight,
+            }
+        ),
+        "ss_num_reg_images": str(count),
     }
 
 
