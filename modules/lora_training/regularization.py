@@ -108,9 +108,9 @@ def render_class_images(
         text = family.encode_text([prompt])
     on_event(Log(f"Rendering {len(missing)} class image(s) of {prompt!r} with the base model (kept for reuse)"))
     for done, index in enumerate(missing):
-        if should_stop():
-            break
-        image = render_image(family, text=text, seed=seed + index, size=size, steps=steps)
+        image = render_image(family, text=text, seed=seed + index, size=size, steps=steps, should_stop=should_stop)
+        if image is None:
+            break  # stopped: the images made so far are kept, a resumed run renders the rest
         with atomic_path(folder / f"{index:05d}.png") as tmp:
             image.save(tmp, format="PNG")
         on_event(PrepProgress(stage="class_images", done=done + 1, total=len(missing)))

@@ -120,3 +120,21 @@ def test_the_estimate_names_the_extra_steps_and_the_rendering(models_dir):
     text = estimate_run(config_from_dict(TrainConfig, values), models_dir=models_dir, resolution=64, timing=False)
     assert "20% of the micro-batches are class images; a run set by epochs takes 1.25x the steps" in text.describe()
     assert "50 class images are rendered once" in text.describe()
+
+
+def test_a_stop_while_rendering_keeps_the_images_made_and_resume_renders_the_rest(project, models_dir, tmp_path):
+    projects, name = project
+    values = {"project": name, "base_model": DEMO_SDXL_NAME, "steps": 1, "rank": 4, "alpha": 4.0}
+    values |= {"reg_ratio": 0.5, "class_prompt": "a dog", "reg_count": 3, "sample_steps": 2, "validation_share": 0.0}
+    config = config_from_dict(TrainConfig, values)
+    events = []
+    common = {"projects_dir": projects, "models_dir": models_dir, "loras_dir": tmp_path}
+    stop = lambda: any(isinstance(e, PrepProgress) and e.stage == "class_images" for e in events)  # noqa: E731
+    stopped = train(config, on_event=events.append, should_stop=stop, **common)
+    assert stopped.status == "stopped" and stopped.step == 0
+    assert len(list((projects / ".class_images").glob("*/*.png"))) == 1
+    events.clear()
+    resumed = train(config, on_event=events.append, resume=True, **common)
+    assert resumed.status == "finished"
+    assert sum(1 for e in events if isinstance(e, PrepProgress) and e.stage == "class_images") == 2
+    assert len(list((projects / ".class_images").glob("*/*.png"))) == 3
