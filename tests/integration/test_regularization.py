@@ -138,3 +138,20 @@ def test_a_stop_while_rendering_keeps_the_images_made_and_resume_renders_the_res
     assert resumed.status == "finished"
     assert sum(1 for e in events if isinstance(e, PrepProgress) and e.stage == "class_images") == 2
     assert len(list((projects / ".class_images").glob("*/*.png"))) == 3
+
+
+def test_the_app_reads_class_images_only_inside_its_image_roots(app_config, tmp_path_factory):
+    from core.model_manager import ModelManager
+    from modules.lora_training.jobs import TrainingJobs
+
+    manager = ModelManager(models_dir=app_config.MODELS_DIR, loras_dir=app_config.LORAS_DIR, device="cpu")
+    jobs = TrainingJobs(model_manager=manager, app_config=app_config)
+    outside = tmp_path_factory.mktemp("elsewhere")  # beside the app's tmp folder, its only image root
+    config = config_from_dict(
+        TrainConfig,
+        {"project": "p", "base_model": DEMO_SDXL_NAME, "reg_ratio": 0.3, "class_prompt": "a dog"}
+        | {"reg_images_dir": str(outside)},
+    )
+    with pytest.raises(UserError, match="is not inside the folders this app may read"):
+        jobs.start(train_config=config)
+    assert not jobs.is_running()
