@@ -10,6 +10,7 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.ema import AdapterEMA
 from modules.lora_training.estimate import estimate_run
 from modules.lora_training.events import StepDone
+from modules.lora_training.export import inspect_lora
 from modules.lora_training.train import train
 from tests.demo_names import DEMO_SDXL_NAME
 
@@ -85,6 +86,8 @@ def test_stop_and_resume_gives_the_same_average_as_an_uninterrupted_run(project,
     assert _header(loras / "straight.safetensors")["lora_studio.weights"] == "raw"
     assert _header(loras / "straight.ema.safetensors")["lora_studio.weights"] == "ema"
     assert "5 averaging updates" in _header(loras / "resumed.safetensors")["lora_studio.ema"]
+    shown = inspect_lora(loras / "resumed.safetensors")
+    assert "  weights (trained or EMA): ema" in shown and "  EMA: decay 0.8, from step 1, 5 averaging updates" in shown
     for mine, theirs in (("straight.ema", "resumed"), ("straight", "resumed.raw")):
         a, b = _tensors(loras / f"{mine}.safetensors"), _tensors(loras / f"{theirs}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (mine, theirs)

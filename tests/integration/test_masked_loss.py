@@ -15,6 +15,7 @@ from modules.lora_training.data import load_items
 from modules.lora_training.dataset.masks import gallery_image, mask_weights
 from modules.lora_training.dataset.prepare import prepare
 from modules.lora_training.events import Log, StepDone
+from modules.lora_training.export import inspect_lora
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.train import lora_header, train
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
@@ -165,4 +166,5 @@ def test_training_with_masked_loss_weights_its_steps_and_says_so(masked_project,
         losses[masked] = next(e.loss for e in events if isinstance(e, StepDone))
     assert any("masked loss (2 of 4 images have a mask; floor 0.2)" in getattr(e, "message", "") for e in events)
     assert lora_header(result.lora_path)["lora_studio.masked_loss"] == "floor 0.2"
+    assert "  masked loss: floor 0.2" in inspect_lora(result.lora_path)
     assert losses[True] < losses[False], "the same step, its masked-out pixels weighted by the floor"

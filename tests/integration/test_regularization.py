@@ -111,6 +111,9 @@ def test_prior_loss_enters_with_its_weight_and_rendered_class_images_are_reused(
     )
     header = lora_header(result.lora_path)
     assert header["ss_num_reg_images"] == "2" and '"prior_loss_weight": 1.0' in header["lora_studio.regularization"]
+    from modules.lora_training.export import inspect_lora
+
+    assert '  regularization: {"class_prompt": "a photo of a dog", "images": 2' in inspect_lora(result.lora_path)
 
 
 def test_the_estimate_names_the_extra_steps_and_the_rendering(models_dir):
