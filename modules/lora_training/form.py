@@ -411,6 +411,8 @@ def run_plan(bucket_sizes: list[int] | None, values: dict, *, t, exact: bool) ->
         images = sum(bucket_sizes)
         line = t("plan_sum" if exact else "plan_sum_about", images=images, repeats=repeats, epochs=epochs)
         line += t("plan_batch", batch=batch * accumulation, steps=total)
+        if ratio:
+            line += t("plan_class_images", percent=round(ratio * 100))
     cadence = []
     for name in ("save_every_steps", "sample_every_steps"):
         raw = values.get(name)

@@ -450,7 +450,7 @@ class LoraTrainingTab:
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
         names = ("images_dir", "include_subfolders", "project", "epochs", "repeats", "batch_size", "steps")
-        names += ("gradient_accumulation", "save_every_steps", "sample_every_steps")
+        names += ("gradient_accumulation", "save_every_steps", "sample_every_steps", "reg_ratio")
 
         def plan(data: dict) -> str:
             return self.plan_text(form.values(data), t=lambda key, **kw: translate(key, strings, **kw))
