@@ -60,3 +60,15 @@ class AdapterEMA:
             with torch.no_grad():
                 for name, param in self.params.items():
                     param.copy_(trained[name])
+
+
+def load_averaged(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's averaged weights (keys ``<part>/<parameter name>``, as :class:`AdapterEMA` names them)
+    into the adapter layers of ``modules`` (part name → module)."""
+    params = {f"{part}/{name}": p for part, module in modules.items() for name, p in module.named_parameters()}
+    unknown = sorted(set(state) - set(params))[:3]
+    if unknown:
+        raise UserError(f"The checkpoint's EMA does not match the adapter layers ({unknown}).")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -88,7 +88,12 @@ def test_stop_and_resume_gives_the_same_average_as_an_uninterrupted_run(project,
     assert "5 averaging updates" in _header(loras / "resumed.safetensors")["lora_studio.ema"]
     shown = inspect_lora(loras / "resumed.safetensors")
     assert "  weights (trained or EMA): ema" in shown and "  EMA: decay 0.8, from step 1, 5 averaging updates" in shown
-    for mine, theirs in (("straight.ema", "resumed"), ("straight", "resumed.raw")):
+    from modules.lora_training.checkpoint_lora import save_checkpoint_as_lora
+
+    # A kept checkpoint written as a LoRA holds the weights the run chose: here the average.
+    save_checkpoint_as_lora(name, **kwargs, name="kept", step=6, webui_copy=False)
+    assert _header(loras / "kept.safetensors")["lora_studio.weights"] == "ema"
+    for mine, theirs in (("straight.ema", "resumed"), ("straight", "resumed.raw"), ("kept", "resumed")):
         a, b = _tensors(loras / f"{mine}.safetensors"), _tensors(loras / f"{theirs}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (mine, theirs)
 
