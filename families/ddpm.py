@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from families.training import TrainingFamily
+from families.training import TrainingFamily, weighted_mse
 
 
 class DDPMFamily(TrainingFamily):
@@ -74,7 +74,9 @@ class DDPMFamily(TrainingFamily):
             noise = noise / noise.std(dim=(1, 2, 3), keepdim=True)
         return noise
 
-    def training_loss(self, *, latents, text, items, generator, config, fixed_t=None, noise=None) -> torch.Tensor:
+    def training_loss(
+        self, *, latents, text, items, generator, config, fixed_t=None, noise=None, loss_weights=None
+    ) -> torch.Tensor:
         batch = latents.shape[0]
         steps = self.noise_scheduler.config.num_train_timesteps
         if noise is None:
@@ -93,7 +95,7 @@ class DDPMFamily(TrainingFamily):
         dtype = self.weight_dtype
         conditioning = self.unet_conditioning(text, items, device=latents.device, dtype=dtype)
         prediction = self.denoiser(noisy.to(dtype), timesteps, **conditioning).sample
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = weighted_mse(prediction, target, loss_weights)
         if config.min_snr_gamma:
             loss = loss * self._min_snr_weights(timesteps.cpu(), config.min_snr_gamma, prediction_type).to(loss.device)
         return loss

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from families.flux_files import FluxFiles
-from families.training import TrainingFamily
+from families.training import TrainingFamily, weighted_mse
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,9 @@ class FluxFamily(FluxFiles, TrainingFamily):
             sigmas = self._shift(sigmas, image_tokens)
         return sigmas
 
-    def training_loss(self, *, latents, text, items, generator, config, fixed_t=None, noise=None) -> torch.Tensor:
+    def training_loss(
+        self, *, latents, text, items, generator, config, fixed_t=None, noise=None, loss_weights=None
+    ) -> torch.Tensor:
         batch, _, height, width = latents.shape
         image_tokens = (height // 2) * (width // 2)
         if noise is None:
@@ -165,7 +166,9 @@ class FluxFamily(FluxFiles, TrainingFamily):
             img_ids=_image_ids(height, width).to(latents.device, dtype),
             return_dict=False,
         )[0]
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
+        if loss_weights is not None:  # each latent pixel's weight on its channels, packed as the latents are
+            loss_weights = _pack(loss_weights.expand(-1, latents.shape[1], -1, -1).contiguous())
+        return weighted_mse(prediction, target, loss_weights)
 
     def sample_kwargs(self) -> dict:
         return {"guidance_scale": self.default_guidance, "max_sequence_length": self.max_sequence_length()}

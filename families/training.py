@@ -239,10 +239,12 @@ class TrainingFamily(ModelFamily):
         config,
         fixed_t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss for one micro-batch, drawing each sample's noise and timestep from ``generator``.
         ``fixed_t`` (fractions of the schedule) and ``noise`` replace the random draws, for evaluation
-        at fixed points."""
+        at fixed points. ``loss_weights`` (B, 1, H, W) at latent resolution weight each latent pixel's error
+        (masked loss, :func:`weighted_mse`)."""
         raise NotImplementedError
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -291,3 +293,12 @@ class TrainingFamily(ModelFamily):
 
 def metadata_json(data) -> str:
     return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of the squared error, each element multiplied by its weight first (no renormalisation:
+    a weight of 0.1 makes that pixel count a tenth, whatever the rest of the mask)."""
+    error = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    if weights is not None:
+        error = error * weights.to(error.device, error.dtype)
+    return error.mean(dim=tuple(range(1, error.dim())))

@@ -57,7 +57,15 @@ def save_checkpoint_as_lora(
     model.add_lora_layers()
     family = model.family
     family.load_lora_state_dict(state.lora)
-    metadata = _metadata(family, config=config, run=run, paths=paths, step=state.step, record=record)
+    weights = "raw"
+    if config.ema and config.ema_weights == "ema" and state.ema is not None:  # the run's LoRA files hold the average
+        from modules.lora_training.ema import load_averaged
+
+        load_averaged(family.lora_modules(), state.ema)
+        weights = "ema"
+    metadata = _metadata(
+        family, config=config, run=run, paths=paths, step=state.step, record=record, ema=(weights, state.ema_updates)
+    )
     family.save_lora(target, metadata=metadata)
     if webui_copy:
         from modules.lora_training.export import export_lora
@@ -66,7 +74,9 @@ def save_checkpoint_as_lora(
     return target
 
 
-def _metadata(family, *, config, run, paths: ProjectPaths, step: int, record: dict | None) -> dict[str, str]:
+def _metadata(
+    family, *, config, run, paths: ProjectPaths, step: int, record: dict | None, ema: tuple[str, int]
+) -> dict[str, str]:
     from modules.lora_training.data import load_items
     from modules.lora_training.train import lora_metadata, sha256_file
 
@@ -82,6 +92,8 @@ def _metadata(family, *, config, run, paths: ProjectPaths, step: int, record: di
         step=step,
         trigger=manifest.trigger,
         captions=[item.caption for item in load_items(paths)],
+        weights=ema[0],
+        ema_updates=ema[1],
     )
     metadata["lora_studio.checkpoint_step"] = str(step)
     for key in ("validation_loss", "training_images_loss", "subject_similarity", "prompt_adherence", "aesthetic"):

@@ -1,7 +1,8 @@
 """Resumable checkpoints: ``checkpoints/step-000250/`` written whole or not at all.
 
 Each holds the LoRA weights (safetensors), the optimizer, LR-scheduler and grad-scaler
-states (``torch.save``, read back with ``weights_only=True``), the step and the config. No RNG
+states (``torch.save``, read back with ``weights_only=True``), the step and the config, and with EMA on
+the averaged adapter weights (``ema.safetensors``) and their update count. No RNG
 state: every random draw of a step derives from the run's seed and the step (:mod:`.data`). Only our own files are ever read back with torch.load.
 """
 
@@ -28,6 +29,8 @@ class CheckpointState:
     scaler: dict | None
     config: dict
     skipped: int = 0  # steps whose update was skipped (non-finite gradients): they moved the data on
+    ema: dict[str, torch.Tensor] | None = None  # the averaged adapter weights (:mod:`.ema`), when EMA is on
+    ema_updates: int = 0
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -57,6 +60,8 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int, pro
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         save_file(state.lora, str(tmp / "lora.safetensors"))
+        if state.ema is not None:
+            save_file(state.ema, str(tmp / "ema.safetensors"))
         torch.save(
             {
                 "optimizer": state.optimizer,
@@ -67,7 +72,10 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int, pro
         )
         (tmp / "config.json").write_text(json.dumps(state.config, indent=2))
         # Written last: its presence marks the checkpoint complete.
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "skipped": state.skipped}))
+        meta = {"step": state.step, "skipped": state.skipped}
+        if state.ema is not None:
+            meta["ema_updates"] = state.ema_updates
+        (tmp / "state.json").write_text(json.dumps(meta))
     kept = checkpoint_dir(checkpoints, protect) if protect is not None else None
     for old in list_checkpoints(checkpoints)[:-keep]:
         if old != kept:
@@ -81,6 +89,7 @@ def load_checkpoint(folder: Path) -> CheckpointState:
     folder = Path(folder)
     meta = json.loads((folder / "state.json").read_text())
     training = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    ema = folder / "ema.safetensors"
     return CheckpointState(
         step=int(meta["step"]),
         lora=load_file(str(folder / "lora.safetensors")),
@@ -89,4 +98,6 @@ def load_checkpoint(folder: Path) -> CheckpointState:
         scaler=training["scaler"],
         config=json.loads((folder / "config.json").read_text()),
         skipped=int(meta.get("skipped", 0)),
+        ema=load_file(str(ema)) if ema.is_file() else None,
+        ema_updates=int(meta.get("ema_updates", 0)),
     )

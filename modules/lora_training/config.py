@@ -265,6 +265,15 @@ class TrainConfig:
         0.0, minimum=0.0, maximum=1.0, help="drop each tag past the kept ones with this probability at every step"
     )
     flip: bool = False
+    masked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "weight the loss by the images' masks (alpha channel or <name>.mask.png), where they have one"
+        },
+    )
+    mask_floor: float = bounded(
+        0.1, minimum=0.0, maximum=1.0, help="masked loss: the weight of the masked-out part (0 = not learned at all)"
+    )
     shuffle: bool = True
     seed: int = bounded(42, minimum=0, maximum=MAX_SEED)
     cache_latents: bool = True
@@ -274,6 +283,34 @@ class TrainConfig:
         minimum=0.0,
         maximum=0.5,
         help="share of the prepared images held out to measure the LoRA on (none below 5 images; 0 = off)",
+    )
+    # regularization (prior preservation)
+    reg_ratio: float = bounded(
+        0.0, minimum=0.0, maximum=0.9, help="share of the micro-batches taken from the class images (0 = off)"
+    )
+    class_prompt: str = field(
+        default="", metadata={"help": "the class images' caption, e.g. 'a photo of a dog' (needed with reg_ratio)"}
+    )
+    reg_images_dir: str = field(
+        default="",
+        metadata={"help": "a folder of class images; empty: the base model renders reg_count of them (cached)"},
+    )
+    reg_count: int = bounded(100, minimum=1, maximum=10_000, help="class images to render when no folder is given")
+    prior_loss_weight: float = bounded(1.0, minimum=0.0, maximum=100.0, help="weight of the class images' loss")
+    # EMA of the adapter weights
+    ema: bool = field(
+        default=False, metadata={"help": "keep an exponential moving average of the adapter weights (fp32)"}
+    )
+    ema_decay: float = bounded(
+        0.999, minimum=0.0, maximum=1.0, help="share of the average kept at each step, strictly between 0 and 1"
+    )
+    ema_start_step: int = bounded(
+        0, minimum=0, maximum=MAX_STEPS, help="the average follows the weights until this step, then averages"
+    )
+    ema_weights: str = choice(
+        "raw",
+        ("raw", "ema"),
+        "weights of the samples and the main LoRA file (the other set goes beside it, <name>.ema/.raw)",
     )
     # outputs
     save_every_steps: int | None = bounded(
@@ -301,6 +338,16 @@ class TrainConfig:
             object.__setattr__(self, "learning_rate", default_learning_rate(self.optimizer))
         if self.text_encoder_lr is None:
             object.__setattr__(self, "text_encoder_lr", default_text_encoder_lr(self.optimizer, self.learning_rate))
+        if self.reg_ratio > 0 and not self.class_prompt.strip():
+            raise UserError(
+                "reg_ratio is set but class_prompt is empty: give the class images' caption, "
+                "e.g. 'a photo of a dog', or set reg_ratio to 0."
+            )
+        for name in ("class_prompt", "reg_images_dir"):
+            if len(getattr(self, name)) > MAX_TAG_TEXT:
+                raise UserError(f"{name} is longer than {MAX_TAG_TEXT} characters")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be greater than 0 and less than 1; got {self.ema_decay!r}")
 
     @property
     def output_name(self) -> str:

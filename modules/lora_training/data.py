@@ -11,6 +11,7 @@ caption dropout, latent sampling, noise, timestep) comes from its own generator 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -35,6 +36,7 @@ class TrainItem:
     crop_top_left: tuple[int, int]  # top, left in the resized image
     resized_size: tuple[int, int] = (0, 0)  # width, height of the image the crop was cut from
     flipped: bool = False  # mirrored for this step (random horizontal flip)
+    mask_path: Path | None = None  # its loss mask (white: learn, black: the background), when it has one
 
 
 def load_items(paths: ProjectPaths) -> list[TrainItem]:
@@ -49,6 +51,9 @@ def load_items(paths: ProjectPaths) -> list[TrainItem]:
         if not image_path.is_file():
             raise UserError(f"Prepared image {image_path.name} is missing: run Prepare again.")
         caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else prepared.caption
+        mask_path = paths.images / prepared.mask if prepared.mask else None
+        if mask_path is not None and not mask_path.is_file():
+            raise UserError(f"The loss mask of {image_path.name} is missing: run Prepare again.")
         items.append(
             TrainItem(
                 sha256=prepared.sha256,
@@ -58,6 +63,7 @@ def load_items(paths: ProjectPaths) -> list[TrainItem]:
                 original_size=prepared.original_size,
                 crop_top_left=prepared.crop_top_left,
                 resized_size=prepared.resized_size,
+                mask_path=mask_path,
             )
         )
     if not items:
@@ -85,13 +91,23 @@ def epoch_batches(
 
 
 def planned_steps(
-    bucket_sizes: Iterable[int], *, batch_size: int, repeats: int, accumulation: int, epochs: int, steps: int | None
+    bucket_sizes: Iterable[int],
+    *,
+    batch_size: int,
+    repeats: int,
+    accumulation: int,
+    epochs: int,
+    steps: int | None,
+    reg_ratio: float = 0.0,
 ) -> int:
     """Optimizer steps of a run: ``steps`` when set, else the epochs' worth of batches (each batch holds one
-    bucket, so every bucket ends with its own partial batch), ``accumulation`` batches per step."""
+    bucket, so every bucket ends with its own partial batch), ``accumulation`` batches per step. Class-image
+    batches (``reg_ratio`` of them) come on top: the epochs still see every image as often."""
     if steps:
         return steps
     batches = sum(math.ceil(size * repeats / batch_size) for size in bucket_sizes)
+    if reg_ratio:
+        return max(1, math.ceil(batches * epochs / (1.0 - reg_ratio) / accumulation))
     return max(1, math.ceil(batches / accumulation * epochs))
 
 
@@ -144,6 +160,34 @@ class BatchStream:
         return Share(epoch=epoch, items=[batch[p] for p in positions], positions=positions, weight=world / len(batch))
 
 
+class MixedStream:
+    """The training images' micro-batches with the class images' (regularization) interleaved: micro-batch
+    ``m`` is a class batch when ``floor((m + 1) r + p) > floor(m r + p)``, for ratio ``r`` and a phase ``p``
+    drawn from the seed. The class batches are spread evenly, make up ``r`` of any long stretch, and where
+    each stream stands at ``m`` is computed without replaying the ones before (exact resume)."""
+
+    def __init__(self, instance: BatchStream, classes: BatchStream | None, *, ratio: float, seed: int) -> None:
+        self.instance = instance
+        self.classes = classes
+        self.ratio = ratio if classes is not None else 0.0
+        self.phase = random.Random(f"{seed}-regularization").random()
+        self.per_epoch = instance.per_epoch
+
+    def _classes_before(self, index: int) -> int:
+        return math.floor(index * self.ratio + self.phase)
+
+    def is_class_batch(self, index: int) -> bool:
+        return self._classes_before(index + 1) > self._classes_before(index)
+
+    def share(self, index: int, *, rank: int, world: int) -> Share:
+        before = self._classes_before(index)
+        if not self.is_class_batch(index):
+            return self.instance.share(index - before, rank=rank, world=world)
+        share = self.classes.share(before, rank=rank, world=world)
+        epoch = (index - before) // self.per_epoch  # the training images' epoch, as the log counts them
+        return dataclasses.replace(share, epoch=epoch, prior=True)
+
+
 @dataclass(frozen=True)
 class Share:
     """One process's part of a global micro-batch.
@@ -156,6 +200,7 @@ class Share:
     items: list[TrainItem]
     positions: list[int]  # each item's place in the global micro-batch: it seeds the item's randomness
     weight: float
+    prior: bool = False  # class images (regularization): their loss counts prior_loss_weight times
 
 
 def step_seed(seed: int, step: int, micro: int = 0, sample: int = 0) -> int:

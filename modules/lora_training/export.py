@@ -498,6 +498,10 @@ def _settings_lines(meta: dict) -> list[str]:
         ("ss_resolution", "resolution"),
         ("ss_network_dim", "network dim (sd-scripts)"),
         ("ss_network_alpha", "network alpha (sd-scripts)"),
+        ("lora_studio.weights", "weights (trained or EMA)"),
+        ("lora_studio.ema", "EMA"),
+        ("lora_studio.masked_loss", "masked loss"),
+        ("lora_studio.regularization", "regularization"),
     ):
         if meta.get(key) and label not in shown:
             shown.add(label)

@@ -122,6 +122,19 @@ class FamiliesUsing:
         return name is not None and self.option not in family(name).unused_options
 
 
+@dataclass(frozen=True)
+class Above:
+    """Numbers above ``bound``: the ``shown_when`` values of options that matter once another is set."""
+
+    bound: float
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value > self.bound
+
+
+_WITH_CLASS_IMAGES = ("reg_ratio", Above(0.0))
+
+
 def _for_families_using(option: str) -> tuple[str, FamiliesUsing]:
     return ("family", FamiliesUsing(option))
 
@@ -276,7 +289,37 @@ FORM: tuple[Section, ...] = (
                 Option("timestep_sampling", "dropdown", shown_when=_for_families_using("timestep_sampling")),
                 Option("guidance_scale", "number", shown_when=_for_families_using("guidance_scale")),
             ),
+            (
+                Option("reg_ratio", "slider", step=0.05),
+                Option(
+                    "class_prompt",
+                    "text",
+                    in_preset=False,
+                    shown_when=_WITH_CLASS_IMAGES,
+                    placeholder="class_prompt_placeholder",
+                ),
+                Option("prior_loss_weight", "number", shown_when=_WITH_CLASS_IMAGES),
+            ),
+            (
+                Option("reg_images_dir", "text", in_preset=False, shown_when=_WITH_CLASS_IMAGES, scale=2),
+                Option("reg_count", "integer", shown_when=_WITH_CLASS_IMAGES),
+            ),
+            (
+                Option("masked_loss", "checkbox"),
+                Option("mask_floor", "slider", step=0.05, shown_when=("masked_loss", (True,))),
+            ),
             (Option("validation_share", "slider", step=0.05),),
+            (
+                Option("ema", "checkbox"),
+                Option("ema_decay", "number", step=0.001, shown_when=("ema", (True,))),
+                Option("ema_start_step", "integer", shown_when=("ema", (True,))),
+                Option(
+                    "ema_weights",
+                    "dropdown",
+                    shown_when=("ema", (True,)),
+                    choice_labels=(("raw", "ema_weights_raw"), ("ema", "ema_weights_ema")),
+                ),
+            ),
             (
                 Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
                 Option("network", "dropdown", choice_labels=(("lora", "network_lora"), ("dora", "network_dora"))),
@@ -351,8 +394,16 @@ def run_plan(bucket_sizes: list[int] | None, values: dict, *, t, exact: bool) ->
     steps = whole(values.get("steps"), 0) or None
     if bucket_sizes is None and steps is None:
         return t("plan_unknown")
+    ratio = values.get("reg_ratio")
+    ratio = ratio if isinstance(ratio, int | float) and 0 <= ratio < 1 else 0.0  # class images add steps
     total = planned_steps(
-        bucket_sizes or [], batch_size=batch, repeats=repeats, accumulation=accumulation, epochs=epochs, steps=steps
+        bucket_sizes or [],
+        batch_size=batch,
+        repeats=repeats,
+        accumulation=accumulation,
+        epochs=epochs,
+        steps=steps,
+        reg_ratio=ratio,
     )
     if steps is not None:
         line = t("plan_steps_set", steps=total)
@@ -360,6 +411,8 @@ def run_plan(bucket_sizes: list[int] | None, values: dict, *, t, exact: bool) ->
         images = sum(bucket_sizes)
         line = t("plan_sum" if exact else "plan_sum_about", images=images, repeats=repeats, epochs=epochs)
         line += t("plan_batch", batch=batch * accumulation, steps=total)
+        if ratio:
+            line += t("plan_class_images", percent=round(ratio * 100))
     cadence = []
     for name in ("save_every_steps", "sample_every_steps"):
         raw = values.get(name)

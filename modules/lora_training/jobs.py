@@ -261,6 +261,8 @@ class TrainingJobs:
         if train_config is not None:
             train_config.output_name  # noqa: B018 - validates the LoRA's file name
             model_entry(self.app_config.MODELS_DIR, train_config.base_model)
+            if train_config.reg_ratio and train_config.reg_images_dir:  # class images: the same roots as photos
+                image_folder(train_config.reg_images_dir, roots=self.app_config.IMAGE_ROOTS)
             if prepare_config is None and not self._paths(train_config.project).manifest.is_file():
                 raise UserError(f"Project {train_config.project!r} has no prepared images: run Prepare first.")
 

@@ -31,6 +31,7 @@ class PreparedImage:
     original_size: tuple[int, int]  # width, height of the source after EXIF rotation
     crop_top_left: tuple[int, int]  # top, left in the resized image
     resized_size: tuple[int, int]  # width, height of the image the crop was cut from
+    mask: str | None = None  # the crop's loss mask inside images/, when the photo had one
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def _prepared_image(entry: dict) -> PreparedImage:
         original_size=_pair(entry["original_size"]),
         crop_top_left=(int(crop["top"]), int(crop["left"])),
         resized_size=_pair(crop.get("resized") or bucket),
+        mask=_file_name(entry["mask"]) if entry.get("mask") else None,
     )
 
 

@@ -59,11 +59,29 @@ def _render_one(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple
         image.save(tmp, format="PNG")
 
 
-def render_image(family, *, text: dict[str, torch.Tensor], seed: int, size: tuple[int, int], steps: int):
+def render_image(
+    family,
+    *,
+    text: dict[str, torch.Tensor],
+    seed: int,
+    size: tuple[int, int],
+    steps: int,
+    should_stop: Callable[[], bool] | None = None,
+):
     """One image (PIL) of the family's pipeline as it stands (with whatever LoRA it holds): the same seed and
-    text give the same image. The VAE must be on the pipeline's device (:func:`render_samples` moves it)."""
+    text give the same image. The VAE must be on the pipeline's device (:func:`render_samples` moves it).
+    ``should_stop`` is asked between denoising steps: when it says stop, the rest is skipped and None returned."""
     width, height = size
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    extra = {}
+    if should_stop is not None:
+
+        def interrupt(pipe, step, timestep, tensors):
+            if should_stop():
+                pipe._interrupt = True  # diffusers' own flag: the remaining steps are skipped
+            return tensors
+
+        extra["callback_on_step_end"] = interrupt
     with torch.no_grad():
         latents = family.sample_pipeline()(
             width=width,
@@ -73,5 +91,8 @@ def render_image(family, *, text: dict[str, torch.Tensor], seed: int, size: tupl
             output_type="latent",
             **family.sample_kwargs(),
             **family.sample_text_kwargs(text),
+            **extra,
         ).images
+        if should_stop is not None and should_stop():
+            return None
         return family.decode_latents(latents, width=width, height=height)

@@ -39,6 +39,7 @@ from modules.lora_training.caption_variants import caption_variant, describe_opt
 from modules.lora_training.config import TrainConfig, config_to_dict
 from modules.lora_training.data import (
     BatchStream,
+    MixedStream,
     SampleRandom,
     Share,
     TrainItem,
@@ -47,7 +48,10 @@ from modules.lora_training.data import (
     planned_steps,
 )
 from modules.lora_training.dataset.captions import split_tags
+from modules.lora_training.dataset.masks import mask_weights
+from modules.lora_training.dataset.scan import DEFAULT_LIMITS
 from modules.lora_training.distributed import GradientSync, start_processes
+from modules.lora_training.ema import AdapterEMA
 from modules.lora_training.events import (
     CheckpointSaved,
     EventSink,
@@ -65,6 +69,13 @@ from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, write_json
+from modules.lora_training.regularization import (
+    class_store,
+    folder_class_images,
+    render_class_images,
+    rendered_items,
+    rendered_set,
+)
 from modules.lora_training.runs import RunPaths, check_can_start, mark_finished, migrate_legacy, new_run, run_to_resume
 from modules.lora_training.validation import (
     Evaluation,
@@ -235,6 +246,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.paths = ProjectPaths.for_project(projects_dir, config.project)
+        self.projects_dir = Path(projects_dir)
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir)
         self.should_stop = should_stop
@@ -338,18 +350,8 @@ class Trainer:
             base_quantization=config.base_quantization,
         )
         self.ignored_options = self.family.configure(config)
-        global_batch = config.batch_size * self.world
-        self.stream = BatchStream(
-            self.items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
-        )
-        self.total_steps = planned_steps(
-            Counter(item.bucket for item in self.items).values(),
-            batch_size=global_batch,
-            repeats=config.repeats,
-            accumulation=config.gradient_accumulation,
-            epochs=config.epochs,
-            steps=config.steps,
-        )
+        self.class_items = self._class_images()
+        self._plan_batches()
         self.save_every = every_tenth(config.save_every_steps, self.total_steps)
         self.sample_every = every_tenth(config.sample_every_steps, self.total_steps)
         self.sample_prompts = (
@@ -362,6 +364,7 @@ class Trainer:
         self.family.place_denoiser()
         self.timings["cache"] = time.perf_counter() - clock
         self._add_lora_and_optimizer()
+        self.ema = self._make_ema()
         self.skipped = 0
         self.start_step = self._resume_state() if self.resume else 0
         self.evaluation = Evaluation.read(self.current_run.evaluation, up_to_step=self.start_step)
@@ -398,6 +401,92 @@ class Trainer:
         device_type = torch.device(self.device).type
         self.scaler = torch.amp.GradScaler(device_type) if self.precision.use_scaler else None
 
+    def _plan_batches(self) -> None:
+        """The micro-batch stream (the training images, with the class images mixed in) and the run's length."""
+        config = self.config
+        global_batch = config.batch_size * self.world
+        streams = [
+            BatchStream(
+                items, batch_size=global_batch, repeats=config.repeats, seed=config.seed, shuffle=config.shuffle
+            )
+            if items
+            else None
+            for items in (self.items, self.class_items)
+        ]
+        self.stream = MixedStream(*streams, ratio=config.reg_ratio, seed=config.seed)
+        self.total_steps = planned_steps(
+            Counter(item.bucket for item in self.items).values(),
+            batch_size=global_batch,
+            repeats=config.repeats,
+            accumulation=config.gradient_accumulation,
+            epochs=config.epochs,
+            steps=config.steps,
+            reg_ratio=self.stream.ratio,
+        )
+
+    def _class_images(self) -> list[TrainItem]:
+        """The regularization images (none when reg_ratio is 0): made by the main process, then read by all."""
+        if not self.config.reg_ratio:
+            return []
+        if self.is_main:
+            items = self._make_class_images()
+        self.processes.barrier()
+        return items if self.is_main else self._make_class_images()
+
+    def _make_class_images(self) -> list[TrainItem]:
+        config = self.config
+        store = class_store(self.projects_dir)
+        if config.reg_images_dir:
+            return folder_class_images(
+                Path(config.reg_images_dir),
+                store=store / "from-folders",
+                caption=config.class_prompt,
+                resolution=self.resolution,
+                max_image_bytes=DEFAULT_LIMITS.max_image_bytes,
+                on_event=self.on_event,
+            )
+        size = Counter(item.bucket for item in self.items).most_common(1)[0][0]
+        folder = rendered_set(
+            store,
+            model_key=self.family.model_key(),
+            prompt=config.class_prompt,
+            count=config.reg_count,
+            size=size,
+            steps=config.sample_steps,
+        )
+        if self.is_main:
+            render_class_images(
+                self.family,
+                folder=folder,
+                prompt=config.class_prompt,
+                count=config.reg_count,
+                size=size,
+                steps=config.sample_steps,
+                seed=config.seed,
+                on_event=self.on_event,
+                should_stop=self.should_stop,
+            )
+        return rendered_items(folder, count=config.reg_count, caption=config.class_prompt, size=size)
+
+    def _make_ema(self) -> AdapterEMA | None:
+        """The moving average of the trained adapter parameters (named by module), when EMA is on."""
+        if not self.config.ema:
+            return None
+        trainable = {id(p) for p in self.trainable}
+        params = {
+            f"{part}/{name}": param
+            for part, module in self.family.lora_modules().items()
+            for name, param in module.named_parameters()
+            if id(param) in trainable
+        }
+        return AdapterEMA(params, decay=self.config.ema_decay, start_step=self.config.ema_start_step)
+
+    def _output_weights(self):
+        """The weights samples and the main LoRA file use: the trained ones, or their average."""
+        if self.ema is not None and self.config.ema_weights == "ema":
+            return self.ema.applied()
+        return contextlib.nullcontext()
+
     def _fill_caches(self) -> None:
         config = self.config
         self.caches = _Caches(self.family, self.paths, device=self.device)
@@ -408,8 +497,9 @@ class Trainer:
             self.cached_text = self.caption_variants is not None
             self._log_caption_encoding()
         if self.is_main and config.cache_latents:
-            made = self.caches.fill_latents(self.items, flips=self.flips, on_event=self.on_event)
-            self.on_event(Log(f"Latents: {made} encoded, {len(self.items) * len(self.flips) - made} from cache"))
+            trained = self.items + self.class_items
+            made = self.caches.fill_latents(trained, flips=self.flips, on_event=self.on_event)
+            self.on_event(Log(f"Latents: {made} encoded, {len(trained) * len(self.flips) - made} from cache"))
             self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event)
         if self.is_main and self.cached_text:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
@@ -433,7 +523,7 @@ class Trainer:
     def _all_captions(self) -> list[str]:
         trained = self.caption_variants if self.caption_variants is not None else [i.caption for i in self.items]
         # The plain captions too: validation measures the training and held-out images on them.
-        captions = [*trained, *(item.caption for item in self.items + self.held_out)]
+        captions = [*trained, *(item.caption for item in self.items + self.held_out + self.class_items)]
         return captions + [""] if self.config.caption_dropout > 0 else captions
 
     def _cached_caption_variants(self) -> list[str] | None:
@@ -462,8 +552,8 @@ class Trainer:
     def _vary_captions(self, share: Share, *, draw: int, micro: int) -> list[TrainItem]:
         """The share's items with this step's caption variants (shuffled tags, tag dropout)."""
         config = self.config
-        if not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
-            return share.items  # every step: nothing to draw
+        if share.prior or not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+            return share.items  # class images keep their prompt; without variants there is nothing to draw
         return [
             dataclasses.replace(
                 item,
@@ -496,10 +586,18 @@ class Trainer:
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         self.skipped = state.skipped
+        if self.ema is not None:
+            self._resume_ema(state)
         if self.is_main:
             keep_metrics_up_to(self.current_run.logs, step=state.step)
         self.on_event(Log(f"Resuming run {self.current_run.run_id} from step {state.step} ({latest})"))
         return state.step
+
+    def _resume_ema(self, state: ckpt.CheckpointState) -> None:
+        if state.ema is None:
+            self.on_event(Log("The checkpoint has no EMA: the average starts from its weights", level="warning"))
+            return
+        self.ema.load_state_dict(state.ema, updates=state.ema_updates)
 
     def _describe_run(self) -> str:
         config = self.config
@@ -525,6 +623,22 @@ class Trainer:
             active.append("cached latents (VAE off the GPU)")
         if self.cached_text:
             active.append("cached text embeddings (text encoders off the GPU)")
+        if self.class_items:
+            source = config.reg_images_dir or "rendered by the base model"
+            active.append(
+                f"regularization: {len(self.class_items)} class images ({source}) captioned {config.class_prompt!r}, "
+                f"{self.stream.ratio:.0%} of the micro-batches, prior-loss weight {config.prior_loss_weight:g}"
+            )
+        if config.masked_loss:
+            masked = sum(1 for item in self.items if item.mask_path)
+            active.append(
+                f"masked loss ({masked} of {len(self.items)} images have a mask; floor {config.mask_floor:g})"
+            )
+        if config.ema:
+            active.append(
+                f"EMA of the adapter (decay {config.ema_decay:g} from step {config.ema_start_step}; "
+                f"{config.ema_weights} weights for samples and the main file)"
+            )
         if config.train_text_encoder:
             active.append(f"text encoder LoRA (lr {config.text_encoder_lr:g})")
         active += describe_options(
@@ -542,6 +656,11 @@ class Trainer:
         if self.ignored_options:
             warnings.append(
                 f"Not used by {display_name(self.family_name)} models, ignored: {', '.join(self.ignored_options)}."
+            )
+        if config.masked_loss and not any(item.mask_path for item in self.items):
+            warnings.append(
+                "Masked loss is on but no prepared image has a mask (an alpha channel or a <name>.mask.png "
+                "beside the photo): the loss is not weighted."
             )
         if config.optimizer == "prodigy" and config.learning_rate < PRODIGY_MIN_LR:
             warnings.append(
@@ -563,13 +682,28 @@ class Trainer:
             pixels = torch.stack([_load_pixels(item, flip=flip) for item, flip in zip(items, flips, strict=True)])
             moments = self.family.encode_image_moments(pixels)
         latents = self.family.latents_from_moments(moments.to(self.device), generator)
+        weights = self._mask_weights(items, size=latents.shape[-2:])
         if self.cached_text:
             rows = [self.caches.text(caption) for caption in captions]
             text = {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
         else:
             with torch.no_grad() if not config.train_text_encoder else contextlib.nullcontext():
                 text = self.family.encode_text(captions)
-        return latents, text, items
+        return latents, text, items, weights
+
+    def _mask_weights(self, items: list[TrainItem], *, size) -> torch.Tensor | None:
+        """Per-latent-pixel loss weights (B, 1, h, w) from the items' masks (1 for an item without one);
+        None when masked loss is off or no item of the batch has a mask."""
+        if not self.config.masked_loss or not any(item.mask_path for item in items):
+            return None
+        floor = self.config.mask_floor
+        rows = [
+            mask_weights(item.mask_path, size=tuple(size), flip=item.flipped, floor=floor)
+            if item.mask_path
+            else torch.ones((1, 1, *size))
+            for item in items
+        ]
+        return torch.cat(rows).to(self.device)
 
     def _autocast(self):
         if self.precision.autocast_dtype is None:
@@ -580,12 +714,15 @@ class Trainer:
         """This process's part of one micro-batch's loss: its per-sample losses, summed and weighted so that
         the processes' mean is the global batch's mean (see :class:`Share`)."""
         generator = SampleRandom.for_step(self.config.seed, step=draw, micro=micro, positions=share.positions)
-        latents, text, items = self._batch_inputs(self._vary_captions(share, draw=draw, micro=micro), generator)
+        latents, text, items, weights = self._batch_inputs(
+            self._vary_captions(share, draw=draw, micro=micro), generator
+        )
         with self._autocast():
             losses = self.family.training_loss(
-                latents=latents, text=text, items=items, generator=generator, config=self.config
+                latents=latents, text=text, items=items, generator=generator, config=self.config, loss_weights=weights
             )
-        return losses.float().sum() * share.weight
+        weight = share.weight * (self.config.prior_loss_weight if share.prior else 1.0)
+        return losses.float().sum() * weight
 
     def _step(self, step: int) -> tuple[float, int, bool]:
         """One optimizer step; returns (loss, epoch, applied). A step whose loss or gradients are not
@@ -633,6 +770,8 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler else None,
             config=config_to_dict(self.config),
             skipped=self.skipped,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema_updates=self.ema.updates if self.ema is not None else 0,
         )
         best = self.evaluation.best()
         path = ckpt.save_checkpoint(
@@ -708,19 +847,20 @@ class Trainer:
             )
 
         width, height = Counter(item.bucket for item in self.items).most_common(1)[0][0]
-        for path, prompt in render_samples(
-            self.family,
-            prompts=self.sample_prompts,
-            text_for=self._sample_text,
-            seed=self.config.sample_seed,
-            size=(width, height),
-            steps=self.config.sample_steps,
-            folder=self.current_run.samples,
-            step=step,
-            device=self.device,
-            on_failure=failed,
-        ):
-            self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
+        with self._output_weights():
+            for path, prompt in render_samples(
+                self.family,
+                prompts=self.sample_prompts,
+                text_for=self._sample_text,
+                seed=self.config.sample_seed,
+                size=(width, height),
+                steps=self.config.sample_steps,
+                folder=self.current_run.samples,
+                step=step,
+                device=self.device,
+                on_failure=failed,
+            ):
+                self.on_event(SampleSaved(path=str(path), step=step, prompt=prompt))
 
     def _sample_text(self, prompt: str) -> dict[str, torch.Tensor]:
         """Embeddings computed at the start, or now with the text encoders being trained."""
@@ -729,8 +869,11 @@ class Trainer:
         with torch.no_grad():
             return self.family.encode_text([prompt])
 
-    def _final_metadata(self, step: int) -> dict[str, str]:
+    def _final_metadata(self, step: int, *, weights: str = "raw") -> dict[str, str]:
         return lora_metadata(
+            weights=weights,
+            ema_updates=self.ema.updates if self.ema is not None else 0,
+            class_images=len(self.class_items),
             family=self.family,
             config=self.config,
             project=self.paths.name,
@@ -796,6 +939,8 @@ class Trainer:
                 continue
             bad_steps = 0
             step += 1
+            if self.ema is not None:
+                self.ema.update(step)
             seconds = time.perf_counter() - started
             lr = self.scheduler.get_last_lr()[0]
             self._metrics({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "seconds": round(seconds, 4)})
@@ -843,8 +988,7 @@ class Trainer:
 
         clock = time.perf_counter()
         write_loss_plot(self.current_run.logs)
-        self.family.save_lora(self.lora_path, metadata=self._final_metadata(step))
-        self.on_event(Log(f"Saved {self.lora_path}"))
+        self._save_loras(step)
         mark_finished(self.current_run, step=step)
         if self.config.also_save_webui:
             self._save_webui_copy()
@@ -854,6 +998,23 @@ class Trainer:
         self.on_event(Log("Time spent: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())))
         self.on_event(Finished(lora_path=str(self.lora_path), steps=step))
         return TrainResult("finished", step, lora_path=self.lora_path, checkpoint=last_checkpoint)
+
+    def _save_loras(self, step: int) -> None:
+        """The main LoRA file; with EMA on, the other set of weights beside it (``<name>.ema`` or ``.raw``)."""
+        main = self.config.ema_weights if self.ema is not None else "raw"
+        with self._output_weights():
+            self.family.save_lora(self.lora_path, metadata=self._final_metadata(step, weights=main))
+        self.on_event(Log(f"Saved {self.lora_path}"))
+        if self.ema is None:
+            return
+        other = "raw" if main == "ema" else "ema"
+        beside = self.lora_path.with_name(f"{self.config.output_name}.{other}.safetensors")
+        if not self._may_replace(beside):
+            self.on_event(Log(f"Not written: {beside.name} exists; allow overwriting to replace it.", level="warning"))
+            return
+        with self.ema.applied() if other == "ema" else contextlib.nullcontext():
+            self.family.save_lora(beside, metadata=self._final_metadata(step, weights=other))
+        self.on_event(Log(f"Saved the {other} weights beside it: {beside}"))
 
     def _stop_requested(self) -> bool:
         return self.processes.any(bool(self.should_stop()))
@@ -871,6 +1032,9 @@ def lora_metadata(
     step: int,
     trigger: str,
     captions: list[str],
+    weights: str = "raw",
+    ema_updates: int = 0,
+    class_images: int = 0,
 ) -> dict[str, str]:
     """The ``lora_studio.*`` header of a LoRA file: where it came from and how it was trained."""
     from families.training import metadata_json
@@ -894,7 +1058,42 @@ def lora_metadata(
         "lora_studio.zero_terminal_snr": str(getattr(family, "zero_terminal_snr", False)).lower(),
         "lora_studio.training_config": metadata_json(config_to_dict(config)),
         "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
+        **_ema_metadata(config, weights=weights, updates=ema_updates),
+        **({"lora_studio.masked_loss": f"floor {config.mask_floor:g}"} if config.masked_loss else {}),
+        **_regularization_metadata(config, count=class_images),
     }
+
+
+def _regularization_metadata(config: TrainConfig, *, count: int) -> dict[str, str]:
+    from families.training import metadata_json
+
+    if not count:
+        return {}
+    source = "a folder" if config.reg_images_dir else "rendered by the base model"  # no server path in a shared file
+    return {
+        "lora_studio.regularization": metadata_json(
+            {
+                "class_prompt": config.class_prompt,
+                "images": count,
+                "source": source,
+                "ratio": config.reg_ratio,
+                "prior_loss_weight": config.prior_loss_weight,
+            }
+        ),
+        "ss_num_reg_images": str(count),
+    }
+
+
+def _ema_metadata(config: TrainConfig, *, weights: str, updates: int) -> dict[str, str]:
+    """Which weights the file holds, and how they were averaged when they are the EMA's."""
+    if not config.ema:
+        return {}
+    meta = {"lora_studio.weights": weights}
+    if weights == "ema":
+        meta["lora_studio.ema"] = (
+            f"decay {config.ema_decay:g}, from step {config.ema_start_step}, {updates} averaging updates"
+        )
+    return meta
 
 
 def lora_header(path: Path) -> dict:

@@ -163,11 +163,15 @@ class LoraTrainingTab:
             images = manifest.prepared_images(paths) if manifest else []
         except UserError:
             return []
+        from modules.lora_training.dataset.masks import gallery_image
+
         items = []
         for image in images:
             caption_file = paths.images / image.caption_file
             caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-            items.append((str(paths.images / image.image), caption))
+            mask = paths.images / image.mask if image.mask else None
+            shown = gallery_image(paths.images / image.image, mask, previews=paths.cache / "mask_previews")
+            items.append((str(shown), caption))
         return items
 
     def caption_tool(self, project: str, *, action: str, tag: str = "", replacement: str = "") -> dict:
@@ -446,7 +450,7 @@ class LoraTrainingTab:
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
         names = ("images_dir", "include_subfolders", "project", "epochs", "repeats", "batch_size", "steps")
-        names += ("gradient_accumulation", "save_every_steps", "sample_every_steps")
+        names += ("gradient_accumulation", "save_every_steps", "sample_every_steps", "reg_ratio")
 
         def plan(data: dict) -> str:
             return self.plan_text(form.values(data), t=lambda key, **kw: translate(key, strings, **kw))
@@ -510,10 +514,10 @@ class LoraTrainingTab:
         def on_save(name, image, caption):
             if not image:
                 raise shown_to_user(t("no_image_selected"))
-            # The gallery shows a cached copy; find the project file with the same name.
-            matches = [p for p, _ in self.prepared_gallery(name) if Path(p).name == Path(image).name]
+            # The gallery shows a cached copy (of the crop, or of its mask overlay): the crop has the same name.
             try:
-                saved = self.save_caption(name, matches[0] if matches else image, caption)
+                paths = ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, name)
+                saved = self.save_caption(name, str(paths.images / Path(image).name), caption)
             except UserError as exc:
                 raise shown_to_user(exc, strings) from exc
             gr.Info(t("caption_saved", image=saved))

@@ -550,6 +550,16 @@ NUMBERS = [
     Case("LoRA targets: unknown", option(lora_targets="everything"), "lora_targets must be one of"),
     Case("boolean option: a string", option(flip="false"), "flip must be true or false"),
     Case("sample prompts: not a list", option(sample_prompts=5), "sample_prompts must be a list of texts"),
+    Case("EMA decay: 1", option(ema=True, ema_decay=1.0), "ema_decay must be greater than 0 and less than 1"),
+    Case("EMA weights: unknown", option(ema_weights="best"), "ema_weights must be one of raw, ema"),
+    Case("mask floor: NaN", option(mask_floor=NAN), "mask_floor must be a finite number"),
+    Case("class images share: 1", option(reg_ratio=1.0), "reg_ratio must be between 0 and 0.9"),
+    Case("class images without a prompt", option(reg_ratio=0.3), "reg_ratio is set but class_prompt is empty"),
+    Case(
+        "class images: a folder outside IMAGE_ROOTS",
+        option(reg_ratio=0.3, class_prompt="a dog", reg_images_dir="/etc"),
+        "is not inside the folders this app may read",
+    ),
     Case("options: unknown key", option(stepz=10), "unknown option.*stepz.*valid options"),
     Case(
         "options: a list", answer(lambda w: train(w, options=[1, 2])), "options must be an object of training options"

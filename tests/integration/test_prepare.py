@@ -92,7 +92,9 @@ def test_florence2_captions_with_trigger_and_incremental_rerun(tmp_path, messy, 
     assert edited.read_text().strip() == "ohwx, my own careful caption"
     assert "landscape.jpg" not in {e["source"] for e in second.used}
     names = {p.name for p in (first.project_dir / "images").iterdir()}
-    assert names == {e["image"] for e in second.used} | {e["caption_file"] for e in second.used}
+    masks = {e["mask"] for e in second.used if e.get("mask")}  # transparent.png's alpha channel
+    assert names == {e["image"] for e in second.used} | {e["caption_file"] for e in second.used} | masks
+    assert len(masks) == 1
 
 
 @pytest.mark.parametrize(

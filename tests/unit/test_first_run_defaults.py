@@ -115,3 +115,10 @@ def test_known_noise_is_dropped_and_other_warnings_pass():
         finally:
             logger.removeHandler(handler)
     assert seen == ["a new warning from the same library"] * len(KNOWN_NOISE)
+
+
+def test_the_plan_line_counts_the_class_image_batches():
+    values = {**default_widget_values(), "epochs": 10, "repeats": 1, "batch_size": 1, "reg_ratio": 0.25}
+    assert run_plan([12], values, t=english, exact=True).startswith(
+        "12 images × 1 repeats × 10 epochs ÷ batch 1 = 160 steps, with 25% class-image batches on top;"
+    )

@@ -19,6 +19,7 @@ class LoadedImage:
     sha256: str
     width: int
     height: int
+    alpha: object = None  # PIL.Image.Image, mode L: the alpha channel when the file has one that is not all opaque
 
 
 class RejectedImage(Exception):
@@ -48,6 +49,8 @@ def load_image(data: bytes) -> LoadedImage:
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from modules.lora_training.dataset.masks import alpha_mask
+
     if not data:
         raise RejectedImage("empty file (0 bytes)")
 
@@ -63,6 +66,7 @@ def load_image(data: bytes) -> LoadedImage:
                 opened.seek(0)
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
+                alpha = alpha_mask(image)
                 image = _to_rgb(image)
     except RejectedImage:
         raise
@@ -72,7 +76,8 @@ def load_image(data: bytes) -> LoadedImage:
         raise RejectedImage("not an image (unrecognised format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectedImage(f"corrupt or truncated image ({exc})") from exc
-    return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height)
+    digest = hashlib.sha256(data).hexdigest()
+    return LoadedImage(image=image, sha256=digest, width=image.width, height=image.height, alpha=alpha)
 
 
 def difference_hash(image, *, size: int = 8) -> int:

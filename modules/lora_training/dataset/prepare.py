@@ -36,6 +36,7 @@ from modules.lora_training.dataset.images import (
     hamming,
     load_image,
 )
+from modules.lora_training.dataset.masks import MASK_SUFFIX, read_mask_beside
 from modules.lora_training.dataset.scan import (
     CAPTION_SUFFIX,
     DEFAULT_LIMITS,
@@ -86,6 +87,11 @@ class PrepareResult:
                 lines.append(f"  {entry['source']}: {entry['caption_note']}")
             if entry.get("caption_fallback"):
                 lines.append(f"  caption of {entry['source']}: {entry['caption_fallback']}")
+            if entry.get("mask_note"):
+                lines.append(f"  {entry['source']}: {entry['mask_note']}")
+        masked = sum(1 for entry in self.used if entry.get("mask"))
+        if masked:
+            lines.append(f"Loss masks: {masked} of {len(self.used)} image(s) (from alpha or .mask.png)")
         if self.used:
             buckets = ", ".join(f"{k}: {v}" for k, v in self.bucket_histogram().items())
             lines.append(f"Buckets: {buckets}")
@@ -259,7 +265,28 @@ class _Preparation:
         if not (reusable and image_path.is_file()):
             with atomic_path(image_path) as tmp:
                 apply_crop(loaded.image, crop).save(tmp, format="PNG")
+        self._crop_mask(source, loaded, crop=crop, entry=entry, name=name)
         return entry
+
+    def _crop_mask(self, source, loaded, *, crop, entry: dict, name: str) -> None:
+        """The photo's loss mask (the file beside it, else its alpha), cropped exactly as the photo."""
+        mask, note = read_mask_beside(
+            source.path,
+            folder=self.images_dir,
+            max_bytes=self.limits.max_image_bytes,
+            size=(loaded.width, loaded.height),
+        )
+        origin = "file"
+        if mask is None and loaded.alpha is not None:
+            mask, origin = loaded.alpha, "alpha"
+        if note:
+            entry["mask_note"] = note
+        if mask is None:
+            return
+        mask_path = self.paths.images / f"{name}{MASK_SUFFIX}"
+        with atomic_path(mask_path) as tmp:
+            apply_crop(mask, crop).save(tmp, format="PNG")
+        entry.update(mask=mask_path.name, mask_from=origin)
 
     def _caption_by(self, members: list[Member]) -> str:
         """What decided the captions: a change re-captions (outputs already in the caption cache are reused)."""
@@ -347,7 +374,7 @@ class _Preparation:
     def write(self) -> None:
         keep = set()
         for entry in self.result.used:
-            keep.update((entry["image"], entry["caption_file"]))
+            keep.update((entry["image"], entry["caption_file"], entry.get("mask")))
             caption_path = self.paths.images / entry["caption_file"]
             current = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None
             if current != entry["caption"]:

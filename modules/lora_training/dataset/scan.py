@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.regular_files import UnreadableFile, read_bounded
+from modules.lora_training.dataset.masks import MASK_SUFFIX, is_mask_name
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
@@ -192,7 +193,7 @@ def count_image_files(folder: Path, *, subfolders: bool, limit: int = 10_000) ->
                 seen += 1
                 if entry.name.startswith(".") or seen > limit:
                     continue
-                if entry.is_file(follow_symlinks=False) and is_image_name(entry.name):
+                if entry.is_file(follow_symlinks=False) and is_image_name(entry.name) and not is_mask_name(entry.name):
                     count += 1
                 elif subfolders and entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))
@@ -243,8 +244,8 @@ class _Scanner:
         image_like = is_image_name(entry.name)
         if entry.name.startswith("."):
             ignored["hidden file or folder"] += 1
-        elif entry.name.lower().endswith(CAPTION_SUFFIX) and not entry.is_dir(follow_symlinks=False):
-            return  # read only as the caption beside its image
+        elif entry.name.lower().endswith((CAPTION_SUFFIX, MASK_SUFFIX)) and not entry.is_dir(follow_symlinks=False):
+            return  # read only as the caption or the loss mask beside its image
         elif entry.is_symlink() and not image_like:
             ignored["symlink that is not an image (not followed)"] += 1
         elif entry.is_dir(follow_symlinks=False):

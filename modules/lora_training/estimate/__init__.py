@@ -22,12 +22,13 @@ from core.model_files import ModelEntry
 class RunEstimate:
     memory: object  # a .memory.MemoryEstimate
     step_time: object | None  # a .step_time.StepTimeEstimate, when timing was asked for
+    notes: tuple[str, ...] = ()  # work beside the steps (class images)
 
     def describe(self) -> str:
         lines = [self.memory.describe()]
         if self.step_time is not None:
             lines.append(self.step_time.describe())
-        return "\n\n".join(lines)
+        return "\n\n".join([*lines, *self.notes])
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,22 @@ def estimate_run(config, *, models_dir: Path, resolution: int, timing: bool = Tr
     )
     memory = _memory(config, plan=plan, work=work, models_dir=Path(models_dir), resolution=resolution)
     step_time = _step_time(config, plan=plan, work=work, models_dir=Path(models_dir)) if timing else None
-    return RunEstimate(memory=memory, step_time=step_time)
+    return RunEstimate(memory=memory, step_time=step_time, notes=_regularization_notes(config))
+
+
+def _regularization_notes(config) -> tuple[str, ...]:
+    """What class images add: more steps for the same epochs, and rendering or encoding them once."""
+    if not config.reg_ratio:
+        return ()
+    more = "" if config.steps else f"; a run set by epochs takes {1 / (1 - config.reg_ratio):.2f}x the steps"
+    if config.reg_images_dir:
+        once = "the folder's class images are cropped and encoded once"
+    else:
+        once = (
+            f"{config.reg_count} class images are rendered once by the base model ({config.sample_steps} "
+            "sampling steps each, like a sample image; kept for reuse) and encoded once"
+        )
+    return (f"Regularization: {config.reg_ratio:.0%} of the micro-batches are class images{more}; {once}.",)
 
 
 def _plan(config, *, models_dir: Path) -> _ConfigPlan:
@@ -115,6 +131,7 @@ def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: in
         device_bytes=plan.device_bytes,
         activation_bytes=activation_bytes,
         sample_bytes=sample_bytes,
+        ema=config.ema,
     )
 
 

@@ -94,6 +94,7 @@ def estimate_memory(
     quantization: str = "none",
     activation_bytes: int | None = None,
     sample_bytes: int = 0,
+    ema: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of training; ``sample_bytes`` is what rendering a sample needs beside the weights,
     LoRA and optimizer state (the VAE and its decode), counted where it exceeds the training activations."""
@@ -116,6 +117,8 @@ def estimate_memory(
         "optimizer": lora * OPTIMIZER_BYTES_PER_PARAM[optimizer],
         "activations": activation_bytes,
     }
+    if ema:  # the moving average: one fp32 copy of the adapter (its update costs no more than a copy per step)
+        parts["EMA copy"] = lora * 4
     if sample_bytes > activation_bytes:
         parts["sample images (VAE decode)"] = sample_bytes - activation_bytes
     if device == "cuda":
