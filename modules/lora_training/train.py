@@ -79,9 +79,9 @@ MAX_BAD_STEPS = 5
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
 MAX_BAD_STEPS_WITH_SCALER = 20
 PRODIGY_MIN_LR = 0.1
-LORA_SHAPE = ("rank", "alpha", "lora_targets", "network", "train_text_encoder", "base_model")
+LORA_SHAPE = ("rank", "alpha", "lora_targets", "network", "factor", "train_text_encoder", "base_model")
 # Shape options that checkpoints from before the option existed do not name: they trained with this value.
-LORA_SHAPE_BEFORE = {"network": "lora"}
+LORA_SHAPE_BEFORE = {"network": "lora", "factor": -1}
 OOM_ADVICE = (
     "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
     "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
@@ -385,6 +385,7 @@ class Trainer:
                 targets=config.lora_targets,
                 train_text_encoder=config.train_text_encoder,
                 network=config.network,
+                factor=config.factor,
             )
         if config.gradient_checkpointing:
             self.family.denoiser.enable_gradient_checkpointing()
@@ -745,6 +746,7 @@ class Trainer:
 
     def _save_webui_copy(self) -> None:
         from modules.lora_training.export import default_export_path, export_lora
+        from modules.lora_training.lycoris_copy import pipeline_base_weights
 
         copy = default_export_path(self.lora_path, "kohya")
         if not self._may_replace(copy) and lora_project(copy) != self.paths.name:
@@ -757,7 +759,7 @@ class Trainer:
             )
             return
         try:
-            result = export_lora(self.lora_path, fmt="kohya")
+            result = export_lora(self.lora_path, fmt="kohya", base_weight=pipeline_base_weights(self.family.pipe))
         except Exception as exc:  # noqa: BLE001 - the main LoRA is written: a failed copy must not fail the run
             if not isinstance(exc, UserError):
                 log.exception("webui copy failed")
