@@ -271,6 +271,12 @@ def _stems(keys: list[str]) -> dict[str, dict[str, str]]:
     return stems
 
 
+def _group(factor: int | None, rank: int | None, alpha: float | None, *, scale: float) -> str:
+    if factor is None:  # LoKr with both Kronecker factors full: no rank to it
+        return f"full factors, scale {scale:g}"
+    return f"rank {rank}, alpha {'missing' if alpha is None else f'{alpha:g}'}"
+
+
 def lycoris_summary(path: Path) -> tuple[str, str, str, list[str], dict[str, str]] | None:
     """(family, network, layout, lines, header) of a LoKr/LoHa file (peft main file or LyCORIS copy);
     None for other files. Reads the header and the alphas only."""
@@ -283,26 +289,20 @@ def lycoris_summary(path: Path) -> tuple[str, str, str, list[str], dict[str, str
             return None
         network = "lokr" if any(name.startswith("lokr") for names in stems.values() for name in names) else "loha"
         peft = lycoris_network(keys, metadata) is not None
-        ranks: dict[tuple, int] = {}
+        ranks: dict[str, int] = {}
         configs = component_configs(metadata) if peft else {}
         for stem, names in stems.items():
             factor = next((reader.tensors[key].shape[0] for name, key in names.items() if name.endswith("_b")), None)
             if peft:
                 config = configs[stem.split(".", 1)[0]]
-                rank, alpha = config.r, float(config.alpha)
+                group = _group(factor, config.r, float(config.alpha), scale=config.alpha / config.r)
             else:
                 alpha_key = f"{stem}.alpha"
-                rank, alpha = factor, float(reader.get(alpha_key).item()) if alpha_key in reader.tensors else None
-            ranks[(rank, alpha)] = ranks.get((rank, alpha), 0) + 1
-    layout = "peft format" if peft else "LyCORIS format"
-    lines = [f"  {len(stems)} layers"]
-    for (rank, alpha), count in sorted(ranks.items(), key=str):
-        written = (
-            "full factors (scale 1)"
-            if rank is None
-            else f"rank {rank}, alpha {'missing' if alpha is None else f'{alpha:g}'}"
-        )
-        lines.append(f"  {written}: {count} layers")
+                alpha = float(reader.get(alpha_key).item()) if alpha_key in reader.tensors else None
+                group = _group(factor, factor, alpha, scale=1.0)
+            ranks[group] = ranks.get(group, 0) + 1
+    layout = f"{'peft' if peft else 'LyCORIS'} format, {len(stems)} layers"
+    lines = [f"  {group}: {count} layers" for group, count in sorted(ranks.items())]
     if peft and network == "lokr":
         lines.append(f"  LoKr factor: {next(iter(configs.values())).decompose_factor}")
     return lora_family(keys[:2000], metadata) or "", network, layout, lines, metadata

@@ -508,7 +508,8 @@ class Trainer:
             f"precision {self.precision.label}",
             f"optimizer {config.optimizer}",
             f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
-            f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
+            f"{network_label(config)} rank {config.rank} alpha {config.alpha:g} "
+            f"on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
             f"{len(self.items)} images ({len(self.held_out)} more held out for validation), "
             f"{self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
@@ -897,6 +898,11 @@ def lora_metadata(
         "lora_studio.training_config": metadata_json(config_to_dict(config)),
         "lora_studio.tag_frequency": metadata_json({project: dict(tags.most_common(200))}),
     }
+
+
+def network_label(config: TrainConfig) -> str:
+    """The adapter type as the run log names it: "lora", "dora", "loha", "lokr (factor 8)"."""
+    return f"{config.network} (factor {config.factor})" if config.network == "lokr" else config.network
 
 
 def lora_header(path: Path) -> dict:

@@ -26,16 +26,22 @@ CASES = [(family, network) for network in ("lokr", "loha", "dora") for family in
 ADAPTER = "trained"
 
 
-def _config(name: str, family: str, network: str) -> TrainConfig:
+def _config(name: str, family: str, network: str, /, **options) -> TrainConfig:
     values = {"project": name, "base_model": MODELS[family], "steps": 6, "rank": 4, "alpha": 2.0, "seed": 3}
     values |= {"network": network, "learning_rate": 2e-2, "lora_targets": "attention+feedforward"}
     # The SDXL runs also train the text encoders: their layers go through both files too.
     values |= {"train_text_encoder": family == "sdxl", "factor": 4 if network == "lokr" else -1}
-    return config_from_dict(TrainConfig, values)
+    return config_from_dict(TrainConfig, values | options)
+
+
+@pytest.fixture(scope="module")
+def base_losses() -> dict:
+    """The base model's loss per family, measured once (the networks' configs share everything else)."""
+    return {}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{n}" for f, n in CASES])
-def trained(request, sdxl_project, models_dir, tmp_path_factory):
+def trained(request, sdxl_project, models_dir, tmp_path_factory, base_losses):
     """One short training per (family, network): (family, network, config, result, losses, logs, projects, loras)."""
     from modules.lora_training.evaluate import denoising_loss
 
@@ -54,7 +60,9 @@ def trained(request, sdxl_project, models_dir, tmp_path_factory):
             logs.append(event.message)
 
     common = {"projects_dir": root / "projects", "models_dir": models_dir}
-    before = denoising_loss(config, **common)
+    if family not in base_losses:
+        base_losses[family] = denoising_loss(config, **common)
+    before = base_losses[family]
     result = train(config, loras_dir=root / "loras", on_event=on_event, **common)
     after = denoising_loss(config, lora_path=result.lora_path, **common)
     return {
@@ -236,3 +244,30 @@ def test_inspect_names_the_network(trained):
     assert kind in inspect_lora(path)
     webui = inspect_lora(trained["loras"] / "webui" / path.name)
     assert kind in webui and "lycoris.kohya" in webui
+
+
+@pytest.mark.parametrize(("family", "network"), [("sdxl", "loha"), ("flux", "lokr")])
+def test_stop_and_resume_equals_uninterrupted(project, models_dir, tmp_path, family, network):
+    projects, name = project
+    config = dict(steps=4, train_text_encoder=False, lora_targets="auto")
+    straight = train(
+        _config(name, family, network, name="a", **config),
+        projects_dir=projects,
+        models_dir=models_dir,
+        loras_dir=tmp_path / "a",
+    )
+    done = {"step": 0}
+
+    def on_event(event):
+        if isinstance(event, StepDone):
+            done["step"] = event.step
+
+    resumable = _config(name, family, network, name="b", **config)
+    common = {"projects_dir": projects, "models_dir": models_dir, "loras_dir": tmp_path / "b"}
+    stopped = train(resumable, on_event=on_event, should_stop=lambda: done["step"] >= 2, **common)
+    assert stopped.status == "stopped" and stopped.step == 2
+    resumed = train(resumable, resume=True, **common)
+    first = load_file(str(straight.checkpoint / "lora.safetensors"))
+    final = load_file(str(resumed.checkpoint / "lora.safetensors"))
+    assert first.keys() == final.keys() and any((".hada_" if network == "loha" else ".lokr_") in k for k in first)
+    assert all(torch.equal(first[k], final[k]) for k in first)
