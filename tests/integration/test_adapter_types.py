@@ -72,6 +72,7 @@ def trained(request, sdxl_project, models_dir, tmp_path_factory, base_losses):
         "losses": (before, after),
         "logs": logs,
         "loras": root / "loras",
+        "projects": root / "projects",
     }
 
 
@@ -271,3 +272,25 @@ def test_stop_and_resume_equals_uninterrupted(project, models_dir, tmp_path, fam
     final = load_file(str(resumed.checkpoint / "lora.safetensors"))
     assert first.keys() == final.keys() and any((".hada_" if network == "loha" else ".lokr_") in k for k in first)
     assert all(torch.equal(first[k], final[k]) for k in first)
+
+
+def test_a_checkpoint_saved_as_a_lora_gets_the_same_files(trained, models_dir):
+    """The checkpoint-as-LoRA path rebuilds the adapter from the checkpoint: same main file, verified copy."""
+    from modules.lora_training.checkpoint_lora import save_checkpoint_as_lora
+
+    if trained["network"] == "loha":
+        pytest.skip("LoKr (peft layout) and DoRA (base weights for the copy) cover this path")
+    result = trained["result"]
+    path = save_checkpoint_as_lora(
+        "tiny",
+        projects_dir=trained["projects"],
+        models_dir=models_dir,
+        loras_dir=trained["loras"],
+        name="from_checkpoint",
+        step=result.step,
+    )
+    first, again = load_file(str(result.lora_path)), load_file(str(path))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    copies = [load_file(str(trained["loras"] / "webui" / p.name)) for p in (result.lora_path, path)]
+    assert copies[0].keys() == copies[1].keys()
+    assert all(torch.allclose(copies[0][k].float(), copies[1][k].float(), atol=1e-6) for k in copies[0])
