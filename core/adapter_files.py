@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from core.errors import UserError
+
 LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
 LYCORIS_TYPES = {"LOKR": "lokr", "LOHA": "loha"}
 
@@ -77,7 +79,13 @@ def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        network = lycoris_network(list(handle.keys()), handle.metadata() or {})
+        keys = list(handle.keys())  # noqa: SIM118 - safe_open is no dict
+        network = lycoris_network(keys, handle.metadata() or {})
+    if network is None and any(LYCORIS_KEY.search(key) for key in keys):
+        raise UserError(
+            f"{Path(path).name} is a LoKr/LoHa in the LyCORIS (webui) layout, which Generate cannot apply yet; "
+            "use the main file this app trains (peft layout), or ComfyUI/Forge for this one."
+        )
     if network is None:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     else:

@@ -358,6 +358,8 @@ class ModelManager:
         _require_finite_weights(path, lora)
         try:
             load_lora_file(pipe, path, adapter_name=adapter)
+        except UserError:
+            raise
         except Exception as exc:
             if adapter in self._loaded_adapter_names():
                 pipe.delete_adapters([adapter])

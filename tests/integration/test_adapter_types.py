@@ -294,3 +294,18 @@ def test_a_checkpoint_saved_as_a_lora_gets_the_same_files(trained, models_dir):
     copies = [load_file(str(trained["loras"] / "webui" / p.name)) for p in (result.lora_path, path)]
     assert copies[0].keys() == copies[1].keys()
     assert all(torch.allclose(copies[0][k].float(), copies[1][k].float(), atol=1e-6) for k in copies[0])
+
+
+def test_generate_refuses_a_lycoris_layout_file_clearly(trained, models_dir, tmp_path):
+    from core.errors import UserError
+
+    if trained["network"] == "dora":
+        pytest.skip("a DoRA copy is in kohya's LoRA layout, which diffusers reads")
+    family, path = trained["family"], trained["result"].lora_path
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(trained["loras"] / "webui" / path.name, loras / "from_webui.safetensors")
+    manager = ModelManager(models_dir=models_dir, loras_dir=loras, device="cpu")
+    with pytest.raises(UserError, match="LyCORIS \\(webui\\) layout"):
+        _render(manager, family, (LoraChoice("from_webui.safetensors", 1.0),))
+    assert np.isfinite(_render(manager, family)).all(), "the model stays usable"
