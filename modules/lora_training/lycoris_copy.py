@@ -188,13 +188,11 @@ def main_network(path: Path) -> tuple[str, str, dict[str, str]]:
     return network, lora_family(keys[:2000], metadata) or "", metadata
 
 
-def _write(path: Path, tmp: Path, *, network: str, family_name: str, base_weight: BaseWeight | None) -> list[str]:
+def _write(path: Path, tmp: Path, *, network: str, family_name: str, base_weight: BaseWeight | None) -> None:
     kind = family(family_name)
     tensors: dict[str, torch.Tensor] = {}
-    names = []
     for part, copy, _ in _modules(path, network, base_weight):
         name = kind.lycoris_name(part)
-        names.append(name)
         tensors.update({f"{name}.{suffix}": value for suffix, value in copy.items()})
     specs = []
     for key, value in tensors.items():
@@ -204,7 +202,6 @@ def _write(path: Path, tmp: Path, *, network: str, family_name: str, base_weight
     with SafetensorsReader(path) as reader:
         metadata = _copy_metadata(path, reader.metadata, network=network, family_name=family_name)
     write_safetensors_to(tmp, specs, metadata=metadata)
-    return names
 
 
 def verify_copy(path: Path, copy: Path, *, network: str, family_name: str, base_weight: BaseWeight | None):
