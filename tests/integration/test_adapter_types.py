@@ -119,6 +119,8 @@ def test_training_lowers_the_loss(trained):
 
 def test_main_file_loads_in_plain_diffusers_and_peft_and_changes_the_image(trained, models_dir):
     family, network, path = trained["family"], trained["network"], trained["result"].lora_path
+    if network == "dora":
+        pytest.skip("test_dora.py loads the DoRA main file in plain diffusers on both families")
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["lora_studio.network"] == network
@@ -226,6 +228,8 @@ def _render(manager, family: str, loras=()) -> np.ndarray:
 
 def test_generate_applies_it_with_the_weight_slider(trained, models_dir):
     family, path = trained["family"], trained["result"].lora_path
+    if trained["network"] == "dora":
+        pytest.skip("test_dora.py renders a DoRA through Generate at weights 0 and 1 on both families")
     manager = ModelManager(models_dir=models_dir, loras_dir=trained["loras"], device="cpu")
     plain = _render(manager, family)
     full = _render(manager, family, (LoraChoice(path.name, 1.0),))
