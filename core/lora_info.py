@@ -20,6 +20,7 @@ _DOWN_SUFFIXES = (
     "_lora.down.weight",
     ".hada_w1_a",
     ".lokr_w1",
+    ".lokr_w1_a",
 )
 
 

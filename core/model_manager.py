@@ -351,11 +351,15 @@ class ModelManager:
         return {name for names in self._pipe.get_list_adapters().values() for name in names}
 
     def _load_adapter(self, path: Path, adapter: str, lora: str) -> None:
+        from core.adapter_files import load_lora_file
+
         pipe = self._pipe
         model = self._entry.name
         _require_finite_weights(path, lora)
         try:
-            pipe.load_lora_weights(str(path), adapter_name=adapter)
+            load_lora_file(pipe, path, adapter_name=adapter)
+        except UserError:
+            raise
         except Exception as exc:
             if adapter in self._loaded_adapter_names():
                 pipe.delete_adapters([adapter])

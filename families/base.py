@@ -139,6 +139,12 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
+    def lycoris_name(cls, part: str) -> str:
+        """The webui module name of one diffusers module (``<component>.<module>``), never fused: the
+        LyCORIS copy (LoKr, LoHa, DoRA) writes each module on its own."""
+        raise NotImplementedError
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         """``ss_base_model_version`` and ``ss_network_module`` as kohya sd-scripts writes them."""
         raise NotImplementedError

@@ -105,6 +105,12 @@ class FluxFiles(ModelFamily):
         return flux_kohya_plan(source)
 
     @classmethod
+    def lycoris_name(cls, part: str) -> str:
+        from families.flux_lora_names import flux_lycoris_name
+
+        return flux_lycoris_name(part)
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
 

@@ -48,6 +48,14 @@ def flux_kohya_text_name(module: str) -> str:
     return kohya_text_name("lora_te1_", module[len("text_encoder.") :])
 
 
+def flux_lycoris_name(part: str) -> str:
+    """One diffusers module's unfused webui name: OneTrainer's ``lora_transformer_<module>`` (ComfyUI and
+    Forge map it onto the transformer; a Kronecker or Hadamard product cannot be fused along rows)."""
+    if part.startswith("text_encoder."):
+        return flux_kohya_text_name(part)
+    return "lora_transformer_" + part.removeprefix("transformer.").replace(".", "_")
+
+
 def _file_parts(name: str, table: dict) -> tuple[tuple[str, ...], str]:
     for prefix in COMFY_PREFIXES:
         if name.startswith(prefix):

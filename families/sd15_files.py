@@ -70,6 +70,12 @@ class SD15Files(UNetFiles):
         return sd15_kohya_plan(source)
 
     @classmethod
+    def lycoris_name(cls, part: str) -> str:
+        from families.sd15_lora_names import sd15_kohya_name
+
+        return sd15_kohya_name(part)
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         return {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
 

@@ -65,6 +65,12 @@ class SDXLFiles(UNetFiles):
         return sdxl_kohya_plan(source)
 
     @classmethod
+    def lycoris_name(cls, part: str) -> str:
+        from families.sdxl_lora_names import sdxl_kohya_name
+
+        return sdxl_kohya_name(part)
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from families.adapter_configs import is_adapter_parameter
 from families.base import ModelFamily
 
 if TYPE_CHECKING:
@@ -119,35 +120,36 @@ class TrainingFamily(ModelFamily):
         return cls.attention_targets
 
     @classmethod
-    def denoiser_lora_config(cls, *, rank: int, alpha: float, lora_targets: str, network: str = "lora"):
-        """peft's ``LoraConfig`` for the denoiser; ``network="dora"`` is peft's DoRA (``use_dora``)."""
-        from peft import LoraConfig
+    def denoiser_lora_config(
+        cls, *, rank: int, alpha: float, lora_targets: str, network: str = "lora", factor: int = -1
+    ):
+        """peft's config for the denoiser: ``LoraConfig`` (``use_dora`` for DoRA), ``LoKrConfig`` or ``LoHaConfig``."""
+        from families.adapter_configs import adapter_config
 
         targets = cls.target_modules(lora_targets)
-        return LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
-            exclude_modules=cls.excluded_modules if cls.excluded_modules in targets else None,
-            use_dora=network == "dora",
-        )
+        exclude = cls.excluded_modules if cls.excluded_modules in targets else None
+        return adapter_config(network, rank=rank, alpha=alpha, targets=list(targets), exclude=exclude, factor=factor)
 
     def add_lora(
-        self, *, rank: int, alpha: float, targets: str, train_text_encoder: bool, network: str = "lora"
+        self,
+        *,
+        rank: int,
+        alpha: float,
+        targets: str,
+        train_text_encoder: bool,
+        network: str = "lora",
+        factor: int = -1,
     ) -> None:
-        """peft adapters on the denoiser (and the text encoders); ``network`` is "lora" or "dora"."""
-        from peft import LoraConfig
+        """peft adapters on the denoiser (and the text encoders); ``network`` is lora, dora, lokr or loha."""
+        from families.adapter_configs import adapter_config
 
-        self.lora_config = self.denoiser_lora_config(rank=rank, alpha=alpha, lora_targets=targets, network=network)
+        self.lora_config = self.denoiser_lora_config(
+            rank=rank, alpha=alpha, lora_targets=targets, network=network, factor=factor
+        )
         self.denoiser.add_adapter(self.lora_config)
         if train_text_encoder:
-            self.text_lora_config = LoraConfig(
-                r=rank,
-                lora_alpha=alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(self.text_encoder_targets),
-                use_dora=network == "dora",
+            self.text_lora_config = adapter_config(
+                network, rank=rank, alpha=alpha, targets=list(self.text_encoder_targets), factor=factor
             )
             for encoder in self.text_encoders_with_lora():
                 encoder.add_adapter(self.text_lora_config)
@@ -170,7 +172,7 @@ class TrainingFamily(ModelFamily):
         params = []
         for name, module in self.lora_modules().items():
             if part is None or (part == "denoiser") == (name == "denoiser"):
-                params += [p for n, p in module.named_parameters() if "lora_" in n]
+                params += [p for n, p in module.named_parameters() if is_adapter_parameter(n)]
         return params
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -69,8 +69,9 @@ def save_checkpoint_as_lora(
     family.save_lora(target, metadata=metadata)
     if webui_copy:
         from modules.lora_training.export import export_lora
+        from modules.lora_training.lycoris_copy import pipeline_base_weights
 
-        export_lora(target, fmt="kohya")
+        export_lora(target, fmt="kohya", base_weight=pipeline_base_weights(family.pipe))
     return target
 
 

@@ -162,7 +162,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "lion", "prod
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("auto", "attention", "attention+feedforward")
-NETWORKS = ("lora", "dora")
+NETWORKS = ("lora", "dora", "lokr", "loha")
 TIMESTEP_SAMPLING = ("sigmoid", "uniform", "shift")
 QUANTIZATIONS = ("none", "int8", "nf4")
 ADAMW_LR = 1e-4
@@ -201,7 +201,16 @@ class TrainConfig:
         "which layers get LoRA (auto: the family's usual ones, attention and for some feed-forward)",
     )
     network: str = choice(
-        "lora", NETWORKS, "adapter type: plain LoRA, or DoRA (weight-decomposed: a learned magnitude per output row)"
+        "lora",
+        NETWORKS,
+        "adapter type: plain LoRA; DoRA (weight-decomposed: a learned magnitude per output row); "
+        "LoKr (Kronecker product) or LoHa (Hadamard product), as LyCORIS names them",
+    )
+    factor: int = bounded(
+        -1,
+        minimum=-1,
+        maximum=1024,
+        help="LoKr: the Kronecker factor (LyCORIS' factor; -1 = the most balanced split of each layer)",
     )
     train_text_encoder: bool = False
     # optimisation
@@ -333,6 +342,8 @@ class TrainConfig:
     device: str = choice("auto", ("auto", "cpu", "cuda"))
 
     def __post_init__(self):
+        if self.factor == 0:
+            raise UserError("factor must be -1 (automatic) or a whole number of 1 or more; got 0")
         # An unset learning rate means the optimizer's usual one; the config then always holds numbers.
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", default_learning_rate(self.optimizer))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from core.adapter_files import load_lora_file
 from core.errors import UserError
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_from_dict
@@ -126,6 +127,7 @@ class RunModel:
             targets=config.lora_targets,
             train_text_encoder=config.train_text_encoder,
             network=config.network,
+            factor=config.factor,
         )
         self.family.denoiser.eval()
 
@@ -151,7 +153,7 @@ def denoising_loss(
     with the LoRA file ``lora_path`` loaded by diffusers' own loader (what other apps would apply)."""
     measurer = RunModel(config, models_dir=Path(models_dir), device=device)
     if lora_path is not None:
-        measurer.family.pipe.load_lora_weights(str(lora_path))
+        load_lora_file(measurer.family.pipe, lora_path)
     from modules.lora_training.data import load_items
 
     return measurer.loss(load_items(ProjectPaths.for_project(projects_dir, config.project)))
@@ -270,7 +272,7 @@ def evaluate_lora_file(
 
     base = figures(0)
     try:
-        measurer.family.pipe.load_lora_weights(str(lora_path))
+        load_lora_file(measurer.family.pipe, lora_path)
     except Exception as exc:  # noqa: BLE001 - whatever the loader raises, the file does not fit this model
         raise UserError(
             f"{Path(lora_path).name} does not load onto {target.config.base_model}, the base model of project "

@@ -33,6 +33,12 @@ FORMATS = ("kohya", "diffusers")
 VERIFY_TOLERANCE = 1e-3  # relative to the largest response of a change; fp16 storage rounds at ~1e-3
 VERIFY_PROBES = 16  # random vectors each weight change is applied to when verifying an export
 OUT_DTYPE = torch.float16
+NETWORK_NAMES = {
+    "lora": "LoRA",
+    "dora": "DoRA (weight-decomposed LoRA)",
+    "lokr": "LoKr (LyCORIS Kronecker product)",
+    "loha": "LoHa (LyCORIS Hadamard product)",
+}
 DORA_KEY = re.compile(r"\.(lora_magnitude_vector|dora_scale)(\.weight)?$")  # DoRA's per-row magnitudes
 
 
@@ -426,15 +432,37 @@ def _write_export(source: LoraFile, tmp: Path, fmt: str) -> None:
         write_safetensors_to(tmp, specs, metadata=metadata)
 
 
-def export_lora(source_path: Path, *, fmt: str, out: Path | None = None) -> ExportResult:
-    """Write ``source_path`` in ``fmt`` (atomically), read it back, verify the weight changes match."""
+def _export_lycoris(source_path: Path, *, fmt: str, out: Path | None, base_weight) -> ExportResult:
+    from modules.lora_training.lycoris_copy import export_lycoris_copy, main_network
+
+    if fmt != "kohya":
+        raise UserError(
+            f"{source_path.name} is a {NETWORK_NAMES[main_network(source_path)[0]]}: its main file is already "
+            "the diffusers/peft file; export its webui (kohya) copy instead."
+        )
+    out = Path(out) if out else default_export_path(source_path, fmt)
+    if out.resolve() == source_path.resolve():
+        raise UserError("The export would overwrite its source; choose another --out.")
+    return ExportResult(
+        path=out, format=fmt, verification=export_lycoris_copy(source_path, out, base_weight=base_weight)
+    )
+
+
+def export_lora(source_path: Path, *, fmt: str, out: Path | None = None, base_weight=None) -> ExportResult:
+    """Write ``source_path`` in ``fmt`` (atomically), read it back, verify the weight changes match.
+    LoKr, LoHa and DoRA files get their webui copy in the LyCORIS layout (:mod:`.lycoris_copy`); a DoRA's
+    needs ``base_weight(part)``, the base model's weight of each layer."""
+    from modules.lora_training.lycoris_copy import main_network
+
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if main_network(Path(source_path))[0] != "lora":
+        return _export_lycoris(Path(source_path), fmt=fmt, out=out, base_weight=base_weight)
     source = read_lora(source_path)
     if source.network == "dora":
         raise UserError(
-            f"{Path(source_path).name} is a DoRA LoRA: this app cannot write or verify its {fmt} copy yet. "
-            "Use the main file: diffusers and Generate apply it."
+            f"{Path(source_path).name} is a DoRA LoRA in the kohya layout: this app cannot write or verify its "
+            f"{fmt} copy. Use the file as it is."
         )
     out = Path(out) if out else default_export_path(source_path, fmt)
     if out.resolve() == Path(source_path).resolve():
@@ -502,6 +530,8 @@ def _settings_lines(meta: dict) -> list[str]:
         ("lora_studio.ema", "EMA"),
         ("lora_studio.masked_loss", "masked loss"),
         ("lora_studio.regularization", "regularization"),
+        ("ss_network_module", "network module (sd-scripts)"),
+        ("ss_network_args", "network args (sd-scripts)"),
     ):
         if meta.get(key) and label not in shown:
             shown.add(label)
@@ -511,9 +541,18 @@ def _settings_lines(meta: dict) -> list[str]:
 
 def inspect_lora(path: Path) -> str:
     """Family, layout, rank and the alphas written in the file, per group of layers (header and alphas only)."""
+    from modules.lora_training.lycoris_copy import lycoris_summary
+
+    summary = lycoris_summary(Path(path))
+    if summary is not None:
+        family_name, network, layout, lines, meta = summary
+        head = f"{Path(path).name}: {display_name(family_name)} {NETWORK_NAMES[network]}, {layout}"
+        return "\n".join(
+            [head, *lines, f"  trigger words: {_trigger_words(meta) or '(none recorded)'}"] + _settings_lines(meta)
+        )
     lora = read_lora(path)
     meta = lora.metadata
-    kind = "DoRA (weight-decomposed LoRA)" if lora.network == "dora" else "LoRA"
+    kind = NETWORK_NAMES[lora.network]
     lines = [f"{Path(path).name}: {display_name(lora.family)} {kind}, {lora.format} format, {len(lora.modules)} layers"]
     lines += [f"  {pair}: {counts}" for pair, counts in alpha_groups(lora).items()]
     if any(m.kind == "fused" for m in lora.modules):

@@ -23,6 +23,12 @@ from modules.lora_training.dataset.captioners import CAPTIONERS, captioner_membe
 TEXT_KINDS = ("text", "prompts")
 KINDS = ("text", "prompts", "integer", "number", "slider", "checkbox", "dropdown", "model")
 BOTH = (PrepareConfig, TrainConfig)
+NETWORK_LABELS = (
+    ("lora", "network_lora"),
+    ("dora", "network_dora"),
+    ("lokr", "network_lokr"),
+    ("loha", "network_loha"),
+)
 _UNSET = object()  # a widget value that leaves the config's default in place
 AUTO = -1  # a number field's "automatic" (Gradio's number fields cannot stay empty)
 
@@ -322,7 +328,8 @@ FORM: tuple[Section, ...] = (
             ),
             (
                 Option("lora_targets", "dropdown", choice_labels=(("attention+feedforward", "targets_feedforward"),)),
-                Option("network", "dropdown", choice_labels=(("lora", "network_lora"), ("dora", "network_dora"))),
+                Option("network", "dropdown", choice_labels=NETWORK_LABELS),
+                Option("factor", "integer", shown_when=("network", ("lokr",))),
                 Option("base_quantization", "dropdown", choice_labels=(("none", "quantization_none"),)),
             ),
         ),

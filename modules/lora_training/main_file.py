@@ -5,6 +5,10 @@ component, with diffusers' ``lora_adapter_metadata`` header (rank and ``lora_alp
 and fp16 values. Each family spells its keys (``family.main_file_keys``): text-encoder layers and
 some denoiser layers take the one spelling every reader maps.
 
+LoKr and LoHa (which diffusers' LoRA loaders do not read) keep peft's own names,
+``<component>.<module>.lokr_w1`` / ``.hada_w1_a`` ..., and their peft config in the same header field:
+``inject_adapter_in_model(LoKrConfig(**config), model)`` + ``set_peft_model_state_dict`` load them.
+
 No ``.alpha`` tensors: diffusers would leave them unused. Readers that ignore the adapter metadata
 (ComfyUI, Forge) therefore apply the change at ``alpha = rank``; the kohya/webui copy carries alphas.
 """
@@ -12,6 +16,7 @@ No ``.alpha`` tensors: diffusers would leave them unused. Readers that ignore th
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from model_formats.safetensors_stream import TensorSpec, write_safetensors
 
 OUT_DTYPE = torch.float16
 MAGNITUDE = "lora_magnitude_vector"
+LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
 KeyNames = Callable[[str, str], tuple[str, str]]
 
 
@@ -57,15 +63,25 @@ def magnitude_key(component: str, module: str, down_key: str) -> str:
     return f"{component}.{module}.{MAGNITUDE}.weight"
 
 
+def _tensor_spec(key: str, tensor: torch.Tensor) -> TensorSpec:
+    produce = lambda t=tensor: t.detach().to("cpu", OUT_DTYPE).contiguous()  # noqa: E731
+    return TensorSpec(key, OUT_DTYPE, tuple(tensor.shape), produce)
+
+
+def is_lycoris_state(state: dict[str, torch.Tensor]) -> bool:
+    """True for a peft LoKr or LoHa state dict (``...lokr_w1``, ``...hada_w1_a``)."""
+    return any(LYCORIS_KEY.search(key) for key in state)
+
+
 def _specs(component: str, state: dict[str, torch.Tensor], keys: KeyNames) -> list[TensorSpec]:
+    if is_lycoris_state(state):
+        return [_tensor_spec(f"{component}.{key}", tensor) for key, tensor in state.items()]
     specs = []
     for module, tensors in _module_tensors(state).items():
         names = keys(component, module)
         if len(tensors) == 3:
             names = (*names, magnitude_key(component, module, names[0]))
-        for key, tensor in zip(names, tensors, strict=True):
-            produce = lambda t=tensor: t.detach().to("cpu", OUT_DTYPE).contiguous()  # noqa: E731
-            specs.append(TensorSpec(key, OUT_DTYPE, tuple(tensor.shape), produce))
+        specs += [_tensor_spec(key, tensor) for key, tensor in zip(names, tensors, strict=True)]
     return specs
 
 

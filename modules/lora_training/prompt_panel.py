@@ -51,12 +51,14 @@ def render_panel(
 
 @contextlib.contextmanager
 def lora_weight(modules: list, weight: float) -> Iterator[None]:
-    """Every LoRA layer inside ``modules`` applied at ``weight`` times its trained strength, restored after.
+    """Every LoRA (DoRA, LoKr, LoHa) layer inside ``modules`` applied at ``weight`` times its trained strength, restored after.
     At weight 0 the layers are switched off, as Generate leaves a LoRA at 0 out: scaling only scales B·A,
     and a DoRA layer would still apply its magnitudes."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer  # LoKr, LoHa
 
-    layers = [layer for module in modules for layer in module.modules() if isinstance(layer, LoraLayer)]
+    kinds = (LoraLayer, LycorisLayer)
+    layers = [layer for module in modules for layer in module.modules() if isinstance(layer, kinds)]
     were_off = [layer.disable_adapters for layer in layers]
     for layer in layers:
         if weight == 0:

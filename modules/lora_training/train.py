@@ -90,9 +90,9 @@ MAX_BAD_STEPS = 5
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
 MAX_BAD_STEPS_WITH_SCALER = 20
 PRODIGY_MIN_LR = 0.1
-LORA_SHAPE = ("rank", "alpha", "lora_targets", "network", "train_text_encoder", "base_model")
+LORA_SHAPE = ("rank", "alpha", "lora_targets", "network", "factor", "train_text_encoder", "base_model")
 # Shape options that checkpoints from before the option existed do not name: they trained with this value.
-LORA_SHAPE_BEFORE = {"network": "lora"}
+LORA_SHAPE_BEFORE = {"network": "lora", "factor": -1}
 OOM_ADVICE = (
     "Out of GPU memory. Lower the batch size, the resolution (prepare again) or the rank; "
     "or turn on gradient checkpointing, an 8-bit optimizer and latent/text caching."
@@ -388,6 +388,7 @@ class Trainer:
                 targets=config.lora_targets,
                 train_text_encoder=config.train_text_encoder,
                 network=config.network,
+                factor=config.factor,
             )
         if config.gradient_checkpointing:
             self.family.denoiser.enable_gradient_checkpointing()
@@ -605,7 +606,8 @@ class Trainer:
             f"precision {self.precision.label}",
             f"optimizer {config.optimizer}",
             f"lr {config.learning_rate:g} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
-            f"rank {config.rank} alpha {config.alpha:g} on {self.family.resolve_targets(config.lora_targets)}",
+            f"{network_label(config)} rank {config.rank} alpha {config.alpha:g} "
+            f"on {self.family.resolve_targets(config.lora_targets)}",
             f"batch {config.batch_size} x accumulation {config.gradient_accumulation} x processes {self.world}",
             f"{len(self.items)} images ({len(self.held_out)} more held out for validation), "
             f"{self.stream.per_epoch} global batches per epoch, {self.total_steps} steps",
@@ -888,6 +890,7 @@ class Trainer:
 
     def _save_webui_copy(self) -> None:
         from modules.lora_training.export import default_export_path, export_lora
+        from modules.lora_training.lycoris_copy import pipeline_base_weights
 
         copy = default_export_path(self.lora_path, "kohya")
         if not self._may_replace(copy) and lora_project(copy) != self.paths.name:
@@ -900,7 +903,7 @@ class Trainer:
             )
             return
         try:
-            result = export_lora(self.lora_path, fmt="kohya")
+            result = export_lora(self.lora_path, fmt="kohya", base_weight=pipeline_base_weights(self.family.pipe))
         except Exception as exc:  # noqa: BLE001 - the main LoRA is written: a failed copy must not fail the run
             if not isinstance(exc, UserError):
                 log.exception("webui copy failed")
@@ -1094,6 +1097,11 @@ def _ema_metadata(config: TrainConfig, *, weights: str, updates: int) -> dict[st
             f"decay {config.ema_decay:g}, from step {config.ema_start_step}, {updates} averaging updates"
         )
     return meta
+
+
+def network_label(config: TrainConfig) -> str:
+    """The adapter type as the run log names it: "lora", "dora", "loha", "lokr (factor 8)"."""
+    return f"{config.network} (factor {config.factor})" if config.network == "lokr" else config.network
 
 
 def lora_header(path: Path) -> dict:

@@ -1,5 +1,5 @@
 """DoRA (peft's weight-decomposed LoRA) on the tiny SDXL and Flux: training, the main file in a plain diffusers
-pipeline, Generate with the weight slider, exact resume, and the webui copy refused."""
+pipeline, Generate with the weight slider, exact resume."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def test_dora_trains_saves_loads_and_generates(project, models_dir, tmp_path, fa
     loras = tmp_path / "loras"
     result = train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras, on_event=on_event)
     assert result.status == "finished" and all(np.isfinite(losses)), losses
-    assert any("is a DoRA LoRA" in line and "kohya copy" in line for line in logs), "webui copy refused, run done"
-    assert not (loras / "webui" / result.lora_path.name).exists()
+    assert any(line.startswith("Webui/kohya copy") for line in logs), logs
+    assert (loras / "webui" / result.lora_path.name).is_file(), "the LyCORIS-layout copy (test_adapter_types checks it)"
     trained = load_file(str(result.checkpoint / "lora.safetensors"))
     magnitudes = {k: v for k, v in trained.items() if k.endswith("lora_magnitude_vector")}
     assert magnitudes and all(v.dtype == torch.float32 for v in trained.values())

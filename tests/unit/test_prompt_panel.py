@@ -1,8 +1,8 @@
-"""lora_weight: a LoRA or DoRA layer at weight 0 gives the base output, at 1 its trained output, restored after."""
+"""lora_weight: a LoRA, DoRA, LoKr or LoHa layer at weight 0 gives the base output, at 1 its trained output, restored after."""
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 
 from modules.lora_training.prompt_panel import lora_weight
 
@@ -39,3 +39,20 @@ def test_weights_zero_half_and_one(dora):
             assert torch.allclose(model(x), trained)
     assert not torch.allclose(half, base) and not torch.allclose(half, trained)
     assert not layer.disable_adapters
+
+
+@pytest.mark.parametrize("config", [LoKrConfig, LoHaConfig], ids=["lokr", "loha"])
+def test_lycoris_layers_follow_the_weight(config):
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(4, 8)
+    base = model(x)
+    model = get_peft_model(model, config(r=2, alpha=2, target_modules=["proj"], init_weights=False))
+    trained = model(x)
+    assert not torch.allclose(trained, base)
+    with torch.no_grad():
+        with lora_weight([model], 0.0):
+            assert torch.allclose(model(x), base), "weight 0 is the base model"
+        with lora_weight([model], 0.5):
+            assert torch.allclose(model(x), (base + trained) / 2, atol=1e-6), "the change scales linearly"
+        assert torch.allclose(model(x), trained), "restored after"

@@ -58,6 +58,8 @@ def estimate_run(config, *, models_dir: Path, resolution: int, timing: bool = Tr
         batch=config.batch_size,
         side=resolution,
         gradient_checkpointing=config.gradient_checkpointing,
+        network=config.network,
+        factor=config.factor,
     )
     memory = _memory(config, plan=plan, work=work, models_dir=Path(models_dir), resolution=resolution)
     step_time = _step_time(config, plan=plan, work=work, models_dir=Path(models_dir)) if timing else None
@@ -132,6 +134,8 @@ def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: in
         activation_bytes=activation_bytes,
         sample_bytes=sample_bytes,
         ema=config.ema,
+        network=config.network,
+        factor=config.factor,
     )
 
 
@@ -147,5 +151,7 @@ def _step_time(config, *, plan: _ConfigPlan, work, models_dir: Path):
         gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer,
         speed=speed,
+        network=config.network,
+        factor=config.factor,
     )
     return estimate_step_seconds(work, speed, host_seconds=host, micro_batches=config.gradient_accumulation)

@@ -68,14 +68,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def lora_parameter_count(shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int) -> int:
-    """LoRA parameters on the targeted layers: linear (out, in) → rank·(in + out); convolution
-    (out, in, kh, kw) → down (rank, in, kh, kw) + up (out, rank, 1, 1)."""
+def adapter_values(out_features: int, in_features: int, *, rank: int, network: str, factor: int) -> int:
+    """Trainable values peft adds to one linear layer: LoRA rank·(in + out), DoRA one magnitude per output
+    row more, LoHa two such pairs; LoKr a full w1 (out_l, in_m) and w2 (out_k, in_n), w2 as two rank-r factors
+    when the rank is under half its larger side (peft's ``factorization`` splits each side)."""
+    if network == "lokr":
+        from peft.tuners.lokr.layer import factorization
+
+        out_l, out_k = factorization(out_features, factor)
+        in_m, in_n = factorization(in_features, factor)
+        w2 = rank * (out_k + in_n) if rank < max(out_k, in_n) / 2 else out_k * in_n
+        return out_l * in_m + w2
+    pairs = rank * (in_features + out_features)
+    return {"loha": 2 * pairs, "dora": pairs + out_features}.get(network, pairs)
+
+
+def lora_parameter_count(
+    shapes: dict[str, tuple[int, ...]], targets: tuple[str, ...], rank: int, *, network: str = "lora", factor: int = -1
+) -> int:
+    """Adapter parameters on the targeted layers (:func:`adapter_values`); a convolution (out, in, kh, kw)
+    counts as a linear layer of in·kh·kw inputs."""
     total = 0
     for key, shape in shapes.items():
         if len(shape) in (2, 4) and any(key.endswith(f".{t}.weight") for t in targets):
             out_features, in_features = shape[0], _numel(shape[1:])
-            total += rank * (in_features + out_features)
+            total += adapter_values(out_features, in_features, rank=rank, network=network, factor=factor)
     return total
 
 
@@ -95,6 +112,8 @@ def estimate_memory(
     activation_bytes: int | None = None,
     sample_bytes: int = 0,
     ema: bool = False,
+    network: str = "lora",
+    factor: int = -1,
 ) -> MemoryEstimate:
     """Peak memory of training; ``sample_bytes`` is what rendering a sample needs beside the weights,
     LoRA and optimizer state (the VAE and its decode), counted where it exceeds the training activations."""
@@ -105,7 +124,7 @@ def estimate_memory(
     weights = weight_bytes_of(
         shapes, weight_bytes=weight_bytes, quantization=quantization, blocks=kind.quantized_blocks
     )
-    lora = lora_parameter_count(shapes, targets, rank)
+    lora = lora_parameter_count(shapes, targets, rank, network=network, factor=factor)
     counted = activation_bytes is not None
     if activation_bytes is None:
         with_gc, without_gc = kind.activation_gib

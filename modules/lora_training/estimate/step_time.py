@@ -180,6 +180,8 @@ def measure_host_seconds(
     gradient_checkpointing: bool,
     optimizer: str,
     speed: DeviceSpeed,
+    network: str = "lora",
+    factor: int = -1,
 ) -> float:
     """Seconds the host spends on one training step of this architecture: its narrow copy, timed
     through forward, backward, clipping and the optimizer, as the training loop runs them."""
@@ -189,7 +191,13 @@ def measure_host_seconds(
     narrow = narrow_config(entry.family, config)
     with torch.device(speed.device):
         model = trainable_denoiser(
-            model_class, narrow, targets=targets, rank=rank, gradient_checkpointing=gradient_checkpointing
+            model_class,
+            narrow,
+            targets=targets,
+            rank=rank,
+            gradient_checkpointing=gradient_checkpointing,
+            network=network,
+            factor=factor,
         )
     for param in model.parameters():
         param.data = param.data.to(torch.float32 if param.requires_grad else speed.dtype)

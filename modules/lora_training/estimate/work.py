@@ -232,13 +232,22 @@ def denoiser_inputs(family: str, config, *, batch: int, latent_side: int, text_l
     )
 
 
-def trainable_denoiser(model_class, config: dict, *, targets, rank: int, gradient_checkpointing: bool):
-    """The denoiser as training holds it: frozen, LoRA added, checkpointing as asked."""
-    from peft import LoraConfig
+def trainable_denoiser(
+    model_class,
+    config: dict,
+    *,
+    targets,
+    rank: int,
+    gradient_checkpointing: bool,
+    network: str = "lora",
+    factor: int = -1,
+):
+    """The denoiser as training holds it: frozen, its adapter (LoRA, DoRA, LoKr, LoHa) added, checkpointing as asked."""
+    from families.adapter_configs import adapter_config
 
     model = model_class.from_config(config)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    model.add_adapter(adapter_config(network, rank=rank, alpha=rank, targets=list(targets), factor=factor))
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()
@@ -257,11 +266,21 @@ def count_step_work(
     batch: int,
     side: int,
     gradient_checkpointing: bool,
+    network: str = "lora",
+    factor: int = -1,
 ) -> StepWork:
     """Every operation of one training micro-batch of the LoRA-wrapped denoiser, with its FLOPs and bytes."""
     model_class, config = denoiser_blueprint(entry, models_dir=models_dir)
     with torch.device("meta"):
-        model = trainable_denoiser(model_class, config, targets=targets, rank=rank, gradient_checkpointing=False)
+        model = trainable_denoiser(
+            model_class,
+            config,
+            targets=targets,
+            rank=rank,
+            gradient_checkpointing=False,
+            network=network,
+            factor=factor,
+        )
     activations = SavedActivations(model.parameters())
     if gradient_checkpointing:
         model.enable_gradient_checkpointing(gradient_checkpointing_func=activations.checkpoint)
