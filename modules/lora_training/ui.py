@@ -35,6 +35,7 @@ from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths
+from modules.lora_training.queue_section import QueueSection
 from modules.lora_training.status_view import PageHooks, StatusView, start_job
 
 
@@ -44,6 +45,7 @@ class LoraTrainingTab:
         self.model_manager = model_manager
         self.gestionnaire = gestionnaire
         self.actions = getattr(gestionnaire, "actions", None)  # the host's TabActions
+        self.queue = getattr(gestionnaire, "queue", None)  # the server's JobRunner: jobs wait their turn there
         self.config = config
 
     # ----- plain functions (UI and API) ----------------------------------------------
@@ -117,8 +119,22 @@ class LoraTrainingTab:
         shown = config_values(TrainConfig, values, family=self.family_of(values.get("base_model")))
         return {**(extras or {}), **shown}
 
-    def start(self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False) -> dict:
-        return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run)
+    def start(
+        self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False, resume: bool = False
+    ) -> dict:
+        """Start a job now when nothing runs, else queue it (without a host queue: start or refuse). Returns
+        the started job's status (``queue_id`` added), or ``{"state": "queued", "queue_id", "position", ...}``."""
+        if self.queue is None:
+            return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run, resume=resume)
+        from modules.lora_training.queue_kinds import job_payload, kind_of
+
+        payload = job_payload(prepare, train, new_run=new_run, resume=resume)
+        project = (train or prepare).project if (train or prepare) else ""
+        row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
+        if row["started"] is not None:
+            return {**row["started"], "queue_id": row["id"]}
+        shown = {"job_id": 0, "queue_id": row["id"], "state": row["state"], "running": False}
+        return {**shown, "position": row["position"], "kind": row["kind"], "project": row["project"]}
 
     def save_checkpoint_lora(self, project: str, *, name: str, step: int | None, run_id: str | None, overwrite: bool):
         """A run's checkpoint written as a LoRA (refused while a job holds the device and the files)."""
@@ -141,7 +157,7 @@ class LoraTrainingTab:
 
     def resume(self, project: str) -> dict:
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
-        return self.jobs.start(train_config=config, resume=True)
+        return self.start(prepare=None, train=config, resume=True)
 
     def estimate(self, values: dict, extras: dict, *, strings: dict) -> str:
         from modules.lora_training.estimate import estimate_run
@@ -293,6 +309,9 @@ class LoraTrainingTab:
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
+            queue = QueueSection(self.queue, strings=strings) if self.queue is not None else None
+            if queue is not None:
+                queue.build(t, button=texts.button)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)
             caption_tools.build(t, texts=texts)
@@ -305,7 +324,9 @@ class LoraTrainingTab:
         caption_tools.wire(form["project"], gallery=page.prepared)
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
-        status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation))
+        if queue is not None:
+            queue.wire()
+        status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation, queue=queue))
         self._wire_plan(page, form, strings=strings)
         self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
@@ -415,7 +436,7 @@ class LoraTrainingTab:
     def interrupted(self) -> list[str]:
         return interrupted_projects(self.config.LORA_PROJECTS_DIR, self.config.LORAS_DIR)
 
-    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t, evaluation: EvaluateSection) -> PageHooks:
+    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t, evaluation, queue) -> PageHooks:
         """The page follows the server: the job's project and settings when a page is opened or reloaded,
         the prepared gallery, buttons enabled only when they can act, the interrupted-runs banner."""
 
@@ -440,8 +461,9 @@ class LoraTrainingTab:
             return updates
 
         outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
-        outputs += evaluation.outputs
-        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots)
+        outputs += evaluation.outputs + ([queue.table] if queue is not None else [])
+        tick = queue.tick if queue is not None else None
+        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots, tick=tick)
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
