@@ -26,11 +26,12 @@ class QueueApi:
     def register(self) -> None:
         import gradio as gr
 
-        gr.api(self.queue_add, api_name="queue_add")
+        # Not through Gradio's queue: two clients adding at once really add at once (the store orders them).
+        gr.api(self.queue_add, api_name="queue_add", queue=False)
         gr.api(self.queue_list, api_name="queue_list", queue=False)
         gr.api(self.queue_cancel, api_name="queue_cancel", queue=False)
         gr.api(self.queue_move, api_name="queue_move", queue=False)
-        gr.api(self.queue_retry, api_name="queue_retry")
+        gr.api(self.queue_retry, api_name="queue_retry", queue=False)
 
     def _answer(self, work):
         try:

@@ -168,6 +168,10 @@ class JobRunner:
     def list_jobs(self) -> list[QueuedJob]:
         return self.store.list_jobs()
 
+    def pending(self, project: str) -> list[QueuedJob]:
+        """The queued and running jobs of ``project``."""
+        return [job for job in self.store.list_jobs() if job.project == project and job.state in ("queued", "running")]
+
     def running(self) -> QueuedJob | None:
         with self._lock:
             return self._current

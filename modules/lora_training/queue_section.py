@@ -27,7 +27,7 @@ class QueueSection:
             state = translate(f"queue_state_{job.state}", self.strings)
             if job.state == "queued":
                 state = f"{state} #{job.position}"
-            outcome = Path(job.result).name if job.result else shown_message(job.error or "", self.strings)
+            outcome = _short(job.result) if job.result else shown_message(job.error or "", self.strings)
             eta = format_eta(job.eta_seconds) if job.state == "running" and job.eta_seconds is not None else ""
             rows.append([job.id, job.kind, job.project, state, f"{job.progress:.0%}", eta, outcome])
         return rows
@@ -80,3 +80,8 @@ class QueueSection:
     def tick(self) -> dict:
         """The table's new rows, for the status column's poll."""
         return {self.table: self.rows()}
+
+
+def _short(path: str) -> str:
+    """The end of a result's path that names it: ``loras/cat.safetensors``, ``cat/images``."""
+    return "/".join(Path(path).parts[-2:])

@@ -130,6 +130,12 @@ class LoraTrainingTab:
 
         payload = job_payload(prepare, train, new_run=new_run, resume=resume)
         project = (train or prepare).project if (train or prepare) else ""
+        waiting = self.queue.pending(project)
+        if waiting:  # a second click on the same project is a mistake more often than a plan
+            raise UserError(
+                f"Project {project} already has a job in the queue (job {waiting[0].id}, {waiting[0].state}): "
+                "wait for it to end, or cancel it in the Queue."
+            )
         row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
         if row["started"] is not None:
             return {**row["started"], "queue_id": row["id"]}
