@@ -40,7 +40,6 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
     queue = JobRunner(JobStore(config.QUEUE_DB))
     plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules", queue=queue)
     plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
-    queue.start(resume_interrupted=config.QUEUE_RESUME_INTERRUPTED)  # once every plugin registered its kinds
     with gr.Blocks(title=strings["app_title"]) as demo:
         switch = _header(strings, language=language)
         with gr.Tabs() as tabs:
@@ -53,6 +52,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
         QueueApi(queue, strings=strings).register()
         page.collect(demo)
         _wire_language(demo, switch=switch, page=page, save=_language_saver(config_path, language))
+    queue.start(resume_interrupted=config.QUEUE_RESUME_INTERRUPTED)  # once every tab registered its job kinds
     demo.model_manager = model_manager
     demo.plugins = plugins
     demo.job_runner = queue

@@ -126,3 +126,27 @@ def test_bad_settings_of_each_kind_are_refused_before_queueing(queued_tab, kind,
     with pytest.raises(UserError, match=message):
         runner.submit(kind, name, settings)
     assert runner.list_jobs() == []
+
+
+def test_a_batch_waits_for_the_training_then_runs_as_a_queued_job(queued_tab):
+    from core.model_manager import GenerateLimits
+    from modules.generate.batch import BatchDefaults
+    from modules.generate.batch_job import BatchRunner
+    from modules.generate.batch_section import BatchSection
+
+    tab, runner, _, name = queued_tab
+    defaults = BatchDefaults(model=DEMO_SDXL_NAME, size_for=lambda model: 64, limits=GenerateLimits())
+    batches = BatchRunner(manager=tab.model_manager, outputs_dir=tab.config.OUTPUTS_DIR, defaults=lambda: defaults)
+    section = BatchSection(batches, queue=runner)
+    training = tab.start(prepare=None, train=_train(name, steps=4))
+    rows = "prompt,steps\na red apple,2\na pear,2\n"
+    queued = section.submit(rows, base_seed=7)
+    assert (queued["state"], queued["position"]) == ("queued", 1), "waits while the training holds the device"
+    with pytest.raises(UserError, match="Row 1, column steps"):
+        section.submit("prompt,steps\na,999\n")
+    batch = _wait(runner, queued["queue_id"], ("finished", "failed", "cancelled"), timeout=180)
+    assert batch.state == "finished" and batch.progress == 1.0, batch
+    assert batch.started >= runner.store.get(training["queue_id"]).ended, "one device job at a time"
+    status = batches.status()
+    assert status["folder"] == batch.result and [r["status"] for r in status["rows"]] == ["done", "done"]
+    assert batch.payload["base_seed"] == 7
