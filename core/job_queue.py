@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+_LISTED_COLUMNS = (  # every column, the payload left out
+    "id, kind, project, '{}' AS payload, state, position, progress, eta_seconds, message, result, error, resume, "
+    "cancel_requested, attempts, owner, created, started, ended"
+)
+KEPT_ENDED = 1000  # ended jobs kept in the file (the newest); older ones are dropped at start
+
+
 @dataclass(frozen=True)
 class QueuedJob:
     id: int
@@ -158,11 +165,12 @@ class JobStore:
         return _job(row)
 
     def list_jobs(self, *, limit: int = LISTED) -> list[QueuedJob]:
-        """Running jobs, then the queued ones in line, then the others, newest first."""
+        """Running jobs, then the queued ones in line, then the others, newest first; without their payloads
+        (a batch's can be a megabyte, and the page lists the jobs every second): ``get`` has them."""
         with self._connection() as db:
             rows = db.execute(
-                "SELECT * FROM jobs ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, "
-                "position, id DESC LIMIT ?",
+                f"SELECT {_LISTED_COLUMNS} FROM jobs "
+                "ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, position, id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [_job(row) for row in rows]
@@ -274,6 +282,11 @@ class JobStore:
                 )
                 if requeue:
                     _requeue(db, job_id, resume=True)
+            db.execute(
+                "DELETE FROM jobs WHERE state IN ('finished', 'failed', 'cancelled') AND id NOT IN "
+                "(SELECT id FROM jobs WHERE state IN ('finished', 'failed', 'cancelled') ORDER BY id DESC LIMIT ?)",
+                (KEPT_ENDED,),
+            )
             return [self._get(db, job_id) for job_id in found]
 
 

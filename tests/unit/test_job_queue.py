@@ -247,3 +247,18 @@ def test_two_processes_adding_at_once_get_every_job_once_in_distinct_places(tmp_
     )
     assert sorted(j.position for j in jobs) == list(range(1, 121))
     assert json.loads(json.dumps(jobs[0].as_dict()))["state"] == "queued"
+    assert jobs[0].payload == {} and JobStore(path).get(jobs[0].id).payload == {"seconds": 0}, "listed without it"
+
+
+def test_a_start_keeps_the_newest_ended_jobs_only(tmp_path, monkeypatch):
+    import core.job_queue
+
+    monkeypatch.setattr(core.job_queue, "KEPT_ENDED", 3)
+    store = JobStore(tmp_path / "queue.sqlite")
+    for number in range(6):
+        store.add("sleep", f"p{number}", {})
+    for _ in range(5):
+        job = store.claim_next(owner="elsewhere-host-name:1")
+        store.finish(job.id, state="finished")
+    store.recover(requeue=False)
+    assert sorted(j.id for j in store.list_jobs()) == [3, 4, 5, 6], "the three newest ended ones and the queued one"
