@@ -137,6 +137,7 @@ class JobStore:
         # transaction (busy timeout) instead of failing.
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a crash of the app loses nothing committed
         try:
             yield db
         finally:
@@ -190,6 +191,9 @@ class JobStore:
 
     def claim_next(self, *, owner: str) -> QueuedJob | None:
         """The first queued job, now running for ``owner`` (None when the line is empty)."""
+        with self._connection() as db:  # an idle runner asks often: a read, no write lock
+            if db.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is None:
+                return None
         with self._transaction() as db:
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position LIMIT 1").fetchone()
             if row is None:
@@ -252,8 +256,12 @@ class JobStore:
                 "UPDATE jobs SET progress = ?, eta_seconds = ?, message = ? WHERE id = ? AND state = 'running'",
                 (progress, eta_seconds, message, job_id),
             )
+        return self.cancel_requested(job_id)
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self._connection() as db:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return bool(row and row["cancel_requested"])
+        return bool(row and row["cancel_requested"])
 
     def finish(
         self, job_id: int, *, state: str, result: str | None = None, error: str | None = None, message: str = ""

@@ -97,6 +97,7 @@ class JobRunner:
         self._handlers: dict[str, JobKinds] = {}
         self._lock = threading.RLock()
         self._current: QueuedJob | None = None
+        self._reported: tuple | None = None  # the running job's last progress written to the store
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -221,7 +222,7 @@ class JobRunner:
             log.exception("job %s could not start", job.id)
             self.store.finish(job.id, state="failed", error=f"Unexpected error: {type(exc).__name__}: {exc}")
             return None
-        self._current = job
+        self._current, self._reported = job, None
         log.info("job %s started: %s of %s (attempt %s)", job.id, job.kind, job.project, job.attempts)
         return shown
 
@@ -233,9 +234,15 @@ class JobRunner:
             log.exception("job %s: its status could not be read", job.id)
             status = JobStatus("failed", error=f"Unexpected error: {type(exc).__name__}: {exc}")
         if status.state == "running":
-            if self.store.report(
-                job.id, progress=status.progress, eta_seconds=status.eta_seconds, message=status.message
-            ):
+            shown = (round(status.progress, 3), status.message)
+            if shown != self._reported:  # written when it changed: the page shows it, the disk is not a log
+                self._reported = shown
+                cancel = self.store.report(
+                    job.id, progress=status.progress, eta_seconds=status.eta_seconds, message=status.message
+                )
+            else:
+                cancel = self.store.cancel_requested(job.id)
+            if cancel:
                 handler.stop(job)
             return
         self.store.finish(job.id, state=status.state, result=status.result, error=status.error, message=status.message)
