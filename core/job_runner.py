@@ -170,7 +170,11 @@ class JobRunner:
         return self.store.list_jobs()
 
     def pending(self, project: str) -> list[QueuedJob]:
-        """The queued and running jobs of ``project``."""
+        """The queued and running jobs of ``project`` (the running job's end is recorded first when it just
+        ended: the queue does not lag behind its plugin)."""
+        with self._lock:
+            if self._current is not None:
+                self._follow(self._current)
         return [job for job in self.store.list_jobs() if job.project == project and job.state in ("queued", "running")]
 
     def running(self) -> QueuedJob | None:

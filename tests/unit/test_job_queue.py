@@ -262,3 +262,17 @@ def test_a_start_keeps_the_newest_ended_jobs_only(tmp_path, monkeypatch):
         store.finish(job.id, state="finished")
     store.recover(requeue=False)
     assert sorted(j.id for j in store.list_jobs()) == [3, 4, 5, 6], "the three newest ended ones and the queued one"
+
+
+def test_a_job_that_just_ended_is_not_pending_even_before_the_next_tick(tmp_path):
+    runner = JobRunner(JobStore(tmp_path / "queue.sqlite"), tick_s=60)  # the thread's tick will not come
+    plugin = Sleeper()
+    runner.register(plugin)
+    runner.start()
+    try:
+        job = runner.submit("sleep", "a", {"seconds": 0})
+        assert [j.id for j in runner.pending("a")] in ([job["id"]], [])
+        plugin.running[job["id"]].join(5)
+        assert runner.pending("a") == [] and runner.store.get(job["id"]).state == "finished"
+    finally:
+        runner.close()
