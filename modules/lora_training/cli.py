@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--no-webui-copy", action="store_true", help="do not write loras/webui/<name>.safetensors")
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
+    from modules.lora_training.queue_cli import add_queue_parser
+
+    add_queue_parser(commands)
     return parser
 
 
@@ -366,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return _grid(args, app_config)
         if args.command == "captions":
             return _captions(args, app_config)
+        if args.command == "queue":
+            from modules.lora_training.queue_cli import run_queue
+
+            return run_queue(args, app_config)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

@@ -4,6 +4,7 @@ checkpoint) and the job kinds' bad settings."""
 
 from __future__ import annotations
 
+import re
 import time
 from types import SimpleNamespace
 
@@ -69,33 +70,65 @@ def _wait(runner, job_id, states, timeout=120):
     raise AssertionError(f"job {job_id} still {runner.store.get(job_id).state}")
 
 
+def _batch_section(tab, runner):
+    from core.model_manager import GenerateLimits
+    from modules.generate.batch import BatchDefaults
+    from modules.generate.batch_job import BatchRunner
+    from modules.generate.batch_section import BatchSection
+
+    defaults = BatchDefaults(model=DEMO_SDXL_NAME, size_for=lambda model: 64, limits=GenerateLimits())
+    batches = BatchRunner(manager=tab.model_manager, outputs_dir=tab.config.OUTPUTS_DIR, defaults=lambda: defaults)
+    return BatchSection(batches, queue=runner)
+
+
 def test_clicks_start_at_once_or_wait_their_turn_and_cancelled_jobs_never_run(queued_tab):
+    """A training, then two preparations and a batch in line behind it: one device job at a time, in order."""
     tab, runner, photos, name = queued_tab
-    first = tab.start(prepare=None, train=_train(name, steps=6))
+    batches = _batch_section(tab, runner)
+    first = tab.start(prepare=None, train=_train(name, steps=3))
     assert first["kind"] == "train" and first["job_id"] == 1 and first["queue_id"] == 1, "started at once"
     second = tab.start(prepare=_prepare(photos, "second"), train=None)
     third = tab.start(prepare=_prepare(photos, "third"), train=None)
-    assert [(j["state"], j["position"]) for j in (second, third)] == [("queued", 1), ("queued", 2)]
+    batch = batches.submit("prompt,steps\na red apple,2\na pear,2\n", base_seed=7)
+    assert [(j["state"], j["position"]) for j in (second, third, batch)] == [
+        ("queued", 1),
+        ("queued", 2),
+        ("queued", 3),
+    ]
+    with pytest.raises(UserError, match="Row 1, column steps"):
+        batches.submit("prompt,steps\na,999\n")
+    with pytest.raises(UserError, match=f"{name} already has a job in the queue .job 1, running."):
+        tab.start(prepare=None, train=_train(name, steps=3))
     assert runner.cancel(third["queue_id"]).state == "cancelled"
 
     done = _wait(runner, first["queue_id"], ("finished", "failed"))
     assert (done.state, done.error) == ("finished", None) and done.result.endswith(f"{name}.safetensors")
     prepared = _wait(runner, second["queue_id"], ("finished", "failed"))
     assert prepared.state == "finished" and prepared.result.endswith("second/images"), prepared.error
+    drawn = _wait(runner, batch["queue_id"], ("finished", "failed", "cancelled"))
+    assert drawn.state == "finished" and drawn.progress == 1.0 and drawn.payload["base_seed"] == 7, drawn
+    assert done.ended <= prepared.started <= prepared.ended <= drawn.started, "one device job at a time, in order"
+    status = batches.runner.status()
+    assert status["folder"] == drawn.result and [r["status"] for r in status["rows"]] == ["done", "done"]
     assert not (tab.config.LORA_PROJECTS_DIR / "third").exists(), "a cancelled job never runs"
-    assert runner.store.get(third["queue_id"]).state == "cancelled"
     assert runner.retry(third["queue_id"]).state in ("queued", "running")
     assert _wait(runner, third["queue_id"], ("finished", "failed")).state == "finished"
 
 
-def test_a_stopped_training_is_cancelled_and_its_retry_resumes_from_the_checkpoint(queued_tab):
+def test_a_stopped_training_is_cancelled_and_its_retry_resumes_from_the_checkpoint(queued_tab, capsys):
+    """Cancelled from the shell (``queue cancel``: another client of the queue file), retried through the API."""
+    import json
+
+    from modules.lora_training.cli import main
+
     tab, runner, _, name = queued_tab
     job = tab.start(prepare=None, train=_train(name, steps=8))
     deadline = time.monotonic() + 120
     while tab.jobs.snapshot()["step"] < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    runner.cancel(job["queue_id"])
+    assert main([*_cli(tab), "cancel", str(job["queue_id"])]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "running", "asked: the app stops it"
     stopped = _wait(runner, job["queue_id"], ("cancelled", "failed", "finished"), timeout=30)
     assert stopped.state == "cancelled" and "step-" in stopped.result, stopped
     step = tab.jobs.snapshot()["step"]
@@ -103,6 +136,10 @@ def test_a_stopped_training_is_cancelled_and_its_retry_resumes_from_the_checkpoi
     finished = _wait(runner, job["queue_id"], ("finished", "failed"))
     assert finished.state == "finished", finished.error
     assert any(f"from step {step}" in line for line in tab.jobs.snapshot()["log"]), "resumed, not restarted"
+
+
+def _cli(tab) -> list[str]:
+    return ["--app-config", str(tab.config.LORA_PROJECTS_DIR.parent / "config.json"), "queue"]
 
 
 @pytest.mark.parametrize(
@@ -128,25 +165,23 @@ def test_bad_settings_of_each_kind_are_refused_before_queueing(queued_tab, kind,
     assert runner.list_jobs() == []
 
 
-def test_a_batch_waits_for_the_training_then_runs_as_a_queued_job(queued_tab):
-    from core.model_manager import GenerateLimits
-    from modules.generate.batch import BatchDefaults
-    from modules.generate.batch_job import BatchRunner
-    from modules.generate.batch_section import BatchSection
+def test_the_queue_command_adds_jobs_the_app_runs(queued_tab, capsys):
+    import json
 
-    tab, runner, _, name = queued_tab
-    defaults = BatchDefaults(model=DEMO_SDXL_NAME, size_for=lambda model: 64, limits=GenerateLimits())
-    batches = BatchRunner(manager=tab.model_manager, outputs_dir=tab.config.OUTPUTS_DIR, defaults=lambda: defaults)
-    section = BatchSection(batches, queue=runner)
-    training = tab.start(prepare=None, train=_train(name, steps=4))
-    rows = "prompt,steps\na red apple,2\na pear,2\n"
-    queued = section.submit(rows, base_seed=7)
-    assert (queued["state"], queued["position"]) == ("queued", 1), "waits while the training holds the device"
-    with pytest.raises(UserError, match="Row 1, column steps"):
-        section.submit("prompt,steps\na,999\n")
-    batch = _wait(runner, queued["queue_id"], ("finished", "failed", "cancelled"), timeout=180)
-    assert batch.state == "finished" and batch.progress == 1.0, batch
-    assert batch.started >= runner.store.get(training["queue_id"]).ended, "one device job at a time"
-    status = batches.status()
-    assert status["folder"] == batch.result and [r["status"] for r in status["rows"]] == ["done", "done"]
-    assert batch.payload["base_seed"] == 7
+    from modules.lora_training.cli import main
+
+    tab, runner, photos, name = queued_tab
+    settings = json.dumps({"images_dir": str(photos), "trigger": "ohwx", "captioner": "none", "resolution": 64})
+    assert main([*_cli(tab), "add", "prepare", "from-shell", settings]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert _wait(runner, added["id"], ("finished", "failed")).state == "finished", "the app ran it"
+    assert main([*_cli(tab), "list"]) == 0
+    assert re.search(rf"{added['id']}\s+prepare\s+from-shell\s+finished\s+100%", capsys.readouterr().out)
+    for argv, message in (
+        (["add", "nope", "p"], "Unknown job kind 'nope'"),
+        (["add", "train", name, '{"steps": NaN}'], "NaN is not a number JSON allows"),
+        (["move", "99", "1"], "No job 99 in the queue"),
+        (["retry", "x"], "job id must be a whole number"),
+    ):
+        assert main([*_cli(tab), *argv]) == 2
+        assert message in capsys.readouterr().err
