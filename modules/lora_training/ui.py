@@ -130,17 +130,27 @@ class LoraTrainingTab:
 
         payload = job_payload(prepare, train, new_run=new_run, resume=resume)
         project = (train or prepare).project if (train or prepare) else ""
+        self._refuse_a_second_job(project)
+        row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
+        return self._shown_job(row["id"], started=row["started"])
+
+    def _refuse_a_second_job(self, project: str) -> None:
         waiting = self.queue.pending(project)
         if waiting:  # a second click on the same project is a mistake more often than a plan
             raise UserError(
                 f"Project {project} already has a job in the queue (job {waiting[0].id}, {waiting[0].state}): "
                 "wait for it to end, or cancel it in the Queue."
             )
-        row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
-        if row["started"] is not None:
-            return {**row["started"], "queue_id": row["id"]}
-        shown = {"job_id": 0, "queue_id": row["id"], "state": row["state"], "running": False}
-        return {**shown, "position": row["position"], "kind": row["kind"], "project": row["project"]}
+
+    def _shown_job(self, queue_id: int, *, started: dict | None) -> dict:
+        """What a click shows of a queued job: the training job's status once it runs, else its place."""
+        row = self.queue.store.get(queue_id)
+        if started is None and row.state == "running":
+            started = self.jobs.snapshot()
+        if started is not None:
+            return {**started, "queue_id": row.id}
+        shown = {"job_id": 0, "queue_id": row.id, "state": row.state, "running": False}
+        return {**shown, "position": row.position, "kind": row.kind, "project": row.project}
 
     def save_checkpoint_lora(self, project: str, *, name: str, step: int | None, run_id: str | None, overwrite: bool):
         """A run's checkpoint written as a LoRA (refused while a job holds the device and the files)."""
@@ -162,8 +172,25 @@ class LoraTrainingTab:
         return path
 
     def resume(self, project: str) -> dict:
+        """Continue the project's stopped or interrupted run: its queued job again (Retry) when the queue
+        holds the one that stopped, else a new job that resumes."""
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
-        return self.start(prepare=None, train=config, resume=True)
+        earlier = self._stopped_job(project)
+        if earlier is None:
+            return self.start(prepare=None, train=config, resume=True)
+        self._refuse_a_second_job(project)
+        return self._shown_job(self.queue.retry(earlier.id).id, started=None)
+
+    def _stopped_job(self, project: str):
+        """The project's newest queued training that ran and stopped (cancelled or interrupted), if any."""
+        if self.queue is None:
+            return None
+        ended = [j for j in self.queue.list_jobs() if j.project == project and j.kind in ("train", "prepare+train")]
+        ended = [j for j in ended if j.state not in ("queued", "running")]
+        newest = ended[0] if ended else None  # the others come newest first
+        return (
+            newest if newest is not None and newest.state in ("cancelled", "interrupted") and newest.attempts else None
+        )
 
     def estimate(self, values: dict, extras: dict, *, strings: dict) -> str:
         from modules.lora_training.estimate import estimate_run

@@ -132,7 +132,9 @@ def test_a_stopped_training_is_cancelled_and_its_retry_resumes_from_the_checkpoi
     stopped = _wait(runner, job["queue_id"], ("cancelled", "failed", "finished"), timeout=30)
     assert stopped.state == "cancelled" and "step-" in stopped.result, stopped
     step = tab.jobs.snapshot()["step"]
-    assert runner.retry(job["queue_id"]).attempts == 2
+    resumed = tab.resume(name)  # the Resume button: the same queued job again
+    assert resumed["queue_id"] == job["queue_id"] and resumed["kind"] == "train"
+    assert runner.store.get(job["queue_id"]).attempts == 2
     finished = _wait(runner, job["queue_id"], ("finished", "failed"))
     assert finished.state == "finished", finished.error
     assert any(f"from step {step}" in line for line in tab.jobs.snapshot()["log"]), "resumed, not restarted"
