@@ -24,6 +24,9 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
 
     from core.config import LANGUAGES
     from core.i18n import Language, LiveStrings, Text, load_catalog, load_table
+    from core.job_queue import JobStore
+    from core.job_queue_api import QueueApi
+    from core.job_runner import JobRunner
     from core.model_manager import ModelManager
     from core.page_texts import PageTexts
     from core.plugins import PluginManager
@@ -34,7 +37,8 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
     strings = LiveStrings(tables, language=language, catalogs=catalogs, page=page)
     if model_manager is None:
         model_manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device=config.DEVICE)
-    plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules")
+    queue = JobRunner(JobStore(config.QUEUE_DB))
+    plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules", queue=queue)
     plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
     with gr.Blocks(title=strings["app_title"]) as demo:
         switch = _header(strings, language=language)
@@ -45,10 +49,13 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
         if failures:
             listed = "\n".join(f"- **{name}**: {error}" for name, error in failures.items())
             page.markdown(Text(lambda: f"{strings['plugins_failed']}\n{listed}"))
+        QueueApi(queue, strings=strings).register()
         page.collect(demo)
         _wire_language(demo, switch=switch, page=page, save=_language_saver(config_path, language))
+    queue.start(resume_interrupted=config.QUEUE_RESUME_INTERRUPTED)  # once every tab registered its job kinds
     demo.model_manager = model_manager
     demo.plugins = plugins
+    demo.job_runner = queue
     return demo
 
 

@@ -31,13 +31,15 @@ class AppConfig:
     DATASETS_DIR: Path | None = None  # config_from_dict fills it: "datasets" beside config.json
     IMAGE_ROOTS: tuple[Path, ...] = ()  # the only folders Prepare reads from (tab and API); never empty
     MAX_IMAGE_FILE_MB: int = 200  # image files larger than this are skipped, not read
+    QUEUE_DB: Path | None = None  # config_from_dict fills it: the job queue's SQLite file in LORA_PROJECTS_DIR
+    QUEUE_RESUME_INTERRUPTED: bool = False  # at start, queue the jobs a crash interrupted again (from checkpoints)
 
     def folders(self) -> tuple[Path, ...]:
         datasets = (self.DATASETS_DIR,) if self.DATASETS_DIR else ()
         return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR, *datasets)
 
 
-_PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR", "DATASETS_DIR"}
+_PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR", "DATASETS_DIR", "QUEUE_DB"}
 _JSON_TYPES = {"bool": bool, "int": int, "tuple[Path, ...]": list}
 _TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
 # Below these nothing can be generated; above them one request can hold the GPU for hours.
@@ -81,6 +83,7 @@ def config_from_dict(raw: dict, *, base_dir: Path) -> AppConfig:
         name: values.pop(key) if key in values else _demo_name(name) for key, name in default_models.items()
     }
     values.setdefault("DATASETS_DIR", (base_dir / "datasets").resolve())
+    values.setdefault("QUEUE_DB", values["LORA_PROJECTS_DIR"] / ".queue.sqlite")
     values["IMAGE_ROOTS"] = _image_roots(raw.get("IMAGE_ROOTS"), base_dir=base_dir, datasets=values["DATASETS_DIR"])
     config = AppConfig(**values)
     if config.LANGUAGE not in LANGUAGES:

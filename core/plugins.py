@@ -110,6 +110,7 @@ class PluginManager:
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     tabs: object | None = None  # the host's gr.Tabs, set while the UI is built
     actions: TabActions = field(default_factory=TabActions)
+    queue: object | None = None  # the server's JobRunner (core/job_runner.py): tabs register their job kinds
 
     def discover(self) -> list[PluginInfo]:
         found = []

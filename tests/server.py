@@ -50,6 +50,13 @@ def wait_for_http(url: str, *, process: subprocess.Popen, log_path: Path, timeou
 @contextlib.contextmanager
 def running_app(config_path: Path, log_path: Path, *extra_args: str) -> Iterator[str]:
     """``./run.sh --config CONFIG --port PORT``; yields the base URL, stops the app after."""
+    with app_process(config_path, log_path, *extra_args) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def app_process(config_path: Path, log_path: Path, *extra_args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As :func:`running_app`, yielding the process too (its own process group: ``os.killpg`` ends it)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
@@ -64,7 +71,7 @@ def running_app(config_path: Path, log_path: Path, *extra_args: str) -> Iterator
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, process=process, log_path=log_path)
-        yield url
+        yield url, process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

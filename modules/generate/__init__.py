@@ -9,4 +9,5 @@ def initialize(global_translations, model_manager, gestionnaire, global_config):
         config=global_config,
         translations=global_translations,
         actions=getattr(gestionnaire, "actions", None),
+        queue=getattr(gestionnaire, "queue", None),
     )

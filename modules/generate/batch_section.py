@@ -12,10 +12,27 @@ from modules.generate.batch_job import BatchRunner
 
 
 class BatchSection:
-    def __init__(self, runner: BatchRunner) -> None:
+    def __init__(self, runner: BatchRunner, *, queue=None) -> None:
         self.runner = runner
+        self.queue = queue  # the server's JobRunner: a batch waits there while another job holds the device
+        self.kinds = None
+        if queue is not None:
+            from modules.generate.batch_kinds import BatchKinds
+
+            self.kinds = BatchKinds(runner)
+            queue.register(self.kinds)
         self.strings: dict = {}
         self.widgets = SimpleNamespace()
+
+    def submit(self, text: str, *, base_seed=None) -> dict:
+        """Run a batch now when nothing runs, else queue it: its id, folder and rows, or
+        ``{"state": "queued", "queue_id", "position"}``."""
+        if self.queue is None:
+            return self.runner.start(text, base_seed=base_seed)
+        row = self.queue.enqueue("batch", "", self.kinds.batch_payload(text, base_seed=base_seed))
+        if row["started"] is not None:
+            return {**row["started"], "queue_id": row["id"]}
+        return {"id": None, "queue_id": row["id"], "state": "queued", "position": row["position"]}
 
     # ----- plain functions (the page's handlers and the API) ---------------------
     def progress_text(self, snapshot: dict) -> str:
@@ -44,18 +61,18 @@ class BatchSection:
     def run_file(self, path) -> dict:
         if not path:
             raise UserError("Choose a batch file (CSV or JSON) first.")
-        return self.runner.start(read_batch_file(str(path)))
+        return self.submit(read_batch_file(str(path)))
 
     # ----- API -------------------------------------------------------------------
     def register_api(self) -> None:
         import gradio as gr
 
         def batch_generate(batch: str, base_seed: int | None = None) -> dict:
-            """Run a batch in the background: `batch` is the text of a CSV or JSON file of rows (prompt, negative,
+            """Run a batch in the background (queued while another job holds the device): `batch` is the text of a CSV or JSON file of rows (prompt, negative,
             model, loras, seed, width, height, steps, guidance; all but prompt optional); a row without a seed
             gets base_seed + its index (a random base seed when none). Returns the batch's id, folder, rows."""
             try:
-                return self.runner.start(batch, base_seed=base_seed)
+                return self.submit(batch, base_seed=base_seed)
             except UserError as exc:
                 raise shown_to_user(exc, self.strings) from exc
 
@@ -110,9 +127,11 @@ class BatchSection:
 
         def run(path):
             try:
-                self.run_file(path)
+                started = self.run_file(path)
             except UserError as exc:
                 raise shown_to_user(exc, strings) from exc
+            if started.get("state") == "queued":
+                gr.Info(translate("batch_queued", strings, queue_id=started["queue_id"], position=started["position"]))
             return poll()
 
         def stop():

@@ -72,7 +72,7 @@ def lora_label(info: LoraInfo, model_family: str | None, strings: dict) -> str:
 
 
 class GenerateTab:
-    def __init__(self, *, model_manager, config, translations: dict, actions=None) -> None:
+    def __init__(self, *, model_manager, config, translations: dict, actions=None, queue=None) -> None:
         self.model_manager = model_manager
         model_manager.limits = GenerateLimits(
             max_steps=getattr(config, "MAX_GENERATE_STEPS", GenerateLimits.max_steps),
@@ -81,6 +81,7 @@ class GenerateTab:
         self.config = config
         self.translations = translations
         self.actions = actions  # the host's TabActions: what this tab offers other tabs
+        self.queue = queue  # the server's JobRunner (batches are queued jobs of kind "batch")
         self.model_dropdown = None
         self.prompt_box = None
         self.lora_dropdowns: list = []
@@ -192,7 +193,7 @@ class GenerateTab:
                         label=t("output"), type="filepath", height=512, elem_id="generate-output", interactive=False
                     )
                     page.status = gr.Markdown(elem_id="generate-status")
-            self.batch = BatchSection(self.batch_runner())
+            self.batch = BatchSection(self.batch_runner(), queue=self.queue)
             self.batch.build(t, button=texts.button)
             # API-only endpoints live inside the tab: gr.Tabs may hold only gr.Tab children.
             self._register_list_api()

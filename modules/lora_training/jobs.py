@@ -248,6 +248,35 @@ class TrainingJobs:
         self._thread.start()
         return job.as_dict()
 
+    def check(
+        self,
+        prepare_config: PrepareConfig | None,
+        train_config: TrainConfig | None,
+        *,
+        resume: bool = False,
+        new_run: bool = False,
+    ) -> None:
+        """What :meth:`start` would refuse (but for a running job), refused now: the queue checks a job before
+        it joins the line."""
+        if prepare_config is None and train_config is None:
+            raise UserError("Nothing to do: give preparation settings, training settings or both.")
+        self._check_before_starting(prepare_config, train_config)
+        if train_config is not None and resume:
+            from modules.lora_training.runs import run_to_resume
+
+            run_to_resume(self._paths(train_config.project))
+        elif train_config is not None and not new_run:
+            self._check_can_start(train_config.project)
+
+    def can_resume(self, project: str) -> bool:
+        """Whether ``project`` has a stopped (or interrupted) run to continue."""
+        from modules.lora_training.runs import resumable_runs
+
+        return bool(resumable_runs(self._paths(project)))
+
+    def project_paths(self, project: str):
+        return self._paths(project)
+
     def _check_before_starting(self, prepare_config: PrepareConfig | None, train_config: TrainConfig | None) -> None:
         """The checks that need no model and no image, so a bad request is refused at once, not by a failed job."""
         from core.model_files import model_entry

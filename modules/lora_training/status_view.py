@@ -100,7 +100,10 @@ def start_job(start: Callable[[], dict], strings: dict) -> None:
         job = start()
     except UserError as exc:
         raise shown_to_user(exc, strings) from exc
-    gr.Info(translate("started", strings, job_id=job["job_id"]))
+    if job.get("state") == "queued":
+        gr.Info(translate("queued_toast", strings, queue_id=job["queue_id"], position=job["position"]))
+    else:
+        gr.Info(translate("started", strings, job_id=job["job_id"]))
 
 
 def lines_caption(frame: pd.DataFrame, strings: dict) -> str:
@@ -125,6 +128,7 @@ class PageHooks:
     outputs: list
     on_change: Callable[..., dict]
     plots: list = field(default_factory=list)  # line plots among ``outputs`` (see StatusView.caption_plots)
+    tick: Callable[[], dict] | None = None  # updates for some of ``outputs`` at every poll (the queue table)
 
 
 class StatusView:
@@ -170,6 +174,8 @@ class StatusView:
             updates[self.samples] = [
                 (path, shown_message(caption, self.strings)) for path, caption in snapshot["samples"]
             ]
+        if page.tick is not None:
+            updates |= page.tick()
         opened = not seen.get("loaded")
         if opened or (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state")):
             updates |= page.on_change(snapshot, opened=opened)

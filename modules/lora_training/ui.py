@@ -35,6 +35,7 @@ from modules.lora_training.jobs import interrupted_projects, resumable_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths
+from modules.lora_training.queue_section import QueueSection
 from modules.lora_training.status_view import PageHooks, StatusView, start_job
 
 
@@ -44,6 +45,7 @@ class LoraTrainingTab:
         self.model_manager = model_manager
         self.gestionnaire = gestionnaire
         self.actions = getattr(gestionnaire, "actions", None)  # the host's TabActions
+        self.queue = getattr(gestionnaire, "queue", None)  # the server's JobRunner: jobs wait their turn there
         self.config = config
 
     # ----- plain functions (UI and API) ----------------------------------------------
@@ -117,8 +119,38 @@ class LoraTrainingTab:
         shown = config_values(TrainConfig, values, family=self.family_of(values.get("base_model")))
         return {**(extras or {}), **shown}
 
-    def start(self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False) -> dict:
-        return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run)
+    def start(
+        self, *, prepare: PrepareConfig | None, train: TrainConfig | None, new_run: bool = False, resume: bool = False
+    ) -> dict:
+        """Start a job now when nothing runs, else queue it (without a host queue: start or refuse). Returns
+        the started job's status (``queue_id`` added), or ``{"state": "queued", "queue_id", "position", ...}``."""
+        if self.queue is None:
+            return self.jobs.start(prepare_config=prepare, train_config=train, new_run=new_run, resume=resume)
+        from modules.lora_training.queue_kinds import job_payload, kind_of
+
+        payload = job_payload(prepare, train, new_run=new_run, resume=resume)
+        project = (train or prepare).project if (train or prepare) else ""
+        self._refuse_a_second_job(project)
+        row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
+        return self._shown_job(row["id"], started=row["started"])
+
+    def _refuse_a_second_job(self, project: str) -> None:
+        waiting = self.queue.pending(project)
+        if waiting:  # a second click on the same project is a mistake more often than a plan
+            raise UserError(
+                f"Project {project} already has a job in the queue (job {waiting[0].id}, {waiting[0].state}): "
+                "wait for it to end, or cancel it in the Queue."
+            )
+
+    def _shown_job(self, queue_id: int, *, started: dict | None) -> dict:
+        """What a click shows of a queued job: the training job's status once it runs, else its place."""
+        row = self.queue.store.get(queue_id)
+        if started is None and row.state == "running":
+            started = self.jobs.snapshot()
+        if started is not None:
+            return {**started, "queue_id": row.id}
+        shown = {"job_id": 0, "queue_id": row.id, "state": row.state, "running": False}
+        return {**shown, "position": row.position, "kind": row.kind, "project": row.project}
 
     def save_checkpoint_lora(self, project: str, *, name: str, step: int | None, run_id: str | None, overwrite: bool):
         """A run's checkpoint written as a LoRA (refused while a job holds the device and the files)."""
@@ -140,8 +172,25 @@ class LoraTrainingTab:
         return path
 
     def resume(self, project: str) -> dict:
+        """Continue the project's stopped or interrupted run: its queued job again (Retry) when the queue
+        holds the one that stopped, else a new job that resumes."""
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
-        return self.jobs.start(train_config=config, resume=True)
+        earlier = self._stopped_job(project)
+        if earlier is None:
+            return self.start(prepare=None, train=config, resume=True)
+        self._refuse_a_second_job(project)
+        return self._shown_job(self.queue.retry(earlier.id).id, started=None)
+
+    def _stopped_job(self, project: str):
+        """The project's newest queued training that ran and stopped (cancelled or interrupted), if any."""
+        if self.queue is None:
+            return None
+        ended = [j for j in self.queue.list_jobs() if j.project == project and j.kind in ("train", "prepare+train")]
+        ended = [j for j in ended if j.state not in ("queued", "running")]
+        newest = ended[0] if ended else None  # the others come newest first
+        return (
+            newest if newest is not None and newest.state in ("cancelled", "interrupted") and newest.attempts else None
+        )
 
     def estimate(self, values: dict, extras: dict, *, strings: dict) -> str:
         from modules.lora_training.estimate import estimate_run
@@ -297,6 +346,9 @@ class LoraTrainingTab:
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
+            queue = QueueSection(self.queue, strings=strings) if self.queue is not None else None
+            if queue is not None:
+                queue.build(t, button=texts.button)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)
             caption_tools.build(t, texts=texts)
@@ -309,7 +361,9 @@ class LoraTrainingTab:
         caption_tools.wire(form["project"], gallery=page.prepared)
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
-        status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation))
+        if queue is not None:
+            queue.wire()
+        status.wire(page=self._page_hooks(page, form, t=t, evaluation=evaluation, queue=queue))
         self._wire_plan(page, form, strings=strings)
         self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
@@ -419,7 +473,7 @@ class LoraTrainingTab:
     def interrupted(self) -> list[str]:
         return interrupted_projects(self.config.LORA_PROJECTS_DIR, self.config.LORAS_DIR)
 
-    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t, evaluation: EvaluateSection) -> PageHooks:
+    def _page_hooks(self, page: SimpleNamespace, form: FormWidgets, *, t, evaluation, queue) -> PageHooks:
         """The page follows the server: the job's project and settings when a page is opened or reloaded,
         the prepared gallery, buttons enabled only when they can act, the interrupted-runs banner."""
 
@@ -444,8 +498,9 @@ class LoraTrainingTab:
             return updates
 
         outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
-        outputs += evaluation.outputs
-        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots)
+        outputs += evaluation.outputs + ([queue.table] if queue is not None else [])
+        tick = queue.tick if queue is not None else None
+        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots, tick=tick)
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""

@@ -797,10 +797,38 @@ def generation_cancelled_by_its_client(world: World) -> str:
     return f"cancelled {cancellations(world)}; next: {quick}"
 
 
+def queued_then_cancelled(builder: Callable[[World], tuple]) -> Callable[[World], str]:
+    """A job asked for while another runs: the refusal, or its place in the queue and its /queue_cancel."""
+
+    def send(world: World) -> str:
+        api, *args = builder(world)
+        kind, data = world.call(api, list(args))
+        if kind == "error":
+            return data
+        job = json.loads(data)[0]
+        cancel_kind, cancelled = world.call("queue_cancel", [job["queue_id"]])
+        state = json.loads(cancelled)[0]["state"] if cancel_kind == "complete" else cancelled
+        return f"{job['state']} as job {job['queue_id']} at {job['position']}; {state}"
+
+    return send
+
+
 WHILE_TRAINING = [
-    Case("concurrency: a second train", answer(lambda w: train(w, project="keep")), "already running.*stop it or wait"),
-    Case("concurrency: prepare the training project", answer(lambda w: prep(w, project="busy")), "already running"),
-    Case("concurrency: resume while running", lambda w: w.refused("resume_training", "paused"), "already running"),
+    Case(
+        "concurrency: a second train",
+        queued_then_cancelled(lambda w: train(w, project="keep")),
+        r"^queued as job \d+ at 1; cancelled$",
+    ),
+    Case(
+        "concurrency: prepare the training project",
+        answer(lambda w: prep(w, project="busy")),
+        "busy already has a job in the queue .*running.*cancel it",
+    ),
+    Case(
+        "concurrency: resume while running",
+        queued_then_cancelled(lambda w: ("resume_training", "paused")),
+        r"^queued as job \d+ at 1; cancelled$",
+    ),
     Case(
         "concurrency: 10 generates while training",
         ten_generates,
@@ -917,6 +945,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
                 (info.st_mode >> 12,) if is_dir else (info.st_mode >> 12, info.st_size, info.st_mtime_ns)
             )
     entries.pop("app.log", None)
+    for name in [name for name in entries if name.startswith("projects/.queue.sqlite")]:
+        entries.pop(name)  # the job queue records every accepted job (and none of the refused ones)
     return entries
 
 

@@ -53,7 +53,7 @@ def test_prepare_train_stop_resume_through_the_api(app):
     _status_until(client, lambda s: s["state"] == "training" and s["step"] >= 2)
     with pytest.raises(AppError, match="training LoRA .api. is in progress"):
         client.predict(DEMO_SDXL_NAME, "a cat", "", 2, 5.0, 64, 64, 1, *(None, 1.0) * 4, api_name="/generate")
-    with pytest.raises(AppError, match="already running"):
+    with pytest.raises(AppError, match="api already has a job in the queue .job 2, running."):
         client.predict(str(photos), "api", "ohwx", DEMO_SDXL_NAME, options, False, "none", 64, api_name="/train_lora")
 
     assert "Stopping" in client.predict(api_name="/stop_training")

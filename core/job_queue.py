@@ -1,0 +1,334 @@
+"""The persistent job queue: one SQLite table of jobs, shared by every thread and process that opens it.
+
+A job is a row: its kind (a name a plugin registered, e.g. "train"), project, payload (the JSON of its typed
+configs), state, place in line, progress, ETA, result, error, attempts and timestamps. States:
+
+    queued ──claim──► running ──► finished | failed | cancelled
+      ▲                  │ (the process died: found by the next start)
+      └──retry──── interrupted, failed, cancelled
+
+The database runs in WAL mode and every change is one ``BEGIN IMMEDIATE`` transaction, so two API clients,
+two threads or two processes adding or moving jobs at once each see a consistent line: positions of queued
+jobs are 1..N, without gaps or duplicates. Nothing here knows what a job does (see :mod:`core.job_runner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+STATES = ("queued", "running", "interrupted", "finished", "failed", "cancelled")
+ENDED = ("finished", "failed", "cancelled")
+RETRYABLE = ("failed", "cancelled", "interrupted")
+MAX_JOB_ID = 2**53  # ids past this are not ids any JSON client can send exactly
+LISTED = 200  # the most jobs a list returns: every queued and running one, then the newest others
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    project TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    position INTEGER,
+    progress REAL NOT NULL DEFAULT 0,
+    eta_seconds REAL,
+    message TEXT NOT NULL DEFAULT '',
+    result TEXT,
+    error TEXT,
+    resume INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL
+)
+"""
+
+
+_LISTED_COLUMNS = (  # every column, the payload left out
+    "id, kind, project, '{}' AS payload, state, position, progress, eta_seconds, message, result, error, resume, "
+    "cancel_requested, attempts, owner, created, started, ended"
+)
+KEPT_ENDED = 1000  # ended jobs kept in the file (the newest); older ones are dropped at start
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    id: int
+    kind: str
+    project: str
+    payload: dict
+    state: str
+    position: int | None
+    progress: float
+    eta_seconds: float | None
+    message: str
+    result: str | None
+    error: str | None
+    resume: bool  # run it from its checkpoint (a retried or interrupted job)
+    cancel_requested: bool
+    attempts: int
+    owner: str | None
+    created: float
+    started: float | None
+    ended: float | None
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def this_process() -> str:
+    """The owner name of jobs run here: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """Whether the process that ran a job is gone: on this host, a process id that no longer runs (or is
+    ours: we just started); another host's jobs are left to that host."""
+    host, _, pid = (owner or ":").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host == ""
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def job_id_of(value) -> int:
+    """A job id from the API: a whole number from 1 (text digits are accepted)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_JOB_ID:
+        raise UserError(f"job id must be a whole number from 1 to {MAX_JOB_ID}; got {value!r}"[:300])
+    return value
+
+
+class JobStore:
+    """The queue's table in the SQLite file ``path`` (made on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: safe across threads, and a writer waits for another's
+        # transaction (busy timeout) instead of failing.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a crash of the app loses nothing committed
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ----- reading -------------------------------------------------------------------------
+    def get(self, job_id: int) -> QueuedJob:
+        with self._connection() as db:
+            return self._get(db, job_id)
+
+    def _get(self, db: sqlite3.Connection, job_id: int) -> QueuedJob:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id_of(job_id),)).fetchone()
+        if row is None:
+            raise UserError(f"No job {job_id} in the queue; /queue_list shows the jobs and their ids.")
+        return _job(row)
+
+    def list_jobs(self, *, limit: int = LISTED) -> list[QueuedJob]:
+        """Running jobs, then the queued ones in line, then the others, newest first; without their payloads
+        (a batch's can be a megabyte, and the page lists the jobs every second): ``get`` has them."""
+        with self._connection() as db:
+            rows = db.execute(
+                f"SELECT {_LISTED_COLUMNS} FROM jobs "
+                "ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, position, id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    # ----- the line ------------------------------------------------------------------------
+    def add(self, kind: str, project: str, payload: dict, *, resume: bool = False) -> QueuedJob:
+        """A new job at the end of the line."""
+        text = json.dumps(payload, allow_nan=False, sort_keys=True)
+        with self._transaction() as db:
+            (last,) = db.execute("SELECT COALESCE(MAX(position), 0) FROM jobs WHERE state = 'queued'").fetchone()
+            cursor = db.execute(
+                "INSERT INTO jobs (kind, project, payload, state, position, resume, created) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                (kind, project, text, last + 1, int(resume), time.time()),
+            )
+            return self._get(db, cursor.lastrowid)
+
+    def claim_next(self, *, owner: str) -> QueuedJob | None:
+        """The first queued job, now running for ``owner`` (None when the line is empty)."""
+        with self._connection() as db:  # an idle runner asks often: a read, no write lock
+            if db.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is None:
+                return None
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', position = NULL, owner = ?, started = ?, ended = NULL, "
+                "attempts = attempts + 1, progress = 0, eta_seconds = NULL, error = NULL, message = '' WHERE id = ?",
+                (owner, time.time(), row["id"]),
+            )
+            _renumber(db)
+            return self._get(db, row["id"])
+
+    def move(self, job_id: int, to: int | str) -> QueuedJob:
+        """Put a queued job at place ``to`` (1 is next), or one place "up" or "down"."""
+        with self._transaction() as db:
+            job = self._get(db, job_id)
+            if job.state != "queued":
+                raise UserError(f"Job {job.id} is {job.state}; only a queued job can be moved.")
+            line = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position")]
+            line.remove(job.id)
+            line.insert(_new_place(to, current=job.position, length=len(line) + 1) - 1, job.id)
+            for place, other in enumerate(line, start=1):
+                db.execute("UPDATE jobs SET position = ? WHERE id = ?", (place, other))
+            return self._get(db, job.id)
+
+    def cancel(self, job_id: int) -> QueuedJob:
+        """A queued job leaves the line (cancelled); a running one gets ``cancel_requested`` (its runner stops
+        it and records how it ended)."""
+        with self._transaction() as db:
+            job = self._get(db, job_id)
+            if job.state == "queued":
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', position = NULL, ended = ?, message = ? WHERE id = ?",
+                    (time.time(), "Cancelled before it started.", job.id),
+                )
+                _renumber(db)
+            elif job.state == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
+            else:
+                raise UserError(f"Job {job.id} is {job.state}; only a queued or running job can be cancelled.")
+            return self._get(db, job.id)
+
+    def retry(self, job_id: int, *, resume: bool = True) -> QueuedJob:
+        """A failed, cancelled or interrupted job back at the end of the line (from its checkpoint when it
+        has one and ``resume``)."""
+        with self._transaction() as db:
+            job = self._get(db, job_id)
+            if job.state not in RETRYABLE:
+                raise UserError(
+                    f"Job {job.id} is {job.state}; only a failed, cancelled or interrupted job can be retried."
+                )
+            _requeue(db, job.id, resume=resume)
+            return self._get(db, job.id)
+
+    # ----- the runner's side ---------------------------------------------------------------
+    def report(self, job_id: int, *, progress: float, eta_seconds: float | None, message: str = "") -> bool:
+        """Progress of a running job; returns whether someone asked to cancel it."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET progress = ?, eta_seconds = ?, message = ? WHERE id = ? AND state = 'running'",
+                (progress, eta_seconds, message, job_id),
+            )
+        return self.cancel_requested(job_id)
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self._connection() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def finish(
+        self, job_id: int, *, state: str, result: str | None = None, error: str | None = None, message: str = ""
+    ) -> QueuedJob:
+        if state not in ENDED:
+            raise ValueError(f"a job ends as one of {ENDED}, not {state!r}")
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, result = ?, error = ?, message = ?, ended = ?, cancel_requested = 0, "
+                "progress = CASE WHEN ? = 'finished' THEN 1 ELSE progress END, eta_seconds = NULL WHERE id = ?",
+                (state, result, error, message, time.time(), state, job_id),
+            )
+            return self._get(db, job_id)
+
+    def recover(self, *, requeue: bool) -> list[QueuedJob]:
+        """At start: jobs left running by a process that is gone become interrupted (and, with ``requeue``,
+        go back to the end of the line to resume from their checkpoints). Returns them."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, owner FROM jobs WHERE state = 'running' ORDER BY started").fetchall()
+            found = [row["id"] for row in rows if _owner_gone(row["owner"])]
+            for job_id in found:
+                db.execute(
+                    "UPDATE jobs SET state = 'interrupted', ended = ?, cancel_requested = 0, eta_seconds = NULL, "
+                    "message = ? WHERE id = ?",
+                    (time.time(), "The app stopped while this job ran.", job_id),
+                )
+                if requeue:
+                    _requeue(db, job_id, resume=True)
+            db.execute(
+                "DELETE FROM jobs WHERE state IN ('finished', 'failed', 'cancelled') AND id NOT IN "
+                "(SELECT id FROM jobs WHERE state IN ('finished', 'failed', 'cancelled') ORDER BY id DESC LIMIT ?)",
+                (KEPT_ENDED,),
+            )
+            return [self._get(db, job_id) for job_id in found]
+
+
+def _job(row: sqlite3.Row) -> QueuedJob:
+    values = dict(row)
+    values["payload"] = json.loads(values["payload"])
+    values["resume"] = bool(values["resume"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return QueuedJob(**values)
+
+
+def _renumber(db: sqlite3.Connection) -> None:
+    line = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position")]
+    for place, job_id in enumerate(line, start=1):
+        db.execute("UPDATE jobs SET position = ? WHERE id = ?", (place, job_id))
+
+
+def _requeue(db: sqlite3.Connection, job_id: int, *, resume: bool) -> None:
+    (last,) = db.execute("SELECT COALESCE(MAX(position), 0) FROM jobs WHERE state = 'queued'").fetchone()
+    db.execute(
+        "UPDATE jobs SET state = 'queued', position = ?, resume = ?, cancel_requested = 0, ended = NULL, "
+        "eta_seconds = NULL WHERE id = ?",
+        (last + 1, int(resume), job_id),
+    )
+
+
+def _new_place(to: int | str, *, current: int, length: int) -> int:
+    """The 1-based place a move asks for, within the line."""
+    if to in ("up", "down"):
+        return min(length, max(1, current + (-1 if to == "up" else 1)))
+    if isinstance(to, str) and to.strip().isdigit():
+        to = int(to.strip())
+    if isinstance(to, float) and to.is_integer():
+        to = int(to)
+    if not isinstance(to, int) or isinstance(to, bool) or not 1 <= to <= MAX_JOB_ID:
+        raise UserError(f'position must be "up", "down" or a whole number from 1 (the next job); got {to!r}'[:300])
+    return min(to, length)

@@ -1,0 +1,87 @@
+"""The tab's Queue view: the server's jobs as a table (refreshed by the status column's polling) and
+cancel / retry / up / down for a chosen job id. Thin: the queue is :class:`core.job_runner.JobRunner`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from core.errors import UserError, shown_to_user
+from core.i18n import shown_message, text_of, translate
+from modules.lora_training.status_view import format_eta
+
+COLUMNS = ("id", "kind", "project", "state", "progress", "eta", "result")
+
+
+class QueueSection:
+    def __init__(self, runner, *, strings) -> None:
+        self.runner = runner
+        self.strings = strings
+
+    # ----- plain functions -------------------------------------------------------------------
+    def rows(self) -> list[list]:
+        """One row per job: id, kind, project, state (translated), progress, ETA, result (or the error)."""
+        rows = []
+        for job in self.runner.list_jobs():
+            state = translate(f"queue_state_{job.state}", self.strings)
+            if job.state == "queued":
+                state = f"{state} #{job.position}"
+            outcome = _short(job.result) if job.result else shown_message(job.error or "", self.strings)
+            eta = format_eta(job.eta_seconds) if job.state == "running" and job.eta_seconds is not None else ""
+            rows.append([job.id, job.kind, job.project, state, f"{job.progress:.0%}", eta, outcome])
+        return rows
+
+    def act(self, action: str, job_id) -> str:
+        """Cancel, retry or move (up / down) job ``job_id``; what happened, for a notice."""
+        if job_id is None:
+            raise UserError("Type the id of a job from the queue table first.")
+        if action == "cancel":
+            job = self.runner.cancel(job_id)
+        elif action == "retry":
+            job = self.runner.retry(job_id)
+        else:
+            job = self.runner.move(job_id, action)
+        return translate(f"queue_done_{action}", self.strings, job_id=job.id, position=job.position or "")
+
+    # ----- UI --------------------------------------------------------------------------------
+    def build(self, t, *, button) -> None:
+        with gr.Accordion(t("queue"), open=True, elem_id="lt-queue"):
+            headers = [text_of(self.strings, f"queue_col_{name}") for name in COLUMNS]
+            self.table = gr.Dataframe(
+                value=self.rows(),
+                headers=headers,
+                datatype=["number", "str", "str", "str", "str", "str", "str"],
+                interactive=False,
+                elem_id="lt-queue-table",
+                wrap=True,
+            )
+            with gr.Row(equal_height=True):
+                self.job_id = gr.Number(label=t("queue_job_id"), precision=0, minimum=1, elem_id="lt-queue-id")
+                self.buttons = {
+                    action: button(t(f"queue_{action}"), elem_id=f"lt-queue-{action}")
+                    for action in ("cancel", "retry", "up", "down")
+                }
+
+    def wire(self) -> None:
+        def run(action: str):
+            def handler(job_id):
+                try:
+                    gr.Info(self.act(action, job_id))
+                except UserError as exc:
+                    raise shown_to_user(exc, self.strings) from exc
+                return self.rows()
+
+            return handler
+
+        for action, widget in self.buttons.items():
+            widget.click(run(action), inputs=[self.job_id], outputs=[self.table], api_visibility="private")
+
+    def tick(self) -> dict:
+        """The table's new rows, for the status column's poll."""
+        return {self.table: self.rows()}
+
+
+def _short(path: str) -> str:
+    """The end of a result's path that names it: ``loras/cat.safetensors``, ``cat/images``."""
+    return "/".join(Path(path).parts[-2:])

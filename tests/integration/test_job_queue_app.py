@@ -1,0 +1,99 @@
+"""The queue in the running app (run.sh), through Gradio's API: two clients adding jobs at once, and a
+training killed with the app (SIGKILL) that resumes from its checkpoint when the app starts again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from core.config import load_config
+from core.job_queue import JobStore
+from tests.conftest import write_config
+from tests.demo_names import DEMO_SDXL_NAME
+from tests.image_folders import noise_image
+from tests.server import app_process
+
+STEPS = 14
+
+
+def _until(predicate, *, timeout=180, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job(client, job_id: int) -> dict:
+    return next(job for job in client.predict(api_name="/queue_list") if job["id"] == job_id)
+
+
+def _add_prepares(url: str, photos, name: str, answers: list, count: int = 3) -> None:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    settings = json.dumps({"images_dir": str(photos), "trigger": "ohwx", "captioner": "none", "resolution": 64})
+    for number in range(count):
+        answers.append(client.predict("prepare", f"{name}{number}", settings, api_name="/queue_add"))
+
+
+def _concurrent_clients_add_jobs(url: str, photos) -> list[dict]:
+    answers: list[dict] = []
+    threads = [threading.Thread(target=_add_prepares, args=(url, photos, name, answers)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
+
+
+@pytest.mark.slow
+def test_a_training_killed_with_the_app_resumes_after_a_restart(project, models_dir, tmp_path):
+    from gradio_client import Client
+
+    projects, name = project
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(2):
+        noise_image(80, 80, seed=500 + index).save(photos / f"p{index}.png")
+    config = write_config(tmp_path, models_dir, QUEUE_RESUME_INTERRUPTED=True, BUILD_DEMO_MODELS=False)
+    settings = {"base_model": DEMO_SDXL_NAME, "steps": STEPS, "rank": 4, "save_every_steps": 2}
+    settings |= {"sample_every_steps": 0, "validation_share": 0.0}
+    with app_process(config, tmp_path / "first.log") as (url, process):
+        client = Client(url, verbose=False)
+        job = client.predict("train", name, json.dumps(settings), api_name="/queue_add")
+        assert (job["state"], job["started"], job["attempts"]) == ("running", True, 1)
+
+        added = _concurrent_clients_add_jobs(url, photos)
+        assert sorted(a["project"] for a in added) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+        queued = [j for j in client.predict(api_name="/queue_list") if j["state"] == "queued"]
+        assert sorted(j["position"] for j in queued) == [1, 2, 3, 4, 5, 6], "each job once, in distinct places"
+        for entry in queued:
+            assert client.predict(entry["id"], api_name="/queue_cancel")["state"] == "cancelled"
+
+        checkpoints = projects / name / "runs"
+        _until(lambda: list(checkpoints.glob("*/checkpoints/step-*")), what="a checkpoint")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+    left = JobStore(load_config(config).QUEUE_DB).get(job["id"])
+    assert left.state == "running" and left.progress < 1, "killed mid-training"
+
+    with app_process(config, tmp_path / "second.log") as (url, _):
+        client = Client(url, verbose=False)
+        done = _until(
+            lambda: (j := _job(client, job["id"]))["state"] in ("finished", "failed", "cancelled") and j,
+            what="the resumed job to end",
+        )
+        assert done["state"] == "finished", done
+        assert done["attempts"] == 2 and done["result"].endswith(f"{name}.safetensors")
+        status = client.predict(api_name="/training_status")
+        assert status["step"] == STEPS
+        assert any("Resuming run" in line for line in status["log"]), "continued from the checkpoint"
+        assert [j["state"] for j in client.predict(api_name="/queue_list") if j["project"] != name] == ["cancelled"] * 6
