@@ -25,6 +25,7 @@ from modules.lora_training.events import (
     Validated,
 )
 from modules.lora_training.export import FORMATS
+from modules.lora_training.sweep_cli import add_sweep_parser, run_sweep_command
 from modules.lora_training.validation import BEST_RULES, DEFAULT_MARGIN, DEFAULT_RULE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--no-webui-copy", action="store_true", help="do not write loras/webui/<name>.safetensors")
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
+    add_sweep_parser(commands)
     return parser
 
 
@@ -366,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return _grid(args, app_config)
         if args.command == "captions":
             return _captions(args, app_config)
+        if args.command == "sweep":
+            return run_sweep_command(args, app_config, print_event=_print_event)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0
