@@ -185,8 +185,8 @@ class TrialWatcher:
             if self.pruned_at is None and self.trial.should_prune():
                 self.pruned_at = event.step
         elif isinstance(event, Failed):
-            self.failure = event.message
-            event = Log(f"Trial {self.trial.number} failed: {event.message}", level="warning")
+            self.failure = event.message  # the worker logs it with the trial's end
+            return
         if isinstance(event, StepDone | Validated) or (isinstance(event, Log) and event.level == "warning"):
             self.on_event(event)
 
