@@ -23,6 +23,7 @@ from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import EventSink, Failed, Log, StepDone, Validated, ignore_events
 from modules.lora_training.project import ProjectPaths
+from modules.lora_training.sweep_space import parse_space
 from modules.lora_training.sweep_study import (
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
@@ -104,22 +105,30 @@ def open_sweep(
     storage = open_storage(storage_url or default_storage(place.paths), heartbeat=heartbeat, grace=grace)
     if join:
         opened = join_study(storage, name=study, project=place.project, trials=trials, space_text=space_text)
-    else:
-        settings = {"base_model": base_model} if base_model else {}
-        if trials is None:
-            raise UserError("Give the number of trials of the new sweep (--trials N).")
-        opened = create_study(
-            storage,
-            name=study or new_study_name(),
-            project=place.project,
-            space_text=space_text,
-            trials=trials,
-            settings=settings,
-        )
-    if not opened.settings.get("base_model"):
+        check_settings(place, opened.settings)
+        return opened
+    if trials is None:
+        raise UserError("Give the number of trials of the new sweep (--trials N).")
+    settings = {**parse_space(space_text, trials=trials).fixed, **({"base_model": base_model} if base_model else {})}
+    check_settings(place, settings)  # before the study exists: a refused request leaves nothing behind
+    return create_study(
+        storage,
+        name=study or new_study_name(),
+        project=place.project,
+        space_text=space_text,
+        trials=trials,
+        settings=settings,
+    )
+
+
+def check_settings(place: Place, settings: dict) -> None:
+    """A base model that exists, and a project with held-out images."""
+    from core.model_files import model_entry
+
+    if not settings.get("base_model"):
         raise UserError('Give the base model the sweep trains on (--base-model, or "base_model" in "fixed").')
-    check_project(place, opened.settings)
-    return opened
+    model_entry(place.models_dir, settings["base_model"])
+    check_project(place, settings)
 
 
 def trial_config(study: Study, params: dict, *, number: int) -> TrainConfig:

@@ -97,6 +97,13 @@ def _axis_labels(parameter) -> list[tuple[float, str]]:
     return [(0.0, f"{parameter.low:g}"), (1.0, f"{parameter.high:g}")]
 
 
+def _label(draw, where: tuple[float, float], text: str, *, font) -> None:
+    """An axis label on a white box, readable over the lines."""
+    box = draw.textbbox(where, text, font=font, anchor="lm")
+    draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill="white")
+    draw.text(where, text, fill="dimgray", font=font, anchor="lm")
+
+
 def parallel_coordinates(study: Study, path: Path) -> Path | None:
     """A PNG with one vertical axis per swept parameter and one for the objective; each complete trial is a
     line across them, blue for the best objective and red for the worst. None before any trial completes."""
@@ -130,11 +137,11 @@ def parallel_coordinates(study: Study, path: Path) -> Path | None:
         draw.line([(x, top), (x, height - bottom)], fill="black")
         draw.text((x, height - bottom + 8), parameter.name, fill="black", font=font, anchor="ma")
         for share, label in _axis_labels(parameter):
-            draw.text((x + 4, y_of(share)), label, fill="dimgray", font=font, anchor="lm")
+            _label(draw, (x + 4, y_of(share)), label, font=font)
     draw.line([(xs[-1], top), (xs[-1], height - bottom)], fill="black")
     draw.text((xs[-1], height - bottom + 8), "validation loss", fill="black", font=font, anchor="ma")
-    draw.text((xs[-1] + 4, y_of(1.0)), f"{low:.4g}", fill="dimgray", font=font, anchor="lm")
-    draw.text((xs[-1] + 4, y_of(0.0)), f"{high:.4g}", fill="dimgray", font=font, anchor="lm")
+    _label(draw, (xs[-1] + 4, y_of(1.0)), f"{low:.4g}", font=font)
+    _label(draw, (xs[-1] + 4, y_of(0.0)), f"{high:.4g}", font=font)
     draw.text((left, 12), f"{study.name}: {len(rows)} complete trial(s)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -206,3 +206,57 @@ def test_two_worker_processes_share_one_study_on_postgresql(sweep_app, tmp_path)
         rows = trials_table(find_study(_place(sweep_app), "pg", storage_url=url))
         assert len(rows) == 4 and all(row["state"] in ("complete", "pruned") for row in rows)
         assert len({row["worker"] for row in rows}) == 2
+
+
+def test_bad_sweep_requests_are_refused_before_anything_is_stored(
+    sweep_app, sdxl_project, models_dir, tmp_path, capsys
+):
+    import shutil
+
+    from core.errors import UserError
+    from modules.lora_training.cli import main
+    from modules.lora_training.sweep import study_names
+
+    place, text = _place(sweep_app), json.dumps(SPACE)
+    shutil.copytree(sdxl_project[0], tmp_path / "small")
+    small = Place(tmp_path / "small", models_dir, sdxl_project[1])  # 4 images: none can be held out
+    refusals = [
+        (lambda: open_sweep(small, space_text=text, trials=4, base_model=DEMO_SDXL_NAME), "holds no images out"),
+        (lambda: open_sweep(place, space_text=text, trials=4, base_model="nope.safetensors"), "nope.safetensors"),
+        (lambda: open_sweep(place, space_text=text, trials=4), "Give the base model"),
+        (lambda: open_sweep(place, space_text=text, base_model=DEMO_SDXL_NAME), "Give the number of trials"),
+        (lambda: open_sweep(place, space_text="{}", trials=4, base_model=DEMO_SDXL_NAME), '"parameters" must be'),
+        (lambda: open_sweep(place, study="../x", space_text=text, trials=4, base_model=DEMO_SDXL_NAME), "Study name"),
+        (lambda: open_sweep(place, study="none", join=True), "No sweep study named 'none'"),
+        (lambda: open_sweep(place, space_text=text, trials=4, storage_url="sweeps.db"), "is not a database URL"),
+        (
+            lambda: open_sweep(
+                place, space_text=text, trials=4, storage_url="postgresql+psycopg://x:secret@127.0.0.1:1/db"
+            ),
+            "Cannot open the sweep storage postgresql+psycopg://x:***@127.0.0.1:1/db",
+        ),
+    ]
+    for call, says in refusals:
+        with pytest.raises(UserError) as refused:
+            call()
+        assert says in str(refused.value)
+        assert "secret" not in str(refused.value)
+    assert study_names(place) == [] and study_names(small) == [], "nothing was stored"
+
+    open_sweep(place, space_text=text, trials=4, base_model=DEMO_SDXL_NAME, study="once")
+    with pytest.raises(UserError, match="already exists: join it"):
+        open_sweep(place, space_text=text, trials=4, base_model=DEMO_SDXL_NAME, study="once")
+    with pytest.raises(UserError, match="has another search space"):
+        open_sweep(place, space_text=json.dumps({**SPACE, "reports": 2}), study="once", join=True)
+    joined = open_sweep(place, study="once", join=True, trials=6)
+    assert joined.budget == 6 and len(trials_table(joined)) == 6, "a larger budget queues more trials"
+    with pytest.raises(UserError, match="has no complete trial yet"):
+        best_train_config(joined)
+
+    config = str(tmp_path / "config.json")
+    assert main(["--app-config", config, "sweep", "--project", "tiny", "--trials", "2"]) == 2
+    assert main(["--app-config", config, "sweep", "--project", "tiny", "--join", "once", "--grace", "0"]) == 2
+    assert main(["--app-config", config, "sweep", "--project", "tiny", "--join", "once", "--results"]) == 0
+    printed = capsys.readouterr()
+    assert "Give the search space" in printed.err and "--grace must be from 1 to 3600" in printed.err
+    assert "study once on tiny: budget 6, {'waiting': 6}" in printed.out
