@@ -138,7 +138,8 @@ def test_stop_ends_a_sweep_within_a_second_and_its_trial_waits_to_run_again(jobs
 
 def _worker(config_path: Path, *arguments: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "modules.lora_training", "--app-config", str(config_path), "sweep"]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # One thread each: two workers with a thread per core each would fight over the cores (several times slower).
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [*command, "--project", "tiny", *arguments],
         cwd=ROOT,
