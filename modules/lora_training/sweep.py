@@ -105,12 +105,15 @@ def open_sweep(
     storage = open_storage(storage_url or default_storage(place.paths), heartbeat=heartbeat, grace=grace)
     if join:
         opened = join_study(storage, name=study, project=place.project, trials=trials, space_text=space_text)
-        check_settings(place, opened.settings)
+        check_settings(place, opened.settings, objective=opened.space.objective)
         return opened
     if trials is None:
         raise UserError("Give the number of trials of the new sweep (--trials N).")
-    settings = {**parse_space(space_text, trials=trials).fixed, **({"base_model": base_model} if base_model else {})}
-    check_settings(place, settings)  # before the study exists: a refused request leaves nothing behind
+    space = parse_space(space_text, trials=trials)
+    settings = {**space.fixed, **({"base_model": base_model} if base_model else {})}
+    check_settings(
+        place, settings, objective=space.objective
+    )  # before the study exists: a refused request leaves nothing behind
     return create_study(
         storage,
         name=study or new_study_name(),
@@ -121,7 +124,7 @@ def open_sweep(
     )
 
 
-def check_settings(place: Place, settings: dict) -> None:
+def check_settings(place: Place, settings: dict, *, objective: str) -> None:
     """A base model that exists, and a project with held-out images."""
     from core.model_files import model_entry
 
@@ -129,6 +132,14 @@ def check_settings(place: Place, settings: dict) -> None:
         raise UserError('Give the base model the sweep trains on (--base-model, or "base_model" in "fixed").')
     model_entry(place.models_dir, settings["base_model"])
     check_project(place, settings)
+    if objective == "subject_similarity":
+        from modules.lora_training.clip_scores import find_clip_folder
+
+        if find_clip_folder(place.models_dir) is None:
+            raise UserError(
+                "The subject-similarity objective needs a CLIP model in models/clip/ (run ./run.sh once to build the "
+                "demo one, or place a CLIP folder there); use the validation-loss objective otherwise."
+            )
 
 
 def trial_config(study: Study, params: dict, *, number: int) -> TrainConfig:
@@ -157,7 +168,7 @@ def best_train_config(study: Study) -> TrainConfig:
     complete = study.optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"Study {study.name!r} has no complete trial yet: run the sweep first.")
-    best = min(complete, key=lambda trial: (trial.value, trial.number))
+    best = min(complete, key=lambda trial: (study.rank_key(trial.value), trial.number))
     return config_from_dict(TrainConfig, {**study.settings, **best.params, "project": study.project})
 
 
@@ -176,8 +187,10 @@ def workspace(place: Place, study: str) -> Path:
 class TrialWatcher:
     """Turns a trial's training events into Optuna reports, and asks training to stop when pruned."""
 
-    def __init__(self, trial, *, on_event: EventSink) -> None:
+    def __init__(self, trial, *, on_event: EventSink, reports: int = 1, report_validation: bool = True) -> None:
         self.trial, self.on_event = trial, on_event
+        self.reports, self.report_validation = reports, report_validation
+        self.step = 0
         self.pruned_at: int | None = None
         self.value: float | None = None
         self.run_root: Path | None = None
@@ -188,7 +201,10 @@ class TrialWatcher:
 
         if isinstance(event, CheckpointSaved):
             self.run_root = Path(event.path).parent.parent
-        elif isinstance(event, Validated) and event.step > 0:  # step 0 is the base model: the same for all
+        elif isinstance(event, StepDone):
+            self.step = event.step
+        elif isinstance(event, Validated) and event.step > 0 and self.report_validation:
+            # step 0 is the base model: the same for every trial
             self.value = event.validation_loss
             self.trial.report(event.validation_loss, event.step)
             if self.pruned_at is None and self.trial.should_prune():
@@ -237,6 +253,12 @@ def _train_trial(trial, config: TrainConfig, *, study: Study, place: Place, watc
 
     root = workspace(place, study.name)
     try:
+        if study.space.objective == "subject_similarity":
+            from modules.lora_training.sweep_clip import train_with_clip_reports
+
+            return train_with_clip_reports(
+                trial, config, root=root, place=place, watcher=watcher, should_stop=should_stop
+            )
         return train(
             config,
             projects_dir=root,
@@ -256,7 +278,8 @@ def run_trial(trial, *, study: Study, place: Place, should_stop: Callable[[], bo
     """Train one trial and tell Optuna how it ended: complete | pruned | failed | stopped."""
     from optuna.trial import TrialState
 
-    watcher = TrialWatcher(trial, on_event=on_event)
+    by_loss = study.space.objective == "validation_loss"
+    watcher = TrialWatcher(trial, on_event=on_event, reports=study.space.reports, report_validation=by_loss)
     params: dict = {}
     trial.set_user_attr("worker", worker_name())
     try:
@@ -277,12 +300,14 @@ def run_trial(trial, *, study: Study, place: Place, should_stop: Callable[[], bo
         return _fail(trial, f"{type(exc).__name__}: {exc}")
     if result.status == "finished" and watcher.value is not None:
         trial.study.tell(trial, watcher.value)
-        on_event(Log(f"Trial {trial.number} complete: validation loss {watcher.value:.4f}"))
+        on_event(Log(f"Trial {trial.number} complete: {study.space.objective} {watcher.value:.4f}"))
         return "complete"
     if result.status == "stopped" and watcher.pruned_at is not None:
         trial.set_user_attr("pruned_at_step", watcher.pruned_at)
         trial.study.tell(trial, state=TrialState.PRUNED)
-        on_event(Log(f"Trial {trial.number} pruned at step {watcher.pruned_at}: validation loss {watcher.value:.4f}"))
+        on_event(
+            Log(f"Trial {trial.number} pruned at step {watcher.pruned_at}: {study.space.objective} {watcher.value:.4f}")
+        )
         return "pruned"
     if result.status == "stopped":
         return _requeue(trial, params)

@@ -56,7 +56,7 @@ def importance(study: Study) -> dict[str, float]:
 
 def best_trial(study: Study) -> dict | None:
     complete = [row for row in trials_table(study) if row["state"] == "complete" and row["value"] is not None]
-    return min(complete, key=lambda row: (row["value"], row["number"])) if complete else None
+    return min(complete, key=lambda row: (study.rank_key(row["value"]), row["number"])) if complete else None
 
 
 def summary(study: Study) -> dict:
@@ -106,7 +106,7 @@ def _label(draw, where: tuple[float, float], text: str, *, font) -> None:
 
 def parallel_coordinates(study: Study, path: Path) -> Path | None:
     """A PNG with one vertical axis per swept parameter and one for the objective; each complete trial is a
-    line across them, blue for the best objective and red for the worst. None before any trial completes."""
+    line across them, blue for the best objective and red for the worst (the best at the top of its axis). None before any trial completes."""
     rows = [row for row in trials_table(study) if row["state"] == "complete" and row["value"] is not None]
     if not rows:
         return None
@@ -121,14 +121,17 @@ def parallel_coordinates(study: Study, path: Path) -> Path | None:
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
     xs = [left + i * (width - left - right) / len(parameters) for i in range(len(parameters) + 1)]
-    low, high = min(r["value"] for r in rows), max(r["value"] for r in rows)
-    spread = (high - low) or 1.0
+    best, worst = (
+        min((study.rank_key(r["value"]), r["value"]) for r in rows),
+        max((study.rank_key(r["value"]), r["value"]) for r in rows),
+    )
+    spread = (worst[0] - best[0]) or 1.0
 
     def y_of(share: float) -> float:
         return top + (1 - share) * (height - top - bottom)
 
-    for row in sorted(rows, key=lambda r: -r["value"]):  # the best drawn last, on top
-        share = (row["value"] - low) / spread
+    for row in sorted(rows, key=lambda r: -study.rank_key(r["value"])):  # the best drawn last, on top
+        share = (study.rank_key(row["value"]) - best[0]) / spread  # 0 for the best, 1 for the worst
         points = [_axis_position(p, row["params"].get(p.name)) for p in parameters] + [1 - share]
         if None in points:
             continue
@@ -139,9 +142,11 @@ def parallel_coordinates(study: Study, path: Path) -> Path | None:
         for share, label in _axis_labels(parameter):
             _label(draw, (x + 4, y_of(share)), label, font=font)
     draw.line([(xs[-1], top), (xs[-1], height - bottom)], fill="black")
-    draw.text((xs[-1], height - bottom + 8), "validation loss", fill="black", font=font, anchor="ma")
-    _label(draw, (xs[-1] + 4, y_of(1.0)), f"{low:.4g}", font=font)
-    _label(draw, (xs[-1] + 4, y_of(0.0)), f"{high:.4g}", font=font)
+    draw.text(
+        (xs[-1], height - bottom + 8), study.space.objective.replace("_", " "), fill="black", font=font, anchor="ma"
+    )
+    _label(draw, (xs[-1] + 4, y_of(1.0)), f"{best[1]:.4g}", font=font)
+    _label(draw, (xs[-1] + 4, y_of(0.0)), f"{worst[1]:.4g}", font=font)
     draw.text((left, 12), f"{study.name}: {len(rows)} complete trial(s)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -43,7 +43,7 @@ DEFAULT_TRIAL_STEPS = 100
 DEFAULT_REPORTS = 4
 PRUNERS = ("median", "percentile", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
-OBJECTIVES = ("validation_loss",)
+OBJECTIVES = ("validation_loss", "subject_similarity")  # the second needs a CLIP model (:mod:`.sweep_clip`)
 # Options that name things, place files or only change speed or memory: sweeping them tells nothing.
 NOT_SWEPT = frozenset(
     {
@@ -307,4 +307,5 @@ def parse_space(text: str, *, trials: int) -> SweepSpace:
         pruner=_pruner(raw.get("pruner", {})),
         sampler=_sampler(raw.get("sampler", {})),
         enqueue=_enqueued(raw.get("enqueue", []), parameters, trials=trials),
+        objective=raw.get("objective", "validation_loss"),
     )

@@ -120,6 +120,10 @@ class Study:
     def name(self) -> str:
         return self.optuna_study.study_name
 
+    def rank_key(self, value: float) -> float:
+        """Sorts values best first: the validation loss is minimised, the CLIP score maximised."""
+        return -value if self.space.objective == "subject_similarity" else value
+
 
 def _load(storage, name: str):
     import optuna
@@ -153,7 +157,8 @@ def create_study(storage, *, name: str, project: str, space_text: str, trials: i
     space = parse_space(space_text, trials=trials)
     name = check_study_name(name)
     try:
-        created = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+        direction = "maximize" if space.objective == "subject_similarity" else "minimize"
+        created = optuna.create_study(study_name=name, storage=storage, direction=direction)
     except optuna.exceptions.DuplicatedStudyError:
         raise UserError(
             f"A sweep study named {name!r} already exists: join it (--join {name}) or pick another name."

@@ -261,3 +261,31 @@ def test_bad_sweep_requests_are_refused_before_anything_is_stored(
     printed = capsys.readouterr()
     assert "Give the search space" in printed.err and "--grace must be from 1 to 3600" in printed.err
     assert "study once on tiny: budget 6, {'waiting': 6}" in printed.out
+
+
+def test_the_clip_objective_scores_each_segment_and_resumes_between_them(sweep_app):
+    """With ``"objective": "subject_similarity"`` a trial trains to each report step, stops there, scores its
+    checkpoint's prompt panel with the demo CLIP, and resumes; the study maximises the score."""
+    from modules.lora_training.sweep import run_worker
+
+    space = {
+        "parameters": {"learning_rate": [0.1, 0.01]},
+        "objective": "subject_similarity",
+        "fixed": {"sample_steps": 2, "rank": 2, "seed": 3},
+        "trial_steps": 4,
+        "reports": 2,
+        "pruner": {"type": "none"},
+        "enqueue": [{"learning_rate": 0.1}],
+    }
+    place = _place(sweep_app)
+    study = open_sweep(place, space_text=json.dumps(space), trials=1, base_model=DEMO_SDXL_NAME, study="clip")
+    events = []
+    done = run_worker(study, place=place, on_event=events.append)
+    assert done.outcomes == {0: "complete"}, [getattr(e, "message", "") for e in events][-8:]
+    assert study.optuna_study.direction.name == "MAXIMIZE"
+    trials = study.optuna_study.trials
+    assert [sorted(t.intermediate_values) for t in trials] == [[2, 4]], "a CLIP score after each segment"
+    assert all(t.value == t.intermediate_values[4] for t in trials), "the score of the last checkpoint"
+    runs = list((sweep_app.LORA_PROJECTS_DIR / "tiny" / "sweeps" / "clip" / "workspace" / "tiny" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "finished.json").is_file(), "one run, resumed from its step-2 checkpoint"
+    assert best_train_config(study).learning_rate == max(trials, key=lambda t: t.value).params["learning_rate"]
