@@ -68,6 +68,9 @@ class TrainingApi:
         gr.api(self.save_checkpoint_lora, api_name="save_checkpoint_lora")
         gr.api(self.comparison_grid, api_name="comparison_grid")
         gr.api(self.caption_tools, api_name="caption_tools")
+        gr.api(self.sweep_start, api_name="sweep_start")
+        gr.api(self.sweep_status, api_name="sweep_status", queue=False)
+        gr.api(self.sweep_train_best, api_name="sweep_train_best")
 
     def prepare_dataset(
         self,
@@ -191,5 +194,37 @@ class TrainingApi:
         """Continue a stopped or interrupted run from its newest checkpoint."""
         try:
             return self.tab.resume(project)
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def sweep_start(self, project: str, base_model: str, space: str, trials: int = 8, study: str = "") -> dict:
+        """Start a hyper-parameter sweep in the background (`/training_status` follows it): `space` is the
+        search space as JSON (README, "Sweeps"), `trials` the budget; `study` names the study (empty: a new
+        one named by the time; an existing name continues it)."""
+        try:
+            return self.tab.sweeps.start(
+                _text("project", project),
+                base_model=_text("base_model", base_model),
+                space_text=_text("space", space),
+                trials=trials,
+                study=_text("study", study),
+            )
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def sweep_status(self, project: str, study: str = "") -> dict:
+        """A study's trials (number, state, params, value, pruned_at_step, worker, error), counts, parameter
+        importance, best trial and parallel-coordinates PNG (`plot`); `study` empty: the project's newest."""
+        try:
+            return self.tab.sweeps.status(_text("project", project), _text("study", study))
+        except UserError as exc:
+            raise shown_to_user(exc) from exc
+
+    def sweep_train_best(self, project: str, study: str = "", new_run: bool = False) -> dict:
+        """Train the full LoRA with the best trial's parameters (a training job, as `/train_lora` starts)."""
+        try:
+            return self.tab.sweeps.train_best(
+                _text("project", project), _text("study", study), new_run=flag("new_run", new_run)
+            )
         except UserError as exc:
             raise shown_to_user(exc) from exc

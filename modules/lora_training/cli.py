@@ -26,6 +26,7 @@ from modules.lora_training.events import (
 )
 from modules.lora_training.export import FORMATS
 from modules.lora_training.queue_cli import add_queue_parser, run_queue
+from modules.lora_training.sweep_cli import add_sweep_parser, run_sweep_command
 from modules.lora_training.validation import BEST_RULES, DEFAULT_MARGIN, DEFAULT_RULE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="family, format, rank and alpha of a LoRA file")
     inspect.add_argument("file", type=Path)
     add_queue_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return _captions(args, app_config)
         if args.command == "queue":
             return run_queue(args, app_config)
+        if args.command == "sweep":
+            return run_sweep_command(args, app_config, print_event=_print_event)
         if args.command == "estimate":
             _print_estimates(config_from_dict(TrainConfig, _train_options(args)), args.resolution, app_config)
             return 0

@@ -42,7 +42,7 @@ LOSS_POINTS = 1000  # the most loss points a status carries: a long run's curve,
 class JobState:
     job_id: int
     project: str
-    kind: str  # prepare | train | prepare+train | evaluate | grid
+    kind: str  # prepare | train | prepare+train | evaluate | grid | sweep
     state: str = "starting"  # preparing | training | stopping | prepared | finished | stopped | failed
     started: float = field(default_factory=time.time)
     step: int = 0
@@ -232,6 +232,21 @@ class TrainingJobs:
             job = JobState(job_id=self._next_id, project=project, kind="grid")
             return self._launch(job, self._grid, job, run.run_id, rows)
 
+    def sweep(self, project: str, *, space_text: str, trials, base_model: str, study: str = "") -> dict:
+        """Run a hyper-parameter sweep (:mod:`.sweep`) in the background: a new study, or the named one
+        continued; the search space and the project are checked now."""
+        from modules.lora_training.sweep import Place, start_or_continue
+
+        place = Place(self.app_config.LORA_PROJECTS_DIR, self.app_config.MODELS_DIR, project)
+        with self._lock:
+            self._refuse_while_running()
+        opened = start_or_continue(place, space_text=space_text, trials=trials, base_model=base_model, study=study)
+        with self._lock:
+            self._refuse_while_running()
+            job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
+            job.message = f"Sweep {opened.name}"
+            return self._launch(job, self._sweep, job, opened, place)
+
     def _refuse_while_running(self) -> None:
         if self._job is not None and self._job.running:
             raise UserError(
@@ -356,6 +371,9 @@ class TrainingJobs:
                 return "Already stopping: the run ends after the current step."
             self._stop.set()
             preparing, job.state = job.state in ("starting", "preparing"), "stopping"
+            if job.kind == "sweep":
+                job.log.append(_line("Stop requested: the sweep stops after the current step."))
+                return "Stopping the sweep after the current step; the trial runs again when the sweep continues."
             if job.kind in ("evaluate", "grid"):
                 job.log.append(_line("Stop requested: the evaluation ends after the current image."))
                 return "Stopping the evaluation after the current image; its files stay as they were."
@@ -459,6 +477,30 @@ class TrainingJobs:
             message = f"Unexpected error: {type(exc).__name__}: {exc}. See the server log for details."
         self._record(job, Failed(message))
         self._set(job, state="failed", message=message)
+
+    def _sweep_event(self, job: JobState, event) -> None:
+        """A trial's events: its steps drive the progress bar (the loss plot is one run's); the rest are logged."""
+        if isinstance(event, StepDone):
+            self._set(job, step=event.step, total_steps=event.total_steps, loss=event.loss, s_per_step=event.s_per_step)
+        elif isinstance(event, Validated):
+            self._record(job, Log(event.describe()))
+        else:
+            self._record(job, event)
+
+    def _sweep(self, job, study, place) -> None:
+        from modules.lora_training.sweep import run_worker
+
+        try:
+            with self._model_released(job, f"sweeping LoRA project {job.project!r}"):
+                self._set(job, state="stopping" if self._stop.is_set() else "training")
+                done = run_worker(
+                    study, place=place, should_stop=self._stop.is_set, on_event=lambda e: self._sweep_event(job, e)
+                )
+        except Exception as exc:  # noqa: BLE001 - every failure ends the job with a message
+            self._fail(job, exc)
+            return
+        self._record(job, Log(done.describe()))
+        self._set(job, state="stopped" if self._stop.is_set() else "finished", message=done.describe())
 
     def _evaluate(self, job, options: dict) -> None:
         from modules.lora_training.evaluate import evaluate_run, format_table

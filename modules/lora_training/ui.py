@@ -37,6 +37,7 @@ from modules.lora_training.preset_files import preset_names, read_preset
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.queue_section import QueueSection
 from modules.lora_training.status_view import PageHooks, StatusView, start_job
+from modules.lora_training.sweep_section import SweepSection
 
 
 class LoraTrainingTab:
@@ -354,10 +355,13 @@ class LoraTrainingTab:
             caption_tools.build(t, texts=texts)
             evaluation = EvaluateSection(self, strings=strings)
             evaluation.build(t, texts=texts)
+            self.sweeps = SweepSection(self, strings=strings)
+            self.sweeps.build(t, texts=texts)
             TrainingApi(self).register()
         form.wire_visibility()
         self._wire_runs(page, form, strings=strings)
         evaluation.wire(form["project"])
+        self.sweeps.wire(form["project"], base_model=form["base_model"], new_run=page.new_run)
         caption_tools.wire(form["project"], gallery=page.prepared)
         self._wire_presets(page, form, strings=strings)
         self._wire_captions(page, form, strings=strings)
@@ -479,7 +483,11 @@ class LoraTrainingTab:
 
         def on_change(snapshot: dict, *, opened: bool) -> dict:
             state, running = snapshot["state"], snapshot.get("running", False)
-            resumable = state == "stopped" and snapshot.get("kind") not in ("evaluate", "grid")  # nothing to resume
+            resumable = state == "stopped" and snapshot.get("kind") not in (
+                "evaluate",
+                "grid",
+                "sweep",
+            )  # nothing to resume
             interrupted = self.interrupted()
             updates = {
                 page.stop: gr.update(interactive=running),

@@ -1,0 +1,172 @@
+"""The LoRA Training tab's Sweeps section: the search space (JSON), the trial budget, Start sweep (a job the
+status column follows), the trials table, parameter importance, the parallel-coordinates picture and Train with
+the best settings. Everything shown is read from the study's storage (:mod:`.sweep_results`).
+API: ``/sweep_start``, ``/sweep_status``, ``/sweep_train_best``."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from core.errors import UserError, shown_to_user
+from modules.lora_training.status_view import start_job
+
+EXAMPLE_SPACE = {
+    "parameters": {
+        "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
+        "rank": [4, 8, 16],
+        "alpha": [4, 8, 16],
+    },
+    "trial_steps": 100,
+    "reports": 4,
+    "pruner": {"type": "median", "startup_trials": 2},
+}
+DEFAULT_TRIALS = 8
+_COLUMNS = ("sweep_col_number", "sweep_col_state", "sweep_col_value", "sweep_col_pruned", "sweep_col_params")
+_COLUMNS += ("sweep_col_error",)
+
+
+def _headers(strings: dict) -> list[str]:
+    from core.i18n import translate
+
+    return [translate(key, strings) for key in _COLUMNS]
+
+
+def table_frame(summary: dict, strings: dict) -> pd.DataFrame:
+    rows = [
+        (
+            row["number"],
+            row["state"],
+            None if row["value"] is None else round(row["value"], 5),
+            row["pruned_at_step"],
+            json.dumps(row["params"]),
+            row["error"][:200],
+        )
+        for row in summary.get("trials", [])
+    ]
+    return pd.DataFrame(rows, columns=_headers(strings))
+
+
+def importance_frame(summary: dict) -> pd.DataFrame:
+    found = summary.get("importance", {})
+    return pd.DataFrame({"parameter": list(found), "importance": [float(v) for v in found.values()]})
+
+
+class SweepSection:
+    def __init__(self, tab, *, strings: dict) -> None:
+        self.tab = tab
+        self.strings = strings
+
+    def place(self, project: str):
+        from modules.lora_training.sweep import Place
+
+        config = self.tab.config
+        return Place(config.LORA_PROJECTS_DIR, config.MODELS_DIR, project)
+
+    # ----- plain functions (the API and the buttons) ---------------------------------------------------------
+    def start(self, project: str, *, base_model: str, space_text: str, trials, study: str = "") -> dict:
+        return self.tab.jobs.sweep(project, space_text=space_text, trials=trials, base_model=base_model, study=study)
+
+    def status(self, project: str, study: str = "") -> dict:
+        """The study's summary (:func:`.sweep_results.summary`) and its parallel-coordinates PNG (``plot``)."""
+        from modules.lora_training.sweep import find_study
+        from modules.lora_training.sweep_results import parallel_coordinates, summary
+        from modules.lora_training.sweep_study import sweeps_dir
+
+        place = self.place(project)
+        found = find_study(place, study)
+        result = summary(found)
+        plot = parallel_coordinates(found, sweeps_dir(place.paths) / found.name / "parallel-coordinates.png")
+        return {**result, "plot": str(plot) if plot else None}
+
+    def train_best(self, project: str, study: str = "", *, new_run: bool = False) -> dict:
+        """Start the full run with the best trial's parameters (``TrainingJobs.start``)."""
+        from modules.lora_training.sweep import best_train_config, find_study
+
+        config = best_train_config(find_study(self.place(project), study))
+        return self.tab.jobs.start(train_config=config, new_run=new_run)
+
+    # ----- the page ---------------------------------------------------------------------------------------------
+    def build(self, t, *, texts) -> SimpleNamespace:
+        button = texts.button
+        page = SimpleNamespace()
+        with gr.Accordion(t("sweep_section"), open=False, elem_id="lt-sweep-section"):
+            page.space = gr.Code(
+                json.dumps(EXAMPLE_SPACE, indent=2), language="json", label=t("sweep_space"), elem_id="lt-sweep-space"
+            )
+            with gr.Row():
+                page.trials = gr.Number(
+                    DEFAULT_TRIALS,
+                    minimum=1,
+                    maximum=500,
+                    precision=0,
+                    label=t("sweep_trials"),
+                    elem_id="lt-sweep-trials",
+                )
+                page.study = gr.Textbox(
+                    label=t("sweep_study"), placeholder=t("sweep_study_placeholder"), elem_id="lt-sweep-study", scale=2
+                )
+            with gr.Row():
+                page.start = button(t("sweep_start"), variant="primary", elem_id="lt-sweep-start")
+                page.refresh = button(t("sweep_refresh"), elem_id="lt-sweep-refresh")
+                page.train_best = button(t("sweep_train_best"), elem_id="lt-sweep-train-best")
+            page.summary = texts.markdown("", elem_id="lt-sweep-summary")
+            page.table = gr.Dataframe(
+                pd.DataFrame(columns=_headers(self.strings)),
+                label=t("sweep_table"),
+                interactive=False,
+                elem_id="lt-sweep-table",
+            )
+            with gr.Row():
+                page.importance = gr.BarPlot(
+                    importance_frame({}),
+                    x="parameter",
+                    y="importance",
+                    label=t("sweep_importance"),
+                    elem_id="lt-sweep-importance",
+                )
+                page.plot = gr.Image(
+                    label=t("sweep_plot"), type="filepath", interactive=False, elem_id="lt-sweep-plot", height=320
+                )
+        self.page = page
+        return page
+
+    def wire(self, project, *, base_model, new_run) -> None:
+        from core.i18n import translate
+
+        strings, page = self.strings, self.page
+
+        def on_start(name: str, model: str, space: str, trials, study: str) -> None:
+            start_job(lambda: self.start(name, base_model=model, space_text=space, trials=trials, study=study), strings)
+
+        def on_refresh(name: str, study: str):
+            try:
+                found = self.status(name, study)
+            except UserError as exc:
+                raise shown_to_user(exc, strings) from exc
+            best = found["best"]
+            line = translate(
+                "sweep_summary",
+                strings,
+                study=found["study"],
+                budget=found["budget"],
+                counts=", ".join(f"{count} {state}" for state, count in found["counts"].items()),
+                best=json.dumps(best["params"]) if best else "-",
+            )
+            return line, table_frame(found, strings), importance_frame(found), found["plot"]
+
+        def on_train_best(name: str, study: str, fresh: bool) -> None:
+            start_job(lambda: self.train_best(name, study, new_run=bool(fresh)), strings)
+
+        private = {"api_visibility": "private"}
+        page.start.click(on_start, inputs=[project, base_model, page.space, page.trials, page.study], **private)
+        page.refresh.click(
+            on_refresh,
+            inputs=[project, page.study],
+            outputs=[page.summary, page.table, page.importance, page.plot],
+            **private,
+        )
+        page.train_best.click(on_train_best, inputs=[project, page.study, new_run], **private)
