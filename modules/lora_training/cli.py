@@ -335,33 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prepare(args, app_config) -> None:
+    from modules.lora_training.dataset.prepare import prepare
+    from modules.lora_training.dataset.scan import ScanLimits
+
+    prepare(
+        config_from_dict(PrepareConfig, _collect(args, PrepareConfig)),
+        projects_dir=app_config.LORA_PROJECTS_DIR,
+        models_dir=app_config.MODELS_DIR,
+        on_event=_print_event,
+        limits=ScanLimits(max_image_bytes=app_config.MAX_IMAGE_FILE_MB * 2**20),
+    )
+
+
+def _inspect(args) -> int:
+    from modules.lora_training.export import inspect_lora
+
+    try:
+        print(inspect_lora(args.file))
+    except OSError as exc:
+        raise UserError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         app_config = _app_config(args.app_config)
         if args.command == "prepare":
-            from modules.lora_training.dataset.prepare import prepare
-
-            config = config_from_dict(PrepareConfig, _collect(args, PrepareConfig))
-            from modules.lora_training.dataset.scan import ScanLimits
-
-            prepare(
-                config,
-                projects_dir=app_config.LORA_PROJECTS_DIR,
-                models_dir=app_config.MODELS_DIR,
-                on_event=_print_event,
-                limits=ScanLimits(max_image_bytes=app_config.MAX_IMAGE_FILE_MB * 2**20),
-            )
+            _prepare(args, app_config)
         if args.command == "export":
             return _export(args)
         if args.command == "inspect":
-            from modules.lora_training.export import inspect_lora
-
-            try:
-                print(inspect_lora(args.file))
-            except OSError as exc:
-                raise UserError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
-            return 0
+            return _inspect(args)
         if args.command == "evaluate":
             return _evaluate(args, app_config)
         if args.command == "save-checkpoint":

@@ -1,9 +1,10 @@
 """The LoRA Training jobs the queue runs (:class:`core.job_runner.JobKinds`): prepare, train,
-prepare+train and evaluate, each done by :class:`~modules.lora_training.jobs.TrainingJobs`.
+prepare+train, evaluate and sweep, each done by :class:`~modules.lora_training.jobs.TrainingJobs`.
 
 A job's payload is the JSON of its typed configs: ``{"prepare": {...}, "train": {...}, "new_run": false,
 "resume": false}`` (PrepareConfig / TrainConfig fields) or, for evaluate, ``{"run_id", "best_rule",
-"margin"}``. A train job run again (Retry, or an interrupted job queued at start) continues the project's
+"margin"}``, or, for a sweep, ``{"study", "trials", "base_model"}`` (the study is created, or its budget
+raised, when the job is queued: a refused space or model is refused then, and the queued job only runs it). A train job run again (Retry, or an interrupted job queued at start) continues the project's
 newest stopped run from its checkpoint. To add a kind: a name in ``KINDS``, its settings → payload in
 ``payload``, its start in ``start``.
 """
@@ -16,7 +17,7 @@ from core.job_runner import JobStatus
 from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict, config_to_dict
 from modules.lora_training.validation import DEFAULT_MARGIN, DEFAULT_RULE
 
-KINDS = ("prepare", "train", "prepare+train", "evaluate")
+KINDS = ("prepare", "train", "prepare+train", "evaluate", "sweep")
 _PREPARE_WIDGETS = ("images_dir", "trigger", "captioner", "caption_task", "resolution", "include_subfolders")
 _RUNNING = ("starting", "preparing", "training", "evaluating", "stopping")
 
@@ -65,6 +66,8 @@ class TrainingKinds:
         settings = dict(settings)
         if kind == "evaluate":
             return self._evaluate_payload(settings)
+        if kind == "sweep":
+            return self._sweep_payload(project, settings)
         if kind == "prepare":
             return job_payload(self._prepare_config(project, settings), None)
         if kind == "train":
@@ -104,9 +107,33 @@ class TrainingKinds:
         Evaluation().choose(rule, margin)  # refused now, not by a failed job
         return {"run_id": run_id, "best_rule": rule, "margin": margin}
 
+    def _sweep_payload(self, project: str, settings: dict) -> dict:
+        from modules.lora_training.sweep import Place, start_or_continue
+
+        unknown = sorted(set(settings) - {"space", "trials", "base_model", "study"})
+        if unknown:
+            raise UserError(
+                f"settings of a sweep job hold space, trials, base_model and study; not {', '.join(unknown)}"
+            )
+        texts = {name: settings.get(name, "") for name in ("space", "base_model", "study")}
+        if not all(isinstance(value, str) for value in texts.values()):
+            raise UserError("space, base_model and study must be text")
+        base_model = texts["base_model"] or self.tab.default_model()
+        trials = settings.get("trials", 8)
+        opened = start_or_continue(
+            Place(self.tab.config.LORA_PROJECTS_DIR, self.tab.config.MODELS_DIR, project),
+            space_text=texts["space"],
+            trials=trials,
+            base_model=base_model,
+            study=texts["study"],
+        )
+        return {"study": opened.name, "trials": opened.budget, "base_model": base_model}
+
     # ----- the queue's side --------------------------------------------------------------
     def check(self, kind: str, project: str, payload: dict) -> None:
         """What TrainingJobs would refuse at start, refused before the job is queued."""
+        if kind == "sweep":
+            return  # checked when its payload was made (the study exists)
         if kind == "evaluate":
             from modules.lora_training.evaluate import find_run
 
@@ -123,6 +150,14 @@ class TrainingKinds:
         payload = job.payload
         if job.kind == "evaluate":
             shown = self.jobs.evaluate(job.project, **payload)
+        elif job.kind == "sweep":
+            shown = self.jobs.sweep(
+                job.project,
+                space_text="",
+                trials=payload["trials"],
+                base_model=payload["base_model"],
+                study=payload["study"],
+            )
         else:
             prepare, train = self._configs(payload)
             # Run again (Retry, or interrupted by a restart): continue from the run's checkpoint when it has one.

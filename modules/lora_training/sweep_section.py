@@ -68,7 +68,13 @@ class SweepSection:
 
     # ----- plain functions (the API and the buttons) ---------------------------------------------------------
     def start(self, project: str, *, base_model: str, space_text: str, trials, study: str = "") -> dict:
-        return self.tab.jobs.sweep(project, space_text=space_text, trials=trials, base_model=base_model, study=study)
+        """The sweep starts now when nothing runs, else waits its turn in the queue (its study exists then)."""
+        if self.tab.queue is None:
+            return self.tab.jobs.sweep(
+                project, space_text=space_text, trials=trials, base_model=base_model, study=study
+            )
+        settings = {"space": space_text, "trials": trials, "base_model": base_model, "study": study}
+        return self.tab.submit("sweep", project, settings)
 
     def status(self, project: str, study: str = "") -> dict:
         """The study's summary (:func:`.sweep_results.summary`) and its parallel-coordinates PNG (``plot``)."""
@@ -83,11 +89,13 @@ class SweepSection:
         return {**result, "plot": str(plot) if plot else None}
 
     def train_best(self, project: str, study: str = "", *, new_run: bool = False) -> dict:
-        """Start the full run with the best trial's parameters (``TrainingJobs.start``)."""
+        """Queue the full run with the best trial's parameters (it starts at once when nothing runs)."""
         from modules.lora_training.sweep import best_train_config, find_study
 
         config = best_train_config(find_study(self.place(project), study))
-        return self.tab.jobs.start(train_config=config, new_run=new_run)
+        if self.tab.queue is None:
+            return self.tab.jobs.start(train_config=config, new_run=new_run)
+        return self.tab.start(prepare=None, train=config, new_run=new_run)
 
     # ----- the page ---------------------------------------------------------------------------------------------
     def build(self, t, *, texts) -> SimpleNamespace:

@@ -208,8 +208,9 @@ def claim_trial(study: Study):
     from optuna.trial import TrialState
 
     storage = study.storage
-    study_id = storage.get_study_id_from_name(study.name)
-    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    # Read through the study (Optuna's caching layer), not the bare storage: the cache learns the trials'
+    # ids there, and a study joined in this process (not created in it) would not know them otherwise.
+    for frozen in study.optuna_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
             if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
                 continue  # another worker took it first

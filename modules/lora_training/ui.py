@@ -135,6 +135,12 @@ class LoraTrainingTab:
         row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
         return self._shown_job(row["id"], started=row["started"])
 
+    def submit(self, kind: str, project: str, settings: dict) -> dict:
+        """A queued job of ``kind`` from its settings (as ``/queue_add`` takes them), shown as :meth:`start`."""
+        self._refuse_a_second_job(project)
+        row = self.queue.submit(kind, project, settings)
+        return self._shown_job(row["id"], started=row["started"])
+
     def _refuse_a_second_job(self, project: str) -> None:
         waiting = self.queue.pending(project)
         if waiting:  # a second click on the same project is a mistake more often than a plan

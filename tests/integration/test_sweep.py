@@ -79,7 +79,7 @@ def _place(config) -> Place:
 
 
 def test_a_sweep_prunes_the_bad_trial_and_trains_the_best_settings(jobs, sweep_app):
-    section = SweepSection(SimpleNamespace(config=sweep_app, jobs=jobs), strings={})
+    section = SweepSection(SimpleNamespace(config=sweep_app, jobs=jobs, queue=None), strings={})
     started = section.start("tiny", base_model=DEMO_SDXL_NAME, space_text=json.dumps(SPACE), trials=4, study="s1")
     assert started["kind"] == "sweep"
     done = _wait(jobs, lambda s: not s["running"])

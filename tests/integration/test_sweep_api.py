@@ -57,14 +57,23 @@ def test_a_sweep_through_the_api(app):
         client.predict("swept", DEMO_SDXL_NAME, json.dumps(SPACE), 0, "", api_name="/sweep_start")
 
     started = client.predict("swept", DEMO_SDXL_NAME, json.dumps(SPACE), 2, "api", api_name="/sweep_start")
-    assert started["kind"] == "sweep"
+    assert started["kind"] == "sweep" and started["queue_id"], "a sweep goes through the job queue"
     done = _idle(client)
     assert done["state"] == "finished", done["message"]
     status = client.predict("swept", "api", api_name="/sweep_status")
-    assert status["counts"] == {"complete": 2} and status["plot"].endswith("parallel-coordinates.png")
+    assert status["counts"] == {"complete": 2}, [row["error"] for row in status["trials"]]
+    assert status["plot"].endswith("parallel-coordinates.png")
     assert [row["params"]["learning_rate"] for row in status["trials"]] == [0.1, 0.01]
 
     job = client.predict("swept", "", False, api_name="/sweep_train_best")
     assert job["kind"] == "train" and job["settings"]["learning_rate"] == status["best"]["params"]["learning_rate"]
     trained = _idle(client)
     assert trained["state"] == "finished" and trained["lora_path"].endswith("swept.safetensors"), trained["message"]
+    ids = (started["queue_id"], job["queue_id"])
+    deadline = time.monotonic() + 30  # the queue records a job's end at its next tick
+    while True:
+        queued = {row["id"]: row for row in client.predict(api_name="/queue_list")}
+        if {queued[i]["state"] for i in ids} == {"finished"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(queued[i]["kind"], queued[i]["state"]) for i in ids] == [("sweep", "finished"), ("train", "finished")]
