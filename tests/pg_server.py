@@ -2,7 +2,8 @@
 
 PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` user (or ``nobody``) in a folder
 that user owns. Tests skip with a message when the binaries are missing (Debian's ``postgresql`` package
-installs them; ``.ci/run`` does)."""
+installs them; ``.ci/run`` does). When ``LORA_TEST_POSTGRES_URL`` names a running server (``.ci/run`` starts
+one and sets it), the tests use a fresh database on it instead of starting their own."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+SERVER_URL_VARIABLE = "LORA_TEST_POSTGRES_URL"
+
+
+def available() -> bool:
+    return bool(os.environ.get(SERVER_URL_VARIABLE)) or find_binaries() is not None
 
 
 def find_binaries() -> tuple[str, str] | None:
@@ -46,7 +53,12 @@ def _as_user() -> tuple[list[str], pwd.struct_passwd | None]:
 
 @contextlib.contextmanager
 def postgres_server():
-    """Yields a SQLAlchemy URL (psycopg 3) of a fresh server's ``postgres`` database; stops and removes it after."""
+    """Yields a SQLAlchemy URL (psycopg 3) of an empty database: a new one on the server ``.ci/run`` started
+    (dropped after), else a fresh server's ``postgres`` database (stopped and removed after)."""
+    if os.environ.get(SERVER_URL_VARIABLE):
+        with _database_on(os.environ[SERVER_URL_VARIABLE]) as url:
+            yield url
+        return
     binaries = find_binaries()
     if binaries is None:
         raise FileNotFoundError("initdb/pg_ctl")
@@ -72,3 +84,24 @@ def postgres_server():
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _database_on(server_url: str):
+    """A new database on a running server, dropped after (so a rerun starts from nothing)."""
+    import secrets
+
+    import sqlalchemy
+
+    name = f"lora_test_{secrets.token_hex(4)}"
+    admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield str(sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False))
+        finally:
+            with admin.connect() as connection:
+                connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

@@ -12,6 +12,8 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import UserError, shown_to_user
+from core.i18n import text_of
+from core.page_texts import page_texts_of
 from modules.lora_training.status_view import start_job
 
 EXAMPLE_SPACE = {
@@ -123,7 +125,8 @@ class SweepSection:
                 page.train_best = button(t("sweep_train_best"), elem_id="lt-sweep-train-best")
             page.summary = texts.markdown("", elem_id="lt-sweep-summary")
             page.table = gr.Dataframe(
-                pd.DataFrame(columns=_headers(self.strings)),
+                [],
+                headers=[text_of(self.strings, key) for key in _COLUMNS],  # a reload shows the page's language
                 label=t("sweep_table"),
                 interactive=False,
                 elem_id="lt-sweep-table",
@@ -165,6 +168,18 @@ class SweepSection:
                 best=json.dumps(best["params"]) if best else "-",
             )
             return line, table_frame(found, strings), importance_frame(found), found["plot"]
+
+        def relabelled_table(name: str, study: str) -> pd.DataFrame:
+            """The table again in the page's new language (its headers are the frame's columns)."""
+            from modules.lora_training.sweep import find_study
+            from modules.lora_training.sweep_results import summary
+
+            try:
+                return table_frame(summary(find_study(self.place(name), study)), strings)
+            except UserError:
+                return table_frame({}, strings)
+
+        page_texts_of(strings).refresh(relabelled_table, inputs=[project, page.study], outputs=[page.table])
 
         def on_train_best(name: str, study: str, fresh: bool) -> None:
             start_job(lambda: self.train_best(name, study, new_run=bool(fresh)), strings)

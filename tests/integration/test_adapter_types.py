@@ -20,6 +20,7 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, StepDone
 from modules.lora_training.train import train
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+from tests.plain_pipelines import plain_image, plain_pipeline
 
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}
 CASES = [(family, network) for network in ("lokr", "loha", "dora") for family in ("sdxl", "flux")]
@@ -76,19 +77,6 @@ def trained(request, sdxl_project, models_dir, tmp_path_factory, base_losses):
     }
 
 
-def _pipeline(models_dir, family: str):
-    from diffusers import FluxPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline
-    return cls.from_pretrained(str(models_dir / MODELS[family]))
-
-
-def _image(pipe, family: str) -> np.ndarray:
-    kwargs = {"guidance_scale": 5.0 if family == "sdxl" else 3.5}
-    out = pipe("ohwx, a photo", num_inference_steps=3, width=64, height=64, generator=torch.manual_seed(5), **kwargs)
-    return np.asarray(out.images[0], dtype=np.float32)
-
-
 def _plain_load(pipe, path, network: str) -> None:
     """The main file loaded with diffusers (LoRA/DoRA) or with peft alone (LoKr/LoHa), no app code."""
     from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -124,14 +112,14 @@ def test_main_file_loads_in_plain_diffusers_and_peft_and_changes_the_image(train
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["lora_studio.network"] == network
-    pipe = _pipeline(models_dir, family)
-    base = _image(pipe, family)
+    pipe = plain_pipeline(models_dir, family)
+    base = plain_image(pipe, family)
     _plain_load(pipe, path, network)
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     assert type(denoiser.peft_config[ADAPTER]).__name__ == {"lokr": "LoKrConfig", "loha": "LoHaConfig"}.get(
         network, "LoraConfig"
     )
-    assert np.abs(_image(pipe, family) - base).max() > 1, "the adapter changes the image"
+    assert np.abs(plain_image(pipe, family) - base).max() > 1, "the adapter changes the image"
 
 
 # ----- the webui copy, read as ComfyUI reads it ----------------------------------------------------
@@ -199,7 +187,7 @@ def test_webui_copy_changes_each_layer_as_the_main_file(trained, models_dir):
     assert args["algo"] == {"dora": "lora"}.get(network, network)
     assert network != "dora" or args["dora_wd"] == "True"
     webui = _webui_modules(copy)
-    pipe = _pipeline(models_dir, family)
+    pipe = plain_pipeline(models_dir, family)
     _plain_load(pipe, path, network)
     checked = 0
     for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):

@@ -939,14 +939,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(folder) / name
+            if name.startswith(".queue.sqlite"):
+                continue  # the job queue's database (its -wal/-shm files come and go) records accepted jobs only
             info = path.lstat()
             is_dir = stat.S_ISDIR(info.st_mode)
             entries[path.relative_to(root).as_posix()] = (
                 (info.st_mode >> 12,) if is_dir else (info.st_mode >> 12, info.st_size, info.st_mtime_ns)
             )
     entries.pop("app.log", None)
-    for name in [name for name in entries if name.startswith("projects/.queue.sqlite")]:
-        entries.pop(name)  # the job queue records every accepted job (and none of the refused ones)
     return entries
 
 

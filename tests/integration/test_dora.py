@@ -14,6 +14,7 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, StepDone
 from modules.lora_training.train import train
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
+from tests.plain_pipelines import plain_image, plain_pipeline
 
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}
 MAGNITUDE = ".lora_magnitude_vector.weight"
@@ -30,19 +31,6 @@ def _render(manager, family: str, loras=()) -> np.ndarray:
         model=MODELS[family], prompt="ohwx, a photo", steps=3, width=64, height=64, seed=5, loras=loras
     )
     return np.asarray(manager.generate(request).image, dtype=np.float32)
-
-
-def _pipeline(models_dir, family: str):
-    from diffusers import FluxPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline
-    return cls.from_pretrained(str(models_dir / MODELS[family]))
-
-
-def _image(pipe, family: str) -> np.ndarray:
-    kwargs = {"guidance_scale": 5.0 if family == "sdxl" else 3.5}
-    out = pipe("ohwx, a photo", num_inference_steps=3, width=64, height=64, generator=torch.manual_seed(5), **kwargs)
-    return np.asarray(out.images[0], dtype=np.float32)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
@@ -74,8 +62,8 @@ def test_dora_trains_saves_loads_and_generates(project, models_dir, tmp_path, fa
     )
     assert len(saved) == len(magnitudes), "every trained magnitude vector is in the main file"
 
-    pipe = _pipeline(models_dir, family)
-    base = _image(pipe, family)
+    pipe = plain_pipeline(models_dir, family)
+    base = plain_image(pipe, family)
     pipe.load_lora_weights(str(result.lora_path), adapter_name="dora")
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     assert denoiser.peft_config["dora"].use_dora
@@ -83,7 +71,7 @@ def test_dora_trains_saves_loads_and_generates(project, models_dir, tmp_path, fa
     ours = {k.removeprefix("denoiser/") + ".default.weight": v for k, v in magnitudes.items() if "denoiser/" in k}
     assert loaded.keys() == ours.keys()
     assert all(torch.allclose(loaded[k].float(), ours[k].half().float()) for k in ours), "fp16 of the trained ones"
-    assert np.abs(_image(pipe, family) - base).max() > 1, "the DoRA changes the image"
+    assert np.abs(plain_image(pipe, family) - base).max() > 1, "the DoRA changes the image"
 
     from modules.lora_training.export import inspect_lora
 

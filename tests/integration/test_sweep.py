@@ -23,7 +23,7 @@ from modules.lora_training.sweep_results import trials_table
 from modules.lora_training.sweep_section import SweepSection
 from tests.conftest import ROOT, seven_image_copy, write_config
 from tests.demo_names import DEMO_SDXL_NAME
-from tests.pg_server import find_binaries, postgres_server
+from tests.pg_server import available, postgres_server
 
 # On the random tiny model a higher rate lowers the validation loss faster; 1e-7 learns nothing; at 10 the loss
 # turns non-finite and training gives up.
@@ -184,7 +184,7 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(sweep_app, tmp_path):
 
 @pytest.mark.slow
 def test_two_worker_processes_share_one_study_on_postgresql(sweep_app, tmp_path):
-    if find_binaries() is None:
+    if not available():
         pytest.skip("PostgreSQL is not installed (initdb/pg_ctl): install Debian's postgresql package (.ci/run does)")
     config_path = tmp_path / "config.json"
     space = {**SPACE, "parameters": PARAMETERS, "trial_steps": 8, "reports": 2, "enqueue": []}
