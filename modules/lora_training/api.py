@@ -138,7 +138,7 @@ class TrainingApi:
         is in models/clip/) and draw its comparison grid, in the background; `/training_status` follows it.
         `best_rule` is validation_loss or subject_similarity (prompt adherence within `margin` of the base)."""
         try:
-            return self.tab.jobs.evaluate(
+            return self.tab.evaluate(
                 _text("project", project),
                 run_id=_text("run_id", run_id) or None,
                 best_rule=_text("best_rule", best_rule),

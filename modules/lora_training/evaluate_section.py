@@ -148,7 +148,7 @@ class EvaluateSection:
 
         def on_evaluate(name: str, rule: str, margin) -> None:
             margin = DEFAULT_MARGIN if margin is None else margin
-            start_job(lambda: self.jobs.evaluate(name, best_rule=rule, margin=margin), strings)
+            start_job(lambda: self.tab.evaluate(name, run_id=None, best_rule=rule, margin=margin), strings)
 
         def on_grid(name: str, rows: str) -> None:
             start_job(lambda: self.jobs.comparison_grid(name, rows=rows), strings)

@@ -135,6 +135,15 @@ class LoraTrainingTab:
         row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
         return self._shown_job(row["id"], started=row["started"])
 
+    def evaluate(self, project: str, *, run_id: str | None, best_rule: str, margin) -> dict:
+        """Evaluate a run (:meth:`TrainingJobs.evaluate`): now when nothing runs, else in its turn."""
+        from modules.lora_training.validation import Evaluation
+
+        Evaluation().choose(best_rule, margin)  # refused with its own message, not as a queue setting
+        if self.queue is None:
+            return self.jobs.evaluate(project, run_id=run_id, best_rule=best_rule, margin=margin)
+        return self.submit("evaluate", project, {"run_id": run_id, "best_rule": best_rule, "margin": margin})
+
     def submit(self, kind: str, project: str, settings: dict) -> dict:
         """A queued job of ``kind`` from its settings (as ``/queue_add`` takes them), shown as :meth:`start`."""
         self._refuse_a_second_job(project)

@@ -80,7 +80,8 @@ def test_evaluation_grid_and_caption_tools_through_the_api(app):
     from gradio_client.exceptions import AppError
 
     client, _, folder = app
-    assert client.predict("api", "", "subject_similarity", 1.0, api_name="/evaluate_lora")["kind"] == "evaluate"
+    started = client.predict("api", "", "subject_similarity", 1.0, api_name="/evaluate_lora")
+    assert started["kind"] == "evaluate" and started["queue_id"], "an evaluation goes through the job queue"
     evaluated = _status_until(client, lambda s: not s["running"])
     assert evaluated["state"] == "evaluated", evaluated["message"]
     assert evaluated["message"] == "Best checkpoint: step-000060 (step 60)."
