@@ -344,7 +344,9 @@ class Verification:
 
 
 @dataclass
-class _Tally:
+class DifferenceTally:
+    """The largest difference between two weight changes seen so far, and the largest change (its scale)."""
+
     worst: float = 0.0
     largest: float = 0.0
 
@@ -366,7 +368,7 @@ def _check_shapes(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | Non
         raise UserError(f"Export check failed: {name} does not have the source layer's shape.")
 
 
-def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None, tally: _Tally) -> None:
+def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None, tally: DifferenceTally) -> None:
     """Compare rows ``offset:offset+rows`` of ``layer``'s weight change with ``ref``'s (zeros when None).
 
     Both changes are applied to the same random probe vectors (Freivalds' check): two different
@@ -386,7 +388,7 @@ def compare_rows(layer: LoraLayer, offset: int, rows: int, ref: LoraLayer | None
 def compare(source: LoraFile, exported: LoraFile) -> Verification:
     """Each exported module's weight change against the source's, module by module, in the exported
     layout (a fused module against its parts' changes stacked along the rows, zeros for absent parts)."""
-    tally, seen = _Tally(), set()
+    tally, seen = DifferenceTally(), set()
     with source.open() as source_reader, exported.open() as out_reader:
         parts = PartSource(source, source_reader)
         for module in exported.modules:

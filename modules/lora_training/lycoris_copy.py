@@ -206,9 +206,9 @@ def _write(path: Path, tmp: Path, *, network: str, family_name: str, base_weight
 
 def verify_copy(path: Path, copy: Path, *, network: str, family_name: str, base_weight: BaseWeight | None):
     """Each module's weight change in ``copy`` (as ComfyUI computes it) against the main file's (as peft does)."""
-    from modules.lora_training.export import Verification, _Tally
+    from modules.lora_training.export import DifferenceTally, Verification
 
-    kind, tally, layers = family(family_name), _Tally(), 0
+    kind, tally, layers = family(family_name), DifferenceTally(), 0
     with SafetensorsReader(copy) as reader:
         keys = reader.keys()
         for part, _, expected in _modules(path, network, base_weight):

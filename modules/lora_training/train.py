@@ -85,6 +85,8 @@ from modules.lora_training.validation import (
 )
 
 log = logging.getLogger(__name__)
+# How the webui copy of each adapter type is laid out, as the run log names it.
+COPY_LAYOUTS = {"lora": "kohya", "dora": "kohya + dora_scale", "lokr": "LyCORIS", "loha": "LyCORIS"}
 
 MAX_BAD_STEPS = 5
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
@@ -912,8 +914,8 @@ class Trainer:
         check = result.verification
         self.on_event(
             Log(
-                f"Webui/kohya copy: {result.path} (verified on {check.layers} layers, "
-                f"max weight difference {check.max_difference:.2g})"
+                f"Webui copy ({COPY_LAYOUTS[self.config.network]} layout): {result.path} "
+                f"(verified on {check.layers} layers, max weight difference {check.max_difference:.2g})"
             )
         )
 

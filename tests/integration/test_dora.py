@@ -48,7 +48,7 @@ def test_dora_trains_saves_loads_and_generates(project, models_dir, tmp_path, fa
     loras = tmp_path / "loras"
     result = train(config, projects_dir=projects, models_dir=models_dir, loras_dir=loras, on_event=on_event)
     assert result.status == "finished" and all(np.isfinite(losses)), losses
-    assert any(line.startswith("Webui/kohya copy") for line in logs), logs
+    assert any(line.startswith("Webui copy (kohya + dora_scale layout)") for line in logs), logs
     assert (loras / "webui" / result.lora_path.name).is_file(), "the LyCORIS-layout copy (test_adapter_types checks it)"
     trained = load_file(str(result.checkpoint / "lora.safetensors"))
     magnitudes = {k: v for k, v in trained.items() if k.endswith("lora_magnitude_vector")}
