@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -89,15 +90,26 @@ class QueuedJob:
 
 
 def this_process() -> str:
-    """The owner name of jobs run here: host and process id."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """The owner name of jobs run here: host, process id and the process's start time (so a process that
+    later gets the same id is not mistaken for this one)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "" where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _owner_gone(owner: str | None) -> bool:
-    """Whether the process that ran a job is gone: on this host, a process id that no longer runs (or is
-    ours: we just started); another host's jobs are left to that host."""
-    host, _, pid = (owner or ":").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether the process that ran a job is gone: on this host, a process id that no longer runs, now
+    runs another process, or is ours (we just started); another host's jobs are left to that host."""
+    host, pid, start = ((owner or "").split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname() or not _is_whole(pid):
         return host == ""
     if int(pid) == os.getpid():
         return True
@@ -107,12 +119,17 @@ def _owner_gone(owner: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return bool(start) and _start_time(int(pid)) not in ("", start)
+
+
+def _is_whole(text: str) -> bool:
+    """ASCII digits only, at most 16 of them ("²".isdigit() is true, and int() of 5000 digits raises)."""
+    return re.fullmatch(r"[0-9]{1,16}", text) is not None
 
 
 def job_id_of(value) -> int:
     """A job id from the API: a whole number from 1 (text digits are accepted)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _is_whole(value.strip()):
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -230,6 +247,12 @@ class JobStore:
                     (time.time(), "Cancelled before it started.", job.id),
                 )
                 _renumber(db)
+            elif job.state == "running" and job.owner != this_process() and _owner_gone(job.owner):
+                # Its process died (and no app has started since to mark it): close it, so it can be retried.
+                db.execute(
+                    "UPDATE jobs SET state = 'interrupted', ended = ?, eta_seconds = NULL, message = ? WHERE id = ?",
+                    (time.time(), "The app stopped while this job ran.", job.id),
+                )
             elif job.state == "running":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
             else:
@@ -325,7 +348,7 @@ def _new_place(to: int | str, *, current: int, length: int) -> int:
     """The 1-based place a move asks for, within the line."""
     if to in ("up", "down"):
         return min(length, max(1, current + (-1 if to == "up" else 1)))
-    if isinstance(to, str) and to.strip().isdigit():
+    if isinstance(to, str) and _is_whole(to.strip()):
         to = int(to.strip())
     if isinstance(to, float) and to.is_integer():
         to = int(to)

@@ -66,7 +66,7 @@ def settings_of(settings) -> dict:
             raise UserError(f"settings must be at most {MAX_SETTINGS_CHARS} characters of JSON; got {len(settings)}")
         try:
             settings = json.loads(settings or "{}", parse_constant=_no_constant)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past Python's stack
             raise UserError(f'settings must be a JSON object such as {{"steps": 500}}: {exc}'[:300]) from exc
     if not isinstance(settings, dict):
         raise UserError(f'settings must be a JSON object such as {{"steps": 500}}; got {settings!r}'[:300])

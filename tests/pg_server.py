@@ -29,7 +29,11 @@ def find_binaries() -> tuple[str, str] | None:
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if initdb and pg_ctl:
         return initdb, pg_ctl
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+    for folder in sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(v) if (v := p.split("/")[-2]).isdigit() else -1,
+        reverse=True,
+    ):
         if os.access(f"{folder}/initdb", os.X_OK) and os.access(f"{folder}/pg_ctl", os.X_OK):
             return f"{folder}/initdb", f"{folder}/pg_ctl"
     return None

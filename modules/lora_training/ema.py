@@ -36,6 +36,13 @@ class AdapterEMA:
         if step > self.start_step:
             self.updates += 1
 
+    @torch.no_grad()
+    def restart_from_weights(self) -> None:
+        """The average set to the weights as they are now (a resumed run whose checkpoint kept no average)."""
+        for name, param in self.params.items():
+            self.shadow[name].copy_(param.detach())
+        self.updates = 0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().cpu().contiguous() for name, tensor in self.shadow.items()}
 

@@ -175,7 +175,7 @@ class TrainingKinds:
         state, message = snapshot["state"], snapshot.get("message") or ""
         if state in _RUNNING:
             return JobStatus("running", progress=_progress(snapshot), eta_seconds=snapshot.get("eta_seconds"))
-        self._job_ids.pop(job.id, None)
+        # The id stays mapped: if recording the end fails (a locked database), the next poll answers the same.
         if state == "failed":
             return JobStatus("failed", progress=_progress(snapshot), error=message, message=message)
         if state == "stopped":

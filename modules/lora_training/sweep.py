@@ -342,18 +342,25 @@ def run_worker(
 
 def study_names(place: Place, *, storage_url: str = "") -> list[str]:
     """The studies of the project's storage, oldest first."""
+    return _study_names(place, storage_url=storage_url)[1]
+
+
+def _study_names(place: Place, *, storage_url: str = "") -> tuple[object | None, list[str]]:
+    """The opened storage and its studies; (None, []) when the project has no sweep database yet (a status
+    asked for any name must not create folders or a database for it)."""
     import optuna
 
+    if not storage_url and not (sweeps_dir(place.paths) / "sweeps.db").is_file():
+        return None, []
     storage = open_storage(storage_url or default_storage(place.paths))
-    return optuna.get_all_study_names(storage)
+    return storage, optuna.get_all_study_names(storage)
 
 
 def find_study(place: Place, name: str = "", *, storage_url: str = "") -> Study:
     """The study named ``name`` of the project's storage, or its newest one."""
-    names = study_names(place, storage_url=storage_url)
+    storage, names = _study_names(place, storage_url=storage_url)
     if not names:
         raise UserError(f"Project {place.project!r} has no sweep yet: start one first.")
-    storage = open_storage(storage_url or default_storage(place.paths))
     return join_study(storage, name=name or names[-1], project=place.project)
 
 

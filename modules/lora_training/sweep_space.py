@@ -203,10 +203,12 @@ def load_json(text: str) -> dict:
     """The search space's JSON object; NaN and Infinity (which Python's json accepts) are refused."""
     if not isinstance(text, str) or not text.strip():
         raise UserError('The search space is empty: give a JSON object with "parameters".')
-    if len(text.encode("utf-8")) > MAX_SPACE_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPACE_BYTES:
         raise UserError(f"The search space is larger than {MAX_SPACE_BYTES // 1024} KB.")
     try:
         raw = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:  # "[[[[..." nested deeper than Python's stack
+        raise UserError('The search space must be a JSON object with "parameters".') from exc
     except ValueError as exc:
         if isinstance(exc, UserError):
             raise

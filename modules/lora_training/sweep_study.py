@@ -13,7 +13,9 @@ Storage: ``sqlite:///<project>/sweeps/sweeps.db`` by default, or any database UR
 from __future__ import annotations
 
 import json
+import logging
 import re
+import secrets
 import threading
 import time
 import warnings
@@ -23,6 +25,8 @@ from pathlib import Path
 from core.errors import UserError
 from modules.lora_training.project import ProjectPaths
 from modules.lora_training.sweep_space import SweepSpace, check_trials, parse_space
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30  # a running trial whose heartbeat is older than this belongs to a dead worker
@@ -53,7 +57,8 @@ def check_study_name(name: str) -> str:
 
 
 def new_study_name() -> str:
-    return time.strftime("sweep-%Y%m%d-%H%M%S", time.gmtime())
+    # The random part: two sweeps started in the same second get their own studies.
+    return time.strftime("sweep-%Y%m%d-%H%M%S", time.gmtime()) + f"-{secrets.token_hex(2)}"
 
 
 def open_storage(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS):
@@ -231,7 +236,10 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self._done.is_set():
-            self.storage.record_heartbeat(self.trial_id)
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; a dead beat would fail the live trial
+                log.warning("sweep heartbeat of trial %s failed; retrying", self.trial_id, exc_info=True)
             self._done.wait(self.every)
 
     def __enter__(self):

@@ -599,6 +599,7 @@ class Trainer:
     def _resume_ema(self, state: ckpt.CheckpointState) -> None:
         if state.ema is None:
             self.on_event(Log("The checkpoint has no EMA: the average starts from its weights", level="warning"))
+            self.ema.restart_from_weights()  # made before the checkpoint's weights were loaded
             return
         self.ema.load_state_dict(state.ema, updates=state.ema_updates)
 

@@ -39,6 +39,16 @@ def test_average_follows_the_weights_until_the_start_step_then_decays():
     assert torch.equal(weight.detach(), torch.full((3,), 8.0)), "the trained weights come back"
 
 
+def test_a_resume_without_a_saved_average_restarts_it_from_the_loaded_weights():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema = AdapterEMA({"w": weight}, decay=0.9, start_step=0)  # made before the checkpoint's weights load
+    with torch.no_grad():
+        weight.fill_(5.0)  # the checkpoint's weights
+    ema.restart_from_weights()
+    ema.update(4)
+    assert torch.equal(ema.shadow["w"], torch.full((3,), 5.0)) and ema.updates == 1, "not pulled toward 0"
+
+
 @pytest.mark.parametrize("decay", [0.0, 1.0, float("nan")])
 def test_decay_must_lie_strictly_between_0_and_1(decay):
     with pytest.raises(UserError, match="ema_decay"):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from core.errors import UserError
 from core.model_manager import ModelManager
 from modules.lora_training.jobs import TrainingJobs
 from modules.lora_training.sweep import Place, best_train_config, find_study, open_sweep
@@ -289,3 +290,11 @@ def test_the_clip_objective_scores_each_segment_and_resumes_between_them(sweep_a
     runs = list((sweep_app.LORA_PROJECTS_DIR / "tiny" / "sweeps" / "clip" / "workspace" / "tiny" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "finished.json").is_file(), "one run, resumed from its step-2 checkpoint"
     assert best_train_config(study).learning_rate == max(trials, key=lambda t: t.value).params["learning_rate"]
+
+
+def test_asking_for_the_sweeps_of_any_project_name_creates_nothing(tmp_path):
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    with pytest.raises(UserError, match="has no sweep yet"):
+        find_study(Place(projects, tmp_path / "models", "ghost"))
+    assert list(projects.iterdir()) == [], "no folder and no database for a project that does not exist"

@@ -155,6 +155,7 @@ def test_a_job_refused_at_its_start_fails_with_the_reason_and_the_queue_goes_on(
         ("sleep", "p", '{"seconds": NaN}', "NaN is not a number JSON allows"),
         ("sleep", "p", {"seconds": float("inf")}, r"settings.seconds must be a finite number"),
         ("sleep", "p", "[1, 2]", "settings must be a JSON object"),
+        ("sleep", "p", "[" * 5000, "settings must be a JSON object"),  # nested past Python's stack
         ("sleep", "p", '{"seconds": 1e308}', "seconds must be between 0 and 60"),
         ("sleep", "p", "x" * 70000, "at most 65536 characters"),
         ("sleep", 7, "{}", "project must be text"),
@@ -276,3 +277,37 @@ def test_a_job_that_just_ended_is_not_pending_even_before_the_next_tick(tmp_path
         assert runner.pending("a") == [] and runner.store.get(job["id"]).state == "finished"
     finally:
         runner.close()
+
+
+def test_a_job_left_running_by_a_dead_or_reused_process_can_be_cancelled_at_once(tmp_path):
+    import os
+    import socket
+
+    store = JobStore(tmp_path / "queue.sqlite")
+    for name in ("a", "b", "c"):
+        store.add("sleep", name, {})
+    host = socket.gethostname()
+    dead = store.claim_next(owner=f"{host}:{2**22 + 12347}:1")  # no such process
+    reused = store.claim_next(owner=f"{host}:{os.getppid()}:1")  # a live process that started at another time
+    alive = store.claim_next(owner=f"{host}:{os.getppid()}:{_start_time_of(os.getppid())}")
+    assert store.cancel(dead.id).state == "interrupted", "nothing would ever stop it: closed now"
+    assert store.cancel(reused.id).state == "interrupted", "its process id now names another process"
+    stopping = store.cancel(alive.id)
+    assert stopping.state == "running" and store.cancel_requested(alive.id), "its runner stops it"
+    assert [job.id for job in store.recover(requeue=False)] == []
+
+
+def _start_time_of(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[19]
+
+
+@pytest.mark.parametrize("job_id", ["²", "9" * 5000, "١٢"])
+def test_ids_that_are_digits_only_to_unicode_are_refused(runner, job_id):
+    with pytest.raises(UserError, match="job id must be a whole number"):
+        runner.cancel(job_id)
+    runner.submit("sleep", "a", {"seconds": 5})
+    waiting = runner.submit("sleep", "b", {"seconds": 5})
+    with pytest.raises(UserError, match="position must be"):
+        runner.move(waiting["id"], job_id)
+    runner.cancel(waiting["id"])
+    runner.cancel(1)

@@ -75,6 +75,8 @@ def test_a_good_space_gives_its_parameters_and_defaults():
         (space({"rank": [4]}, enqueue=[{"rank": 8}]), "is outside rank in [4]"),
         (space({"rank": [4]}, enqueue=[{"alpha": 8}]), "not a swept parameter"),
         (space({"rank": [4]}, enqueue=[{"rank": 4}] * 3), "3 trials to try first, but the budget is 2"),
+        ("[" * 5000, 'must be a JSON object with "parameters"'),  # nested past Python's stack
+        ('{"parameters": {"\ud800": [1]}}', "Unknown sweep parameter"),  # a lone surrogate
     ],
 )
 def test_bad_spaces_are_refused_with_what_is_wrong(text, says):
