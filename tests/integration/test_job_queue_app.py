@@ -18,16 +18,16 @@ from tests.demo_names import DEMO_SDXL_NAME
 from tests.image_folders import noise_image
 from tests.server import app_process
 
-STEPS = 14
+STEPS = 30
 
 
-def _until(predicate, *, timeout=180, what="the condition"):
+def _until(predicate, *, timeout=180, what="the condition", every=0.3):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -54,6 +54,28 @@ def _concurrent_clients_add_jobs(url: str, photos) -> list[dict]:
     return answers
 
 
+def _run_folders(projects, name) -> set:
+    return set((projects / name / "runs").glob("*"))
+
+
+def _queue_blocks_while_a_job_runs(url, client, *, name, photos) -> None:
+    """Two clients add prepare jobs while a long training holds the device: each job gets its own place. The long
+    training is then cancelled (training's Stop), so nothing here races the clock."""
+    blocker = {"base_model": DEMO_SDXL_NAME, "steps": 100_000, "rank": 4, "save_every_steps": 0}
+    blocker |= {"sample_every_steps": 0, "validation_share": 0.0}
+    job = client.predict("train", name, json.dumps(blocker), api_name="/queue_add")
+    assert (job["state"], job["started"], job["attempts"]) == ("running", True, 1)
+
+    added = _concurrent_clients_add_jobs(url, photos)
+    assert sorted(a["project"] for a in added) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    queued = [j for j in client.predict(api_name="/queue_list") if j["state"] == "queued"]
+    assert sorted(j["position"] for j in queued) == [1, 2, 3, 4, 5, 6], "each job once, in distinct places"
+    for entry in queued:
+        assert client.predict(entry["id"], api_name="/queue_cancel")["state"] == "cancelled"
+    client.predict(job["id"], api_name="/queue_cancel")
+    _until(lambda: _job(client, job["id"])["state"] == "cancelled", what="the long training to stop")
+
+
 @pytest.mark.slow
 def test_a_training_killed_with_the_app_resumes_after_a_restart(project, models_dir, tmp_path):
     from gradio_client import Client
@@ -65,21 +87,18 @@ def test_a_training_killed_with_the_app_resumes_after_a_restart(project, models_
         noise_image(80, 80, seed=500 + index).save(photos / f"p{index}.png")
     config = write_config(tmp_path, models_dir, QUEUE_RESUME_INTERRUPTED=True, BUILD_DEMO_MODELS=False)
     settings = {"base_model": DEMO_SDXL_NAME, "steps": STEPS, "rank": 4, "save_every_steps": 2}
-    settings |= {"sample_every_steps": 0, "validation_share": 0.0}
+    settings |= {"sample_every_steps": 0, "validation_share": 0.0, "new_run": True}
     with app_process(config, tmp_path / "first.log") as (url, process):
         client = Client(url, verbose=False)
+        _queue_blocks_while_a_job_runs(url, client, name=name, photos=photos)
+        earlier = _run_folders(projects, name)
         job = client.predict("train", name, json.dumps(settings), api_name="/queue_add")
-        assert (job["state"], job["started"], job["attempts"]) == ("running", True, 1)
+        assert (job["state"], job["started"]) == ("running", True)
 
-        added = _concurrent_clients_add_jobs(url, photos)
-        assert sorted(a["project"] for a in added) == ["a0", "a1", "a2", "b0", "b1", "b2"]
-        queued = [j for j in client.predict(api_name="/queue_list") if j["state"] == "queued"]
-        assert sorted(j["position"] for j in queued) == [1, 2, 3, 4, 5, 6], "each job once, in distinct places"
-        for entry in queued:
-            assert client.predict(entry["id"], api_name="/queue_cancel")["state"] == "cancelled"
+        def new_checkpoint():
+            return any(list(run.glob("checkpoints/step-*")) for run in _run_folders(projects, name) - earlier)
 
-        checkpoints = projects / name / "runs"
-        _until(lambda: list(checkpoints.glob("*/checkpoints/step-*")), what="a checkpoint")
+        _until(new_checkpoint, what="a checkpoint of the new run", every=0.02)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
     left = JobStore(load_config(config).QUEUE_DB).get(job["id"])
