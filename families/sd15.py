@@ -40,7 +40,7 @@ class SD15Family(SD15Files, DDPMFamily):
     demo_name = "demo-tiny-sd15-RANDOM-WEIGHTS"
     demo_architecture = "stable-diffusion-v1"
     default_guidance = 7.5
-    smallest_preset = "sdxl-8gb"  # its settings (8-bit AdamW, checkpointing, rank 16) suit SD 1.5 on 8 GB
+    smallest_preset = "sd15-4gb"
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         # As StableDiffusionPipeline does (no clip skip): the last hidden state, final layer norm applied.
