@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.errors import GpuBusyError, UserError
 from modules.lora_training.config import PrepareConfig, TrainConfig
+from modules.lora_training.estimate import CountedSteps
 from modules.lora_training.events import (
     CheckpointSaved,
     Failed,
@@ -150,6 +151,7 @@ class TrainingJobs:
         self._stop = threading.Event()
         self._next_id = 1
         self.lora_version = 0  # bumps each time a LoRA is saved, so lists can refresh
+        self.counted_steps = CountedSteps()  # the estimate's step counts, shared with the tab's Estimate
 
     # ----- queries -----------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -599,7 +601,11 @@ class TrainingJobs:
         resolution = resolution_of(self._paths(job.project))
         try:
             memory = estimate_run(
-                train_config, models_dir=self.app_config.MODELS_DIR, resolution=resolution, timing=False
+                train_config,
+                models_dir=self.app_config.MODELS_DIR,
+                resolution=resolution,
+                timing=False,
+                counted=self.counted_steps,
             ).memory
         except (UserError, OSError, ValueError) as exc:
             self._record(job, Log(f"No memory estimate: {exc}"))

@@ -218,6 +218,7 @@ class LoraTrainingTab:
             models_dir=self.config.MODELS_DIR,
             resolution=int(values.get("resolution") or 1024),
             timing=not busy,
+            counted=self.jobs.counted_steps,
         )
         return estimate.describe() + ("\n\n" + translate("estimate_time_busy", strings) if busy else "")
 

@@ -1,5 +1,6 @@
 """The plain functions behind the LoRA Training tab's widgets (gallery, captions, presets)."""
 
+import os
 import shutil
 
 import pytest
@@ -79,8 +80,26 @@ def test_the_run_log_and_the_estimate_button_give_the_same_memory_figure(tab):
     button = tab.estimate({**values, **options}, {}, strings={}).split("\n\n")
     assert button[0].startswith("Estimated peak memory") and "activations counted" in button[0]
     assert "s/step" in button[1], "the button also times a step when no job holds the device"
+    counted = tab.jobs.counted_steps
+    assert counted.counts == 1
     tab.start(prepare=None, train=config)
     status = tab.jobs.wait(timeout=120)
     assert status["state"] == "finished", status
     logged = [line.split("  ", 1)[1] for line in status["log"] if "Estimated peak memory" in line]
     assert logged == [button[0]]
+    assert counted.counts == 1, "the run's estimate reused the button's count of the same settings"
+    from modules.lora_training.estimate import estimate_run
+
+    def memory_only(run_config):
+        return estimate_run(run_config, models_dir=tab.config.MODELS_DIR, resolution=64, timing=False, counted=counted)
+
+    memory_only(tab.train_config({**tab.train_values({**values, "rank": 8}), **options}))
+    assert counted.counts == 2, "other settings are counted again"
+    weights = next((tab.config.MODELS_DIR / values["base_model"] / "unet").glob("*.safetensors"))
+    times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+    os.utime(weights, ns=(times[0], times[1] + 10**9))
+    try:
+        memory_only(config)
+    finally:
+        os.utime(weights, ns=times)  # the demo model is shared by the session's tests
+    assert counted.counts == 3, "a model file changed in place is counted again"

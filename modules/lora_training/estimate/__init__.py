@@ -12,6 +12,7 @@ give the same figures for the same settings. The parts:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,27 +44,73 @@ class _ConfigPlan:
     compute_dtype: object
 
 
-def estimate_run(config, *, models_dir: Path, resolution: int, timing: bool = True) -> RunEstimate:
+class CountedSteps:
+    """The step work counted so far, by model and settings, for one server: counting a full-size step on the
+    meta device takes 10-30 s, and an Estimate followed by Train (whose log estimates again) or a Resume
+    asks for the same count. A model file changed in place is counted again (its size and time are in the key)."""
+
+    def __init__(self, *, keep: int = 16) -> None:
+        self._lock = threading.Lock()
+        self._counted: dict[tuple, object] = {}
+        self.keep = keep
+        self.counts = 0  # how many steps were really counted
+
+    def work(self, key: tuple, count):
+        with self._lock:
+            if key in self._counted:
+                return self._counted[key]
+        work = count()
+        with self._lock:
+            self.counts += 1
+            if len(self._counted) >= self.keep:
+                self._counted.pop(next(iter(self._counted)))
+            self._counted[key] = work
+        return work
+
+
+def estimate_run(
+    config, *, models_dir: Path, resolution: int, timing: bool = True, counted: CountedSteps | None = None
+) -> RunEstimate:
     """Peak memory of training ``config`` at ``resolution`` (activations counted on the meta device)
     and, with ``timing``, seconds per optimizer step measured on the device training would use (this
-    runs kernels there: leave it out while another job holds the device)."""
+    runs kernels there: leave it out while another job holds the device). ``counted`` keeps the counts
+    of earlier calls with the same model and settings."""
     from modules.lora_training.estimate.work import count_step_work
 
     plan = _plan(config, models_dir=Path(models_dir))
-    work = count_step_work(
-        plan.entry,
-        models_dir=models_dir,
-        targets=plan.targets,
-        rank=config.rank,
-        batch=config.batch_size,
-        side=resolution,
-        gradient_checkpointing=config.gradient_checkpointing,
-        network=config.network,
-        factor=config.factor,
-    )
+    settings = {
+        "targets": plan.targets,
+        "rank": config.rank,
+        "batch": config.batch_size,
+        "side": resolution,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "network": config.network,
+        "factor": config.factor,
+    }
+
+    def count():
+        return count_step_work(plan.entry, models_dir=models_dir, **settings)
+
+    work = count() if counted is None else counted.work((*_model_key(plan.entry), *settings.items()), count)
     memory = _memory(config, plan=plan, work=work, models_dir=Path(models_dir), resolution=resolution)
     step_time = _step_time(config, plan=plan, work=work, models_dir=Path(models_dir)) if timing else None
     return RunEstimate(memory=memory, step_time=step_time, notes=_regularization_notes(config))
+
+
+def _model_key(entry) -> tuple:
+    """The model's path with the size and time of the files the count reads (the single file, or the
+    folder's index and the denoiser's config and weights), so that a model replaced in place is counted again."""
+    from families import family as model_family
+
+    path = Path(entry.path)
+    files = [path]
+    if not entry.single_file:
+        files = [path / "model_index.json", *sorted((path / model_family(entry.family).denoiser_attr).glob("*"))]
+    stamps = []
+    for file in files:
+        info = file.stat()
+        stamps.append((file.name, info.st_size, info.st_mtime_ns))
+    return (str(path), tuple(stamps))
 
 
 def _regularization_notes(config) -> tuple[str, ...]:
