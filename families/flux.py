@@ -54,6 +54,7 @@ class FluxFamily(FluxFiles, TrainingFamily):
     full_size_quantization = "nf4"
     denoiser_attr = "transformer"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    adapted_text_encoders = ("text_encoder",)  # diffusers' Flux LoRA format carries the CLIP encoder only
     attention_targets = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
     # The single blocks' proj_out is their attention output and MLP output at once.
     feedforward_targets = (
@@ -72,10 +73,6 @@ class FluxFamily(FluxFiles, TrainingFamily):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.scheduler_config = dict(self.pipe.scheduler.config)
-
-    def text_encoders_with_lora(self) -> list[torch.nn.Module]:
-        # Diffusers' Flux LoRA format carries the CLIP encoder only; T5 stays frozen.
-        return [self.pipe.text_encoder]
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config

@@ -29,6 +29,7 @@ class TrainingFamily(ModelFamily):
     default_targets = "attention"  # what lora_targets "auto" means
     excluded_modules: str | None = None  # modules a target name also matches but must not get LoRA (full match)
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    adapted_text_encoders: tuple[str, ...] | None = None  # the text encoders train_text_encoder adapts; None: all
     # Options of TrainConfig this family has no use for: named in the run log when set.
     unused_options: tuple[str, ...] = ()
 
@@ -159,7 +160,11 @@ class TrainingFamily(ModelFamily):
 
     def text_encoders_with_lora(self) -> list[torch.nn.Module]:
         """Text encoders that get LoRA when ``train_text_encoder`` is on."""
-        return self.text_encoders()
+        return [getattr(self.pipe, attr) for attr in self.text_encoder_attrs_with_lora()]
+
+    @classmethod
+    def text_encoder_attrs_with_lora(cls) -> tuple[str, ...]:
+        return cls.adapted_text_encoders or cls.text_encoder_attrs
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"denoiser": self.denoiser}

@@ -149,3 +149,34 @@ def test_estimate_command(models_dir, demo_paths, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "at 64², batch 1, rank 16" in out
     assert "Estimated peak memory" in out and "activations counted" in out and "s/step on cpu" in out
+
+
+@pytest.mark.parametrize("layout", ["sdxl_folder", "flux_single_file"])
+def test_text_encoders_and_vae_left_on_the_device_are_counted(models_dir, demo_paths, layout):
+    """Uncached text embeddings keep the text encoders on the device, uncached latents the (fp32) VAE; a
+    trained text encoder adds its adapter. The parts equal the models as the trainer loads them."""
+    from modules.lora_training.config import TrainConfig, config_from_dict
+    from modules.lora_training.estimate import estimate_run
+
+    entry = model_entry(models_dir, getattr(demo_paths, layout).name)
+    settings = {"project": "p", "base_model": entry.name, "rank": 4, "device": "cpu", "mixed_precision": "bf16"}
+    cached = estimate_run(config_from_dict(TrainConfig, settings), models_dir=models_dir, resolution=64, timing=False)
+    assert "text encoders" not in cached.memory.parts and "VAE" not in cached.memory.parts
+    uncached = {"cache_text_embeddings": False, "cache_latents": False, "train_text_encoder": True}
+    config = config_from_dict(TrainConfig, {**settings, **uncached})
+    parts = estimate_run(config, models_dir=models_dir, resolution=64, timing=False).memory.parts
+
+    family = family_class(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.bfloat16)
+    assert parts["text encoders"] == sum(_stored_bytes(encoder) for encoder in family.text_encoders())
+    assert parts["VAE"] == _stored_bytes(family.vae) and family.vae.dtype == torch.float32
+    denoiser_only = sum(p.numel() for p in _adapted(family, train_text_encoder=False))
+    family = family_class(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.bfloat16)
+    with_text = sum(p.numel() for p in _adapted(family, train_text_encoder=True))
+    assert with_text > denoiser_only, "the text encoders got an adapter"
+    assert parts["LoRA + gradients"] == with_text * 8
+    assert cached.memory.parts["LoRA + gradients"] == denoiser_only * 8
+
+
+def _adapted(family, *, train_text_encoder: bool):
+    family.add_lora(rank=4, alpha=4.0, targets="auto", train_text_encoder=train_text_encoder)
+    return family.lora_parameters()

@@ -153,19 +153,19 @@ def _plan(config, *, models_dir: Path) -> _ConfigPlan:
 
 def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: int):
     from modules.lora_training.estimate.memory import estimate_memory
+    from modules.lora_training.estimate.work import components_folder
 
     scale = plan.compute_dtype.itemsize / 4  # counted at 4 bytes per value
     # The backward pass briefly holds gradients beside the kept tensors: about two of the largest.
     activation_bytes = int((work.activation_bytes + 2 * work.largest_activation) * scale)
+    components = components_folder(plan.entry, models_dir)
+    resident, text_adapters = _resident_parts(config, plan=plan, components=components, resolution=resolution)
     sample_bytes = 0
     if config.sample_every_steps != 0:  # None: every 10% of the run
         from modules.lora_training.estimate.vae_decode import vae_decode_bytes
-        from modules.lora_training.estimate.work import components_folder
 
-        vae_weights, decode = vae_decode_bytes(
-            components_folder(plan.entry, models_dir), width=resolution, height=resolution
-        )
-        sample_bytes = vae_weights + decode
+        vae_weights, decode = vae_decode_bytes(components, width=resolution, height=resolution)
+        sample_bytes = decode + (0 if "VAE" in resident else vae_weights)
     return estimate_memory(
         entry=plan.entry,
         rank=config.rank,
@@ -183,7 +183,36 @@ def _memory(config, *, plan: _ConfigPlan, work, models_dir: Path, resolution: in
         ema=config.ema,
         network=config.network,
         factor=config.factor,
+        resident=resident,
+        text_adapter_values=text_adapters,
     )
+
+
+def _resident_parts(config, *, plan: _ConfigPlan, components: Path, resolution: int) -> tuple[dict[str, int], int]:
+    """Frozen parts training keeps on the device beside the denoiser ({part: bytes}) and the adapter values
+    of the text encoders' LoRA. Encoding a batch (latents not cached) happens before the denoiser's forward,
+    so it counts like a sample: where it exceeds the training activations."""
+    from functools import partial
+
+    from families import family as model_family
+    from modules.lora_training.estimate.frozen_parts import text_encoder_parts, vae_encode_bytes
+    from modules.lora_training.estimate.memory import adapter_values
+
+    kind = model_family(plan.entry.family)
+    parts, text_adapters = {}, 0
+    if not config.cache_text_embeddings or config.train_text_encoder:
+        trained = kind.text_encoder_attrs_with_lora() if config.train_text_encoder else ()
+        parts["text encoders"], text_adapters = text_encoder_parts(
+            components,
+            encoders=kind.text_encoder_attrs,
+            with_lora=trained,
+            targets=kind.text_encoder_targets,
+            weight_bytes=plan.weight_dtype.itemsize,
+            adapter_values=partial(adapter_values, rank=config.rank, network=config.network, factor=config.factor),
+        )
+    if not config.cache_latents:
+        parts["VAE"], parts["VAE encode"] = vae_encode_bytes(components, side=resolution, batch=config.batch_size)
+    return parts, text_adapters
 
 
 def _step_time(config, *, plan: _ConfigPlan, work, models_dir: Path):

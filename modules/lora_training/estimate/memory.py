@@ -114,9 +114,12 @@ def estimate_memory(
     ema: bool = False,
     network: str = "lora",
     factor: int = -1,
+    resident: dict[str, int] | None = None,
+    text_adapter_values: int = 0,
 ) -> MemoryEstimate:
-    """Peak memory of training; ``sample_bytes`` is what rendering a sample needs beside the weights,
-    LoRA and optimizer state (the VAE and its decode), counted where it exceeds the training activations."""
+    """Peak memory of training. ``sample_bytes`` (the VAE and its decode) and ``resident["VAE encode"]`` count
+    where they exceed the training activations; the other ``resident`` parts are frozen weights kept on the
+    device beside the denoiser; ``text_adapter_values``: the text encoders' adapter."""
     from families import family as model_family
 
     kind = model_family(entry.family)
@@ -124,7 +127,9 @@ def estimate_memory(
     weights = weight_bytes_of(
         shapes, weight_bytes=weight_bytes, quantization=quantization, blocks=kind.quantized_blocks
     )
-    lora = lora_parameter_count(shapes, targets, rank, network=network, factor=factor)
+    lora = lora_parameter_count(shapes, targets, rank, network=network, factor=factor) + text_adapter_values
+    resident = dict(resident or {})
+    encode = resident.pop("VAE encode", 0)
     counted = activation_bytes is not None
     if activation_bytes is None:
         with_gc, without_gc = kind.activation_gib
@@ -132,14 +137,16 @@ def estimate_memory(
         activation_bytes = int(per_image * batch_size)
     parts = {
         "weights": weights,
+        **resident,
         "LoRA + gradients": lora * 8,
         "optimizer": lora * OPTIMIZER_BYTES_PER_PARAM[optimizer],
         "activations": activation_bytes,
     }
     if ema:  # the moving average: one fp32 copy of the adapter (its update costs no more than a copy per step)
         parts["EMA copy"] = lora * 4
-    if sample_bytes > activation_bytes:
-        parts["sample images (VAE decode)"] = sample_bytes - activation_bytes
+    if max(sample_bytes, encode) > activation_bytes:
+        label = "sample images (VAE decode)" if sample_bytes >= encode else "VAE encode"
+        parts[label] = max(sample_bytes, encode) - activation_bytes
     if device == "cuda":
         parts["CUDA context"] = int(CUDA_OVERHEAD_GIB * GIB)
     return MemoryEstimate(

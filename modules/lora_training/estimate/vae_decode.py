@@ -45,7 +45,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-class _FusedAttentionOutput(TorchFunctionMode):
+class FusedAttentionOutput(TorchFunctionMode):
     """scaled_dot_product_attention as a fused kernel runs it: only its output is allocated."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -76,7 +76,7 @@ def vae_decode_bytes(components: Path, *, width: int, height: int) -> tuple[int,
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     latents = torch.empty(1, config["latent_channels"], height // factor, width // factor, device="meta")
     counter = LiveBytes()
-    with torch.no_grad(), _FusedAttentionOutput(), counter:
+    with torch.no_grad(), FusedAttentionOutput(), counter:
         vae.decode(latents)
     # Devices add a working copy of a convolution's input (layout reorders, workspaces): about one
     # more of the largest tensor, as measured on the CPU against a full-size 1024² VAE.
