@@ -109,8 +109,9 @@ def folder_class_images(
     from modules.lora_training.dataset.images import RejectedImage
     from modules.lora_training.dataset.scan import RejectedFile, StopRequested, read_regular_file, scan_folder
 
+    folder = Path(folder).expanduser()
     try:
-        found = scan_folder(Path(folder), should_stop=should_stop)
+        found = scan_folder(folder, should_stop=should_stop)
     except StopRequested:
         return []
     items, skipped = [], len(found.refused)
@@ -118,7 +119,7 @@ def folder_class_images(
         if should_stop():
             return items
         try:
-            data = read_regular_file(source.path, folder=Path(folder).resolve(), max_bytes=max_image_bytes)
+            data = read_regular_file(source.path, folder=folder.resolve(), max_bytes=max_image_bytes)
             digest = hashlib.sha256(data).hexdigest()
             record = _cache_record(store, sha256=digest, resolution=resolution)
             item = _cached_item(record, sha256=digest, caption=caption)
