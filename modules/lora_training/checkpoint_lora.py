@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from modules.lora_training import checkpoints as ckpt
+from modules.lora_training.ema import load_output_weights
 from modules.lora_training.evaluate import RunModel, find_run, run_config
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.names import validate_name
@@ -56,13 +57,7 @@ def save_checkpoint_as_lora(
     model = RunModel(config, models_dir=Path(models_dir), device="cpu")  # weights are only copied, never run
     model.add_lora_layers()
     family = model.family
-    family.load_lora_state_dict(state.lora)
-    weights = "raw"
-    if config.ema and config.ema_weights == "ema" and state.ema is not None:  # the run's LoRA files hold the average
-        from modules.lora_training.ema import load_averaged
-
-        load_averaged(family.lora_modules(), state.ema)
-        weights = "ema"
+    weights = load_output_weights(family, state, config)  # the run's LoRA files may hold the average
     metadata = _metadata(
         family, config=config, run=run, paths=paths, step=state.step, record=record, ema=(weights, state.ema_updates)
     )

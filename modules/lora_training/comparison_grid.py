@@ -92,6 +92,7 @@ def comparison_grid(
     from core.errors import UserError
     from core.model_manager import pick_device
     from modules.lora_training import checkpoints as ckpt
+    from modules.lora_training.ema import load_output_weights
     from modules.lora_training.evaluate import RunModel, RunUnderTest
     from modules.lora_training.panel_judge import PanelJudge
     from modules.lora_training.prompt_panel import GRID_WEIGHTS, lora_weight
@@ -116,7 +117,7 @@ def comparison_grid(
     rendered = []
     for label, folder, weight in plan:
         if folder is not None:
-            model.family.load_lora_state_dict(ckpt.load_checkpoint(folder).lora)
+            load_output_weights(model.family, ckpt.load_checkpoint(folder), model.config)
         with lora_weight(list(model.family.lora_modules().values()), weight):
             judged = judge.judge(step=0, should_stop=should_stop)
         if judged is None:

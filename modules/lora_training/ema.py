@@ -69,6 +69,17 @@ class AdapterEMA:
                     param.copy_(trained[name])
 
 
+def load_output_weights(family, state, config) -> str:
+    """Load a checkpoint's adapter weights as the run's main LoRA file holds them: the average when the run
+    saved it there (``ema_weights`` "ema") and the checkpoint kept one, else the trained weights; which
+    ("ema" or "raw")."""
+    family.load_lora_state_dict(state.lora)
+    if config.ema and config.ema_weights == "ema" and state.ema is not None:
+        load_averaged(family.lora_modules(), state.ema)
+        return "ema"
+    return "raw"
+
+
 def load_averaged(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Put a checkpoint's averaged weights (keys ``<part>/<parameter name>``, as :class:`AdapterEMA` names them)
     into the adapter layers of ``modules`` (part name → module)."""

@@ -21,6 +21,7 @@ from core.adapter_files import load_lora_file
 from core.errors import UserError
 from modules.lora_training import checkpoints as ckpt
 from modules.lora_training.config import TrainConfig, config_from_dict
+from modules.lora_training.ema import load_output_weights
 from modules.lora_training.project import ProjectPaths, read_json
 from modules.lora_training.runs import RunPaths, list_runs
 from modules.lora_training.validation import (
@@ -217,7 +218,7 @@ def _measure_all(model, *, judge, target: RunUnderTest, evaluation: Evaluation, 
         step = 0
         if folder is not None:
             state = ckpt.load_checkpoint(folder)
-            model.family.load_lora_state_dict(state.lora)
+            load_output_weights(model.family, state, model.config)  # what training measured: the saved weights
             step = state.step
         figures = _validation_figures(model, target=target, stop=stop)
         judged = judge.judge(step=step, should_stop=stop) if figures is not None else None

@@ -239,7 +239,8 @@ class TrainingJobs:
         continued; the search space and the project are checked now."""
         from modules.lora_training.sweep import Place, start_or_continue
 
-        place = Place(self.app_config.LORA_PROJECTS_DIR, self.app_config.MODELS_DIR, project)
+        config = self.app_config
+        place = Place(config.LORA_PROJECTS_DIR, config.MODELS_DIR, project, image_roots=config.IMAGE_ROOTS)
         with self._lock:
             self._refuse_while_running()
         opened = start_or_continue(place, space_text=space_text, trials=trials, base_model=base_model, study=study)
@@ -624,6 +625,7 @@ class TrainingJobs:
                 loras_dir=config.LORAS_DIR,
                 on_event=lambda e: self._record(job, e),
                 should_stop=self._stop.is_set,
+                image_roots=config.IMAGE_ROOTS,
                 **run_options,
             )
         if result.status == "finished":

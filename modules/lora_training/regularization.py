@@ -1,8 +1,9 @@
 """Regularization (prior-preservation) images: pictures of the subject's class, trained on beside the subject
 so the LoRA does not turn every "dog" into the user's dog.
 
-They come from a folder the user names (read like photos: regular image files only, within the size
-limits; each cropped to its nearest bucket), or the base model renders them from the class prompt
+They come from a folder the user names (inside the app's IMAGE_ROOTS, like photos; read like photos:
+regular image files only, within the size limits; each cropped to its nearest bucket, the crop kept under
+the sha256 of the file's bytes and the resolution so a rerun reads the bytes but decodes nothing), or the base model renders them from the class prompt
 before the LoRA exists. Both are kept under ``<projects>/.class_images/``: rendered sets in a folder
 keyed by the model, the prompt, the count, the size and the sampling steps, so a second run (of any
 project) with the same settings reuses them; a stopped rendering keeps the images already made.
@@ -13,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, write_text_atomic
 from core.errors import UserError
 from modules.lora_training.data import TrainItem
+from modules.lora_training.dataset.scan import never_stop
 from modules.lora_training.events import EventSink, Log, PrepProgress
 
 STORE = ".class_images"
@@ -41,33 +43,90 @@ def _item(path: Path, *, sha256: str, caption: str, size: tuple[int, int], crop=
     )
 
 
-def folder_class_images(
-    folder: Path, *, store: Path, caption: str, resolution: int, max_image_bytes: int, on_event: EventSink
-) -> list[TrainItem]:
-    """The folder's images cropped to their buckets (kept in ``store``), captioned ``caption``."""
-    from modules.lora_training.dataset.buckets import apply_crop, make_buckets, nearest_bucket, plan_crop
-    from modules.lora_training.dataset.images import RejectedImage, load_image
-    from modules.lora_training.dataset.scan import RejectedFile, read_regular_file, scan_folder
+def class_image_folder(reg_images_dir: str, *, roots: Iterable[Path] | None) -> Path:
+    """The folder of class images a run reads, resolved (``~`` expanded, symlinks followed): inside ``roots``
+    when given (the app's IMAGE_ROOTS, for runs started by the app and its sweeps), existing, a folder."""
+    from modules.lora_training.dataset.scan import image_folder
 
-    found = scan_folder(Path(folder))
-    buckets = make_buckets(resolution)
+    return image_folder(reg_images_dir, roots=roots)
+
+
+def _cache_record(store: Path, *, sha256: str, resolution: int) -> Path:
+    # The crop's geometry follows from the file's bytes and the resolution: both name the record.
+    return store / f"{sha256}-r{resolution}.json"
+
+
+def _cached_item(record: Path, *, sha256: str, caption: str) -> TrainItem | None:
+    """The item a previous run cropped from these bytes at this resolution, when its record and crop are intact."""
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        name = str(saved["crop"])
+        geometry = tuple(tuple(int(v) for v in saved[key]) for key in ("original", "top_left", "resized"))
+        size = tuple(int(v) for v in saved["bucket"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    path = record.parent / name
+    if Path(name).name != name or not path.is_file() or len(size) != 2 or any(len(pair) != 2 for pair in geometry):
+        return None
+    return _item(path, sha256=sha256, caption=caption, size=size, crop=geometry)
+
+
+def _crop_and_keep(data: bytes, *, store: Path, resolution: int, caption: str) -> TrainItem:
+    """Decode, crop to the nearest bucket, keep the crop and its record in ``store``."""
+    from modules.lora_training.dataset.buckets import apply_crop, make_buckets, nearest_bucket, plan_crop
+    from modules.lora_training.dataset.images import load_image
+
+    loaded = load_image(data)
+    crop = plan_crop(loaded.width, loaded.height, nearest_bucket(loaded.width, loaded.height, make_buckets(resolution)))
+    size = (crop.bucket.width, crop.bucket.height)
+    path = store / f"{loaded.sha256[:20]}-{size[0]}x{size[1]}.png"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            apply_crop(loaded.image, crop).save(tmp, format="PNG")
+    geometry = ((loaded.width, loaded.height), (crop.top, crop.left), (crop.resized_width, crop.resized_height))
+    record = {
+        "crop": path.name,
+        "bucket": size,
+        **dict(zip(("original", "top_left", "resized"), geometry, strict=True)),
+    }
+    write_text_atomic(_cache_record(store, sha256=loaded.sha256, resolution=resolution), json.dumps(record))
+    return _item(path, sha256=loaded.sha256, caption=caption, size=size, crop=geometry)
+
+
+def folder_class_images(
+    folder: Path,
+    *,
+    store: Path,
+    caption: str,
+    resolution: int,
+    max_image_bytes: int,
+    on_event: EventSink,
+    should_stop: Callable[[], bool] = never_stop,
+) -> list[TrainItem]:
+    """The folder's images cropped to their buckets (kept in ``store``), captioned ``caption``. A file cropped
+    before (the same bytes, the same resolution) is not decoded again. ``should_stop`` is asked before each
+    file: a Stop returns the images read so far."""
+    from modules.lora_training.dataset.images import RejectedImage
+    from modules.lora_training.dataset.scan import RejectedFile, StopRequested, read_regular_file, scan_folder
+
+    folder = Path(folder).expanduser()
+    try:
+        found = scan_folder(folder, should_stop=should_stop)
+    except StopRequested:
+        return []
     items, skipped = [], len(found.refused)
-    for source in found.files:
+    for index, source in enumerate(found.files):
+        if should_stop():
+            return items
         try:
-            loaded = load_image(
-                read_regular_file(source.path, folder=Path(folder).resolve(), max_bytes=max_image_bytes)
-            )
+            data = read_regular_file(source.path, folder=folder.resolve(), max_bytes=max_image_bytes)
+            digest = hashlib.sha256(data).hexdigest()
+            record = _cache_record(store, sha256=digest, resolution=resolution)
+            item = _cached_item(record, sha256=digest, caption=caption)
+            items.append(item or _crop_and_keep(data, store=store, resolution=resolution, caption=caption))
         except (RejectedFile, RejectedImage):
             skipped += 1
-            continue
-        crop = plan_crop(loaded.width, loaded.height, nearest_bucket(loaded.width, loaded.height, buckets))
-        size = (crop.bucket.width, crop.bucket.height)
-        path = store / f"{loaded.sha256[:20]}-{size[0]}x{size[1]}.png"
-        if not path.is_file():
-            with atomic_path(path) as tmp:
-                apply_crop(loaded.image, crop).save(tmp, format="PNG")
-        geometry = ((loaded.width, loaded.height), (crop.top, crop.left), (crop.resized_width, crop.resized_height))
-        items.append(_item(path, sha256=loaded.sha256, caption=caption, size=size, crop=geometry))
+        on_event(PrepProgress(stage="class_images", done=index + 1, total=len(found.files)))
     if skipped:
         on_event(Log(f"Class images: {skipped} file(s) of {folder} skipped (not readable images)", level="warning"))
     if not items:

@@ -47,11 +47,13 @@ _LINKED = ("images", "manifest.json", "cache")
 
 @dataclass(frozen=True)
 class Place:
-    """Where a sweep's project and models are."""
+    """Where a sweep's project and models are, and the folders its trials may read class images from (the
+    app's IMAGE_ROOTS; None: any folder, as for the CLI)."""
 
     projects_dir: Path
     models_dir: Path
     project: str
+    image_roots: tuple[Path, ...] | None = None
 
     @property
     def paths(self) -> ProjectPaths:
@@ -125,13 +127,17 @@ def open_sweep(
 
 
 def check_settings(place: Place, settings: dict, *, objective: str) -> None:
-    """A base model that exists, and a project with held-out images."""
+    """A base model that exists, a project with held-out images, a class-image folder the app may read."""
     from core.model_files import model_entry
 
     if not settings.get("base_model"):
         raise UserError('Give the base model the sweep trains on (--base-model, or "base_model" in "fixed").')
     model_entry(place.models_dir, settings["base_model"])
     check_project(place, settings)
+    if settings.get("reg_images_dir") and place.image_roots is not None:
+        from modules.lora_training.regularization import class_image_folder
+
+        class_image_folder(settings["reg_images_dir"], roots=place.image_roots)
     if objective == "subject_similarity":
         from modules.lora_training.clip_scores import find_clip_folder
 
@@ -267,6 +273,7 @@ def _train_trial(trial, config: TrainConfig, *, study: Study, place: Place, watc
             on_event=watcher,
             should_stop=lambda: watcher.pruned_at is not None or should_stop(),
             new_run=True,
+            image_roots=place.image_roots,
         )
     finally:  # Optuna keeps the figures: the trial's checkpoints and LoRA would only fill the disk
         if watcher.run_root is not None:

@@ -58,6 +58,7 @@ def train_with_clip_reports(trial, config, *, root, place, watcher, should_stop)
             resume=run_id is not None,
             run_id=run_id,
             new_run=run_id is None,
+            image_roots=place.image_roots,
         )
         if watcher.run_root is not None:
             run_id = watcher.run_root.name

@@ -66,7 +66,7 @@ class SweepSection:
         from modules.lora_training.sweep import Place
 
         config = self.tab.config
-        return Place(config.LORA_PROJECTS_DIR, config.MODELS_DIR, project)
+        return Place(config.LORA_PROJECTS_DIR, config.MODELS_DIR, project, image_roots=config.IMAGE_ROOTS)
 
     # ----- plain functions (the API and the buttons) ---------------------------------------------------------
     def start(self, project: str, *, base_model: str, space_text: str, trials, study: str = "") -> dict:

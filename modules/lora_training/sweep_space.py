@@ -65,6 +65,7 @@ NOT_SWEPT = frozenset(
         "cache_text_embeddings",
         "validation_share",
         "gradient_checkpointing",
+        "reg_images_dir",  # a folder to read: set in "fixed", where it is checked against IMAGE_ROOTS
     }
 )
 # Options each trial sets itself: a fixed value for them would be overwritten.
@@ -186,6 +187,11 @@ def _range(name: str, spec: dict) -> Parameter:
 
 
 def parse_parameter(name, spec) -> Parameter:
+    if isinstance(name, str) and name in NOT_SWEPT:
+        raise UserError(
+            f"Sweep parameter {name}: it names files or folders or only changes speed or memory, so it cannot be "
+            'swept; set it in "fixed".'
+        )
     if not isinstance(name, str) or name not in sweepable():
         raise UserError(f"Unknown sweep parameter {name!r}: a sweep can vary {', '.join(sorted(sweepable()))}.")
     if isinstance(spec, list):

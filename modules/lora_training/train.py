@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,7 @@ from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
 from modules.lora_training.project import ProjectPaths, write_json
 from modules.lora_training.regularization import (
+    class_image_folder,
     class_store,
     folder_class_images,
     render_class_images,
@@ -245,8 +246,10 @@ class Trainer:
         resume: bool,
         run_id: str | None = None,
         new_run: bool = False,
+        image_roots: Iterable[Path] | None = None,
     ) -> None:
         self.config = config
+        self.image_roots = image_roots
         self.paths = ProjectPaths.for_project(projects_dir, config.project)
         self.projects_dir = Path(projects_dir)
         self.models_dir = Path(models_dir)
@@ -330,6 +333,9 @@ class Trainer:
                 f"Base model {self.entry.name} is {display_name(self.entry.family)}, but family {family!r} was asked for."
             )
         self.family_name = family
+        self.class_folder = None  # checked now: a folder the run may not read is refused before the model loads
+        if self.config.reg_ratio and self.config.reg_images_dir:
+            self.class_folder = class_image_folder(self.config.reg_images_dir, roots=self.image_roots)
 
     def setup(self) -> None:
         self._check_before_loading()
@@ -439,14 +445,15 @@ class Trainer:
     def _make_class_images(self) -> list[TrainItem]:
         config = self.config
         store = class_store(self.projects_dir)
-        if config.reg_images_dir:
+        if self.class_folder is not None:
             return folder_class_images(
-                Path(config.reg_images_dir),
+                self.class_folder,
                 store=store / "from-folders",
                 caption=config.class_prompt,
                 resolution=self.resolution,
                 max_image_bytes=DEFAULT_LIMITS.max_image_bytes,
                 on_event=self.on_event,
+                should_stop=self.should_stop,
             )
         size = Counter(item.bucket for item in self.items).most_common(1)[0][0]
         folder = rendered_set(
@@ -499,14 +506,15 @@ class Trainer:
         if self.cached_text and variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
             self.cached_text = self.caption_variants is not None
             self._log_caption_encoding()
-        if self.is_main and config.cache_latents:
+        stopping = self._stop_requested()  # a Stop during setup: the run only saves its step-0 checkpoint
+        if self.is_main and config.cache_latents and not stopping:
             trained = self.items + self.class_items
             made = self.caches.fill_latents(trained, flips=self.flips, on_event=self.on_event)
             self.on_event(Log(f"Latents: {made} encoded, {len(trained) * len(self.flips) - made} from cache"))
             self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event)
-        if self.is_main and self.cached_text:
+        if self.is_main and self.cached_text and not stopping:
             self.caches.fill_text(self._all_captions(), on_event=self.on_event)
-        if self.is_main and self.sample_prompts and not config.train_text_encoder:
+        if self.is_main and self.sample_prompts and not config.train_text_encoder and not stopping:
             self.sample_text = self._encode_prompts(self.sample_prompts)
         self.processes.barrier()
         # Encoders whose outputs are cached leave the GPU; the others stay where training needs them.
@@ -807,7 +815,7 @@ class Trainer:
             return
         clock = time.perf_counter()
         self.family.denoiser.eval()
-        with self._autocast():
+        with self._autocast(), self._output_weights():  # the weights the LoRA file gets: raw or their average
             figures = {
                 "validation_loss": self._fixed_loss(self.held_out),
                 "training_images_loss": self._fixed_loss(self.probe),
@@ -1157,9 +1165,11 @@ def train(
     resume: bool = False,
     run_id: str | None = None,
     new_run: bool = False,
+    image_roots: Iterable[Path] | None = None,
 ) -> TrainResult:
     """Train a LoRA on a prepared project. Bad input raises UserError before any work;
-    a failure during training (out of memory, a loss that stays NaN) ends in a ``Failed`` event."""
+    a failure during training (out of memory, a loss that stays NaN) ends in a ``Failed`` event.
+    ``image_roots``: the folders a class-image folder must lie in (the app's IMAGE_ROOTS; None: any folder)."""
     trainer = Trainer(
         config,
         projects_dir=projects_dir,
@@ -1170,6 +1180,7 @@ def train(
         resume=resume,
         run_id=run_id,
         new_run=new_run,
+        image_roots=image_roots,
     )
     try:
         trainer.setup()

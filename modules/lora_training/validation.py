@@ -7,6 +7,11 @@ levels with fixed noise per image: the same LoRA always gives the same numbers, 
 is the base model's (LoRA starts as a no-op), and the gap between the two shows overfitting.
 ``evaluation.json`` in the run's folder keeps the figures and the best checkpoint. A set too small
 to hold images out (under 5) trains on every image and is not measured.
+
+The figures measure what a run saves: with EMA saved as the main weights (``ema_weights`` "ema") the
+averaged weights, else the trained ones; with masked loss on, each image's pixels weighted by its mask as
+training weighs them, scaled to a mean weight of 1 (so "save best" and a sweep rank what the LoRA learns
+where it is asked to, and a lower mask floor does not lower the figure by itself).
 """
 
 from __future__ import annotations
@@ -51,6 +56,19 @@ def training_probe(items: list, *, count: int) -> list:
     return sorted(items, key=_rank)[: min(count, MAX_PROBE_IMAGES)]
 
 
+def validation_weights(item, *, size: tuple[int, int], config) -> torch.Tensor | None:
+    """How validation weighs ``item``'s latent pixels (1, 1, h, w): as training does with masked loss on and a
+    mask prepared (the floor outside it), scaled to a mean of 1 so the figure stays a mean error per pixel
+    (a lower floor does not lower it by itself); None otherwise (every pixel counts alike)."""
+    if not config.masked_loss or item.mask_path is None:
+        return None
+    from modules.lora_training.dataset.masks import mask_weights
+
+    weights = mask_weights(item.mask_path, size=tuple(size), flip=False, floor=config.mask_floor)
+    mean = float(weights.mean())
+    return weights / mean if mean > 0 else weights  # all black at floor 0: nothing to learn, as in training
+
+
 def _noise_for(item, shape: tuple[int, ...], level: int) -> torch.Tensor:
     seed = int(hashlib.sha256(f"{item.sha256}:{level}".encode()).hexdigest()[:15], 16)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -61,7 +79,8 @@ def fixed_noise_loss(
     family, items: list, *, inputs: Callable, config, should_stop: Callable[[], bool] = lambda: False
 ) -> float | None:
     """Mean denoising loss over ``items`` × :data:`NOISE_LEVELS`; ``inputs(item)`` gives the item's
-    (unscaled latent mean, text embeddings) on the training device. Plain MSE (no min-SNR weights).
+    (unscaled latent mean, text embeddings) on the training device. Plain MSE (no min-SNR weights), each
+    pixel weighted by :func:`validation_weights` (masked loss).
     Each image's noise levels go through the model as one batch. None when ``should_stop`` turned true
     on the way (checked between images)."""
     import dataclasses
@@ -75,6 +94,7 @@ def fixed_noise_loss(
         mean, text = inputs(item)
         latents = family.scale_latents(mean).expand(levels, *mean.shape[1:])
         noise = torch.cat([_noise_for(item, tuple(mean.shape), level) for level in range(levels)])
+        weights = validation_weights(item, size=tuple(latents.shape[-2:]), config=config)
         loss = family.training_loss(
             latents=latents,
             text={key: value.expand(levels, *value.shape[1:]) for key, value in text.items()},
@@ -83,6 +103,7 @@ def fixed_noise_loss(
             config=plain,
             fixed_t=torch.tensor(NOISE_LEVELS),
             noise=noise.to(latents.device, latents.dtype),
+            loss_weights=None if weights is None else weights.expand(levels, -1, -1, -1).to(latents.device),
         )
         losses.append(float(loss.float().mean()))
     return sum(losses) / len(losses)

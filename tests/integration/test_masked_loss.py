@@ -168,3 +168,88 @@ def test_training_with_masked_loss_weights_its_steps_and_says_so(masked_project,
     assert lora_header(result.lora_path)["lora_studio.masked_loss"] == "floor 0.2"
     assert "  masked loss: floor 0.2" in inspect_lora(result.lora_path)
     assert losses[True] < losses[False], "the same step, its masked-out pixels weighted by the floor"
+
+
+def _levels_mask(size=(150, 96)) -> np.ndarray:
+    """Five grey levels in bands, as 16-bit values."""
+    levels = np.array([0, 1000, 16384, 32768, 65535], dtype=np.uint16)
+    columns = np.arange(size[0]) * len(levels) // size[0]
+    return np.tile(levels[columns], (size[1], 1))
+
+
+def test_16_bit_and_transparent_masks_keep_their_levels_through_the_crop(tmp_path, models_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sixteen = _levels_mask()
+    eight = (sixteen.astype(np.int64) * 255 // 65535).astype(np.uint8)
+    for seed, name in enumerate(("eight", "sixteen", "alpha")):
+        _photo_with_object(10 + seed).save(photos / f"{name}.png")  # the same size: the same crop
+    Image.fromarray(eight, mode="L").save(photos / "eight.mask.png")
+    Image.fromarray(sixteen).save(photos / "sixteen.mask.png")  # mode I;16 on disk
+    assert Image.open(photos / "sixteen.mask.png").mode.startswith("I")
+    transparent = np.stack([np.full_like(eight, 255), eight], axis=-1)  # white, the levels in its alpha
+    Image.fromarray(transparent, mode="LA").save(photos / "alpha.mask.png")
+    config = config_from_dict(
+        PrepareConfig,
+        {"project": "levels", "images_dir": str(photos), "trigger": "ohwx", "resolution": 64, "captioner": "none"},
+    )
+    result = prepare(config, projects_dir=tmp_path / "projects", models_dir=models_dir)
+    paths = ProjectPaths.for_project(tmp_path / "projects", "levels")
+    by_source = {entry["source"]: entry for entry in result.used}
+    crops = {
+        name.removesuffix(".png"): np.asarray(Image.open(paths.images / e["mask"])) for name, e in by_source.items()
+    }
+    assert len(np.unique(crops["eight"])) >= 4, "grey levels, not a binary mask"
+    assert np.array_equal(crops["sixteen"], crops["eight"]), "a 16-bit mask crops as its 8-bit twin"
+    assert np.array_equal(crops["alpha"], crops["eight"]), "grey x alpha: the alpha is the mask"
+
+
+def test_validation_weighs_masked_pixels_as_training_does(masked_project, models_dir):
+    from modules.lora_training.train import _load_pixels
+    from modules.lora_training.validation import NOISE_LEVELS, _noise_for, fixed_noise_loss, validation_weights
+
+    items = load_items(ProjectPaths.for_project(masked_project[0], "masked"))
+    items = [next(i for i in items if i.mask_path), next(i for i in items if not i.mask_path)]
+    entry = model_entry(models_dir, DEMO_SDXL_NAME)
+    family = family_class(entry.family)(entry, models_dir=models_dir, device="cpu", weight_dtype=torch.float32)
+    plain = config_from_dict(TrainConfig, {"project": "masked", "base_model": DEMO_SDXL_NAME})
+    masked = config_from_dict(TrainConfig, {"project": "masked", "base_model": DEMO_SDXL_NAME, "masked_loss": True})
+    family.configure(plain)
+
+    encoded = {}
+
+    def inputs(item):  # each image encoded once: the figures below differ only by their weights
+        if item.sha256 not in encoded:
+            with torch.no_grad():
+                mean, _ = family.encode_image_moments(_load_pixels(item, flip=False)[None]).chunk(2, dim=1)
+                encoded[item.sha256] = mean, family.encode_text([item.caption])
+        return encoded[item.sha256]
+
+    measured = {
+        name: fixed_noise_loss(family, items, inputs=inputs, config=c)
+        for name, c in (("plain", plain), ("masked", masked))
+    }
+    direct = []
+    for item in items:
+        mean, text = inputs(item)
+        weights = validation_weights(item, size=tuple(mean.shape[-2:]), config=masked)
+        if item.mask_path is None:
+            assert weights is None
+        else:
+            expected = mask_weights(item.mask_path, size=tuple(mean.shape[-2:]), flip=False, floor=masked.mask_floor)
+            assert torch.allclose(weights, expected / expected.mean()) and weights.mean() == pytest.approx(1.0)
+        levels = len(NOISE_LEVELS)
+        with torch.no_grad():
+            loss = family.training_loss(
+                latents=family.scale_latents(mean).expand(levels, -1, -1, -1),
+                text={key: value.expand(levels, *value.shape[1:]) for key, value in text.items()},
+                items=[item] * levels,
+                generator=None,
+                config=plain,
+                fixed_t=torch.tensor(NOISE_LEVELS),
+                noise=torch.cat([_noise_for(item, tuple(mean.shape), level) for level in range(levels)]),
+                loss_weights=None if weights is None else weights.expand(levels, -1, -1, -1),
+            )
+        direct.append(float(loss.mean()))
+    assert measured["masked"] == pytest.approx(sum(direct) / len(direct), rel=1e-5)
+    assert abs(measured["masked"] - measured["plain"]) > 1e-4 * measured["plain"], "the masks change the figure"

@@ -158,3 +158,110 @@ def test_the_app_reads_class_images_only_inside_its_image_roots(app_config, tmp_
     with pytest.raises(UserError, match="is not inside the folders this app may read"):
         jobs.start(train_config=config)
     assert not jobs.is_running()
+
+
+def _dog_folder(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for index in range(count):
+        noise_image(96 + 8 * (index % 3), 64, seed=50 + index).save(folder / f"dog{index:02d}.png")
+    return folder
+
+
+def _read_folder(folder, store, *, resolution=64, should_stop=lambda: False, on_event=lambda event: None):
+    return folder_class_images(
+        folder,
+        store=store,
+        caption="a dog",
+        resolution=resolution,
+        max_image_bytes=2**20,
+        on_event=on_event,
+        should_stop=should_stop,
+    )
+
+
+def test_class_images_are_decoded_once_and_a_stop_ends_the_read_at_the_next_file(tmp_path, monkeypatch):
+    import time
+
+    import modules.lora_training.dataset.images as images
+
+    real, decoded = images.load_image, []
+    monkeypatch.setattr(images, "load_image", lambda data: decoded.append(1) or real(data))
+    folder = _dog_folder(tmp_path / "dogs", 12)
+    first = _read_folder(folder, tmp_path / "store")
+    assert len(decoded) == 12
+    again = _read_folder(folder, tmp_path / "store")
+    assert len(decoded) == 12, "a rerun reads the bytes, finds their crop and decodes nothing"
+    assert again == first
+    (tmp_path / "store" / first[0].image_path.name).unlink()  # a crop gone: that one file is decoded again
+    assert _read_folder(folder, tmp_path / "store") == first and len(decoded) == 13
+    assert len(_read_folder(folder, tmp_path / "store", resolution=128)) == 12 and len(decoded) == 25
+
+    events, stopped_at = [], []
+
+    def stop() -> bool:
+        if not stopped_at and any(isinstance(e, PrepProgress) for e in events):
+            stopped_at.append(time.monotonic())
+        return bool(stopped_at)
+
+    read = _read_folder(folder, tmp_path / "fresh", should_stop=stop, on_event=events.append)
+    assert time.monotonic() - stopped_at[0] < 1.0
+    assert len(read) == 1 and len(list((tmp_path / "fresh").glob("*.png"))) == 1, "the read ended at the next file"
+
+
+def test_a_sweep_reads_class_images_only_inside_the_image_roots(app_config, sdxl_project, tmp_path_factory):
+    import json
+
+    from core.model_manager import ModelManager
+    from modules.lora_training.jobs import TrainingJobs
+    from modules.lora_training.sweep_space import parse_space
+    from tests.conftest import seven_image_copy
+
+    with pytest.raises(UserError, match='Sweep parameter reg_images_dir: .* cannot be swept; set it in "fixed"'):
+        parse_space(json.dumps({"parameters": {"reg_images_dir": ["/etc", "/root"]}}), trials=2)
+    import shutil
+
+    copied, name = seven_image_copy(sdxl_project, tmp_path_factory.mktemp("seven") / "projects")
+    shutil.copytree(copied / name, app_config.LORA_PROJECTS_DIR / name)
+    outside = _dog_folder(tmp_path_factory.mktemp("elsewhere") / "dogs", 2)  # beside the app's only image root
+    inside = _dog_folder(app_config.IMAGE_ROOTS[0] / "dogs", 2)
+    manager = ModelManager(models_dir=app_config.MODELS_DIR, loras_dir=app_config.LORAS_DIR, device="cpu")
+    jobs = TrainingJobs(model_manager=manager, app_config=app_config)
+    fixed = {"reg_ratio": 0.5, "class_prompt": "a dog"}
+
+    def space(folder) -> str:
+        return json.dumps({"parameters": {"rank": [4, 8]}, "fixed": {**fixed, "reg_images_dir": str(folder)}})
+
+    for refused in (outside, "/etc"):
+        with pytest.raises(UserError, match="is not inside the folders this app may read"):
+            jobs.sweep(name, space_text=space(refused), trials=2, base_model=DEMO_SDXL_NAME)
+    from modules.lora_training.sweep import Place, open_sweep, study_names
+
+    place = Place(app_config.LORA_PROJECTS_DIR, app_config.MODELS_DIR, name, image_roots=app_config.IMAGE_ROOTS)
+    assert not jobs.is_running() and study_names(place) == [], "refused before any study exists"
+    assert open_sweep(place, space_text=space(inside), trials=2, base_model=DEMO_SDXL_NAME).settings[
+        "reg_images_dir"
+    ] == str(inside)
+
+
+def test_the_trainer_reads_the_class_folder_the_start_check_resolved(project, models_dir, tmp_path, monkeypatch):
+    projects, name = project
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _dog_folder(tmp_path / "home" / "dogs", 3)
+    values = {"project": name, "base_model": DEMO_SDXL_NAME, "steps": 1, "rank": 4, "validation_share": 0.0}
+    config = config_from_dict(
+        TrainConfig, values | {"reg_ratio": 0.5, "class_prompt": "a dog", "reg_images_dir": "~/dogs"}
+    )
+    common = {"projects_dir": projects, "models_dir": models_dir, "loras_dir": tmp_path / "loras"}
+    with pytest.raises(UserError, match="is not inside the folders this app may read"):
+        train(config, image_roots=[tmp_path / "photos"], **common)  # refused before the model loads
+    events = []
+
+    def stop() -> bool:  # Stop pressed once the first class image is read
+        return any(isinstance(e, PrepProgress) and e.stage == "class_images" for e in events)
+
+    stopped = train(config, on_event=events.append, should_stop=stop, image_roots=[tmp_path / "home"], **common)
+    assert stopped.status == "stopped" and stopped.step == 0
+    assert not any(isinstance(e, Log) and e.message.startswith("Latents:") for e in events), "no caching once stopped"
+    read = [e for e in events if isinstance(e, PrepProgress) and e.stage == "class_images"]
+    assert [(e.done, e.total) for e in read] == [(1, 3)], "~/dogs read as the start check resolved it, then stopped"
+    assert len(list((projects / ".class_images" / "from-folders").glob("*.png"))) == 1

@@ -168,3 +168,29 @@ def test_validation_under_half_precision(seven_image_project, models_dir, tmp_pa
     records = json.loads((run / "evaluation.json").read_text())["records"]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all(math.isfinite(r[key]) for r in records for key in ("validation_loss", "training_images_loss"))
+
+
+def test_with_ema_saved_validation_measures_the_average(seven_image_project, models_dir, tmp_path):
+    """ema_weights "ema": the figures (and so the best checkpoint and a sweep's objective) are those of the
+    averaged weights the LoRA file holds, equal to a direct measure of them and unlike the trained weights'."""
+    from modules.lora_training import checkpoints as ckpt
+    from modules.lora_training.ema import load_averaged
+    from modules.lora_training.evaluate import RunModel, RunUnderTest
+
+    projects, name = seven_image_project
+    ema = {"ema": True, "ema_decay": 0.5, "ema_start_step": 0, "ema_weights": "ema"}
+    result = _train(projects, name, models_dir, tmp_path / "loras", steps=3, learning_rate=1e-2, **ema)
+    assert result.status == "finished", result.message
+    run = next((projects / name / "runs").iterdir())
+    last = json.loads((run / "evaluation.json").read_text())["records"][-1]
+    assert last["step"] == 3 and last["checkpoint"] == "step-000003"
+    target = RunUnderTest.open(name, projects_dir=projects, run_id=run.name)
+    model = RunModel(target.config, models_dir=models_dir, device="cpu")
+    model.add_lora_layers()
+    state = ckpt.load_checkpoint(run / "checkpoints" / "step-000003")
+    model.family.load_lora_state_dict(state.lora)
+    raw = model.loss(target.held_out)
+    load_averaged(model.family.lora_modules(), state.ema)
+    averaged = model.loss(target.held_out)
+    assert last["validation_loss"] == pytest.approx(averaged, rel=1e-5)
+    assert abs(raw - averaged) > 20 * 1e-5 * averaged, "the trained weights measure otherwise"

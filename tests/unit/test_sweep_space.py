@@ -36,7 +36,8 @@ def test_a_good_space_gives_its_parameters_and_defaults():
     ("text", "says"),
     [
         (space({"learning_rte": [1e-4]}), "Unknown sweep parameter 'learning_rte'"),
-        (space({"project": ["a"]}), "Unknown sweep parameter 'project'"),
+        (space({"project": ["a"]}), "Sweep parameter project: it names files or folders"),
+        (space({"reg_images_dir": ["/etc"]}), "Sweep parameter reg_images_dir: it names files or folders"),
         (space({"rank": []}), "empty list of choices"),
         (space({"rank": [4, 4]}), "same choice twice"),
         (space({"rank": [4, None]}), "each choice must be"),

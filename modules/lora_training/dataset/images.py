@@ -26,13 +26,22 @@ class RejectedImage(Exception):
     """Why a file cannot be used; the message is the per-file reason shown to the user."""
 
 
+def eight_bit_grey(image):
+    """A 16- or 32-bit integer greyscale image as mode L with its levels scaled (65535 → 255; values that
+    all fit in 8 bits are kept as they are); any other image unchanged."""
+    from PIL import Image
+
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        return image
+    array = np.asarray(image, dtype=np.int64).clip(0, 65535)
+    peak = 65535 if array.max() > 255 else 255
+    return Image.fromarray((array * 255 // peak).astype(np.uint8), mode="L")
+
+
 def _to_rgb(image):
     from PIL import Image
 
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.uint32)
-        peak = 65535 if array.max() > 255 else 255
-        image = Image.fromarray((array * 255 // peak).astype(np.uint8), mode="L")
+    image = eight_bit_grey(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -1,7 +1,8 @@
 """Loss masks: what part of an image to learn (white) and what to learn only a little (black).
 
-A mask comes from ``<name>.mask.png`` beside the photo (greyscale, the photo's size after EXIF
-rotation) or else from the photo's alpha channel. It is read like a photo (regular files only, size
+A mask comes from ``<name>.mask.png`` beside the photo (greyscale, 8 or 16 bits, the photo's size after EXIF
+rotation; a mask with an alpha channel counts as shown over black: grey x alpha) or else from the photo's
+alpha channel. It is read like a photo (regular files only, size
 limits), cropped exactly as its photo (the same bucket resize and crop) and stored beside the crop in
 the project's ``images/`` as ``<crop name>.mask.png``. A mask that cannot be used is skipped with a
 note: the photo is still used, without a mask. Sources are only read.
@@ -73,11 +74,23 @@ def _decode_mask(data: bytes):
                 if opened.width * opened.height > MAX_PIXELS:
                     raise RejectedFile(f"too large ({opened.width}x{opened.height})")
                 opened.load()
-                return ImageOps.exif_transpose(opened).convert("L")
+                return _mask_levels(ImageOps.exif_transpose(opened))
     except RejectedFile:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RejectedFile(f"not a readable image ({exc})") from exc
+
+
+def _mask_levels(image):
+    """The mask's grey levels (mode L): 16-bit greys scaled as photos' are; a mask with transparency counts
+    as shown over black (grey x alpha: a transparent part is not learned, an opaque one by its grey)."""
+    from PIL import ImageChops
+
+    from modules.lora_training.dataset.images import eight_bit_grey
+
+    alpha = alpha_mask(image)
+    grey = eight_bit_grey(image).convert("L")
+    return grey if alpha is None else ImageChops.multiply(grey, alpha)
 
 
 def mask_weights(path: Path, *, size: tuple[int, int], flip: bool, floor: float):
