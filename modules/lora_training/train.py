@@ -181,7 +181,10 @@ class _Caches:
         digest = hashlib.sha256(caption.encode()).hexdigest()[:20]
         return self.text_dir / f"{digest}-{self.text_key}.safetensors"
 
-    def fill_latents(self, items: list[TrainItem], *, flips: tuple[bool, ...], on_event: EventSink) -> int:
+    def fill_latents(
+        self, items: list[TrainItem], *, flips: tuple[bool, ...], on_event: EventSink, should_stop=lambda: False
+    ) -> int:
+        """Encode the missing latents; a Stop ends it at the next image (what is written stays cached)."""
         from safetensors.torch import save_file
 
         from core.atomic import atomic_path
@@ -190,6 +193,8 @@ class _Caches:
         if missing:
             self.family.vae.to(self.device)
             for index, (item, flip) in enumerate(missing):
+                if should_stop():
+                    return index
                 moments = self.family.encode_image_moments(_load_pixels(item, flip=flip)[None])[0]
                 with atomic_path(self.latent_path(item, flip)) as tmp:
                     save_file({"moments": moments.cpu().contiguous()}, str(tmp))
@@ -198,7 +203,8 @@ class _Caches:
                     on_event(Log(f"Caching latents {index + 1}/{len(missing)}"))
         return len(missing)
 
-    def fill_text(self, captions: list[str], *, on_event: EventSink) -> int:
+    def fill_text(self, captions: list[str], *, on_event: EventSink, should_stop=lambda: False) -> int:
+        """Encode the missing caption embeddings; a Stop ends it at the next caption."""
         from safetensors.torch import save_file
 
         from core.atomic import atomic_path
@@ -208,6 +214,8 @@ class _Caches:
             for encoder in self.family.text_encoders():
                 encoder.to(self.device)
             for index, caption in enumerate(missing):
+                if should_stop():
+                    return index
                 on_event(PrepProgress(stage="caching_text", done=index + 1, total=len(missing)))
                 with torch.no_grad():
                     encoded = self.family.encode_text([caption])
@@ -507,13 +515,15 @@ class Trainer:
             self.cached_text = self.caption_variants is not None
             self._log_caption_encoding()
         stopping = self._stop_requested()  # a Stop during setup: the run only saves its step-0 checkpoint
+        stop = self.should_stop  # the main process alone fills the caches: its own Stop ends the filling
         if self.is_main and config.cache_latents and not stopping:
             trained = self.items + self.class_items
-            made = self.caches.fill_latents(trained, flips=self.flips, on_event=self.on_event)
-            self.on_event(Log(f"Latents: {made} encoded, {len(trained) * len(self.flips) - made} from cache"))
-            self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event)
+            made = self.caches.fill_latents(trained, flips=self.flips, on_event=self.on_event, should_stop=stop)
+            if not stop():  # else the filling ended early: what it wrote is kept for the next run
+                self.on_event(Log(f"Latents: {made} encoded, {len(trained) * len(self.flips) - made} from cache"))
+            self.caches.fill_latents(self.held_out, flips=(False,), on_event=self.on_event, should_stop=stop)
         if self.is_main and self.cached_text and not stopping:
-            self.caches.fill_text(self._all_captions(), on_event=self.on_event)
+            self.caches.fill_text(self._all_captions(), on_event=self.on_event, should_stop=stop)
         if self.is_main and self.sample_prompts and not config.train_text_encoder and not stopping:
             self.sample_text = self._encode_prompts(self.sample_prompts)
         self.processes.barrier()
@@ -931,7 +941,7 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------
     def run(self) -> TrainResult:
         step = self.start_step
-        if step == 0:
+        if step == 0 and not self._stop_requested():  # stopped while caching: the caches may be incomplete
             self._validate(0, checkpointed=False)  # LoRA starts as a no-op: the base model's figures
         bad_steps = 0
         self.last_checkpoint = ckpt.latest_checkpoint(self.current_run.checkpoints)

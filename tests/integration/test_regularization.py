@@ -265,3 +265,22 @@ def test_the_trainer_reads_the_class_folder_the_start_check_resolved(project, mo
     read = [e for e in events if isinstance(e, PrepProgress) and e.stage == "class_images"]
     assert [(e.done, e.total) for e in read] == [(1, 3)], "~/dogs read as the start check resolved it, then stopped"
     assert len(list((projects / ".class_images" / "from-folders").glob("*.png"))) == 1
+
+
+def test_a_stop_while_caching_latents_ends_at_the_next_image_and_keeps_what_was_written(project, models_dir, tmp_path):
+    projects, name = project
+    values = {"project": name, "base_model": DEMO_SDXL_NAME, "steps": 1, "rank": 4, "alpha": 4.0, "flip": True}
+    config = config_from_dict(TrainConfig, values)
+    events = []
+    common = {"projects_dir": projects, "models_dir": models_dir, "loras_dir": tmp_path}
+    stop = lambda: any(isinstance(e, PrepProgress) and e.stage == "caching_latents" for e in events)  # noqa: E731
+    stopped = train(config, on_event=events.append, should_stop=stop, **common)
+    assert stopped.status == "stopped" and stopped.step == 0
+    assert [e.done for e in events if isinstance(e, PrepProgress) and e.stage == "caching_latents"] == [1]
+    assert not any(isinstance(e, Log) and e.message.startswith("Latents:") for e in events)
+    assert len(list((projects / name / "cache" / "latents").glob("*.safetensors"))) == 1, "the one written is kept"
+    events.clear()
+    resumed = train(config, on_event=events.append, resume=True, **common)
+    assert resumed.status == "finished"
+    latents = next(e.message for e in events if isinstance(e, Log) and e.message.startswith("Latents:"))
+    assert latents.endswith("1 from cache"), latents
