@@ -248,11 +248,15 @@ class TrainingJobs:
         with self._lock:
             self._refuse_while_running()
         opened = start_or_continue(place, space_text=space_text, trials=trials, base_model=base_model, study=study)
-        with self._lock:
-            self._refuse_while_running()
-            job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
-            job.message = f"Sweep {opened.name}"
-            return self._launch(job, self._sweep, job, opened, place)
+        try:
+            with self._lock:
+                self._refuse_while_running()
+                job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
+                job.message = f"Sweep {opened.name}"
+                return self._launch(job, self._sweep, job, opened, place)
+        except BaseException:
+            opened.close()
+            raise
 
     def _refuse_while_running(self) -> None:
         if self._job is not None and self._job.running:
@@ -500,7 +504,7 @@ class TrainingJobs:
         from modules.lora_training.sweep import run_worker
 
         try:
-            with self._model_released(job, f"sweeping LoRA project {job.project!r}"):
+            with study, self._model_released(job, f"sweeping LoRA project {job.project!r}"):
                 self._set(job, state="stopping" if self._stop.is_set() else "training")
                 done = run_worker(
                     study, place=place, should_stop=self._stop.is_set, on_event=lambda e: self._sweep_event(job, e)

@@ -4,9 +4,9 @@ Every action of the tab that takes the device is one of these kinds, so it waits
 
 A job's payload is the JSON of its typed configs: ``{"prepare": {...}, "train": {...}, "new_run": false,
 "resume": false}`` (PrepareConfig / TrainConfig fields) or, for evaluate, ``{"run_id", "best_rule",
-"margin"}``, for a grid, ``{"run_id", "rows"}``, or, for a sweep, ``{"study", "trials", "base_model"}`` (the
-study is created, or its budget raised, when the job is queued: a refused space or model is refused then, and
-the queued job only runs it). A train job records the run it writes to when that run starts
+"margin"}``, for a grid, ``{"run_id", "rows"}``, or, for a sweep, ``{"study", "trials", "base_model",
+"space"}`` (checked when the job is queued, a new study's name drawn then; the study is created, or its budget
+raised, only when the job starts, so a sweep cancelled while it waits leaves no study). A train job records the run it writes to when that run starts
 (``QueuedJob.run_id``); run again (Retry, or an interrupted job queued at start) it continues that run from its
 checkpoint, or fails saying the run is gone. To add a kind: a name in ``KINDS``, its settings → payload in
 ``payload``, its start in ``start``.
@@ -113,7 +113,7 @@ class TrainingKinds:
         return {"run_id": run_id, "best_rule": rule, "margin": margin}
 
     def _sweep_payload(self, project: str, settings: dict) -> dict:
-        from modules.lora_training.sweep import Place, start_or_continue
+        from modules.lora_training.sweep import Place, check_sweep
 
         unknown = sorted(set(settings) - {"space", "trials", "base_model", "study"})
         if unknown:
@@ -123,16 +123,13 @@ class TrainingKinds:
         texts = {name: settings.get(name, "") for name in ("space", "base_model", "study")}
         if not all(isinstance(value, str) for value in texts.values()):
             raise UserError("space, base_model and study must be text")
-        base_model = texts["base_model"] or self.tab.default_model()
-        trials = settings.get("trials", 8)
-        opened = start_or_continue(
+        return check_sweep(  # checked now, stored when the job starts
             Place(self.tab.config.LORA_PROJECTS_DIR, self.tab.config.MODELS_DIR, project),
             space_text=texts["space"],
-            trials=trials,
-            base_model=base_model,
+            trials=settings.get("trials", 8),
+            base_model=texts["base_model"] or self.tab.default_model(),
             study=texts["study"],
         )
-        return {"study": opened.name, "trials": opened.budget, "base_model": base_model}
 
     # ----- the queue's side --------------------------------------------------------------
     def check(self, kind: str, project: str, payload: dict) -> None:
@@ -160,7 +157,7 @@ class TrainingKinds:
         elif job.kind == "sweep":
             shown = self.jobs.sweep(
                 job.project,
-                space_text="",
+                space_text=payload.get("space", ""),
                 trials=payload["trials"],
                 base_model=payload["base_model"],
                 study=payload["study"],
@@ -173,30 +170,34 @@ class TrainingKinds:
     def _start_training(self, job: QueuedJob) -> dict:
         payload = job.payload
         prepare, train = self._configs(payload)
-        # Run again (Retry, or interrupted by a restart): continue the run this job started, and no other.
+        resume, new_run = bool(payload.get("resume")), bool(payload.get("new_run"))
+        # Run again (Retry, or interrupted by a restart): continue the run this job started, and no other; a
+        # run stopped before its first checkpoint starts again as a new run.
         again = job.resume and job.attempts > 1 and train is not None and job.run_id is not None
         if again:
-            self._check_run_left(job)
-        resume = bool(payload.get("resume")) or again
-        new_run = bool(payload.get("new_run")) and not resume
+            resume = self._own_run_resumable(job)
+            new_run = not resume
         store = self.tab.queue.store if getattr(self.tab, "queue", None) is not None else None
         return self.jobs.start(
             prepare_config=prepare,
             train_config=train,
             resume=resume,
-            new_run=new_run,
-            run_id=job.run_id if again else None,
+            new_run=new_run and not resume,
+            run_id=job.run_id if again and resume else None,
             on_run=(lambda run_id: store.set_run(job.id, run_id)) if store is not None else None,
         )
 
-    def _check_run_left(self, job: QueuedJob) -> None:
-        from modules.lora_training.runs import resumable_runs
+    def _own_run_resumable(self, job: QueuedJob) -> bool:
+        """Whether the run ``job`` started has a checkpoint to continue; refused when it is gone or finished."""
+        from modules.lora_training.runs import list_runs
 
-        if job.run_id not in {run.run_id for run in resumable_runs(self.jobs.project_paths(job.project))}:
+        run = {run.run_id: run for run in list_runs(self.jobs.project_paths(job.project))}.get(job.run_id)
+        if run is None or run.finished:
             raise UserError(
-                f"Job {job.id} trained run {job.run_id} of project {job.project!r}, which is gone or has no "
-                "checkpoint left to continue: queue a new training instead (Retry cannot resume it)."
+                f"Job {job.id} trained run {job.run_id} of project {job.project!r}, which is gone or finished: "
+                "queue a new training instead (Retry cannot resume it)."
             )
+        return run.resumable
 
     def poll(self, job: QueuedJob) -> JobStatus:
         snapshot = self.jobs.snapshot()
