@@ -35,6 +35,11 @@ class AppConfig:
     QUEUE_RESUME_INTERRUPTED: bool = False  # at start, queue the jobs a crash interrupted again (from checkpoints)
     QUEUE_MAX_WAITING: int = 1000  # the most jobs waiting in the queue; one more is refused
 
+    def served_folders(self) -> tuple[Path, ...]:
+        """The folders whose files the app hands to browsers (Gradio's ``allowed_paths``): generated images
+        only, never models, LoRAs or projects."""
+        return (self.OUTPUTS_DIR,)
+
     def folders(self) -> tuple[Path, ...]:
         datasets = (self.DATASETS_DIR,) if self.DATASETS_DIR else ()
         return (self.MODELS_DIR, self.LORAS_DIR, self.LORA_PROJECTS_DIR, self.OUTPUTS_DIR, *datasets)

@@ -370,8 +370,9 @@ class LoraTrainingTab:
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
-            queue = QueueSection(self.queue, strings=strings) if self.queue is not None else None
-            if queue is not None:
+            queue = None
+            if self.queue is not None:
+                queue = QueueSection(self.queue, strings=strings, served=self.config.served_folders())
                 queue.build(t, button=texts.button)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)

@@ -109,7 +109,7 @@ def test_clicks_start_at_once_or_wait_their_turn_and_cancelled_jobs_never_run(qu
     assert drawn.state == "finished" and drawn.progress == 1.0 and drawn.payload["base_seed"] == 7, drawn
     assert done.ended <= prepared.started <= prepared.ended <= drawn.started, "one device job at a time, in order"
     status = batches.runner.status()
-    assert status["folder"] == drawn.result and [r["status"] for r in status["rows"]] == ["done", "done"]
+    assert status["contact_sheet"] == drawn.result and [r["status"] for r in status["rows"]] == ["done", "done"]
     assert not (tab.config.LORA_PROJECTS_DIR / "third").exists(), "a cancelled job never runs"
     assert runner.retry(third["queue_id"]).state in ("queued", "running")
     assert _wait(runner, third["queue_id"], ("finished", "failed")).state == "finished"
