@@ -37,7 +37,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
     strings = LiveStrings(tables, language=language, catalogs=catalogs, page=page)
     if model_manager is None:
         model_manager = ModelManager(models_dir=config.MODELS_DIR, loras_dir=config.LORAS_DIR, device=config.DEVICE)
-    queue = JobRunner(JobStore(config.QUEUE_DB))
+    queue = JobRunner(JobStore(config.QUEUE_DB, max_waiting=config.QUEUE_MAX_WAITING))
     plugins = PluginManager(modules_dir=modules_dir or ROOT / "modules", queue=queue)
     plugins.initialize_all(global_translations=strings, model_manager=model_manager, global_config=config)
     with gr.Blocks(title=strings["app_title"]) as demo:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         prevent_thread_lock=True,
         server_name=host,
         server_port=args.port,
-        allowed_paths=[str(config.OUTPUTS_DIR)],
+        allowed_paths=[str(folder) for folder in config.served_folders()],
         show_error=True,
         auth=auth,
         app_kwargs=_login_throttle() if auth else None,

@@ -33,6 +33,12 @@ class AppConfig:
     MAX_IMAGE_FILE_MB: int = 200  # image files larger than this are skipped, not read
     QUEUE_DB: Path | None = None  # config_from_dict fills it: the job queue's SQLite file in LORA_PROJECTS_DIR
     QUEUE_RESUME_INTERRUPTED: bool = False  # at start, queue the jobs a crash interrupted again (from checkpoints)
+    QUEUE_MAX_WAITING: int = 1000  # the most jobs waiting in the queue; one more is refused
+
+    def served_folders(self) -> tuple[Path, ...]:
+        """The folders whose files the app hands to browsers (Gradio's ``allowed_paths``): generated images
+        only, never models, LoRAs or projects."""
+        return (self.OUTPUTS_DIR,)
 
     def folders(self) -> tuple[Path, ...]:
         datasets = (self.DATASETS_DIR,) if self.DATASETS_DIR else ()
@@ -43,7 +49,12 @@ _PATH_KEYS = {"MODELS_DIR", "LORAS_DIR", "LORA_PROJECTS_DIR", "OUTPUTS_DIR", "DA
 _JSON_TYPES = {"bool": bool, "int": int, "tuple[Path, ...]": list}
 _TYPES = {f.name: f.type for f in dataclasses.fields(AppConfig)}
 # Below these nothing can be generated; above them one request can hold the GPU for hours.
-_INT_RANGES = {"MAX_GENERATE_STEPS": (1, 1000), "MAX_IMAGE_SIDE": (64, 8192), "MAX_IMAGE_FILE_MB": (1, 10240)}
+_INT_RANGES = {
+    "MAX_GENERATE_STEPS": (1, 1000),
+    "MAX_IMAGE_SIDE": (64, 8192),
+    "MAX_IMAGE_FILE_MB": (1, 10240),
+    "QUEUE_MAX_WAITING": (1, 100_000),  # a bound on the queue file and on what one list of it costs
+}
 
 
 def _default_model_keys() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The persistent job queue: one SQLite table of jobs, shared by every thread and process that opens it.
 
 A job is a row: its kind (a name a plugin registered, e.g. "train"), project, payload (the JSON of its typed
-configs), state, place in line, progress, ETA, result, error, attempts and timestamps. States:
+configs), state, place in line, progress, ETA, result, error, attempts, timestamps and ``run_id``: the run the
+job writes to, recorded by its plugin when the run starts, so a retried or interrupted job continues that
+run and no other. States:
 
     queued ──claim──► running ──► finished | failed | cancelled
       ▲                  │ (the process died: found by the next start)
@@ -32,6 +34,8 @@ ENDED = ("finished", "failed", "cancelled")
 RETRYABLE = ("failed", "cancelled", "interrupted")
 MAX_JOB_ID = 2**53  # ids past this are not ids any JSON client can send exactly
 LISTED = 200  # the most jobs a list returns: every queued and running one, then the newest others
+MAX_WAITING = 1000  # queued jobs at most, unless the store is told otherwise (config: QUEUE_MAX_WAITING)
+MAX_PAYLOAD_CHARS = 8_000_000  # a job's JSON (a batch file of 1 MB, escaped, fits)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,14 +56,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT,
     created REAL NOT NULL,
     started REAL,
-    ended REAL
+    ended REAL,
+    run_id TEXT
 )
 """
+_ADDED_COLUMNS = {"run_id": "TEXT"}  # columns newer than some queue files: added when such a file is opened
 
 
 _LISTED_COLUMNS = (  # every column, the payload left out
     "id, kind, project, '{}' AS payload, state, position, progress, eta_seconds, message, result, error, resume, "
-    "cancel_requested, attempts, owner, created, started, ended"
+    "cancel_requested, attempts, owner, created, started, ended, run_id"
 )
 KEPT_ENDED = 1000  # ended jobs kept in the file (the newest); older ones are dropped at start
 
@@ -84,6 +90,7 @@ class QueuedJob:
     created: float
     started: float | None
     ended: float | None
+    run_id: str | None = None  # the run the job writes to, once it started one
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -141,12 +148,17 @@ def job_id_of(value) -> int:
 class JobStore:
     """The queue's table in the SQLite file ``path`` (made on first use)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_waiting: int = MAX_WAITING) -> None:
         self.path = Path(path)
+        self.max_waiting = max_waiting
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -194,11 +206,25 @@ class JobStore:
         return [_job(row) for row in rows]
 
     # ----- the line ------------------------------------------------------------------------
-    def add(self, kind: str, project: str, payload: dict, *, resume: bool = False) -> QueuedJob:
-        """A new job at the end of the line."""
+    def add(
+        self, kind: str, project: str, payload: dict, *, resume: bool = False, one_per_project: bool = False
+    ) -> QueuedJob:
+        """A new job at the end of the line; refused when ``max_waiting`` jobs wait already or, with
+        ``one_per_project``, when ``project`` has a queued or running job (checked inside the write, so two
+        clients adding at once cannot both get in)."""
         text = json.dumps(payload, allow_nan=False, sort_keys=True)
+        if len(text) > MAX_PAYLOAD_CHARS:
+            raise UserError(
+                f"This job's settings are {len(text)} characters of JSON; at most {MAX_PAYLOAD_CHARS} are queued. "
+                "Split the work into smaller jobs."
+            )
         with self._transaction() as db:
-            (last,) = db.execute("SELECT COALESCE(MAX(position), 0) FROM jobs WHERE state = 'queued'").fetchone()
+            if one_per_project:
+                _refuse_a_second_job(db, project)
+            (last, waiting) = db.execute(
+                "SELECT COALESCE(MAX(position), 0), COUNT(*) FROM jobs WHERE state = 'queued'"
+            ).fetchone()
+            self._check_room(waiting)
             cursor = db.execute(
                 "INSERT INTO jobs (kind, project, payload, state, position, resume, created) "
                 "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
@@ -259,17 +285,27 @@ class JobStore:
                 raise UserError(f"Job {job.id} is {job.state}; only a queued or running job can be cancelled.")
             return self._get(db, job.id)
 
-    def retry(self, job_id: int, *, resume: bool = True) -> QueuedJob:
+    def retry(self, job_id: int, *, resume: bool = True, one_per_project: bool = False) -> QueuedJob:
         """A failed, cancelled or interrupted job back at the end of the line (from its checkpoint when it
-        has one and ``resume``)."""
+        has one and ``resume``); ``one_per_project`` as in :meth:`add`."""
         with self._transaction() as db:
             job = self._get(db, job_id)
             if job.state not in RETRYABLE:
                 raise UserError(
                     f"Job {job.id} is {job.state}; only a failed, cancelled or interrupted job can be retried."
                 )
+            if one_per_project:
+                _refuse_a_second_job(db, job.project)
+            self._check_room(db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0])
             _requeue(db, job.id, resume=resume)
             return self._get(db, job.id)
+
+    def _check_room(self, waiting: int) -> None:
+        if waiting >= self.max_waiting:
+            raise UserError(
+                f"The queue already holds {waiting} waiting jobs, the most it takes (QUEUE_MAX_WAITING in "
+                "config.json); wait for some to run, or cancel some."
+            )
 
     # ----- the runner's side ---------------------------------------------------------------
     def report(self, job_id: int, *, progress: float, eta_seconds: float | None, message: str = "") -> bool:
@@ -280,6 +316,11 @@ class JobStore:
                 (progress, eta_seconds, message, job_id),
             )
         return self.cancel_requested(job_id)
+
+    def set_run(self, job_id: int, run_id: str) -> None:
+        """Record the run a job writes to (its plugin calls this when the run starts)."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET run_id = ? WHERE id = ?", (run_id, job_id))
 
     def cancel_requested(self, job_id: int) -> bool:
         with self._connection() as db:
@@ -327,6 +368,18 @@ def _job(row: sqlite3.Row) -> QueuedJob:
     values["resume"] = bool(values["resume"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     return QueuedJob(**values)
+
+
+def _refuse_a_second_job(db: sqlite3.Connection, project: str) -> None:
+    row = db.execute(
+        "SELECT id, state FROM jobs WHERE project = ? AND state IN ('queued', 'running') ORDER BY id LIMIT 1",
+        (project,),
+    ).fetchone()
+    if row is not None:  # a second click on the same project is a mistake more often than a plan
+        raise UserError(
+            f"Project {project} already has a job in the queue (job {row['id']}, {row['state']}): "
+            "wait for it to end, or cancel it in the Queue."
+        )
 
 
 def _renumber(db: sqlite3.Connection) -> None:

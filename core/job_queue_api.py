@@ -11,7 +11,7 @@ from core.job_queue import QueuedJob
 from core.job_runner import JobRunner
 
 SHOWN = ("id", "kind", "project", "state", "position", "progress", "eta_seconds", "message", "result", "error")
-SHOWN += ("attempts", "resume", "created", "started", "ended")
+SHOWN += ("attempts", "resume", "created", "started", "ended", "run_id")
 
 
 def job_view(job: QueuedJob) -> dict:

@@ -10,10 +10,12 @@ a tick.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,6 +73,9 @@ def settings_of(settings) -> dict:
     if not isinstance(settings, dict):
         raise UserError(f'settings must be a JSON object such as {{"steps": 500}}; got {settings!r}'[:300])
     _check_finite(settings)
+    size = len(json.dumps(settings))  # an object sent as JSON, not as text, is held to the same size
+    if size > MAX_SETTINGS_CHARS:
+        raise UserError(f"settings must be at most {MAX_SETTINGS_CHARS} characters of JSON; got {size}")
     return settings
 
 
@@ -98,6 +103,7 @@ class JobRunner:
         self._lock = threading.RLock()
         self._current: QueuedJob | None = None
         self._reported: tuple | None = None  # the running job's last progress written to the store
+        self._lent: str | None = None  # what holds the device outside the queue (see ``device_lent``)
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -130,20 +136,23 @@ class JobRunner:
             self._thread.join(timeout)
 
     # ----- commands --------------------------------------------------------------------------
-    def submit(self, kind: str, project: str, settings) -> dict:
+    def submit(self, kind: str, project: str, settings, *, one_per_project: bool = False) -> dict:
         """Check and queue a job; it starts at once when nothing runs. Returns the job's row, with
         ``started`` (what its plugin shows of it) when it started."""
         if not isinstance(project, str):
             raise UserError(f"project must be text; got {project!r}"[:300])
         payload = self._handler(kind).payload(kind, project.strip(), settings_of(settings))
-        return self.enqueue(kind, project.strip(), payload)
+        return self.enqueue(kind, project.strip(), payload, one_per_project=one_per_project)
 
-    def enqueue(self, kind: str, project: str, payload: dict) -> dict:
+    def enqueue(self, kind: str, project: str, payload: dict, *, one_per_project: bool = False) -> dict:
         """Queue a job whose payload is already typed (a tab's own configs); as :meth:`submit`. A job that
-        started at once and was refused at its start raises that refusal (it stays listed, failed)."""
+        started at once and was refused at its start raises that refusal (it stays listed, failed). With
+        ``one_per_project`` it is refused while ``project`` has a queued or running job."""
         self._handler(kind).check(kind, project, payload)
         with self._lock:  # the runner's thread must not start it between the two: the caller gets its start
-            job = self.store.add(kind, project, payload)
+            if self._current is not None:
+                self._follow(self._current)  # a job that just ended no longer holds its project
+            job = self.store.add(kind, project, payload, one_per_project=one_per_project)
             started = self.tick(wanted=job.id)
         row = self.store.get(job.id)
         if row.state == "failed" and started is None:
@@ -158,8 +167,11 @@ class JobRunner:
         self._wake.set()
         return self.store.get(job.id)
 
-    def retry(self, job_id) -> QueuedJob:
-        job = self.store.retry(job_id_of(job_id))
+    def retry(self, job_id, *, one_per_project: bool = False) -> QueuedJob:
+        with self._lock:
+            if self._current is not None:
+                self._follow(self._current)
+        job = self.store.retry(job_id_of(job_id), one_per_project=one_per_project)
         self.tick()
         return self.store.get(job.id)
 
@@ -180,6 +192,26 @@ class JobRunner:
     def running(self) -> QueuedJob | None:
         with self._lock:
             return self._current
+
+    @contextlib.contextmanager
+    def device_lent(self, reason: str) -> Iterator[bool]:
+        """For a short piece of device work that is no job (a timing measurement): yields True with the
+        device lent (no queued job starts until the block ends), or False when a job holds it (then skip
+        the device work)."""
+        with self._lock:
+            free = self._lent is None and self._current is None and not self._plugins_busy()
+            if free:
+                self._lent = reason
+        try:
+            yield free
+        finally:
+            if free:
+                with self._lock:
+                    self._lent = None
+                self._wake.set()
+
+    def _plugins_busy(self) -> bool:
+        return any(handler.busy() for handler in set(self._handlers.values()))
 
     # ----- the work ------------------------------------------------------------------------
     def _handler(self, kind) -> JobKinds:
@@ -204,7 +236,7 @@ class JobRunner:
         with self._lock:
             if self._current is not None:
                 self._follow(self._current)
-            if self._current is not None or any(h.busy() for h in set(self._handlers.values())):
+            if self._current is not None or self._lent is not None or self._plugins_busy():
                 return None
             job = self.store.claim_next(owner=self.owner)
             if job is None:

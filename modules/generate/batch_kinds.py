@@ -54,7 +54,8 @@ class BatchKinds:
         self._batch_ids.pop(job.id, None)
         state = {"done": "finished", "stopped": "cancelled"}.get(status["state"], "failed")
         error = status["message"] if state == "failed" else None
-        return JobStatus(state, progress=progress, message=status["message"], result=status["folder"], error=error)
+        result = status["contact_sheet"] or status["folder"]  # the sheet: one picture of the whole batch
+        return JobStatus(state, progress=progress, message=status["message"], result=result, error=error)
 
     def stop(self, job: QueuedJob) -> None:
         batch_id = self._batch_ids.get(job.id)

@@ -148,11 +148,12 @@ class TrainingApi:
             raise shown_to_user(exc) from exc
 
     def comparison_grid(self, project: str, run_id: str = "", rows: str = "checkpoints") -> dict:
-        """Render a run's comparison grid in the background: rows = checkpoints, or LoRA weights 0, 0.5, 0.75
+        """Render a run's comparison grid in the background (a queued job: at once when nothing runs, else in
+        its turn): rows = checkpoints, or LoRA weights 0, 0.5, 0.75
         and 1 of the best checkpoint; columns = the prompt panel; one seed. `/training_status`'s `grid` names
         the PNG when it is done."""
         try:
-            return self.tab.jobs.comparison_grid(
+            return self.tab.comparison_grid(
                 _text("project", project), run_id=_text("run_id", run_id) or None, rows=_text("rows", rows)
             )
         except UserError as exc:

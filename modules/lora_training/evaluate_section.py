@@ -151,7 +151,7 @@ class EvaluateSection:
             start_job(lambda: self.tab.evaluate(name, run_id=None, best_rule=rule, margin=margin), strings)
 
         def on_grid(name: str, rows: str) -> None:
-            start_job(lambda: self.jobs.comparison_grid(name, rows=rows), strings)
+            start_job(lambda: self.tab.comparison_grid(name, run_id=None, rows=rows), strings)
 
         def on_save_best(name: str, lora_name: str) -> None:
             try:

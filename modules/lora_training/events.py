@@ -13,6 +13,13 @@ class Log:
 
 
 @dataclass(frozen=True)
+class RunChosen:
+    """The run a training writes to (a new one, or the one it resumes), before anything is loaded."""
+
+    run_id: str
+
+
+@dataclass(frozen=True)
 class PrepProgress:
     stage: str  # scan | crop | caption
     done: int

@@ -26,6 +26,7 @@ from modules.lora_training.events import (
     Log,
     PrepFinished,
     PrepProgress,
+    RunChosen,
     SampleSaved,
     StepDone,
     Stopped,
@@ -64,6 +65,8 @@ class JobState:
     validation: list = field(default_factory=list)  # (step, held-out loss, training-images loss)
     samples: list = field(default_factory=list)
     grid: str | None = None  # the comparison grid an evaluation or grid job wrote
+    run_id: str | None = None  # the run a training writes to, once chosen
+    on_run: object = None  # called with the run id once chosen (the queue records it)
 
     @property
     def running(self) -> bool:
@@ -100,6 +103,7 @@ class JobState:
             "validation": thinned(self.validation, limit=LOSS_POINTS),
             "samples": list(self.samples),
             "grid": self.grid,
+            "run_id": self.run_id,
         }
 
 
@@ -179,7 +183,10 @@ class TrainingJobs:
         resume: bool = False,
         new_run: bool = False,
         run_id: str | None = None,
+        on_run=None,
     ) -> dict:
+        """Prepare and/or train in the background; ``run_id`` names the run a resume continues, and
+        ``on_run(run_id)`` hears which run the training writes to as soon as it is chosen."""
         if prepare_config is None and train_config is None:
             raise UserError("Nothing to do: give preparation settings, training settings or both.")
         project = (train_config or prepare_config).project
@@ -197,7 +204,7 @@ class TrainingJobs:
             if train_config is not None:
                 job.base_model = train_config.base_model
             job.trigger = trigger
-            job.settings = _settings(prepare_config, train_config)
+            job.settings, job.on_run = _settings(prepare_config, train_config), on_run
             job.losses, job.validation, job.samples = history
             if note:
                 job.log.append(_line(note))
@@ -244,11 +251,15 @@ class TrainingJobs:
         with self._lock:
             self._refuse_while_running()
         opened = start_or_continue(place, space_text=space_text, trials=trials, base_model=base_model, study=study)
-        with self._lock:
-            self._refuse_while_running()
-            job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
-            job.message = f"Sweep {opened.name}"
-            return self._launch(job, self._sweep, job, opened, place)
+        try:
+            with self._lock:
+                self._refuse_while_running()
+                job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
+                job.message = f"Sweep {opened.name}"
+                return self._launch(job, self._sweep, job, opened, place)
+        except BaseException:
+            opened.close()
+            raise
 
     def _refuse_while_running(self) -> None:
         if self._job is not None and self._job.running:
@@ -411,6 +422,8 @@ class TrainingJobs:
             elif isinstance(event, Validated):
                 job.validation.append((event.step, event.validation_loss, event.training_images_loss))
                 job.log.append(_line(event.describe()))
+            elif isinstance(event, RunChosen):
+                job.run_id = event.run_id
             elif isinstance(event, CheckpointSaved):
                 job.checkpoint = event.path
                 job.log.append(_line(f"Checkpoint saved: {event.path}"))
@@ -494,7 +507,7 @@ class TrainingJobs:
         from modules.lora_training.sweep import run_worker
 
         try:
-            with self._model_released(job, f"sweeping LoRA project {job.project!r}"):
+            with study, self._model_released(job, f"sweeping LoRA project {job.project!r}"):
                 self._set(job, state="stopping" if self._stop.is_set() else "training")
                 done = run_worker(
                     study, place=place, should_stop=self._stop.is_set, on_event=lambda e: self._sweep_event(job, e)
@@ -613,6 +626,11 @@ class TrainingJobs:
             return
         self._record(job, Log(memory.describe(), level="warning" if memory.fits is False else "info"))
 
+    def _training_event(self, job: JobState, event) -> None:
+        self._record(job, event)
+        if isinstance(event, RunChosen) and job.on_run is not None:  # outside the lock: it writes the queue file
+            job.on_run(event.run_id)
+
     def _train(self, job, train_config, run_options: dict, train) -> None:
         config = self.app_config
         with self._model_released(job, f"training LoRA {train_config.output_name!r}"):
@@ -623,7 +641,7 @@ class TrainingJobs:
                 projects_dir=config.LORA_PROJECTS_DIR,
                 models_dir=config.MODELS_DIR,
                 loras_dir=config.LORAS_DIR,
-                on_event=lambda e: self._record(job, e),
+                on_event=lambda e: self._training_event(job, e),
                 should_stop=self._stop.is_set,
                 image_roots=config.IMAGE_ROOTS,
                 **run_options,

@@ -19,7 +19,7 @@ def add_queue_parser(commands) -> None:
     actions = queue.add_subparsers(dest="queue_action", required=True)
     actions.add_parser("list", help="the jobs: running, queued in order, then the others")
     add = actions.add_parser("add", help="queue a job (the app runs it when its turn comes)")
-    add.add_argument("kind", help="prepare, train, prepare+train or evaluate")
+    add.add_argument("kind", help="prepare, train, prepare+train, evaluate, grid, sweep or batch")
     add.add_argument("project")
     add.add_argument(
         "settings", nargs="?", default="{}", help='a JSON object, e.g. \'{"base_model": "...", "steps": 500}\''
@@ -32,7 +32,7 @@ def add_queue_parser(commands) -> None:
 
 
 def run_queue(args: argparse.Namespace, app_config) -> int:
-    store = JobStore(app_config.QUEUE_DB)
+    store = JobStore(app_config.QUEUE_DB, max_waiting=app_config.QUEUE_MAX_WAITING)
     if args.queue_action == "list":
         for job in store.list_jobs():
             place = f" #{job.position}" if job.state == "queued" else ""

@@ -1,11 +1,14 @@
 """The LoRA Training jobs the queue runs (:class:`core.job_runner.JobKinds`): prepare, train,
-prepare+train, evaluate and sweep, each done by :class:`~modules.lora_training.jobs.TrainingJobs`.
+prepare+train, evaluate, grid and sweep, each done by :class:`~modules.lora_training.jobs.TrainingJobs`.
+Every action of the tab that takes the device is one of these kinds, so it waits its turn.
 
 A job's payload is the JSON of its typed configs: ``{"prepare": {...}, "train": {...}, "new_run": false,
 "resume": false}`` (PrepareConfig / TrainConfig fields) or, for evaluate, ``{"run_id", "best_rule",
-"margin"}``, or, for a sweep, ``{"study", "trials", "base_model"}`` (the study is created, or its budget
-raised, when the job is queued: a refused space or model is refused then, and the queued job only runs it). A train job run again (Retry, or an interrupted job queued at start) continues the project's
-newest stopped run from its checkpoint. To add a kind: a name in ``KINDS``, its settings → payload in
+"margin"}``, for a grid, ``{"run_id", "rows"}``, or, for a sweep, ``{"study", "trials", "base_model",
+"space"}`` (checked when the job is queued, a new study's name drawn then; the study is created, or its budget
+raised, only when the job starts, so a sweep cancelled while it waits leaves no study). A train job records the run it writes to when that run starts
+(``QueuedJob.run_id``); run again (Retry, or an interrupted job queued at start) it continues that run from its
+checkpoint, or fails saying the run is gone. To add a kind: a name in ``KINDS``, its settings → payload in
 ``payload``, its start in ``start``.
 """
 
@@ -17,7 +20,7 @@ from core.job_runner import JobStatus
 from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict, config_to_dict
 from modules.lora_training.validation import DEFAULT_MARGIN, DEFAULT_RULE
 
-KINDS = ("prepare", "train", "prepare+train", "evaluate", "sweep")
+KINDS = ("prepare", "train", "prepare+train", "evaluate", "grid", "sweep")
 _PREPARE_WIDGETS = ("images_dir", "trigger", "captioner", "caption_task", "resolution", "include_subfolders")
 _RUNNING = ("starting", "preparing", "training", "evaluating", "stopping")
 
@@ -66,6 +69,8 @@ class TrainingKinds:
         settings = dict(settings)
         if kind == "evaluate":
             return self._evaluate_payload(settings)
+        if kind == "grid":
+            return _grid_payload(settings)
         if kind == "sweep":
             return self._sweep_payload(project, settings)
         if kind == "prepare":
@@ -108,7 +113,7 @@ class TrainingKinds:
         return {"run_id": run_id, "best_rule": rule, "margin": margin}
 
     def _sweep_payload(self, project: str, settings: dict) -> dict:
-        from modules.lora_training.sweep import Place, start_or_continue
+        from modules.lora_training.sweep import Place, check_sweep
 
         unknown = sorted(set(settings) - {"space", "trials", "base_model", "study"})
         if unknown:
@@ -118,23 +123,20 @@ class TrainingKinds:
         texts = {name: settings.get(name, "") for name in ("space", "base_model", "study")}
         if not all(isinstance(value, str) for value in texts.values()):
             raise UserError("space, base_model and study must be text")
-        base_model = texts["base_model"] or self.tab.default_model()
-        trials = settings.get("trials", 8)
-        opened = start_or_continue(
+        return check_sweep(  # checked now, stored when the job starts
             Place(self.tab.config.LORA_PROJECTS_DIR, self.tab.config.MODELS_DIR, project),
             space_text=texts["space"],
-            trials=trials,
-            base_model=base_model,
+            trials=settings.get("trials", 8),
+            base_model=texts["base_model"] or self.tab.default_model(),
             study=texts["study"],
         )
-        return {"study": opened.name, "trials": opened.budget, "base_model": base_model}
 
     # ----- the queue's side --------------------------------------------------------------
     def check(self, kind: str, project: str, payload: dict) -> None:
         """What TrainingJobs would refuse at start, refused before the job is queued."""
         if kind == "sweep":
             return  # checked when its payload was made (the study exists)
-        if kind == "evaluate":
+        if kind in ("evaluate", "grid"):
             from modules.lora_training.evaluate import find_run
 
             find_run(self.jobs.project_paths(project), payload.get("run_id"))
@@ -150,23 +152,52 @@ class TrainingKinds:
         payload = job.payload
         if job.kind == "evaluate":
             shown = self.jobs.evaluate(job.project, **payload)
+        elif job.kind == "grid":
+            shown = self.jobs.comparison_grid(job.project, run_id=payload["run_id"], rows=payload["rows"])
         elif job.kind == "sweep":
             shown = self.jobs.sweep(
                 job.project,
-                space_text="",
+                space_text=payload.get("space", ""),
                 trials=payload["trials"],
                 base_model=payload["base_model"],
                 study=payload["study"],
             )
         else:
-            prepare, train = self._configs(payload)
-            # Run again (Retry, or interrupted by a restart): continue from the run's checkpoint when it has one.
-            again = job.resume and job.attempts > 1 and train is not None and self.jobs.can_resume(job.project)
-            resume = bool(payload.get("resume")) or again
-            new_run = bool(payload.get("new_run")) and not resume
-            shown = self.jobs.start(prepare_config=prepare, train_config=train, resume=resume, new_run=new_run)
+            shown = self._start_training(job)
         self._job_ids[job.id] = shown["job_id"]
         return shown
+
+    def _start_training(self, job: QueuedJob) -> dict:
+        payload = job.payload
+        prepare, train = self._configs(payload)
+        resume, new_run = bool(payload.get("resume")), bool(payload.get("new_run"))
+        # Run again (Retry, or interrupted by a restart): continue the run this job started, and no other; a
+        # run stopped before its first checkpoint starts again as a new run.
+        again = job.resume and job.attempts > 1 and train is not None and job.run_id is not None
+        if again:
+            resume = self._own_run_resumable(job)
+            new_run = not resume
+        store = self.tab.queue.store if getattr(self.tab, "queue", None) is not None else None
+        return self.jobs.start(
+            prepare_config=prepare,
+            train_config=train,
+            resume=resume,
+            new_run=new_run and not resume,
+            run_id=job.run_id if again and resume else None,
+            on_run=(lambda run_id: store.set_run(job.id, run_id)) if store is not None else None,
+        )
+
+    def _own_run_resumable(self, job: QueuedJob) -> bool:
+        """Whether the run ``job`` started has a checkpoint to continue; refused when it is gone or finished."""
+        from modules.lora_training.runs import list_runs
+
+        run = {run.run_id: run for run in list_runs(self.jobs.project_paths(job.project))}.get(job.run_id)
+        if run is None or run.finished:
+            raise UserError(
+                f"Job {job.id} trained run {job.run_id} of project {job.project!r}, which is gone or finished: "
+                "queue a new training instead (Retry cannot resume it)."
+            )
+        return run.resumable
 
     def poll(self, job: QueuedJob) -> JobStatus:
         snapshot = self.jobs.snapshot()
@@ -197,6 +228,19 @@ class TrainingKinds:
         prepare = config_from_dict(PrepareConfig, payload["prepare"]) if payload.get("prepare") else None
         train = config_from_dict(TrainConfig, payload["train"]) if payload.get("train") else None
         return prepare, train
+
+
+def _grid_payload(settings: dict) -> dict:
+    from modules.lora_training.comparison_grid import check_rows
+
+    unknown = sorted(set(settings) - {"run_id", "rows"})
+    if unknown:
+        raise UserError(f"settings of a grid job hold run_id and rows; not {', '.join(unknown)}"[:300])
+    run_id, rows = settings.get("run_id") or None, settings.get("rows", "checkpoints")
+    if (run_id is not None and not isinstance(run_id, str)) or not isinstance(rows, str):
+        raise UserError("run_id and rows must be text")
+    check_rows(rows)  # refused now, not by a failed job
+    return {"run_id": run_id, "rows": rows}
 
 
 def _progress(snapshot: dict) -> float:

@@ -1,9 +1,17 @@
 """The tab's Queue view: the server's jobs as a table (refreshed by the status column's polling) and
-cancel / retry / up / down for a chosen job id. Thin: the queue is :class:`core.job_runner.JobRunner`."""
+cancel / retry / up / down for a chosen job id. Thin: the queue is :class:`core.job_runner.JobRunner`.
+
+The ETA column: the time left of the running job, and for a waiting job the time until it starts (the ETAs
+of the jobs ahead of it added up; blank while one of them has none, as a job has none before it runs). The
+result column is markdown: a link where the app serves the result (a file under ``served``, the folders given
+to Gradio's ``allowed_paths``: a batch's contact sheet in outputs/), else its name; every text is escaped.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
 
@@ -15,22 +23,43 @@ COLUMNS = ("id", "kind", "project", "state", "progress", "eta", "result")
 
 
 class QueueSection:
-    def __init__(self, runner, *, strings) -> None:
+    def __init__(self, runner, *, strings, served: tuple[Path, ...] = ()) -> None:
         self.runner = runner
         self.strings = strings
+        self.served = tuple(Path(folder).resolve() for folder in served)
 
     # ----- plain functions -------------------------------------------------------------------
     def rows(self) -> list[list]:
         """One row per job: id, kind, project, state (translated), progress, ETA, result (or the error)."""
-        rows = []
-        for job in self.runner.list_jobs():
+        rows, ahead = [], 0.0  # seconds until the next waiting job starts; None once unknown
+        for job in self.runner.list_jobs():  # the running job first, then the waiting ones in line
             state = translate(f"queue_state_{job.state}", self.strings)
-            if job.state == "queued":
+            eta = ""
+            if job.state == "running":
+                eta = format_eta(job.eta_seconds) if job.eta_seconds is not None else ""
+                ahead = job.eta_seconds
+            elif job.state == "queued":
                 state = f"{state} #{job.position}"
-            outcome = _short(job.result) if job.result else shown_message(job.error or "", self.strings)
-            eta = format_eta(job.eta_seconds) if job.state == "running" and job.eta_seconds is not None else ""
+                if ahead:
+                    eta = translate("queue_starts_in", self.strings, eta=format_eta(ahead))
+                ahead = None  # its own length is not known before it runs
+            outcome = (
+                self.result_cell(job.result) if job.result else _escaped(shown_message(job.error or "", self.strings))
+            )
             rows.append([job.id, job.kind, job.project, state, f"{job.progress:.0%}", eta, outcome])
         return rows
+
+    def result_cell(self, result: str) -> str:
+        """The result as markdown: a link to the file when the app serves it, else its name."""
+        name = _escaped(_short(result))
+        path = Path(result)
+        try:
+            served = path.is_file() and any(path.resolve().is_relative_to(folder) for folder in self.served)
+        except OSError:
+            served = False
+        if not served:
+            return name
+        return f"[{name}](gradio_api/file={quote(str(path.resolve()))})"
 
     def act(self, action: str, job_id) -> str:
         """Cancel, retry or move (up / down) job ``job_id``; what happened, for a notice."""
@@ -51,7 +80,7 @@ class QueueSection:
             self.table = gr.Dataframe(
                 value=self.rows(),
                 headers=headers,
-                datatype=["number", "str", "str", "str", "str", "str", "str"],
+                datatype=["number", "str", "str", "str", "str", "str", "markdown"],
                 interactive=False,
                 elem_id="lt-queue-table",
                 wrap=True,
@@ -80,6 +109,11 @@ class QueueSection:
     def tick(self) -> dict:
         """The table's new rows, for the status column's poll."""
         return {self.table: self.rows()}
+
+
+def _escaped(text: str) -> str:
+    """Plain text in a markdown cell: its markup characters escaped (a name or an error is never markup)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", text)
 
 
 def _short(path: str) -> str:

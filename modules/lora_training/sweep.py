@@ -23,13 +23,15 @@ from core.errors import UserError
 from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import EventSink, Failed, Log, StepDone, Validated, ignore_events
 from modules.lora_training.project import ProjectPaths
-from modules.lora_training.sweep_space import parse_space
+from modules.lora_training.sweep_space import check_trials, parse_space
 from modules.lora_training.sweep_study import (
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
     Heartbeat,
     Study,
+    check_study_name,
     claim_trial,
+    close_storage,
     create_study,
     default_storage,
     fail_stale_trials,
@@ -103,8 +105,18 @@ def open_sweep(
     grace: int = GRACE_SECONDS,
 ) -> Study:
     """Create a study (or join the one named ``study`` with ``join``) on ``place``'s project; bad input is
-    refused here, before any trial."""
+    refused here, before any trial. The caller closes the study (:meth:`Study.close`)."""
     storage = open_storage(storage_url or default_storage(place.paths), heartbeat=heartbeat, grace=grace)
+    try:
+        return _create_or_join(
+            place, storage, space_text=space_text, trials=trials, base_model=base_model, study=study, join=join
+        )
+    except BaseException:
+        close_storage(storage)
+        raise
+
+
+def _create_or_join(place: Place, storage, *, space_text: str, trials, base_model: str, study: str, join: bool):
     if join:
         opened = join_study(storage, name=study, project=place.project, trials=trials, space_text=space_text)
         check_settings(place, opened.settings, objective=opened.space.objective)
@@ -349,7 +361,9 @@ def run_worker(
 
 def study_names(place: Place, *, storage_url: str = "") -> list[str]:
     """The studies of the project's storage, oldest first."""
-    return _study_names(place, storage_url=storage_url)[1]
+    storage, names = _study_names(place, storage_url=storage_url)
+    close_storage(storage)
+    return names
 
 
 def _study_names(place: Place, *, storage_url: str = "") -> tuple[object | None, list[str]]:
@@ -366,9 +380,13 @@ def _study_names(place: Place, *, storage_url: str = "") -> tuple[object | None,
 def find_study(place: Place, name: str = "", *, storage_url: str = "") -> Study:
     """The study named ``name`` of the project's storage, or its newest one."""
     storage, names = _study_names(place, storage_url=storage_url)
-    if not names:
-        raise UserError(f"Project {place.project!r} has no sweep yet: start one first.")
-    return join_study(storage, name=name or names[-1], project=place.project)
+    try:
+        if not names:
+            raise UserError(f"Project {place.project!r} has no sweep yet: start one first.")
+        return join_study(storage, name=name or names[-1], project=place.project)
+    except BaseException:
+        close_storage(storage)
+        raise
 
 
 def start_or_continue(place: Place, *, space_text: str, trials, base_model: str, study: str = "") -> Study:
@@ -383,3 +401,20 @@ def start_or_continue(place: Place, *, space_text: str, trials, base_model: str,
         study=study.strip(),
         join=join,
     )
+
+
+def check_sweep(place: Place, *, space_text: str, trials, base_model: str, study: str = "") -> dict:
+    """What :func:`start_or_continue` would refuse, refused now, storing nothing: a queued sweep creates its
+    study (or raises its budget) only when it starts, so a sweep cancelled while it waits leaves nothing behind.
+    Returns the queued job's settings, the new study's name drawn now."""
+    name, trials = study.strip(), check_trials(trials)
+    if name and name in study_names(place):
+        with find_study(place, name) as found:
+            check_settings(place, found.settings, objective=found.space.objective)
+        return {"study": name, "trials": trials, "base_model": base_model, "space": ""}
+    space = parse_space(space_text, trials=trials)
+    check_settings(
+        place, {**space.fixed, **({"base_model": base_model} if base_model else {})}, objective=space.objective
+    )
+    name = check_study_name(name) if name else new_study_name()
+    return {"study": name, "trials": trials, "base_model": base_model, "space": space_text}

@@ -72,10 +72,11 @@ def run_sweep_command(args: argparse.Namespace, app_config, *, print_event) -> i
         heartbeat=args.heartbeat or HEARTBEAT_SECONDS,
         grace=args.grace or GRACE_SECONDS,
     )
-    if not args.results:
-        print(f"sweep {study.name}: joining with --join {study.name} adds a worker", file=sys.stderr)
-        done = run_worker(study, place=place, on_event=print_event)
-        print(done.describe())
-        print("trials run by this worker: " + json.dumps(done.ran))
-    _print_results(study)
+    with study:  # its database connections closed at the end
+        if not args.results:
+            print(f"sweep {study.name}: joining with --join {study.name} adds a worker", file=sys.stderr)
+            done = run_worker(study, place=place, on_event=print_event)
+            print(done.describe())
+            print("trials run by this worker: " + json.dumps(done.ran))
+        _print_results(study)
     return 0

@@ -85,16 +85,17 @@ class SweepSection:
         from modules.lora_training.sweep_study import sweeps_dir
 
         place = self.place(project)
-        found = find_study(place, study)
-        result = summary(found)
-        plot = parallel_coordinates(found, sweeps_dir(place.paths) / found.name / "parallel-coordinates.png")
+        with find_study(place, study) as found:  # its database connections closed after
+            result = summary(found)
+            plot = parallel_coordinates(found, sweeps_dir(place.paths) / found.name / "parallel-coordinates.png")
         return {**result, "plot": str(plot) if plot else None}
 
     def train_best(self, project: str, study: str = "", *, new_run: bool = False) -> dict:
         """Queue the full run with the best trial's parameters (it starts at once when nothing runs)."""
         from modules.lora_training.sweep import best_train_config, find_study
 
-        config = best_train_config(find_study(self.place(project), study))
+        with find_study(self.place(project), study) as found:
+            config = best_train_config(found)
         if self.tab.queue is None:
             return self.tab.jobs.start(train_config=config, new_run=new_run)
         return self.tab.start(prepare=None, train=config, new_run=new_run)
@@ -175,7 +176,8 @@ class SweepSection:
             from modules.lora_training.sweep_results import summary
 
             try:
-                return table_frame(summary(find_study(self.place(name), study)), strings)
+                with find_study(self.place(name), study) as found:
+                    return table_frame(summary(found), strings)
             except UserError:
                 return table_frame({}, strings)
 

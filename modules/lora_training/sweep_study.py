@@ -7,7 +7,9 @@ between them and none twice. A trial whose worker died (its heartbeat stopped) i
 worker and a waiting copy with the same parameters takes its slot; so does a trial the user stopped.
 
 Storage: ``sqlite:///<project>/sweeps/sweeps.db`` by default, or any database URL Optuna supports
-(``postgresql://user:password@host/db``) so workers on several machines share one study.
+(``postgresql://user:password@host/db``) so workers on several machines share one study. Optuna never closes
+a storage's connections (its engine keeps a pool until it is garbage-collected, a PostgreSQL connection per
+status call), so whoever opens one closes it: :meth:`Study.close` (a ``with`` block), :func:`close_storage`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def open_storage(url: str, *, heartbeat: int = HEARTBEAT_SECONDS, grace: int = G
         raise UserError(f"Cannot open the sweep storage {shown_url(url)}: {str(exc).splitlines()[0]}") from exc
 
 
+def close_storage(storage) -> None:
+    """Close every database connection ``storage`` holds (it can still be used: it reconnects)."""
+    if storage is None:
+        return
+    storage.remove_session()
+    storage.engine.dispose()
+
+
 def build_sampler(space: SweepSpace, *, trial_number: int = 0):
     """The sampler for one trial. A seeded sweep seeds each trial by its number, so two workers never draw the
     same random parameters and a rerun draws what the first run drew."""
@@ -124,6 +134,16 @@ class Study:
     @property
     def name(self) -> str:
         return self.optuna_study.study_name
+
+    def close(self) -> None:
+        """Close the storage's database connections (a worker's heartbeat must have ended)."""
+        close_storage(self.storage)
+
+    def __enter__(self) -> Study:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def rank_key(self, value: float) -> float:
         """Sorts values best first: the validation loss is minimised, the CLIP score maximised."""

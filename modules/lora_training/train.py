@@ -59,6 +59,7 @@ from modules.lora_training.events import (
     Finished,
     Log,
     PrepProgress,
+    RunChosen,
     SampleSaved,
     StepDone,
     Stopped,
@@ -323,6 +324,7 @@ class Trainer:
 
     def _check_before_loading(self) -> None:
         self.current_run = self._choose_run()
+        self.on_event(RunChosen(self.current_run.run_id))
         if self.resume:
             self._checkpoint_config()
         self.entry = model_entry(self.models_dir, self.config.base_model)

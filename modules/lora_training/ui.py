@@ -7,6 +7,7 @@ registry (``gestionnaire.actions``) for the Generate tab's "generate.use_lora".
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,8 +132,7 @@ class LoraTrainingTab:
 
         payload = job_payload(prepare, train, new_run=new_run, resume=resume)
         project = (train or prepare).project if (train or prepare) else ""
-        self._refuse_a_second_job(project)
-        row = self.queue.enqueue(kind_of(payload) or "train", project, payload)
+        row = self.queue.enqueue(kind_of(payload) or "train", project, payload, one_per_project=True)
         return self._shown_job(row["id"], started=row["started"])
 
     def evaluate(self, project: str, *, run_id: str | None, best_rule: str, margin) -> dict:
@@ -144,19 +144,20 @@ class LoraTrainingTab:
             return self.jobs.evaluate(project, run_id=run_id, best_rule=best_rule, margin=margin)
         return self.submit("evaluate", project, {"run_id": run_id, "best_rule": best_rule, "margin": margin})
 
+    def comparison_grid(self, project: str, *, run_id: str | None, rows: str) -> dict:
+        """Draw a run's comparison grid (:meth:`TrainingJobs.comparison_grid`): now when nothing runs, else
+        in its turn (it renders on the device)."""
+        from modules.lora_training.comparison_grid import check_rows
+
+        check_rows(rows)  # refused with its own message, not as a queue setting
+        if self.queue is None:
+            return self.jobs.comparison_grid(project, run_id=run_id, rows=rows)
+        return self.submit("grid", project, {"run_id": run_id, "rows": rows})
+
     def submit(self, kind: str, project: str, settings: dict) -> dict:
         """A queued job of ``kind`` from its settings (as ``/queue_add`` takes them), shown as :meth:`start`."""
-        self._refuse_a_second_job(project)
-        row = self.queue.submit(kind, project, settings)
+        row = self.queue.submit(kind, project, settings, one_per_project=True)
         return self._shown_job(row["id"], started=row["started"])
-
-    def _refuse_a_second_job(self, project: str) -> None:
-        waiting = self.queue.pending(project)
-        if waiting:  # a second click on the same project is a mistake more often than a plan
-            raise UserError(
-                f"Project {project} already has a job in the queue (job {waiting[0].id}, {waiting[0].state}): "
-                "wait for it to end, or cancel it in the Queue."
-            )
 
     def _shown_job(self, queue_id: int, *, started: dict | None) -> dict:
         """What a click shows of a queued job: the training job's status once it runs, else its place."""
@@ -190,19 +191,23 @@ class LoraTrainingTab:
     def resume(self, project: str) -> dict:
         """Continue the project's stopped or interrupted run: its queued job again (Retry) when the queue
         holds the one that stopped, else a new job that resumes."""
+        from modules.lora_training.runs import run_to_resume
+
         config = resumable_config(self.config.LORA_PROJECTS_DIR, project)
-        earlier = self._stopped_job(project)
+        earlier = self._stopped_job(
+            project, run_id=run_to_resume(ProjectPaths.for_project(self.config.LORA_PROJECTS_DIR, project)).run_id
+        )
         if earlier is None:
             return self.start(prepare=None, train=config, resume=True)
-        self._refuse_a_second_job(project)
-        return self._shown_job(self.queue.retry(earlier.id).id, started=None)
+        return self._shown_job(self.queue.retry(earlier.id, one_per_project=True).id, started=None)
 
-    def _stopped_job(self, project: str):
-        """The project's newest queued training that ran and stopped (cancelled or interrupted), if any."""
+    def _stopped_job(self, project: str, *, run_id: str):
+        """The project's newest queued training that ran run ``run_id`` and stopped (cancelled or
+        interrupted), if any: retried, it continues that run."""
         if self.queue is None:
             return None
         ended = [j for j in self.queue.list_jobs() if j.project == project and j.kind in ("train", "prepare+train")]
-        ended = [j for j in ended if j.state not in ("queued", "running")]
+        ended = [j for j in ended if j.state not in ("queued", "running") and j.run_id == run_id]
         newest = ended[0] if ended else None  # the others come newest first
         return (
             newest if newest is not None and newest.state in ("cancelled", "interrupted") and newest.attempts else None
@@ -212,14 +217,17 @@ class LoraTrainingTab:
         from modules.lora_training.estimate import estimate_run
 
         config = self.train_config({**self.train_values(values, extras), "project": "estimate"})
-        busy = self.jobs.is_running()
-        estimate = estimate_run(
-            config,
-            models_dir=self.config.MODELS_DIR,
-            resolution=int(values.get("resolution") or 1024),
-            timing=not busy,
-            counted=self.jobs.counted_steps,
-        )
+        # The timing runs on the device: only while no job holds it, and no queued job starts meanwhile.
+        lent = self.queue.device_lent("estimate") if self.queue is not None else contextlib.nullcontext(True)
+        with lent as free:
+            busy = not free or self.jobs.is_running()
+            estimate = estimate_run(
+                config,
+                models_dir=self.config.MODELS_DIR,
+                resolution=int(values.get("resolution") or 1024),
+                timing=not busy,
+                counted=self.jobs.counted_steps,
+            )
         return estimate.describe() + ("\n\n" + translate("estimate_time_busy", strings) if busy else "")
 
     def prepared_gallery(self, project: str) -> list[tuple[str, str]]:
@@ -363,8 +371,9 @@ class LoraTrainingTab:
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
-            queue = QueueSection(self.queue, strings=strings) if self.queue is not None else None
-            if queue is not None:
+            queue = None
+            if self.queue is not None:
+                queue = QueueSection(self.queue, strings=strings, served=self.config.served_folders())
                 queue.build(t, button=texts.button)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)

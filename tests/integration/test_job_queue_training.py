@@ -109,7 +109,7 @@ def test_clicks_start_at_once_or_wait_their_turn_and_cancelled_jobs_never_run(qu
     assert drawn.state == "finished" and drawn.progress == 1.0 and drawn.payload["base_seed"] == 7, drawn
     assert done.ended <= prepared.started <= prepared.ended <= drawn.started, "one device job at a time, in order"
     status = batches.runner.status()
-    assert status["folder"] == drawn.result and [r["status"] for r in status["rows"]] == ["done", "done"]
+    assert status["contact_sheet"] == drawn.result and [r["status"] for r in status["rows"]] == ["done", "done"]
     assert not (tab.config.LORA_PROJECTS_DIR / "third").exists(), "a cancelled job never runs"
     assert runner.retry(third["queue_id"]).state in ("queued", "running")
     assert _wait(runner, third["queue_id"], ("finished", "failed")).state == "finished"
@@ -187,3 +187,60 @@ def test_the_queue_command_adds_jobs_the_app_runs(queued_tab, capsys):
     ):
         assert main([*_cli(tab), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_grid_asked_for_while_a_queued_training_runs_waits_for_it(queued_tab):
+    """Draw grid renders on the device: it joins the line behind the running training, never beside it."""
+    import shutil
+
+    tab, runner, _, name = queued_tab
+    drawn_run = tab.start(prepare=None, train=_train(name, steps=2, save_every_steps=1, sample_steps=1))
+    assert _wait(runner, drawn_run["queue_id"], ("finished", "failed")).state == "finished"
+    other = "other"
+    shutil.copytree(tab.config.LORA_PROJECTS_DIR / name, tab.config.LORA_PROJECTS_DIR / other)
+    shutil.rmtree(tab.config.LORA_PROJECTS_DIR / other / "runs")
+    training = tab.start(prepare=None, train=_train(other, steps=200))
+    assert training["state"] in ("starting", "training"), training
+    with pytest.raises(UserError, match="rows must be one of"):
+        tab.comparison_grid(name, run_id=None, rows="diagonal")
+    grid = tab.comparison_grid(name, run_id=None, rows="checkpoints")
+    assert (grid["state"], grid["kind"], grid["position"]) == ("queued", "grid", 1), grid
+    assert tab.jobs.snapshot()["kind"] == "train", "the training goes on alone"
+    runner.cancel(training["queue_id"])
+    stopped = _wait(runner, training["queue_id"], ("cancelled", "failed", "finished"), timeout=60)
+    drawn = _wait(runner, grid["queue_id"], ("finished", "failed", "cancelled"))
+    assert drawn.state == "finished" and drawn.result.endswith("comparison-checkpoints.png"), drawn.error
+    assert stopped.ended <= drawn.started, "one device job at a time"
+
+
+def _stopped_at_step_2(tab, runner, job):
+    deadline = time.monotonic() + 120
+    while tab.jobs.snapshot()["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runner.cancel(job["queue_id"])
+    return _wait(runner, job["queue_id"], ("cancelled", "failed", "finished"), timeout=30)
+
+
+def test_a_retried_training_continues_its_own_run_and_no_other(queued_tab):
+    """Two stopped runs of one project: Retry of the older job resumes the older run, not the newest; a job
+    whose run is gone fails saying so."""
+    import shutil
+
+    tab, runner, _, name = queued_tab
+    first = tab.start(prepare=None, train=_train(name, steps=6))
+    own = _stopped_at_step_2(tab, runner, first).run_id
+    assert own and (tab.config.LORA_PROJECTS_DIR / name / "runs" / own).is_dir(), "recorded when the run started"
+    second = tab.start(prepare=None, train=_train(name, steps=6), new_run=True)
+    newer = _stopped_at_step_2(tab, runner, second).run_id
+    assert newer and newer != own
+    runner.retry(first["queue_id"])
+    finished = _wait(runner, first["queue_id"], ("finished", "failed"))
+    assert (finished.state, finished.run_id) == ("finished", own), finished.error
+    assert any(f"Resuming run {own} from step" in line for line in tab.jobs.snapshot()["log"])
+    shutil.rmtree(tab.config.LORA_PROJECTS_DIR / name / "runs" / newer)
+    runner.retry(second["queue_id"])
+    gone = _wait(runner, second["queue_id"], ("finished", "failed"))
+    assert gone.state == "failed" and f"trained run {newer}" in gone.error and "is gone or finished" in gone.error, (
+        gone.error
+    )

@@ -298,3 +298,62 @@ def test_asking_for_the_sweeps_of_any_project_name_creates_nothing(tmp_path):
     with pytest.raises(UserError, match="has no sweep yet"):
         find_study(Place(projects, tmp_path / "models", "ghost"))
     assert list(projects.iterdir()) == [], "no folder and no database for a project that does not exist"
+
+
+def test_a_queued_sweep_creates_its_study_when_it_starts_and_a_cancelled_one_leaves_none(sweep_app):
+    from core.job_queue import JobStore
+    from core.job_runner import JobRunner
+    from modules.lora_training.queue_kinds import TrainingKinds
+    from modules.lora_training.sweep import study_names
+    from modules.lora_training.ui import LoraTrainingTab
+
+    manager = ModelManager(models_dir=sweep_app.MODELS_DIR, loras_dir=sweep_app.LORAS_DIR, device="cpu")
+    runner = JobRunner(JobStore(sweep_app.QUEUE_DB))
+    tab = LoraTrainingTab(
+        jobs=TrainingJobs(model_manager=manager, app_config=sweep_app),
+        model_manager=manager,
+        gestionnaire=SimpleNamespace(queue=runner),
+        config=sweep_app,
+    )
+    runner.register(TrainingKinds(tab))
+    section, place = SweepSection(tab, strings={}), _place(sweep_app)
+    with runner.device_lent("a test"):  # the device is busy: the sweep waits in line
+        with pytest.raises(UserError, match="nope.safetensors"):
+            section.start("tiny", base_model="nope.safetensors", space_text=json.dumps(SPACE), trials=4)
+        queued = section.start("tiny", base_model=DEMO_SDXL_NAME, space_text=json.dumps(SPACE), trials=4)
+        assert queued["state"] == "queued" and runner.store.get(queued["queue_id"]).payload["study"]
+        assert study_names(place) == [], "no study before the job starts"
+        runner.cancel(queued["queue_id"])
+    assert study_names(place) == [] and not (place.paths.root / "sweeps").exists(), "a cancelled sweep left nothing"
+
+
+def test_sweep_status_leaves_no_database_connection_open(sweep_app):
+    """Optuna keeps a storage's connections until it is garbage-collected (a PostgreSQL connection per status
+    call): each status closes its own."""
+    import contextlib
+    import gc
+
+    from modules.lora_training.sweep_study import sweeps_dir
+
+    place = _place(sweep_app)
+    with open_sweep(place, space_text=json.dumps(SPACE), trials=4, base_model=DEMO_SDXL_NAME, study="s"):
+        pass
+    section = SweepSection(SimpleNamespace(config=sweep_app, jobs=None, queue=None), strings={})
+    database = str(sweeps_dir(place.paths) / "sweeps.db")
+
+    def open_connections() -> int:
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+                found += os.readlink(f"/proc/self/fd/{fd}") == database
+        return found
+
+    gc.disable()  # what the collector would free late (never, for a busy server) is not counted as closed
+    try:
+        for _ in range(4):
+            assert section.status("tiny", "s")["study"] == "s"
+            with pytest.raises(UserError, match="has no complete trial yet"):
+                section.train_best("tiny", "s")
+        assert open_connections() == 0
+    finally:
+        gc.enable()

@@ -53,18 +53,21 @@ def test_the_queue_view_shows_queued_cancelled_and_finished_jobs(
         page.get_by_text(f"Job {third} is now number 1 in line.").wait_for()
 
         rows = {
-            finished: r"prepare\nfirst\nfinished\n100%\nfirst/images",
+            finished: r"prepare\nfirst\nfinished\n100%\n+first/images",  # a markdown cell: its own block
             running: rf"train\n{name}\nrunning\n\d+%\n",
-            third: r"prepare\nthird\nqueued #1\n0%",
+            third: r"prepare\nthird\nqueued #1\n0%\nstarts in \d+(h|m)\d\d(m|s)",  # the running job's ETA
             second: r"prepare\nsecond\nqueued #2\n0%",
             fourth: r"prepare\nfourth\ncancelled\n0%",
         }
         for job_id, row in rows.items():
-            page.wait_for_function(
-                "pattern => new RegExp(pattern).test(document.querySelector('#lt-queue-table').innerText)",
-                arg=rf"(^|\n){job_id}\n{row}",
-                timeout=30_000,
-            )
+            try:
+                page.wait_for_function(
+                    "pattern => new RegExp(pattern).test(document.querySelector('#lt-queue-table').innerText)",
+                    arg=rf"(^|\n){job_id}\n{row}",
+                    timeout=30_000,
+                )
+            except Exception as exc:  # the table as shown, to see which cell differs
+                raise AssertionError(f"row {job_id} is not {row!r}:\n{table.inner_text()}") from exc
         order = page.locator("#lt-queue-table").inner_text()
         assert order.index("\nthird\n") < order.index("\nsecond\n"), "the queued jobs in their order"
         screenshot("queue")

@@ -311,3 +311,81 @@ def test_ids_that_are_digits_only_to_unicode_are_refused(runner, job_id):
         runner.move(waiting["id"], job_id)
     runner.cancel(waiting["id"])
     runner.cancel(1)
+
+
+def test_device_work_outside_the_queue_never_overlaps_a_job(runner):
+    """A short device measurement (the Estimate button's timing) holds the queue back, or is skipped."""
+    with runner.device_lent("estimate") as free:
+        assert free
+        waiting = runner.submit("sleep", "a", {"seconds": 0.05})
+        time.sleep(0.1)  # a few ticks
+        assert runner.store.get(waiting["id"]).state == "queued", "no job starts while the device is lent"
+    wait_until(lambda: runner.store.get(waiting["id"]).state == "finished")
+    running = runner.submit("sleep", "b", {"seconds": 30})
+    with runner.device_lent("estimate") as free:
+        assert not free, "a running job keeps the device"
+    runner.cancel(running["id"])
+
+
+def test_a_queue_file_from_before_run_ids_gets_the_column_and_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    from core.job_queue import _SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(_SCHEMA.replace(",\n    run_id TEXT", ""))
+        db.execute(
+            "INSERT INTO jobs (kind, project, payload, state, position, created) VALUES ('sleep', 'a', '{}', 'queued', 1, 0)"
+        )
+    store = JobStore(path)
+    assert store.get(1).run_id is None and store.get(1).state == "queued"
+    store.set_run(1, "20261202-071500-ab12")
+    assert [job.run_id for job in store.list_jobs()] == ["20261202-071500-ab12"]
+
+
+def test_the_line_and_a_jobs_settings_are_bounded(tmp_path):
+    from core.job_queue import MAX_PAYLOAD_CHARS
+
+    runner = JobRunner(JobStore(tmp_path / "queue.sqlite", max_waiting=3), tick_s=0.02)
+    runner.register(Sleeper())  # its thread not started: the first job starts in the caller's, the rest wait
+    for name in "abcd":
+        runner.submit("sleep", name, {"seconds": 1})
+    with pytest.raises(UserError, match="already holds 3 waiting jobs, the most it takes .QUEUE_MAX_WAITING"):
+        runner.submit("sleep", "e", {"seconds": 1})
+    runner.cancel(2)
+    runner.submit("sleep", "e", {"seconds": 1})  # the cancelled job gave its place
+    with pytest.raises(UserError, match="already holds 3 waiting jobs"):
+        runner.retry(2)  # a retry joins the line too
+    with pytest.raises(UserError, match="settings must be at most 65536 characters of JSON; got 100"):
+        runner.submit("sleep", "e", {"seconds": 1, "note": "x" * 100_000})  # an object, not text
+    with pytest.raises(UserError, match=f"at most {MAX_PAYLOAD_CHARS} are queued"):
+        runner.store.add("sleep", "f", {"rows": "x" * MAX_PAYLOAD_CHARS})
+    assert len(runner.list_jobs()) == 5
+    runner.cancel(1)
+
+
+def test_one_job_per_project_holds_when_clients_add_at_once(runner):
+    """The refusal is checked inside the store's write: of eight threads adding for one project, one gets in."""
+    runner.submit("sleep", "other", {"seconds": 30})  # the device is busy: the rest wait in line
+    barrier = threading.Barrier(8)
+    added, refused = [], []
+
+    def add():
+        barrier.wait()
+        try:
+            added.append(runner.submit("sleep", "one", {"seconds": 0.05}, one_per_project=True))
+        except UserError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=add) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(added) == 1 and len(refused) == 7, (added, refused)
+    assert all(f"already has a job in the queue (job {added[0]['id']}, queued)" in text for text in refused)
+    first_of_one = runner.submit("sleep", "one", {"seconds": 0.05})  # /queue_add keeps no such rule
+    runner.cancel(first_of_one["id"])
+    with pytest.raises(UserError, match="already has a job in the queue"):
+        runner.retry(first_of_one["id"], one_per_project=True)  # Resume: the same rule, in the same write
