@@ -124,7 +124,12 @@ class TrainingKinds:
         if not all(isinstance(value, str) for value in texts.values()):
             raise UserError("space, base_model and study must be text")
         return check_sweep(  # checked now, stored when the job starts
-            Place(self.tab.config.LORA_PROJECTS_DIR, self.tab.config.MODELS_DIR, project),
+            Place(
+                self.tab.config.LORA_PROJECTS_DIR,
+                self.tab.config.MODELS_DIR,
+                project,
+                image_roots=self.tab.config.IMAGE_ROOTS,
+            ),
             space_text=texts["space"],
             trials=settings.get("trials", 8),
             base_model=texts["base_model"] or self.tab.default_model(),

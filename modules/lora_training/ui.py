@@ -217,17 +217,15 @@ class LoraTrainingTab:
         from modules.lora_training.estimate import estimate_run
 
         config = self.train_config({**self.train_values(values, extras), "project": "estimate"})
+        common = {"models_dir": self.config.MODELS_DIR, "resolution": int(values.get("resolution") or 1024)}
+        # Counting the step on the meta device takes no device: done first, kept for the timed call.
+        estimate = estimate_run(config, **common, timing=False, counted=self.jobs.counted_steps)
         # The timing runs on the device: only while no job holds it, and no queued job starts meanwhile.
         lent = self.queue.device_lent("estimate") if self.queue is not None else contextlib.nullcontext(True)
         with lent as free:
             busy = not free or self.jobs.is_running()
-            estimate = estimate_run(
-                config,
-                models_dir=self.config.MODELS_DIR,
-                resolution=int(values.get("resolution") or 1024),
-                timing=not busy,
-                counted=self.jobs.counted_steps,
-            )
+            if not busy:
+                estimate = estimate_run(config, **common, timing=True, counted=self.jobs.counted_steps)
         return estimate.describe() + ("\n\n" + translate("estimate_time_busy", strings) if busy else "")
 
     def prepared_gallery(self, project: str) -> list[tuple[str, str]]:
