@@ -44,6 +44,7 @@ def build_app(config, *, model_manager=None, modules_dir: Path | None = None, co
         switch = _header(strings, language=language)
         with gr.Tabs() as tabs:
             plugins.tabs = tabs  # lets a tab switch to another (e.g. "Use in Generate")
+            plugins.page = demo  # lets a link (``/?lora=...``) open a tab ready to use
             plugins.create_tabs(language, catalogs=catalogs, page=page)
         failures = plugins.failures()
         if failures:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import shown_to_user
-from core.i18n import Language, LiveStrings, module_strings
+from core.errors import UserError, shown_to_user
+from core.i18n import Language, LiveStrings, module_strings, shown_message
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,21 @@ class _Request:
 
 
 @dataclass
+class _Link:
+    parameter: str  # the page address's query parameter, e.g. "lora" in ``/?lora=cat.safetensors``
+    name: str
+    payload: Callable[[str], dict]
+    strings: object = None  # the linking tab's strings: a refused value's message in the page's language
+
+
+@dataclass
 class TabActions:
     """Named actions tabs offer one another; requests are wired once every tab is built, so the
     order in which tabs are built does not matter."""
 
     offered: dict[str, TabAction] = field(default_factory=dict)
     requests: list[_Request] = field(default_factory=list)
+    links: list[_Link] = field(default_factory=list)
 
     def offer(self, name: str, action: TabAction) -> None:
         self.offered[name] = action
@@ -66,9 +75,15 @@ class TabActions:
         the event shows ``unavailable`` as an error (or does nothing when that is None)."""
         self.requests.append(_Request(name, event, payload, unavailable))
 
-    def connect(self, tabs=None) -> list[str]:
-        """Wire every request (``tabs``: the host's ``gr.Tabs``); returns the names nobody offered."""
-        missing = []
+    def link(self, parameter: str, name: str, *, payload: Callable[[str], dict], strings=None) -> None:
+        """A page opened at an address with ``?parameter=value`` runs action ``name`` with ``payload(value)``
+        once it has loaded (a link to the app that opens a tab ready to use, e.g. a queue result's LoRA)."""
+        self.links.append(_Link(parameter, name, payload, strings))
+
+    def connect(self, tabs=None, *, page=None) -> list[str]:
+        """Wire every request and, with ``page`` (the host's ``gr.Blocks``), every link (``tabs``: the host's
+        ``gr.Tabs``); returns the names nobody offered."""
+        missing = self._connect_links(tabs, page) if page is not None else []
         for request in self.requests:
             action = self.offered.get(request.name)
             if action is None:
@@ -81,6 +96,52 @@ class TabActions:
             request.event(_runner(action, request.payload, switch=switch), outputs=outputs, api_visibility="private")
         self.requests.clear()
         return missing
+
+    def _connect_links(self, tabs, page) -> list[str]:
+        import gradio as gr
+
+        missing = []
+        for link in self.links:
+            action = self.offered.get(link.name)
+            if action is None:
+                missing.append(link.name)
+                continue
+            switch = tabs is not None and action.tab_id is not None
+            outputs = [*action.outputs, tabs] if switch else list(action.outputs)
+            # The load only reads the address; the action runs on the value's change, so a page opened
+            # without the parameter sends no update to the action's components (an update would reset them).
+            value = gr.State(None)
+            page.load(_query_value(link.parameter), outputs=[value], api_visibility="private", show_progress="hidden")
+            value.change(
+                _link_runner(action, link, switch=switch), inputs=[value], outputs=outputs, api_visibility="private"
+            )
+        self.links.clear()
+        return missing
+
+
+def _query_value(parameter: str) -> Callable:
+    import gradio as gr
+
+    def read(request):
+        value = request.query_params.get(parameter) if request is not None else None
+        return value or gr.skip()
+
+    read.__annotations__["request"] = gr.Request  # the class itself: Gradio passes the request by this annotation
+    return read
+
+
+def _link_runner(action: TabAction, link: _Link, *, switch: bool) -> Callable:
+    import gradio as gr
+
+    def run(value: str) -> list:
+        try:
+            updates = list(action.run(link.payload(value)))
+        except UserError as exc:  # a stale or edited link: say so, leave the page as it is
+            gr.Warning(shown_message(exc, link.strings))
+            return [gr.skip()] * (len(action.outputs) + switch)
+        return [*updates, gr.Tabs(selected=action.tab_id)] if switch else updates
+
+    return run
 
 
 def _runner(action: TabAction, payload: Callable[[], dict], *, switch: bool) -> Callable[[], list]:
@@ -109,6 +170,7 @@ class PluginManager:
     package: str = "modules"
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     tabs: object | None = None  # the host's gr.Tabs, set while the UI is built
+    page: object | None = None  # the host's gr.Blocks, set while the UI is built (links are wired to its load)
     actions: TabActions = field(default_factory=TabActions)
     queue: object | None = None  # the server's JobRunner (core/job_runner.py): tabs register their job kinds
 
@@ -167,7 +229,7 @@ class PluginManager:
                 info.instance = None
                 log.exception("plugin %s failed to build its tab; skipped", info.name)
                 gr.Markdown(f"Plugin **{info.name}** failed to load: {info.error}")
-        for name in self.actions.connect(self.tabs):
+        for name in self.actions.connect(self.tabs, page=self.page):
             log.warning("no loaded tab offers the action %r", name)
 
     def failures(self) -> dict[str, str]:

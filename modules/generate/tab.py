@@ -160,6 +160,25 @@ class GenerateTab:
         prompt = payload.get("prompt")
         return [model or gr.skip(), prompt if prompt is not None else gr.skip(), *updates]
 
+    def lora_link_payload(self, name: str) -> dict:
+        """What a link to the app ``/?lora=NAME`` (a queue result) hands "generate.use_lora": the LoRA, a model of
+        its family when the preselected one is of another, and its trigger word."""
+        info = next((info for info in self.model_manager.lora_details() if info.name == name), None)
+        if info is None or info.problem or info.family is None:
+            raise UserError(f"The link names LoRA {name!r}, which is not a usable LoRA of the LoRA folder.")
+        model = None  # the preselected model, when it is of the LoRA's family
+        if self.model_family(self.default_model()) != info.family:
+            names = self.model_names()
+            preferred = self.config.DEFAULT_MODELS_FOR_LORA.get(info.family)
+            model = (
+                preferred
+                if preferred in names
+                else next(
+                    (entry.name for entry in self.model_manager.list_models() if entry.family == info.family), None
+                )
+            )
+        return {"model": model, "lora": info.name, "prompt": f"{info.trigger_word}, " if info.trigger_word else None}
+
     def offer_actions(self) -> None:
         from core.plugins import TabAction
 
@@ -167,6 +186,7 @@ class GenerateTab:
             return
         outputs = [self.model_dropdown, self.prompt_box, *self.lora_dropdowns]
         self.actions.offer("generate.use_lora", TabAction(outputs, self.use_lora_updates, tab_id="generate"))
+        self.actions.link("lora", "generate.use_lora", payload=self.lora_link_payload, strings=self.strings)
         refresh = TabAction(self.lora_dropdowns, lambda payload: self.refresh_lora_updates(payload.get("model")))
         self.actions.offer("generate.refresh_loras", refresh)
 

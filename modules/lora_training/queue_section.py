@@ -3,8 +3,9 @@ cancel / retry / up / down for a chosen job id. Thin: the queue is :class:`core.
 
 The ETA column: the time left of the running job, and for a waiting job the time until it starts (the ETAs
 of the jobs ahead of it added up; blank while one of them has none, as a job has none before it runs). The
-result column is markdown: a link where the app serves the result (a file under ``served``, the folders given
-to Gradio's ``allowed_paths``: a batch's contact sheet in outputs/), else its name; every text is escaped.
+result column is markdown: a LoRA links to the app's page with it ready in the Generate tab (``?lora=NAME``,
+the host's link to "generate.use_lora"); a file the app serves (under ``served``, the folders given to Gradio's
+``allowed_paths``: a batch's contact sheet in outputs/) links to the file; else its name. Every text is escaped.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ COLUMNS = ("id", "kind", "project", "state", "progress", "eta", "result")
 
 
 class QueueSection:
-    def __init__(self, runner, *, strings, served: tuple[Path, ...] = ()) -> None:
+    def __init__(self, runner, *, strings, served: tuple[Path, ...] = (), loras: Path | None = None) -> None:
         self.runner = runner
         self.strings = strings
         self.served = tuple(Path(folder).resolve() for folder in served)
+        self.loras = Path(loras).resolve() if loras is not None else None
 
     # ----- plain functions -------------------------------------------------------------------
     def rows(self) -> list[list]:
@@ -54,12 +56,16 @@ class QueueSection:
         name = _escaped(_short(result))
         path = Path(result)
         try:
-            served = path.is_file() and any(path.resolve().is_relative_to(folder) for folder in self.served)
+            resolved = path.resolve() if path.is_file() else None
         except OSError:
-            served = False
-        if not served:
+            resolved = None
+        if resolved is None:
             return name
-        return f"[{name}](gradio_api/file={quote(str(path.resolve()))})"
+        if self.loras is not None and resolved.suffix == ".safetensors" and resolved.is_relative_to(self.loras):
+            return f"[{name}](?lora={quote(resolved.relative_to(self.loras).as_posix())})"
+        if any(resolved.is_relative_to(folder) for folder in self.served):
+            return f"[{name}](gradio_api/file={quote(str(resolved))})"
+        return name
 
     def act(self, action: str, job_id) -> str:
         """Cancel, retry or move (up / down) job ``job_id``; what happened, for a notice."""

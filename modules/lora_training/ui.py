@@ -371,7 +371,9 @@ class LoraTrainingTab:
                     status.build()
             queue = None
             if self.queue is not None:
-                queue = QueueSection(self.queue, strings=strings, served=self.config.served_folders())
+                queue = QueueSection(
+                    self.queue, strings=strings, served=self.config.served_folders(), loras=self.config.LORAS_DIR
+                )
                 queue.build(t, button=texts.button)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)

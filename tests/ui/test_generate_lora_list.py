@@ -46,3 +46,20 @@ def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_p
         page.get_by_role("option", name=DEMO_FLUX_NAME, exact=True).click()
         page.locator("#generate-lora-2 input").click()
         page.get_by_role("option", name="my_cat · Flux · trigger: ohwx", exact=True).wait_for(timeout=10_000)
+        page.keyboard.press("Escape")
+
+        # A link to the app naming a LoRA (the queue view's result) opens Generate ready to use it: the
+        # LoRA in the first slot, a model of its family, its trigger word in the prompt.
+        page.goto(f"{url}?lora=my_cat.safetensors")
+        page.wait_for_function(
+            "() => document.querySelector('#generate-lora-1 input')?.value === 'my_cat · Flux · trigger: ohwx'",
+            timeout=30_000,
+        )
+        assert page.locator("#generate-model input").input_value() == DEMO_FLUX_NAME
+        assert page.locator("#generate-prompt textarea").input_value() == "ohwx, "
+        page.goto(f"{url}?lora=gone.safetensors")
+        page.get_by_text("The link names LoRA 'gone.safetensors', which is not a usable LoRA").wait_for(timeout=30_000)
+        assert page.locator("#generate-lora-1 input").input_value() == ""
+        page.locator("#generate-lora-1 input").click()
+        page.get_by_role("option", name="my_cat (Flux, not for SDXL) · trigger: ohwx", exact=True).wait_for()
+        screenshot("link")

@@ -1,6 +1,6 @@
 """The Queue view's rows (modules/lora_training/queue_section.py) on a real queue: the ETA of waiting jobs
 (the time until they start, where the jobs ahead have one) and the result as a markdown link where the app
-serves the file, escaped text otherwise."""
+serves the file or, for a LoRA, to the page that opens it in Generate; escaped text otherwise."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def test_waiting_jobs_show_when_they_start_and_results_link_where_served(tmp_pat
             "outputs/batch-1/contact-sheet.png)"
         ), link
         assert rows["done2"][6] == "loras/cat\\_\\[v2\\]\\*\\.safetensors", "not served: escaped text, no link"
+        # A LoRA links to the app's page that opens it in the Generate tab (the host's "?lora=" link).
+        with_loras = QueueSection(runner, strings={}, served=(served,), loras=private)
+        lora_row = next(row for row in with_loras.rows() if row[0] == 2)
+        assert lora_row[6] == "[loras/cat\\_\\[v2\\]\\*\\.safetensors](?lora=cat_%5Bv2%5D%2A.safetensors)", lora_row
         runner.cancel(3)
     finally:
         runner.close()
