@@ -369,12 +369,7 @@ class LoraTrainingTab:
                     page.banner = banner
                 with gr.Column(scale=2):
                     status.build()
-            queue = None
-            if self.queue is not None:
-                queue = QueueSection(
-                    self.queue, strings=strings, served=self.config.served_folders(), loras=self.config.LORAS_DIR
-                )
-                queue.build(t, button=texts.button)
+            queue = self._build_queue(t, texts=texts, strings=strings)
             self._build_caption_editor(page, t, button=texts.button)
             caption_tools = CaptionToolsSection(self, strings=strings)
             caption_tools.build(t, texts=texts)
@@ -396,6 +391,14 @@ class LoraTrainingTab:
         self._wire_plan(page, form, strings=strings)
         self._wire_upload(page, form, strings=strings)
         self._request_generate(page, status=status, strings=strings)
+
+    def _build_queue(self, t, *, texts, strings) -> QueueSection | None:
+        if self.queue is None:
+            return None
+        config = self.config
+        queue = QueueSection(self.queue, strings=strings, served=config.served_folders(), loras=config.LORAS_DIR)
+        queue.build(t, button=texts.button)
+        return queue
 
     def _build_controls(self, form: FormWidgets, t, *, texts) -> SimpleNamespace:
         button = texts.button
