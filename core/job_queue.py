@@ -154,11 +154,17 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
-            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS.items():
-                if name not in present:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            db.execute("BEGIN IMMEDIATE")  # two processes opening an old file at once: one adds the columns
+            try:
+                db.execute(_SCHEMA)
+                present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                for name, kind in _ADDED_COLUMNS.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:

@@ -199,6 +199,8 @@ class JobRunner:
         device lent (no queued job starts until the block ends), or False when a job holds it (then skip
         the device work)."""
         with self._lock:
+            if self._current is not None:
+                self._follow(self._current)  # a job that just ended no longer holds the device
             free = self._lent is None and self._current is None and not self._plugins_busy()
             if free:
                 self._lent = reason

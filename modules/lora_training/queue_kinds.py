@@ -178,17 +178,19 @@ class TrainingKinds:
         resume, new_run = bool(payload.get("resume")), bool(payload.get("new_run"))
         # Run again (Retry, or interrupted by a restart): continue the run this job started, and no other; a
         # run stopped before its first checkpoint starts again as a new run.
-        again = job.resume and job.attempts > 1 and train is not None and job.run_id is not None
-        if again:
+        again = job.resume and job.attempts > 1 and train is not None
+        if again and job.run_id is not None:
             resume = self._own_run_resumable(job)
             new_run = not resume
+        elif again and self.jobs.can_resume(job.project):  # no run recorded (a queue file from before run ids)
+            resume = True
         store = self.tab.queue.store if getattr(self.tab, "queue", None) is not None else None
         return self.jobs.start(
             prepare_config=prepare,
             train_config=train,
             resume=resume,
             new_run=new_run and not resume,
-            run_id=job.run_id if again and resume else None,
+            run_id=job.run_id if again and resume else None,  # None with resume: the project's newest run
             on_run=(lambda run_id: store.set_run(job.id, run_id)) if store is not None else None,
         )
 

@@ -244,3 +244,18 @@ def test_a_retried_training_continues_its_own_run_and_no_other(queued_tab):
     assert gone.state == "failed" and f"trained run {newer}" in gone.error and "is gone or finished" in gone.error, (
         gone.error
     )
+
+
+def test_a_retried_job_without_a_recorded_run_resumes_the_newest(queued_tab):
+    """A job from a queue file written before run ids (its run_id empty) resumes the project's newest run."""
+    import sqlite3
+
+    tab, runner, _, name = queued_tab
+    job = tab.start(prepare=None, train=_train(name, steps=6))
+    run_id = _stopped_at_step_2(tab, runner, job).run_id
+    with sqlite3.connect(runner.store.path) as db:
+        db.execute("UPDATE jobs SET run_id = NULL WHERE id = ?", (job["queue_id"],))
+    runner.retry(job["queue_id"])
+    finished = _wait(runner, job["queue_id"], ("finished", "failed"))
+    assert finished.state == "finished", finished.error
+    assert any(f"Resuming run {run_id} from step" in line for line in tab.jobs.snapshot()["log"])

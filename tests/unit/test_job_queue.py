@@ -327,6 +327,19 @@ def test_device_work_outside_the_queue_never_overlaps_a_job(runner):
     runner.cancel(running["id"])
 
 
+def test_the_device_is_free_as_soon_as_the_job_holding_it_ended(tmp_path):
+    """No tick has noticed yet that the job ended (the runner's thread is not started): the device is free."""
+    runner = JobRunner(JobStore(tmp_path / "queue.sqlite"), tick_s=0.02)
+    plugin = Sleeper()
+    runner.register(plugin)
+    job = runner.submit("sleep", "a", {"seconds": 0.05})  # started at once, in this thread
+    plugin.running[job["id"]].join(10)
+    with runner.device_lent("estimate") as free:
+        assert free, "the ended job no longer holds the device"
+    assert runner.store.get(job["id"]).state == "finished"
+    runner.close()
+
+
 def test_a_queue_file_from_before_run_ids_gets_the_column_and_keeps_its_jobs(tmp_path):
     import sqlite3
 
