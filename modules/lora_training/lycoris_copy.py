@@ -20,6 +20,8 @@ from the low-rank factors too: a full-size copy holds one base weight at a time 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 from collections.abc import Callable
@@ -136,6 +138,13 @@ def _dora_responses(main, written: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return expected, got
 
 
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system. glibc keeps freed buffers of a few MB in its heap and grows it
+    when the next layer's weight has another size: over a full-size model's layers, GBs of resident memory."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator manages this itself
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 # ----- both files, module by module -------------------------------------------------------------
 def _dora_modules(path: Path, base_weight: BaseWeight):
     """(diffusers module, copy tensors, what the check needs) of each layer of a DoRA main file."""
@@ -151,6 +160,8 @@ def _dora_modules(path: Path, base_weight: BaseWeight):
             base = base_weight(part).float()
             norms = dora_norms(base, layer)
             yield part, _dora_copy(layer, magnitude, norms), (layer, magnitude, base, norms)
+            del base
+            release_freed_memory()
 
 
 def _lycoris_modules(path: Path):

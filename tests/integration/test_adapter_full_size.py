@@ -212,8 +212,8 @@ def comfy_shape(network: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, 
     return w1[0] * w2[0], w1[1] * w2[1]
 
 
-# A full-size copy is verified layer by layer: LoKr in seconds, LoHa (larger factors) and DoRA (the base
-# weights, dense rows) take minutes on two busy cores. Flux's DoRA copy (8.6 G base values) is left out.
+# A full-size copy is verified layer by layer: LoKr in seconds; LoHa (larger factors) and DoRA (one dense base
+# weight per layer) take minutes on two busy cores.
 SLOW = pytest.mark.slow
 EXPORTS = [
     ("flux", "lokr", 16, -1),
