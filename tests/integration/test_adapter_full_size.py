@@ -223,6 +223,7 @@ EXPORTS = [
     pytest.param(("sdxl", "loha", 8, -1), marks=SLOW),
     pytest.param(("flux", "loha", 8, -1), marks=SLOW),
     pytest.param(("sdxl", "dora", 8, -1), marks=SLOW),
+    pytest.param(("flux", "dora", 8, -1), marks=SLOW),
 ]
 
 
