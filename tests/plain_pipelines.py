@@ -3,6 +3,8 @@ outside this app loads our LoRA files, for the tests that check those files."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -23,3 +25,27 @@ def plain_image(pipe, family: str) -> np.ndarray:
     kwargs = {"guidance_scale": 5.0 if family == "sdxl" else 3.5}
     out = pipe("ohwx, a photo", num_inference_steps=3, width=64, height=64, generator=torch.manual_seed(5), **kwargs)
     return np.asarray(out.images[0], dtype=np.float32)
+
+
+def plain_load(pipe, path, network: str, *, adapter_name: str) -> None:
+    """A main file loaded with diffusers (LoRA/DoRA) or with peft alone (LoKr/LoHa), no app code."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if network in ("lora", "dora"):
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        packed = json.loads(handle.metadata()["lora_adapter_metadata"])
+    tensors = load_file(str(path))
+    for component in {key.split(".", 1)[0] for key in tensors}:
+        fields = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith(f"{component}.")}
+        cls = LoKrConfig if fields.pop("peft_type") == "LOKR" else LoHaConfig
+        known = set(cls.__dataclass_fields__) - {"peft_type"}
+        config = cls(**{k: v for k, v in fields.items() if k in known})
+        model = getattr(pipe, component)
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{component}.")}
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        assert not result.unexpected_keys, result.unexpected_keys[:3]

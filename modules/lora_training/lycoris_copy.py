@@ -13,12 +13,17 @@ One webui module per diffusers module (``family.lycoris_name``), never fused:
   the base model's weights (``base_weight``).
 
 The copy is read back and each module's weight change, computed as ComfyUI computes it, is compared with
-the main file's, computed as peft does, before it replaces anything.
+the main file's, computed as peft does, before it replaces anything. Changes are compared on random probe
+vectors (as the LoRA export does), from the factors, never built as a full matrix; DoRA's row norms come
+from the low-rank factors too: a full-size copy holds one base weight at a time and little beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,20 +42,36 @@ BaseWeight = Callable[[str], torch.Tensor]
 
 
 # ----- the main file, as peft computes it ------------------------------------------------------
-def peft_delta(tensors: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    """peft's weight change of one LoKr or LoHa layer (``get_delta_weight`` of a linear layer)."""
-    t = {name: value.float() for name, value in tensors.items()}
-    if "hada_w1_a" in t:
-        return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale
+def _kron_factors(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-    return torch.kron(w1, w2) * scale
+    return w1, w2
 
 
-def dora_weight(base: torch.Tensor, change: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """peft's DoRA weight: each row of W + ΔW rescaled to its learned magnitude."""
-    merged = base.float() + change
-    return merged * (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+def lycoris_response(tensors: dict[str, torch.Tensor], probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW @ probes (in, k) of one LoKr or LoHa linear layer, from its factors, without building ΔW (out, in):
+    LoKr's kron(w1, w2) @ x is w1 @ X @ w2ᵀ with x read as X (in of w1, in of w2); LoHa's
+    ((a1 b1) ⊙ (a2 b2)) @ x is, per output row, a1 (b1 diag(x) b2ᵀ) a2ᵀ."""
+    t = {name: value.float() for name, value in tensors.items()}
+    if "hada_w1_a" in t:
+        inner = (t["hada_w1_b"] * probes.T.unsqueeze(1)) @ t["hada_w2_b"].T  # (k, rank 1, rank 2)
+        return ((t["hada_w1_a"] @ inner) * t["hada_w2_a"]).sum(dim=-1).T * scale
+    w1, w2 = _kron_factors(t)
+    grouped = probes.reshape(w1.shape[1], w2.shape[1], -1)  # (in of w1, in of w2, k)
+    inner = torch.einsum("mnk,on->mok", grouped, w2)
+    return torch.einsum("lm,mok->lok", w1, inner).reshape(w1.shape[0] * w2.shape[0], -1) * scale
+
+
+def comfy_scale(t: dict[str, torch.Tensor]) -> float:
+    """The factor ComfyUI applies to a LoKr or LoHa product: alpha over the rank of ``hada_w1_b`` (LoHa) or of
+    the decomposed LoKr factor (``w2``'s when both are), 1 without an alpha or with both LoKr factors full."""
+    alpha = t["alpha"].item() if "alpha" in t else None
+    if alpha is None:
+        return 1.0
+    if "hada_w1_b" in t:
+        return alpha / t["hada_w1_b"].shape[0]
+    dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
+    return alpha / dim if dim is not None else 1.0
 
 
 def lycoris_parts(reader: SafetensorsReader) -> dict[str, tuple[dict[str, str], float]]:
@@ -69,29 +90,6 @@ def lycoris_parts(reader: SafetensorsReader) -> dict[str, tuple[dict[str, str], 
 
 
 # ----- the copy, as ComfyUI reads it -----------------------------------------------------------
-def comfy_delta(t: dict[str, torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight change ComfyUI (comfy/weight_adapter: loha, lokr, lora + weight_decompose) applies at strength 1."""
-    t = {name: value.float() for name, value in t.items()}
-    alpha = t["alpha"].item() if "alpha" in t else None
-    if "hada_w1_a" in t:
-        scale = alpha / t["hada_w1_b"].shape[0] if alpha is not None else 1.0
-        return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale
-    if "lora_down.weight" not in t:
-        dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
-    down = t["lora_down.weight"]
-    change = t["lora_up.weight"] @ down * (alpha / down.shape[0] if alpha is not None else 1.0)
-    if "dora_scale" not in t:
-        return change
-    base = base.float()
-    merged = base + change
-    # dora_scale with one value per output row: ComfyUI divides by the base weight's row norms.
-    norm = torch.linalg.norm(base, dim=1, keepdim=True) + EPS
-    return merged * (t["dora_scale"].reshape(-1, 1) / norm) - base
-
-
 def _lycoris_copy(tensors: dict[str, torch.Tensor], scale: float, rank: int) -> dict[str, torch.Tensor]:
     out = dict(tensors)
     if any(name.endswith("_b") for name in tensors):
@@ -101,21 +99,55 @@ def _lycoris_copy(tensors: dict[str, torch.Tensor], scale: float, rank: int) -> 
     return out
 
 
-def _dora_copy(layer, magnitude: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
-    change = layer.up.float() @ layer.down.float() * layer.scale
-    merged = base.float() + change
-    ratio = (torch.linalg.norm(base.float(), dim=1) + EPS) / torch.linalg.norm(merged, dim=1)
+def dora_norms(base: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row norms of W and of W + ΔW (ΔW = scale · up @ down) from the low-rank factors, with no (out, in)
+    temporary beside W: ‖W + ΔW‖² = ‖W‖² + 2 scale rows(W downᵀ ⊙ up) + scale² rows(up (down downᵀ) ⊙ up)."""
+    down, up = layer.down.float(), layer.up.float()
+    base_norm = torch.linalg.vector_norm(base, dim=1)
+    cross = ((base @ down.T) * up).sum(dim=1) * layer.scale
+    change = ((up @ (down @ down.T)) * up).sum(dim=1) * layer.scale**2
+    return base_norm, (base_norm.square() + 2 * cross + change).clamp_min(0).sqrt()
+
+
+def _dora_copy(layer, magnitude: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    base_norm, merged_norm = norms
     return {
         "lora_down.weight": layer.down,
         "lora_up.weight": layer.up,
         "alpha": torch.tensor(layer.scale * layer.rank, dtype=torch.float32),
-        "dora_scale": (magnitude.float() * ratio).unsqueeze(1),
+        "dora_scale": (magnitude.float() * (base_norm + EPS) / merged_norm).unsqueeze(1),
     }
+
+
+def _dora_responses(main, written: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main file's (peft: each row of W + ΔW rescaled to its magnitude) and the copy's (ComfyUI: W + ΔW
+    times dora_scale over W's row norm + eps) weight changes of one DoRA layer, applied to random probes."""
+    from modules.lora_training.export import VERIFY_PROBES
+
+    layer, magnitude, base, (base_norm, merged_norm) = main
+    probes = torch.randn(base.shape[1], VERIFY_PROBES, generator=torch.Generator().manual_seed(base.shape[1]))
+    base_out = base @ probes
+    change = layer.up.float() @ (layer.down.float() @ probes) * layer.scale
+    expected = (base_out + change) * (magnitude.float() / merged_norm).unsqueeze(1) - base_out
+    t = {name: value.float() for name, value in written.items()}
+    down, up = t["lora_down.weight"], t["lora_up.weight"]
+    if down.shape[1] != base.shape[1] or up.shape[0] != base.shape[0] or t["dora_scale"].numel() != base.shape[0]:
+        raise UserError("Export check failed: a layer of the webui copy does not have the main file's shape.")
+    copied = up @ (down @ probes) * (t["alpha"].item() / down.shape[0])
+    got = (base_out + copied) * (t["dora_scale"].reshape(-1, 1) / (base_norm + EPS).unsqueeze(1)) - base_out
+    return expected, got
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system. glibc keeps freed buffers of a few MB in its heap and grows it
+    when the next layer's weight has another size: over a full-size model's layers, GBs of resident memory."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator manages this itself
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 # ----- both files, module by module -------------------------------------------------------------
 def _dora_modules(path: Path, base_weight: BaseWeight):
-    """(diffusers module, copy tensors, main file's change) of each layer of a DoRA main file."""
+    """(diffusers module, copy tensors, what the check needs) of each layer of a DoRA main file."""
     from modules.lora_training.export import PartSource, present_parts, read_lora
 
     lora = read_lora(path)
@@ -126,19 +158,21 @@ def _dora_modules(path: Path, base_weight: BaseWeight):
             key = down_key.removesuffix(".lora_A.weight") if down_key.endswith(".lora_A.weight") else part
             magnitude = reader.get(f"{key}.lora_magnitude_vector.weight")
             base = base_weight(part).float()
-            change = layer.up.float() @ layer.down.float() * layer.scale
-            yield part, _dora_copy(layer, magnitude, base), dora_weight(base, change, magnitude) - base
+            norms = dora_norms(base, layer)
+            yield part, _dora_copy(layer, magnitude, norms), (layer, magnitude, base, norms)
+            del base
+            release_freed_memory()
 
 
 def _lycoris_modules(path: Path):
-    """(diffusers module, copy tensors, main file's change) of each layer of a LoKr/LoHa main file."""
+    """(diffusers module, copy tensors, main file's tensors and peft scale) of each layer of a LoKr/LoHa main file."""
     with SafetensorsReader(path) as reader:
         for part, (keys, scale) in lycoris_parts(reader).items():
             tensors = {name: reader.get(key) for name, key in keys.items()}
             if any(value.dim() != 2 for value in tensors.values()):
                 raise UserError(f"{part} is a convolution: the webui copy holds linear layers only.")
             rank = next((value.shape[0] for name, value in tensors.items() if name.endswith("_b")), 1)
-            yield part, _lycoris_copy(tensors, scale, rank), peft_delta(tensors, scale)
+            yield part, _lycoris_copy(tensors, scale, rank), (tensors, scale)
 
 
 def _modules(path: Path, network: str, base_weight: BaseWeight | None):
@@ -204,21 +238,50 @@ def _write(path: Path, tmp: Path, *, network: str, family_name: str, base_weight
     write_safetensors_to(tmp, specs, metadata=metadata)
 
 
+def _responses(main: tuple[dict[str, torch.Tensor], float], written: dict[str, torch.Tensor]):
+    """The main file's and the copy's responses of one LoKr/LoHa layer to the same random probes."""
+    from modules.lora_training.export import VERIFY_PROBES
+
+    tensors, scale = main
+    width = _in_features(tensors)
+    probes = torch.randn(width, VERIFY_PROBES, generator=torch.Generator().manual_seed(width))
+    copy = {name: value for name, value in written.items() if name != "alpha"}
+    expected = lycoris_response(tensors, probes, scale)
+    if _in_features(copy) != width or _out_features(copy) != expected.shape[0]:
+        raise UserError("Export check failed: a layer of the webui copy does not have the main file's shape.")
+    return expected, lycoris_response(copy, probes, comfy_scale(written))
+
+
+def _in_features(t: dict[str, torch.Tensor]) -> int:
+    if "hada_w1_b" in t:
+        return t["hada_w1_b"].shape[1]
+    return math.prod(t[f"lokr_w{i}"].shape[1] if f"lokr_w{i}" in t else t[f"lokr_w{i}_b"].shape[1] for i in (1, 2))
+
+
+def _out_features(t: dict[str, torch.Tensor]) -> int:
+    if "hada_w1_a" in t:
+        return t["hada_w1_a"].shape[0]
+    return math.prod(t[f"lokr_w{i}"].shape[0] if f"lokr_w{i}" in t else t[f"lokr_w{i}_a"].shape[0] for i in (1, 2))
+
+
 def verify_copy(path: Path, copy: Path, *, network: str, family_name: str, base_weight: BaseWeight | None):
     """Each module's weight change in ``copy`` (as ComfyUI computes it) against the main file's (as peft does)."""
     from modules.lora_training.export import DifferenceTally, Verification
 
     kind, tally, layers = family(family_name), DifferenceTally(), 0
     with SafetensorsReader(copy) as reader:
-        keys = reader.keys()
+        by_module: dict[str, list[str]] = {}
+        for key in reader.keys():  # noqa: SIM118 - the reader is no dict
+            by_module.setdefault(key.split(".", 1)[0], []).append(key)
         for part, _, expected in _modules(path, network, base_weight):
             name = kind.lycoris_name(part)
-            written = {k[len(name) + 1 :]: reader.get(k) for k in keys if k.startswith(f"{name}.")}
+            written = {k[len(name) + 1 :]: reader.get(k) for k in by_module.get(name, [])}
             if not written:
                 raise UserError(f"Export check failed: {name} is missing from the webui copy.")
-            got = comfy_delta(written, base_weight(part) if network == "dora" else None)
+            responses = _dora_responses if network == "dora" else _responses
+            expected, got = responses(expected, written)
             tally.add(expected, expected=True)
-            tally.add(got.reshape(expected.shape) - expected, expected=False)
+            tally.add(got - expected, expected=False)
             layers += 1
     return Verification(max_difference=tally.worst, largest_change=tally.largest, layers=layers)
 

@@ -20,7 +20,7 @@ from modules.lora_training.config import TrainConfig, config_from_dict
 from modules.lora_training.events import Log, StepDone
 from modules.lora_training.train import train
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
-from tests.plain_pipelines import plain_image, plain_pipeline
+from tests.plain_pipelines import plain_image, plain_load, plain_pipeline
 
 MODELS = {"sdxl": DEMO_SDXL_NAME, "flux": DEMO_FLUX_NAME}
 CASES = [(family, network) for network in ("lokr", "loha", "dora") for family in ("sdxl", "flux")]
@@ -77,28 +77,6 @@ def trained(request, sdxl_project, models_dir, tmp_path_factory, base_losses):
     }
 
 
-def _plain_load(pipe, path, network: str) -> None:
-    """The main file loaded with diffusers (LoRA/DoRA) or with peft alone (LoKr/LoHa), no app code."""
-    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    if network == "dora":
-        pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
-        return
-    with safe_open(str(path), framework="pt") as handle:
-        packed = json.loads(handle.metadata()["lora_adapter_metadata"])
-    tensors = load_file(str(path))
-    for component in {key.split(".", 1)[0] for key in tensors}:
-        fields = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith(f"{component}.")}
-        cls = LoKrConfig if fields.pop("peft_type") == "LOKR" else LoHaConfig
-        known = set(cls.__dataclass_fields__) - {"peft_type"}
-        config = cls(**{k: v for k, v in fields.items() if k in known})
-        model = getattr(pipe, component)
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{component}.")}
-        result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
-        assert not result.unexpected_keys, result.unexpected_keys[:3]
-
-
 def test_training_lowers_the_loss(trained):
     before, after = trained["losses"]
     assert trained["result"].status == "finished"
@@ -114,7 +92,7 @@ def test_main_file_loads_in_plain_diffusers_and_peft_and_changes_the_image(train
     assert meta["lora_studio.network"] == network
     pipe = plain_pipeline(models_dir, family)
     base = plain_image(pipe, family)
-    _plain_load(pipe, path, network)
+    plain_load(pipe, path, network, adapter_name=ADAPTER)
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     assert type(denoiser.peft_config[ADAPTER]).__name__ == {"lokr": "LoKrConfig", "loha": "LoHaConfig"}.get(
         network, "LoraConfig"
@@ -188,7 +166,7 @@ def test_webui_copy_changes_each_layer_as_the_main_file(trained, models_dir):
     assert network != "dora" or args["dora_wd"] == "True"
     webui = _webui_modules(copy)
     pipe = plain_pipeline(models_dir, family)
-    _plain_load(pipe, path, network)
+    plain_load(pipe, path, network, adapter_name=ADAPTER)
     checked = 0
     for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, component, None)
