@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import time
@@ -165,7 +166,8 @@ class GenerateTab:
         its family when the preselected one is of another, and its trigger word."""
         info = next((info for info in self.model_manager.lora_details() if info.name == name), None)
         if info is None or info.problem or info.family is None:
-            raise UserError(f"The link names LoRA {name!r}, which is not a usable LoRA of the LoRA folder.")
+            shown = html.escape(name[:120] + ("…" if len(name) > 120 else ""))  # a notice renders HTML
+            raise UserError(f"The link names LoRA {shown!r}, which is not a usable LoRA of the LoRA folder.")
         model = None  # the preselected model, when it is of the LoRA's family
         if self.model_family(self.default_model()) != info.family:
             names = self.model_names()

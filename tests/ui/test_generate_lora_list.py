@@ -1,5 +1,7 @@
 """The Generate tab's LoRA list in a browser: one entry per LoRA, the other family marked and refused."""
 
+import re
+
 import pytest
 import torch
 
@@ -57,8 +59,10 @@ def test_other_family_lora_is_marked_and_refused(tmp_path, models_dir, browser_p
         )
         assert page.locator("#generate-model input").input_value() == DEMO_FLUX_NAME
         assert page.locator("#generate-prompt textarea").input_value() == "ohwx, "
-        page.goto(f"{url}?lora=gone.safetensors")
-        page.get_by_text("The link names LoRA 'gone.safetensors', which is not a usable LoRA").wait_for(timeout=30_000)
+        page.goto(f"{url}?lora=<b>gone</b>.safetensors")
+        notice = page.get_by_text(re.compile("The link names LoRA .*which is not a usable LoRA"))
+        notice.wait_for(timeout=30_000)
+        assert "'<b>gone</b>.safetensors'" in notice.inner_text(), "markup in a link is shown as text"
         assert page.locator("#generate-lora-1 input").input_value() == ""
         page.locator("#generate-lora-1 input").click()
         page.get_by_role("option", name="my_cat (Flux, not for SDXL) · trigger: ohwx", exact=True).wait_for()
