@@ -162,6 +162,10 @@ def test_text_encoders_and_vae_left_on_the_device_are_counted(models_dir, demo_p
     settings = {"project": "p", "base_model": entry.name, "rank": 4, "device": "cpu", "mixed_precision": "bf16"}
     cached = estimate_run(config_from_dict(TrainConfig, settings), models_dir=models_dir, resolution=64, timing=False)
     assert "text encoders" not in cached.memory.parts and "VAE" not in cached.memory.parts
+    shuffled = config_from_dict(TrainConfig, {**settings, "shuffle_caption": True})
+    varied = estimate_run(shuffled, models_dir=models_dir, resolution=64, timing=False)
+    assert "text encoders" in varied.memory.parts, "caption variants usually keep the encoders on the device"
+    assert "every caption variant can be cached" in varied.describe()
     uncached = {"cache_text_embeddings": False, "cache_latents": False, "train_text_encoder": True}
     config = config_from_dict(TrainConfig, {**settings, **uncached})
     parts = estimate_run(config, models_dir=models_dir, resolution=64, timing=False).memory.parts

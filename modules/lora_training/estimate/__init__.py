@@ -52,6 +52,7 @@ class CountedSteps:
     def __init__(self, *, keep: int = 16) -> None:
         self._lock = threading.Lock()
         self._counted: dict[tuple, object] = {}
+        self._counting: dict[tuple, threading.Lock] = {}  # one per key being counted: a second asker waits
         self.keep = keep
         self.counts = 0  # how many steps were really counted
 
@@ -59,12 +60,23 @@ class CountedSteps:
         with self._lock:
             if key in self._counted:
                 return self._counted[key]
-        work = count()
-        with self._lock:
-            self.counts += 1
-            if len(self._counted) >= self.keep:
-                self._counted.pop(next(iter(self._counted)))
-            self._counted[key] = work
+            counting = self._counting.setdefault(key, threading.Lock())
+        with counting:  # Estimate and the run's log asking at once: one counts, the other takes its result
+            with self._lock:
+                if key in self._counted:
+                    return self._counted[key]
+            try:
+                work = count()
+            except BaseException:
+                with self._lock:
+                    self._counting.pop(key, None)
+                raise
+            with self._lock:
+                self._counting.pop(key, None)
+                self.counts += 1
+                if len(self._counted) >= self.keep:
+                    self._counted.pop(next(iter(self._counted)))
+                self._counted[key] = work
         return work
 
 
@@ -94,7 +106,7 @@ def estimate_run(
     work = count() if counted is None else counted.work((*_model_key(plan.entry), *settings.items()), count)
     memory = _memory(config, plan=plan, work=work, models_dir=Path(models_dir), resolution=resolution)
     step_time = _step_time(config, plan=plan, work=work, models_dir=Path(models_dir)) if timing else None
-    return RunEstimate(memory=memory, step_time=step_time, notes=_regularization_notes(config))
+    return RunEstimate(memory=memory, step_time=step_time, notes=_regularization_notes(config) + _variant_notes(config))
 
 
 def _model_key(entry) -> tuple:
@@ -111,6 +123,27 @@ def _model_key(entry) -> tuple:
         info = file.stat()
         stamps.append((file.name, info.st_size, info.st_mtime_ns))
     return (str(path), tuple(stamps))
+
+
+def _text_encoders_stay(config) -> bool:
+    """Whether training keeps the text encoders on the device: text embeddings not cached, a trained text
+    encoder, or caption variants (shuffle, tag dropout), which the run caches only when they are few enough
+    (counted here as kept: with ordinary tag captions they are too many)."""
+    from modules.lora_training.caption_variants import variants_on
+
+    varied = variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout)
+    return not config.cache_text_embeddings or config.train_text_encoder or varied
+
+
+def _variant_notes(config) -> tuple[str, ...]:
+    from modules.lora_training.caption_variants import variants_on
+
+    if not config.cache_text_embeddings or not variants_on(shuffle=config.shuffle_caption, dropout=config.tag_dropout):
+        return ()
+    return (
+        "Caption shuffle or tag dropout: the text encoders are counted on the device, as the run keeps them there "
+        "unless every caption variant can be cached (its log says which).",
+    )
 
 
 def _regularization_notes(config) -> tuple[str, ...]:
@@ -200,7 +233,7 @@ def _resident_parts(config, *, plan: _ConfigPlan, components: Path, resolution: 
 
     kind = model_family(plan.entry.family)
     parts, text_adapters = {}, 0
-    if not config.cache_text_embeddings or config.train_text_encoder:
+    if _text_encoders_stay(config):
         trained = kind.text_encoder_attrs_with_lora() if config.train_text_encoder else ()
         parts["text encoders"], text_adapters = text_encoder_parts(
             components,
