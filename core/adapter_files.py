@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.adapter_metadata import ComponentConfig, adapter_configs, check_adapter_file
+from core.adapter_metadata import ComponentConfig, adapter_configs, check_adapter_file, lora_layer
 from core.errors import UserError
 
 LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
@@ -92,15 +92,15 @@ def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
 
 
 def scaled_lora_state(state: dict, configs: dict[str, ComponentConfig]) -> dict:
-    """``state`` with each layer's header scale folded into its ``lora_B`` (weight and bias)."""
+    """``state`` with each layer's header scale folded into its up weights (``lora_B`` weight and bias,
+    or the older ``.up.weight`` spellings)."""
     out = dict(state)
     for key, tensor in state.items():
-        component, _, rest = key.partition(".")
-        config = configs.get(component)
-        stem, found, _ = rest.rpartition(".lora_B.")
-        if config is None or config.network != "lora" or not found:
+        config = configs.get(key.partition(".")[0])
+        layer = lora_layer(key)
+        if config is None or config.network != "lora" or layer is None or layer[1] != "up":
             continue
-        scale = config.scale_of(stem)
+        scale = config.scale_of(layer[0])
         if scale != 1.0:
             out[key] = (tensor.float() * scale).to(tensor.dtype)
     return out

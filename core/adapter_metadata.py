@@ -191,7 +191,36 @@ def adapter_configs(metadata: Mapping[str, str], *, file: str) -> dict[str, Comp
 
 
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_.]{1,400}")
-_RANK_TENSORS = (".lora_A.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")
+_RANK_TENSORS = (".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")
+# diffusers' spellings of a LoRA layer's down / up weights (peft's, its older attention-processor
+# ``<attn>.processor.to_q_lora.down.weight``, and ``.lora.down`` / ``.lora_linear_layer.down``).
+_LORA_ROLES = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_B.bias", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+)
+
+
+def lora_layer(key: str) -> tuple[str, str] | None:
+    """(layer name as peft names it inside its component, "down" or "up") of a diffusers-layout LoRA
+    tensor ``<component>.<...>``; None for other tensors."""
+    rest = key.partition(".")[2]
+    for suffix, role in _LORA_ROLES:
+        if rest.endswith(suffix):
+            stem = rest.removesuffix(suffix)
+            if suffix.startswith("_lora") and ".processor." in stem:  # <attn>.processor.to_out -> <attn>.to_out.0
+                head, _, projection = stem.rpartition(".processor.")
+                stem = f"{head}.{projection}" + (".0" if projection == "to_out" else "")
+            return stem, role
+    return None
+
+
 _KINDS = {".lora_": "lora", ".hada_": "loha", ".lokr_": "lokr"}
 
 
@@ -200,10 +229,13 @@ def _kind(key: str) -> str | None:
 
 
 def _tensor_rank(key: str, shape: tuple[int, ...]) -> tuple[str, int] | None:
-    """(layer, rank) from a tensor whose first dimension is the rank; None for other tensors."""
+    """(layer inside its component, rank) from a tensor whose first dimension is the rank; else None."""
+    layer = lora_layer(key)
+    if layer is not None and layer[1] == "down" and shape:
+        return layer[0], shape[0]
     for suffix in _RANK_TENSORS:
         if key.endswith(suffix) and shape:
-            return key.removesuffix(suffix), shape[0]
+            return key.removesuffix(suffix).partition(".")[2], shape[0]
     return None
 
 
@@ -228,7 +260,7 @@ def check_adapter_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str],
             )
         if found is None or config is None:
             continue
-        expected = config.rank_of(found[0].partition(".")[2])
+        expected = config.rank_of(found[0])
         if found[1] != expected:
-            raise _refuse(file, f"{found[0][:120]} has rank {found[1]} but the header says {expected}")
+            raise _refuse(file, f"{component}.{found[0][:120]} has rank {found[1]} but the header says {expected}")
     return configs

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from core.errors import UserError
 from core.model_manager import GenerationRequest, LoraChoice, ModelManager
 from families.adapter_configs import adapter_config
+from modules.generate.tab import GenerateTab
 from modules.lora_training.main_file import adapter_metadata_json
 from tests.conftest import ROOT
 from tests.demo_names import DEMO_SDXL_NAME
@@ -234,6 +235,10 @@ def test_one_odd_header_never_drops_the_lora_list(setup, tmp_path):
     assert details["fine.safetensors"].problem == "" and details["fine.safetensors"].family == "sdxl"
     for name in ODD_ENTRIES:
         assert "corrupt or not a LoRA file" in details[f"{name}.safetensors"].problem, name
+    tab = GenerateTab(model_manager=manager, config=object(), translations={})  # what create_tab lists
+    strings = {"lora_entry": "{name} · {family}", "lora_unreadable": "{name} (unreadable)"}
+    choices = dict((value, label) for label, value in tab.lora_choices(DEMO_SDXL_NAME, strings))
+    assert choices["fine.safetensors"] == "fine · SDXL" and choices["deep.safetensors"] == "deep (unreadable)"
 
 
 def test_batch_numbers_too_large_for_a_float_are_user_errors():
