@@ -20,7 +20,8 @@ from core.errors import UserError
 
 MAX_RANK = 1024  # the training form's bound
 MAX_ALPHA = 4096.0
-MAX_PATTERNS = 256  # rank_pattern / alpha_pattern entries: peft tries each against every layer name
+MAX_PATTERNS = 256  # LoKr/LoHa rank_pattern / alpha_pattern entries: peft tries each against every layer name
+MAX_LORA_PATTERNS = 100_000  # a LoRA's patterns never reach peft (its scale is folded in here)
 MAX_TARGETS = 4096
 MAX_NAME = 300
 PLAIN_NAME = re.compile(r"\^?[A-Za-z0-9_.]{1,300}")  # a layer name: no regular-expression syntax
@@ -48,23 +49,40 @@ class ComponentConfig:
     decompose_factor: int = -1
     use_effective_conv2d: bool = False
 
+    _rank_index: dict = field(init=False, repr=False, compare=False)
+    _alpha_index: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rank_index", _pattern_index(self.rank_pattern))
+        object.__setattr__(self, "_alpha_index", _pattern_index(self.alpha_pattern))
+
     def rank_of(self, module: str) -> int:
-        return _pattern_value(self.rank_pattern, module, self.r)
+        return _pattern_value(self._rank_index, module, self.r)
 
     def alpha_of(self, module: str) -> float:
-        return _pattern_value(self.alpha_pattern, module, self.alpha)
+        return _pattern_value(self._alpha_index, module, self.alpha)
 
     def scale_of(self, module: str) -> float:
         rank = self.rank_of(module)
         return self.alpha_of(module) / (math.sqrt(rank) if self.use_rslora else rank)
 
 
-def _pattern_value(patterns: Mapping, module: str, default):
-    """peft's pattern lookup (first key naming the layer or a dotted suffix of it) for plain names."""
-    for key, value in patterns.items():
-        if module == key.removeprefix("^") or (not key.startswith("^") and module.endswith(f".{key}")):
-            return value
-    return default
+def _pattern_index(patterns: Mapping) -> dict[str, tuple[int, object]]:
+    """{key: (its place in the file, value)}: the first of equal keys wins, as in peft."""
+    index: dict[str, tuple[int, object]] = {}
+    for order, (name, value) in enumerate(patterns.items()):
+        index.setdefault(name, (order, value))
+    return index
+
+
+def _pattern_value(index: Mapping, module: str, default):
+    """peft's pattern lookup for plain names: the first key (in file order) that is the layer's name or a
+    dotted suffix of it (a ``^`` key: the whole name only). Looked up by suffix, so thousands of
+    per-layer entries cost no more than a few."""
+    parts = module.split(".")
+    candidates = [index.get("^" + module)] + [index.get(".".join(parts[i:])) for i in range(len(parts))]
+    found = [hit for hit in candidates if hit is not None]
+    return min(found, key=lambda hit: hit[0])[1] if found else default
 
 
 def _refuse(file: str, what: str) -> UserError:
@@ -124,11 +142,11 @@ def _names(file: str, label: str, value, *, required: bool) -> tuple[str, ...] |
     return tuple(value)
 
 
-def _patterns(file: str, label: str, value, check) -> dict:
+def _patterns(file: str, label: str, value, check, *, most: int) -> dict:
     if value is None:
         return {}
-    if not isinstance(value, dict) or len(value) > MAX_PATTERNS:
-        raise _refuse(file, f"{label} is not a mapping of at most {MAX_PATTERNS} layer names")
+    if not isinstance(value, dict) or len(value) > most:
+        raise _refuse(file, f"{label} is not a mapping of at most {most} layer names")
     for key in value:
         if not PLAIN_NAME.fullmatch(key):
             raise _refuse(file, f"{label} names {key[:60]!r}, which is not a plain layer name")
@@ -151,12 +169,17 @@ def check_component(fields: Mapping, *, file: str, component: str) -> ComponentC
     label = f"{component}.{'lora_alpha' if network == 'lora' else 'alpha'}"
     rank = _whole(file, f"{component}.r", fields.get("r"), 1, MAX_RANK)
     factor = fields.get("decompose_factor", -1)
+    most = MAX_LORA_PATTERNS if network == "lora" else MAX_PATTERNS
     return ComponentConfig(
         network=network,
         r=rank,
         alpha=_real(file, label, fields.get(label.split(".", 1)[1], rank)),
-        rank_pattern=_patterns(file, f"{component}.rank_pattern", fields.get("rank_pattern"), _rank_check(file)),
-        alpha_pattern=_patterns(file, f"{component}.alpha_pattern", fields.get("alpha_pattern"), _alpha_check(file)),
+        rank_pattern=_patterns(
+            file, f"{component}.rank_pattern", fields.get("rank_pattern"), _rank_check(file), most=most
+        ),
+        alpha_pattern=_patterns(
+            file, f"{component}.alpha_pattern", fields.get("alpha_pattern"), _alpha_check(file), most=most
+        ),
         **_layers(fields, file=file, component=component, network=network),
         decompose_factor=-1 if factor == -1 else _whole(file, f"{component}.decompose_factor", factor, 1, MAX_RANK),
         **{name: fields.get(name, False) for name in _BOOLS},
