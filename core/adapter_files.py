@@ -1,92 +1,185 @@
 """Loading a LoRA file onto a pipeline, whatever its adapter type.
 
-LoRA and DoRA files go through diffusers' ``load_lora_weights``. LoKr and LoHa files (peft's
-``lokr_*`` / ``hada_*`` names per pipeline component, their peft config in the
-``lora_adapter_metadata`` header) are loaded with peft itself: the adapter is added to each
-component and its weights set, under ``adapter_name``, so the pipeline's ``set_adapters`` /
-``delete_adapters`` / ``disable_lora`` treat it as any other adapter.
+The file is opened once (a regular file only: a FIFO swapped in would block), its header checked by
+:mod:`core.adapter_metadata`, its weights read and checked finite; only that checked state dict and the
+settings built from the checked header go on to diffusers or peft, never the file's own JSON.
+
+LoRA and DoRA files go through diffusers' ``load_lora_weights`` as a state dict; each layer's
+``alpha / r`` from the header is folded into its ``lora_B`` (diffusers then applies scale 1), so no
+setting of the file reaches peft. LoKr and LoHa files (peft's ``lokr_*`` / ``hada_*`` names per pipeline
+component) are added with peft itself under ``adapter_name``, so the pipeline's ``set_adapters`` /
+``delete_adapters`` / ``disable_lora`` treat them as any other adapter. A load that fails part-way is
+undone (:func:`remove_adapter`) before the error goes on.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from core.adapter_metadata import ComponentConfig, adapter_configs, check_adapter_file, lora_layer
 from core.errors import UserError
 
 LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
-LYCORIS_TYPES = {"LOKR": "lokr", "LOHA": "loha"}
+_FP8 = ("float8_e4m3fn", "float8_e5m2")
 
 
-def lycoris_network(keys: list[str], metadata: dict[str, str]) -> str | None:
-    """ "lokr" or "loha" for a file in peft's LoKr/LoHa layout (our main file), else None."""
+def _network(keys, configs: dict[str, ComponentConfig]) -> str | None:
     if not any(LYCORIS_KEY.search(key) for key in keys):
         return None
-    if any(key.split(".", 1)[0] not in _components(metadata) for key in keys):
-        return None  # LyCORIS (webui) names: not a layout peft loads
-    header = metadata.get("lora_adapter_metadata", "")
-    return next((name for key, name in LYCORIS_TYPES.items() if f'"{key}"' in header), None)
+    networks = {configs[c].network if c in configs else None for c in {key.split(".", 1)[0] for key in keys}}
+    if len(networks) != 1 or next(iter(networks)) not in ("lokr", "loha"):
+        return None  # LyCORIS (webui) names, or no peft settings for them: not a layout peft loads
+    return next(iter(networks))
 
 
-def _components(metadata: dict[str, str]) -> set[str]:
-    try:
-        packed = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except ValueError:
-        return set()
-    return {key.split(".", 1)[0] for key in packed if key.endswith(".peft_type")}
+def lycoris_network(keys: list[str], metadata: dict[str, str], *, file: str = "this file") -> str | None:
+    """ "lokr" or "loha" for a file in peft's LoKr/LoHa layout (our main file), else None."""
+    return _network(keys, adapter_configs(metadata, file=file))
 
 
-def component_configs(metadata: dict[str, str]) -> dict:
-    """{component: peft config} from diffusers' packed ``lora_adapter_metadata`` header."""
-    import dataclasses
+def _layer_names(names: tuple[str, ...] | str) -> list[str] | str | None:
+    return names if isinstance(names, str) else list(names) or None
 
+
+def peft_config(config: ComponentConfig):
+    """peft's LoKrConfig / LoHaConfig built from checked settings only (weights are set right after)."""
     from peft import LoHaConfig, LoKrConfig
 
-    classes = {"LOKR": LoKrConfig, "LOHA": LoHaConfig}
-    packed = json.loads(metadata["lora_adapter_metadata"])
-    configs = {}
-    for component in _components(metadata):
-        fields = {key.split(".", 1)[1]: value for key, value in packed.items() if key.startswith(f"{component}.")}
-        cls = classes[fields["peft_type"]]
-        names = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
-        configs[component] = cls(**{key: value for key, value in fields.items() if key in names})
-    return configs
+    common = dict(
+        r=config.r,
+        alpha=config.alpha,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        target_modules=_layer_names(config.target_modules),
+        exclude_modules=_layer_names(config.exclude_modules),
+        use_effective_conv2d=config.use_effective_conv2d,
+        init_weights=True,
+    )
+    if config.network == "lokr":
+        return LoKrConfig(**common, decompose_both=config.decompose_both, decompose_factor=config.decompose_factor)
+    return LoHaConfig(**common)
 
 
-def load_lycoris_file(pipe, path: Path, *, adapter_name: str) -> None:
-    """Add the LoKr/LoHa adapter of ``path`` to each pipeline component it names."""
+def component_configs(metadata: dict[str, str], *, file: str = "this file") -> dict:
+    """{component: peft config} of a LoKr/LoHa file's checked ``lora_adapter_metadata`` header."""
+    configs = adapter_configs(metadata, file=file)
+    return {component: peft_config(config) for component, config in configs.items() if config.network != "lora"}
+
+
+def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
+    """(tensors, header metadata) of the LoRA file at ``path``, read in one opening; fp8 weights come back
+    as float32 (nothing here computes in fp8). UserError for a file that is not a finite LoRA."""
+    import torch
+
+    from model_formats.safetensors_stream import SafetensorsReader
+
+    name = Path(path).name
+    with SafetensorsReader(path) as reader:
+        metadata = dict(reader.metadata)
+        shapes = {key: info.shape for key, info in reader.tensors.items()}
+        check_adapter_file(shapes, metadata, file=name)
+        state = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118 - the reader is no dict
+    for key, tensor in state.items():
+        if str(tensor.dtype).removeprefix("torch.") in _FP8:
+            state[key] = tensor = tensor.float()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"LoRA {name!r} holds NaN or infinite weights ({key}); it would make black images. "
+                "Train it again (a lower learning rate, or bf16 instead of fp16) or remove it."
+            )
+    return state, metadata
+
+
+def scaled_lora_state(state: dict, configs: dict[str, ComponentConfig]) -> dict:
+    """``state`` with each layer's header scale folded into its up weights (``lora_B`` weight and bias,
+    or the older ``.up.weight`` spellings)."""
+    out = dict(state)
+    for key, tensor in state.items():
+        config = configs.get(key.partition(".")[0])
+        layer = lora_layer(key)
+        if config is None or config.network != "lora" or layer is None or layer[1] != "up":
+            continue
+        scale = config.scale_of(layer[0])
+        if scale != 1.0:
+            out[key] = (tensor.float() * scale).to(tensor.dtype)
+    return out
+
+
+def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adapter_name: str) -> None:
     from peft import set_peft_model_state_dict
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
-    for component, config in component_configs(metadata).items():
+    for component in sorted({key.split(".", 1)[0] for key in state}):
         model = getattr(pipe, component, None)
         if model is None:
             raise ValueError(f"the pipeline has no {component}")
-        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == component}
-        model.add_adapter(config, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        part = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == component}
+        model.add_adapter(peft_config(configs[component]), adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, part, adapter_name=adapter_name)
         missing = [key for key in getattr(result, "missing_keys", []) if f".{adapter_name}" in key]
         if getattr(result, "unexpected_keys", None) or missing:
             raise ValueError(f"{component} layers do not match ({(result.unexpected_keys or missing)[:2]})")
 
 
 def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None:
-    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())  # noqa: SIM118 - safe_open is no dict
-        network = lycoris_network(keys, handle.metadata() or {})
-    if network is None and any(LYCORIS_KEY.search(key) for key in keys):
+    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``. On failure
+    the adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
+    state, metadata = read_lora_state(path)
+    configs = adapter_configs(metadata, file=Path(path).name)
+    network = _network(list(state), configs)
+    if network is None and any(LYCORIS_KEY.search(key) for key in state):
         raise UserError(
             f"{Path(path).name} is a LoKr/LoHa in the LyCORIS (webui) layout, which Generate cannot apply yet; "
             "use the main file this app trains (peft layout), or ComfyUI/Forge for this one."
         )
-    if network is None:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-    else:
-        load_lycoris_file(pipe, path, adapter_name=adapter_name or "default")
+    try:
+        if network is None:
+            pipe.load_lora_weights(scaled_lora_state(state, configs), adapter_name=adapter_name)
+        else:
+            _add_lycoris(pipe, state, configs, adapter_name=adapter_name or "default")
+    except BaseException:
+        if adapter_name is not None:
+            remove_adapter(pipe, adapter_name)
+        raise
+
+
+def _components(pipe) -> list:
+    import torch
+
+    return [model for model in pipe.components.values() if isinstance(model, torch.nn.Module)]
+
+
+def remove_adapter(pipe, adapter_name: str) -> bool:
+    """Take ``adapter_name`` out of every component of ``pipe``, however far its load got: its layers
+    (a layer left with no adapter is replaced by the layer it wrapped), its config, and the "has
+    adapters" flag diffusers sets before injecting. True when nothing of it is left."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in _components(pipe):
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, BaseTunerLayer) and adapter_name in child._all_available_adapter_names():
+                    child.delete_adapter(adapter_name)
+                    if not child._all_available_adapter_names():
+                        setattr(parent, child_name, child.get_base_layer())
+        configs = getattr(model, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(adapter_name, None)
+            if not configs:
+                del model.peft_config
+        if getattr(model, "_hf_peft_config_loaded", False) and not getattr(model, "peft_config", None):
+            model._hf_peft_config_loaded = False
+    return not adapter_left(pipe, adapter_name)
+
+
+def adapter_left(pipe, adapter_name: str) -> bool:
+    """Whether any layer or config of ``pipe`` still carries ``adapter_name``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in _components(pipe):
+        if adapter_name in (getattr(model, "peft_config", None) or {}):
+            return True
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and adapter_name in module._all_available_adapter_names():
+                return True
+    return False

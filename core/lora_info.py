@@ -50,12 +50,14 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
 
 def read_lora_info(path: Path, name: str) -> LoraInfo:
     """Family and trigger word of the LoRA at ``path``; a file that is not one gets ``problem`` set."""
+    from core.adapter_metadata import check_adapter_file
     from families import display_names
     from model_formats.safetensors_stream import SafetensorsReader
 
     try:
         with SafetensorsReader(path) as reader:
             keys, metadata = reader.keys(), reader.metadata
+            check_adapter_file({key: info.shape for key, info in reader.tensors.items()}, metadata, file=name)
     except UserError as exc:
         return LoraInfo(name, None, problem=str(exc))
     family = lora_family(keys, metadata)

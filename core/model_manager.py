@@ -132,6 +132,21 @@ def _check_loras(loras: tuple[LoraChoice, ...]) -> None:
                 f"LoRA {choice.slot or index} ({choice.name}) weight must be a number between "
                 f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g} (got {weight!r})."
             )
+    for name, (slots, total) in _same_lora_slots(loras).items():
+        if len(slots) > 1 and abs(total) > MAX_LORA_WEIGHT:
+            raise UserError(
+                f"LoRA {name} is in slots {', '.join(map(str, slots))}: its weights add up to {total:g}, "
+                f"beyond ±{MAX_LORA_WEIGHT:g}. Use it in one slot, or lower the weights."
+            )
+
+
+def _same_lora_slots(loras: tuple[LoraChoice, ...]) -> dict[str, tuple[list[int], float]]:
+    """{LoRA: (its slots, the sum of its weights)}: a LoRA chosen twice is applied once at the sum."""
+    found: dict[str, tuple[list[int], float]] = {}
+    for index, choice in enumerate(loras, start=1):
+        slots, total = found.get(choice.name, ([], 0.0))
+        found[choice.name] = ([*slots, choice.slot or index], total + float(choice.weight))
+    return found
 
 
 def validate_request(request: GenerationRequest, family: str, *, limits: GenerateLimits | None = None) -> None:
@@ -173,21 +188,13 @@ def check_settings(request: GenerationRequest, *, limits: GenerateLimits) -> Non
     _check_loras(request.loras)
 
 
-def _require_finite_weights(path: Path, lora: str) -> None:
-    """Refuse a LoRA holding NaN or infinite weights: applied, it turns every image black."""
-    import torch
-
-    from model_formats.safetensors_stream import SafetensorsReader
-
-    with SafetensorsReader(path) as reader:
-        names = reader.keys()
-        for key in names:
-            tensor = reader.get(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise UserError(
-                    f"LoRA {lora!r} holds NaN or infinite weights ({key}); it would make black images. "
-                    "Train it again (a lower learning rate, or bf16 instead of fp16) or remove it."
-                )
+def _read_info(path: Path, name: str) -> LoraInfo:
+    """:func:`read_lora_info`; any error reading one odd file is that file's problem, never the list's."""
+    try:
+        return read_lora_info(path, name)
+    except Exception as exc:
+        log.warning("reading the LoRA %s failed: %r", name, exc)
+        return LoraInfo(name, None, problem=f"corrupt or not a LoRA file: {name} ({type(exc).__name__})")
 
 
 class ModelManager:
@@ -227,7 +234,7 @@ class ModelManager:
         fingerprint = _file_fingerprint(path)
         cached = self._lora_infos.get(name)
         if cached is None or cached[0] != fingerprint:
-            cached = (fingerprint, read_lora_info(path, name))
+            cached = (fingerprint, _read_info(path, name))
             self._lora_infos[name] = cached
         return cached[1]
 
@@ -339,8 +346,12 @@ class ModelManager:
                 self._load_adapter(path, adapter, choice.name)
                 self._adapters[choice.name] = _LoadedAdapter(adapter, fingerprint)
             wanted.append((self._adapters[choice.name].adapter, float(choice.weight)))
+        # The same LoRA in two slots is one adapter at the sum of its weights (peft would take the last).
+        summed: dict[str, float] = {}
+        for adapter, weight in wanted:
+            summed[adapter] = summed.get(adapter, 0.0) + weight
         # A LoRA at weight 0 is left out: peft would still apply a DoRA's magnitudes (weight scales only B·A).
-        wanted = [(adapter, weight) for adapter, weight in wanted if weight != 0]
+        wanted = [(adapter, weight) for adapter, weight in summed.items() if weight != 0]
         if wanted:
             pipe.enable_lora()
             pipe.set_adapters([a for a, _ in wanted], adapter_weights=[w for _, w in wanted])
@@ -355,24 +366,38 @@ class ModelManager:
 
         pipe = self._pipe
         model = self._entry.name
-        _require_finite_weights(path, lora)
         try:
             load_lora_file(pipe, path, adapter_name=adapter)
         except UserError:
+            self._undo_failed_load(adapter)
             raise
         except Exception as exc:
-            if adapter in self._loaded_adapter_names():
-                pipe.delete_adapters([adapter])
+            self._undo_failed_load(adapter)
             log.warning("LoRA %s failed on %s: %s", lora, model, exc)
             raise UserError(
                 f"LoRA {lora!r} does not fit model {model!r} ({display_name(self._entry.family)}): "
-                f"{str(exc).splitlines()[0][:300]}. It was probably trained for another base model."
+                f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}. "
+                "It was probably trained for another base model."
             ) from exc
         if adapter not in self._loaded_adapter_names():
             raise UserError(
                 f"LoRA {lora!r} has no weights that match model {model!r} ({display_name(self._entry.family)}); "
                 "it was made for another model family."
             )
+
+    def _undo_failed_load(self, adapter: str) -> None:
+        """A failed load must leave the model as it was: its layers are removed, and when that cannot be
+        made sure of, the pipeline is dropped (the next request loads the model again, clean)."""
+        from core.adapter_files import remove_adapter
+
+        try:
+            clean = remove_adapter(self._pipe, adapter)
+        except Exception:
+            log.exception("removing the failed LoRA %s", adapter)
+            clean = False
+        if not clean:
+            log.warning("a failed LoRA load left layers behind: the model will be loaded again")
+            self._drop_pipeline()
 
     # ----- generation ----------------------------------------------------------
     def _raise_if_busy(self) -> None:

@@ -64,15 +64,25 @@ class TensorInfo:
         return count
 
 
+MAX_DIMENSION = 2**48  # far beyond any tensor; keeps shape arithmetic and torch.empty in range
+
+
+def _whole_numbers(values) -> tuple[int, ...]:
+    """The header's list of sizes or offsets: whole numbers only (1e400, 2.5, true and "3" are not)."""
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v <= MAX_DIMENSION for v in values):
+        raise ValueError("not a list of whole numbers in range")
+    return tuple(values)
+
+
 def _parse_entry(path: Path, name: str, entry) -> TensorInfo:
     try:
         dtype = DTYPES[entry["dtype"]]
-        shape = tuple(int(s) for s in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
+        shape = _whole_numbers(entry["shape"])
+        start, end = _whole_numbers(entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(path, f"bad header entry for {name!r}") from exc
     info = TensorInfo(dtype, shape, start, end)
-    if min(shape, default=0) < 0 or end - start != info.numel * _element_size(dtype):
+    if end - start != info.numel * _element_size(dtype):
         raise _corrupt(path, f"tensor {name!r} has a byte range that does not fit its shape")
     return info
 
@@ -82,13 +92,16 @@ class SafetensorsReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # O_NONBLOCK: open() returns at once even on a FIFO; the fstat of the opened descriptor is the
+        # check that cannot be raced by swapping the path after a stat.
         try:
-            mode = os.stat(self.path).st_mode
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except OSError as exc:
             raise UserError(f"cannot read {self.path.name}: {exc.strerror or exc}") from exc
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             raise _corrupt(self.path, "not a regular file")
-        self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        self._file = os.fdopen(fd, "rb")
         try:
             self._read_header()
         except BaseException:
@@ -105,8 +118,8 @@ class SafetensorsReader:
             raise _corrupt(self.path, f"header length {length} is not plausible")
         try:
             header = json.loads(self._file.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _corrupt(self.path, "header is not JSON") from exc
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _corrupt(self.path, "header is not JSON (or nested too deeply)") from exc
         if not isinstance(header, dict):
             raise _corrupt(self.path, "header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

@@ -28,7 +28,7 @@ def lora_choices_from_args(args: tuple) -> tuple[LoraChoice, ...]:
             continue
         try:
             value = float(weight if weight is not None else 1.0)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise UserError(f"LoRA {slot} ({name}) weight must be a number (got {weight!r}).") from exc
         choices.append(LoraChoice(name=str(name), weight=value, slot=slot))
     return tuple(choices)
@@ -38,8 +38,12 @@ def whole_number(label: str, value, *, default: int | None = None) -> int:
     """``value`` from the page or the API as an int; NaN, infinities, fractions and text are refused."""
     if value is None and default is not None:
         return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, however large: the range is validate_request's to check
     try:
         number = float(value)
+    except OverflowError as exc:
+        raise UserError(f"{label} is far too large (got {str(value)[:20]}..., {len(str(value))} characters).") from exc
     except (TypeError, ValueError) as exc:
         raise UserError(f"{label} must be a whole number (got {value!r}).") from exc
     if not math.isfinite(number) or number != int(number):
@@ -51,6 +55,8 @@ def real_number(label: str, value) -> float:
     """``value`` as a float; whether it is finite and in range is :func:`validate_request`'s to say."""
     try:
         return float(value)
+    except OverflowError as exc:
+        raise UserError(f"{label} is far too large (got {str(value)[:20]}..., {len(str(value))} characters).") from exc
     except (TypeError, ValueError) as exc:
         raise UserError(f"{label} must be a number (got {value!r}).") from exc
 

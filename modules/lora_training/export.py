@@ -16,6 +16,7 @@ several diffusers modules into one stacks their downs and places their ups block
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from core.adapter_metadata import check_adapter_file
 from core.atomic import atomic_path
 from core.errors import UserError
 from families import display_name, family
 from model_formats.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors_to
-from modules.lora_training.lora_layouts import FileModule, adapter_alpha, discover_modules
+from modules.lora_training.lora_layouts import FileModule, discover_modules
 
 FORMATS = ("kohya", "diffusers")
 VERIFY_TOLERANCE = 1e-3  # relative to the largest response of a change; fp16 storage rounds at ~1e-3
@@ -75,15 +77,14 @@ class LoraFile:
 
 
 # ----- reading -------------------------------------------------------------------------
-def _read_alpha(reader: SafetensorsReader, module: FileModule, metadata: dict) -> float | None:
+def _read_alpha(reader: SafetensorsReader, module: FileModule, configs: dict) -> float | None:
     if module.alpha_key is not None:
         value = reader.get(module.alpha_key)
-        if value.numel() != 1:
+        if value.numel() != 1 or not math.isfinite(float(value.float().reshape(-1)[0])):
             raise UserError(f"{reader.path.name}: {module.alpha_key} is not a single number")
-        return float(value.float().item())
-    if module.parts:
-        return adapter_alpha(metadata, module.parts[0].split(".")[0])
-    return None
+        return float(value.float().reshape(-1)[0])
+    config = configs.get(module.parts[0].split(".")[0]) if module.parts else None
+    return config.alpha if config is not None else None
 
 
 def read_lora(path: Path) -> LoraFile:
@@ -96,7 +97,8 @@ def read_lora(path: Path) -> LoraFile:
         family_name, layout, modules = discover_modules(shapes, reader.metadata)
         if not modules:
             raise UserError(f"corrupt or not a LoRA file: {path.name} (no LoRA down/up weight pairs)")
-        modules = [replace(module, alpha=_read_alpha(reader, module, reader.metadata)) for module in modules]
+        configs = check_adapter_file(shapes, reader.metadata, file=path.name)  # parsed once, checked
+        modules = [replace(module, alpha=_read_alpha(reader, module, configs)) for module in modules]
         network = "dora" if any(DORA_KEY.search(name) for name in shapes) else "lora"
         return LoraFile(path, family_name, layout, modules, dict(reader.metadata), network)
 

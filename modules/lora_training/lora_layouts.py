@@ -12,7 +12,6 @@ from its header metadata, else from its tensor names (:func:`families.lora_famil
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 
 from families import FALLBACK_LORA_FAMILY, KOHYA_PREFIXES, family, lora_family
@@ -112,15 +111,3 @@ def discover_modules(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str
     resolved = family(family_name).module_parts(found, layout)
     modules = [replace(item, parts=parts, kind=kind) for item, (parts, kind) in zip(found, resolved, strict=True)]
     return family_name, layout, modules
-
-
-def adapter_alpha(metadata: dict[str, str], part: str) -> float | None:
-    """``lora_alpha`` from diffusers' adapter metadata for ``part`` (unet, transformer, text_encoder...)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw).get(f"{part}.lora_alpha")
-    except (ValueError, AttributeError):
-        return None
-    return float(value) if value is not None else None

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from core.adapter_files import LYCORIS_KEY, component_configs, lycoris_network
+from core.adapter_metadata import check_adapter_file
 from core.atomic import atomic_path
 from core.errors import UserError
 from families import family
@@ -76,7 +77,7 @@ def comfy_scale(t: dict[str, torch.Tensor]) -> float:
 
 def lycoris_parts(reader: SafetensorsReader) -> dict[str, tuple[dict[str, str], float]]:
     """{diffusers module: ({peft parameter: key in the file}, peft scale)} of a LoKr/LoHa main file."""
-    configs = component_configs(reader.metadata)
+    configs = component_configs(reader.metadata, file=reader.path.name)
     parts: dict[str, tuple[dict[str, str], float]] = {}
     for key in reader.keys():  # noqa: SIM118 - the reader is no dict
         match = LYCORIS_KEY.search(key)
@@ -187,13 +188,13 @@ def _modules(path: Path, network: str, base_weight: BaseWeight | None):
     return _dora_modules(path, base_weight)
 
 
-def network_args(network: str, metadata: dict[str, str]) -> dict[str, str]:
+def network_args(network: str, metadata: dict[str, str], *, file: str = "this file") -> dict[str, str]:
     """``ss_network_args`` as LyCORIS' kohya wrapper (``lycoris.kohya``) records them."""
     if network == "dora":
         return {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"}
     args = {"algo": network}
     if network == "lokr":
-        config = next(iter(component_configs(metadata).values()))
+        config = next(iter(component_configs(metadata, file=file).values()))
         args["factor"] = str(config.decompose_factor)
     return args
 
@@ -205,7 +206,7 @@ def _copy_metadata(path: Path, metadata: dict[str, str], *, network: str, family
     alpha = float(metadata.get("lora_studio.alpha") or rank)
     out = kohya_metadata(LoraFile(path, family_name, "diffusers", [], metadata, network), rank=rank, alpha=alpha)
     out["ss_network_module"] = "lycoris.kohya"
-    out["ss_network_args"] = json.dumps(network_args(network, metadata))
+    out["ss_network_args"] = json.dumps(network_args(network, metadata, file=Path(path).name))
     return out
 
 
@@ -216,7 +217,8 @@ def main_network(path: Path) -> tuple[str, str, dict[str, str]]:
 
     with SafetensorsReader(path) as reader:
         keys, metadata = reader.keys(), reader.metadata
-    network = lycoris_network(keys, metadata)
+        check_adapter_file({k: info.shape for k, info in reader.tensors.items()}, metadata, file=Path(path).name)
+    network = lycoris_network(keys, metadata, file=Path(path).name)
     if network is None:
         network = "dora" if any(key.endswith(".lora_magnitude_vector.weight") for key in keys) else "lora"
     return network, lora_family(keys[:2000], metadata) or "", metadata
@@ -337,6 +339,16 @@ def _group(factor: int | None, rank: int | None, alpha: float | None, *, scale: 
     return f"rank {rank}, alpha {'missing' if alpha is None else f'{alpha:g}'}"
 
 
+def _file_alpha(reader: SafetensorsReader, key: str) -> float:
+    """A LyCORIS layer's ``alpha`` tensor: one finite number."""
+    import math
+
+    value = reader.get(key)
+    if value.numel() != 1 or not math.isfinite(float(value.float().reshape(-1)[0])):
+        raise UserError(f"{reader.path.name}: {key} is not one finite number; the file is damaged or not a LoRA.")
+    return float(value.float().reshape(-1)[0])
+
+
 def lycoris_summary(path: Path) -> tuple[str, str, str, list[str], dict[str, str]] | None:
     """(family, network, layout, lines, header) of a LoKr/LoHa file (peft main file or LyCORIS copy);
     None for other files. Reads the header and the alphas only."""
@@ -344,13 +356,14 @@ def lycoris_summary(path: Path) -> tuple[str, str, str, list[str], dict[str, str
 
     with SafetensorsReader(path) as reader:
         keys, metadata = reader.keys(), reader.metadata
+        check_adapter_file({k: info.shape for k, info in reader.tensors.items()}, metadata, file=Path(path).name)
         stems = _stems(keys)
         if not stems:
             return None
         network = "lokr" if any(name.startswith("lokr") for names in stems.values() for name in names) else "loha"
-        peft = lycoris_network(keys, metadata) is not None
+        peft = lycoris_network(keys, metadata, file=Path(path).name) is not None
         ranks: dict[str, int] = {}
-        configs = component_configs(metadata) if peft else {}
+        configs = component_configs(metadata, file=Path(path).name) if peft else {}
         for stem, names in stems.items():
             factor = next((reader.tensors[key].shape[0] for name, key in names.items() if name.endswith("_b")), None)
             if peft:
@@ -358,7 +371,7 @@ def lycoris_summary(path: Path) -> tuple[str, str, str, list[str], dict[str, str
                 group = _group(factor, config.r, float(config.alpha), scale=config.alpha / config.r)
             else:
                 alpha_key = f"{stem}.alpha"
-                alpha = float(reader.get(alpha_key).item()) if alpha_key in reader.tensors else None
+                alpha = _file_alpha(reader, alpha_key) if alpha_key in reader.tensors else None
                 group = _group(factor, factor, alpha, scale=1.0)
             ranks[group] = ranks.get(group, 0) + 1
     layout = f"{'peft' if peft else 'LyCORIS'} format, {len(stems)} layers"
