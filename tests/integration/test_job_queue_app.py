@@ -3,6 +3,7 @@ training killed with the app (SIGKILL) that resumes from its checkpoint when the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from tests.demo_names import DEMO_SDXL_NAME
 from tests.image_folders import noise_image
 from tests.server import app_process
 
-STEPS = 30
+STEPS = 40
 
 
 def _until(predicate, *, timeout=180, what="the condition", every=0.3):
@@ -92,16 +93,33 @@ def test_a_training_killed_with_the_app_resumes_after_a_restart(project, models_
         client = Client(url, verbose=False)
         _queue_blocks_while_a_job_runs(url, client, name=name, photos=photos)
         earlier = _run_folders(projects, name)
-        job = client.predict("train", name, json.dumps(settings), api_name="/queue_add")
-        assert (job["state"], job["started"]) == ("running", True)
 
         def new_checkpoint():
             return any(list(run.glob("checkpoints/step-*")) for run in _run_folders(projects, name) - earlier)
 
-        _until(new_checkpoint, what="a checkpoint of the new run", every=0.02)
-        os.killpg(process.pid, signal.SIGKILL)
+        # Watching starts before the job is added: a loaded server may answer the request only after the
+        # whole run, so the kill must not wait for the answer.
+        killed = threading.Event()
+
+        def kill_at_the_first_checkpoint():
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if new_checkpoint():
+                    os.killpg(process.pid, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=kill_at_the_first_checkpoint, daemon=True)
+        watcher.start()
+        with contextlib.suppress(Exception):  # the app may be killed before it answers
+            client.predict("train", name, json.dumps(settings), api_name="/queue_add")
+        watcher.join(200)
+        assert killed.is_set(), "no checkpoint of the new run appeared"
         process.wait(30)
-    left = JobStore(load_config(config).QUEUE_DB).get(job["id"])
+    store = JobStore(load_config(config).QUEUE_DB)
+    job = {"id": max(j.id for j in store.list_jobs() if j.kind == "train" and j.project == name)}
+    left = store.get(job["id"])
     assert left.state == "running" and left.progress < 1, "killed mid-training"
 
     with app_process(config, tmp_path / "second.log") as (url, _):
