@@ -91,8 +91,7 @@ class TabActions:
                 if request.unavailable is not None:
                     request.event(_failing(request.unavailable), api_visibility="private")
                 continue
-            switch = tabs is not None and action.tab_id is not None
-            outputs = [*action.outputs, tabs] if switch else list(action.outputs)
+            switch, outputs = _outputs_of(action, tabs)
             request.event(_runner(action, request.payload, switch=switch), outputs=outputs, api_visibility="private")
         self.requests.clear()
         return missing
@@ -106,8 +105,7 @@ class TabActions:
             if action is None:
                 missing.append(link.name)
                 continue
-            switch = tabs is not None and action.tab_id is not None
-            outputs = [*action.outputs, tabs] if switch else list(action.outputs)
+            switch, outputs = _outputs_of(action, tabs)
             # The load only reads the address; the action runs on the value's change, so a page opened
             # without the parameter sends no update to the action's components (an update would reset them).
             value = gr.State(None)
@@ -117,6 +115,12 @@ class TabActions:
             )
         self.links.clear()
         return missing
+
+
+def _outputs_of(action: TabAction, tabs) -> tuple[bool, list]:
+    """Whether running ``action`` switches to its tab, and the components it updates (the tabs too, then)."""
+    switch = tabs is not None and action.tab_id is not None
+    return switch, [*action.outputs, tabs] if switch else list(action.outputs)
 
 
 def _query_value(parameter: str) -> Callable:

@@ -176,15 +176,9 @@ class GenerateTab:
             raise UserError(f"The link names LoRA {shown!r}, which is not a usable LoRA of the LoRA folder.")
         model = None  # the preselected model, when it is of the LoRA's family
         if self.model_family(self.default_model()) != info.family:
-            names = self.model_names()
+            of_family = [entry.name for entry in self.model_manager.list_models() if entry.family == info.family]
             preferred = self.config.DEFAULT_MODELS_FOR_LORA.get(info.family)
-            model = (
-                preferred
-                if preferred in names
-                else next(
-                    (entry.name for entry in self.model_manager.list_models() if entry.family == info.family), None
-                )
-            )
+            model = preferred if preferred in of_family else next(iter(of_family), None)
         return {"model": model, "lora": info.name, "prompt": f"{info.trigger_word}, " if info.trigger_word else None}
 
     def offer_actions(self) -> None:
