@@ -7,6 +7,7 @@ from modules.lora_training.comparison_grid import CELL, HEADER_HEIGHT, LABEL_WID
 from tests.conftest import seven_image_copy, write_config
 from tests.demo_names import DEMO_SDXL_NAME
 from tests.server import running_app
+from tests.ui.dropdowns import choose_option
 
 pytestmark = pytest.mark.ui
 
@@ -65,8 +66,7 @@ def test_evaluate_shows_charts_grid_and_best(tmp_path, models_dir, sdxl_project,
         page.get_by_role("tab", name="LoRA Training").click()
         page.locator("#lt-project textarea, #lt-project input").first.fill(name)
         page.locator("#lt-evaluate-section .label-wrap").click()  # opens the section
-        page.locator("#lt-best-rule input").click()
-        page.get_by_role("option", name="CLIP subject", exact=True).click()
+        choose_option(page, "lt-best-rule", "CLIP subject")
         margin = page.locator("#lt-margin input").first
         margin.fill("1")
         margin.press("Tab")

@@ -8,6 +8,7 @@ from tests.conftest import write_config
 from tests.demo_names import DEMO_SDXL_NAME
 from tests.image_folders import noise_image
 from tests.server import running_app
+from tests.ui.dropdowns import choose_option
 
 pytestmark = pytest.mark.ui
 
@@ -65,8 +66,7 @@ def test_train_stop_resume_and_generate_with_the_new_lora(tmp_path, models_dir, 
         page.get_by_role("button", name="Save preset").click()
         page.locator("#lt-estimate").get_by_text("Preset saved: mine").wait_for()
         _field(page, "lt-rank").fill("4")
-        page.locator("#lt-preset input").click()
-        page.get_by_role("option", name="mine", exact=True).click()
+        choose_option(page, "lt-preset", "mine")
         page.get_by_role("button", name="Load preset").click()
         page.locator("#lt-estimate").get_by_text("Preset loaded: mine").wait_for()
         assert _field(page, "lt-rank").input_value() == "8"
