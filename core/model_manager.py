@@ -34,6 +34,7 @@ MAX_LORAS = 4
 MAX_LORA_WEIGHT = 5.0  # beyond ±5 a LoRA only burns the image
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARACTERS = 10_000
+LOCK_WAIT_SLICE_S = 0.2  # a generation waiting for the pipeline asks this often whether its caller is still there
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,9 @@ class ModelManager:
             self._drop_pipeline()
 
     # ----- LoRAs ---------------------------------------------------------------
-    def _apply_loras(self, loras: tuple[LoraChoice, ...]) -> None:
+    def _apply_loras(self, loras: tuple[LoraChoice, ...], *, go_on: Callable[[], None] = lambda: None) -> None:
+        """Load and weight the request's LoRAs; ``go_on()`` is called before each file is loaded (it raises
+        to stop there: the LoRAs loaded so far stay recorded, the next request sets the weights it wants)."""
         pipe = self._pipe
         wanted: list[tuple[str, float]] = []
         for choice in loras:
@@ -339,6 +342,7 @@ class ModelManager:
             fingerprint = _file_fingerprint(path)
             loaded = self._adapters.get(choice.name)
             if loaded is None or loaded.fingerprint != fingerprint:
+                go_on()
                 if loaded is not None:
                     pipe.delete_adapters([loaded.adapter])
                     del self._adapters[choice.name]
@@ -409,32 +413,26 @@ class ModelManager:
     def generate(
         self, request: GenerationRequest, *, client_present: Callable[[], bool] = always_present
     ) -> GenerationResult:
-        """One image. ``client_present`` is asked between denoising steps: once the caller has gone,
+        """One image. ``client_present`` is asked while waiting for the pipeline, before loading the model,
+        between LoRA loads and between denoising steps: once the caller has gone (or stopped the work),
         the generation stops there and frees the pipeline for the next request."""
         import torch
 
         self._raise_if_busy()
-        with self._lock:
+        with self._lock_while_present(client_present):
             self._raise_if_busy()
             # Check the request before loading anything, so a bad one never replaces the loaded model.
             family = self._entry_for(request.model).family
             validate_request(request, family, limits=self.limits)
             self.check_loras_fit(request.loras, family)
             loading = time.perf_counter()
+            self._go_on_or_raise(client_present, before="loading the model")
             entry = self.load_model(request.model)
-            self._apply_loras(request.loras)
+            self._apply_loras(request.loras, go_on=lambda: self._go_on_or_raise(client_present, before="its LoRAs"))
             load_seconds = time.perf_counter() - loading
+            self._go_on_or_raise(client_present, before="the first step")
             seed = request.seed if request.seed >= 0 else random.randrange(2**31)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            kwargs = dict(
-                prompt=request.prompt,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance,
-                width=request.width,
-                height=request.height,
-                generator=generator,
-            )
-            kwargs.update(family_named(entry.family).generate_kwargs(negative_prompt=request.negative_prompt))
+            kwargs = self._pipeline_kwargs(request, entry, generator=torch.Generator(device="cpu").manual_seed(seed))
             log.info(
                 "generation started: %d steps at %dx%d on %s", request.steps, request.width, request.height, entry.name
             )
@@ -459,6 +457,41 @@ class ModelManager:
         return GenerationResult(
             image=image, seed=seed, family=entry.family, parameters=parameters, load_seconds=load_seconds
         )
+
+    @staticmethod
+    def _pipeline_kwargs(request: GenerationRequest, entry: ModelEntry, *, generator) -> dict:
+        kwargs = dict(
+            prompt=request.prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width,
+            height=request.height,
+            generator=generator,
+        )
+        kwargs.update(family_named(entry.family).generate_kwargs(negative_prompt=request.negative_prompt))
+        return kwargs
+
+    @contextlib.contextmanager
+    def _lock_while_present(self, client_present: Callable[[], bool]) -> Iterator[None]:
+        """The pipeline's lock, waited for in short slices: a caller that has gone (or was stopped), or a
+        training run asking for the GPU, ends the wait instead of queueing behind the generation in flight."""
+        while not self._lock.acquire(timeout=LOCK_WAIT_SLICE_S):
+            self._go_on_or_raise(client_present, before="the GPU was free")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _go_on_or_raise(self, client_present: Callable[[], bool], *, before: str) -> None:
+        """Raise when the work should not go on: a training run asks for the GPU, or the caller has gone."""
+        if self._hand_off.is_set() or self._busy_reason:
+            raise GpuBusyError(
+                f"Generation stopped before {before}: a training run needs the GPU. "
+                "Generate again when it has finished."
+            )
+        if not client_present():
+            log.info("generation cancelled before %s: the client disconnected or stopped it", before)
+            raise GenerationCancelled(f"Generation cancelled before {before}: the client disconnected or stopped it.")
 
     def _stop_between_steps(self, stopped_at: list, *, client_present: Callable[[], bool]):
         """A diffusers step callback that interrupts the pipeline once release() asks for the GPU

@@ -3,7 +3,8 @@
 A :class:`BatchJob` runs its checked requests in order, writes each image (PNG with its settings, as the
 Generate tab writes them), a ``manifest.json`` after every row and a contact sheet at the end, all under
 ``outputs/batch-<id>/`` and all atomically. ``snapshot()`` answers at once while it runs; ``stop()``
-stops it between rows, and the row in flight at its next denoising step. A row that fails is recorded
+stops it between rows, and the row in flight at its next check: while it waits for the pipeline, before
+its model and each LoRA load (a load under way ends first), at its next denoising step. A row that fails is recorded
 with its error and the next one runs; when training takes the GPU the batch stops there.
 :class:`BatchRunner` starts batches (one at a time) and finds them by id. No gradio import here.
 """
@@ -72,7 +73,7 @@ class BatchJob:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop between rows; the row being generated stops at its next denoising step."""
+        """Stop between rows; the row in flight stops at its next check (see the module's docstring)."""
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:

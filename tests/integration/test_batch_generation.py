@@ -1,6 +1,7 @@
 """Batch generation on the tiny demo models: a CSV or JSON file of rows → images with their settings in the
 PNG metadata, a manifest and a contact sheet; deterministic; a failing row is recorded and the rest goes on;
-Stop stops between rows (and the row in flight at its next step); hostile files are refused with messages."""
+Stop stops between rows (and the row in flight at its next step, while it waits for the pipeline, and
+before its LoRAs when it stops during its model's load); hostile files are refused with messages."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
+from core.job_queue import JobStore
+from core.job_runner import JobRunner
 from core.model_manager import GenerateLimits, ModelManager
 from modules.generate.batch import BatchDefaults, parse_batch, read_batch_file
 from modules.generate.batch_job import BatchRunner
+from modules.generate.batch_kinds import BatchKinds
 from tests.demo_names import DEMO_FLUX_NAME, DEMO_SDXL_NAME
 from tests.lora_files import write_diffusers_lora
 
@@ -145,6 +149,96 @@ def test_stop_stops_between_rows_and_the_row_in_flight(manager, tmp_path):
     assert gated.calls == 2, "no row started after Stop"
     manifest = json.loads(Path(status["folder"], "manifest.json").read_text())
     assert manifest["state"] == "stopped"
+
+
+def _wait_for(condition, *, timeout: float) -> float:
+    """Seconds until ``condition()`` held (fails past ``timeout``)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _assert_stopped_and_recorded(status: dict) -> None:
+    assert status["state"] == "stopped" and status["images"] == [], status
+    assert {row["status"] for row in status["rows"]} == {"not run"}
+    assert status["rows"][0]["error"] == "Stopped by the user."
+    manifest = json.loads(Path(status["folder"], "manifest.json").read_text())
+    assert manifest["state"] == "stopped" and manifest["rows"] == status["rows"]
+    assert sorted(os.listdir(status["folder"])) == ["contact-sheet.png", "manifest.json"], "nothing half-written"
+
+
+def test_stop_ends_a_batch_that_waits_for_the_pipeline(manager, tmp_path):
+    """Another generation holds the pipeline for long: Stop ends the waiting batch within a second."""
+    runner = _runner(manager, tmp_path)
+    held, done = threading.Event(), threading.Event()
+
+    def generation_in_flight():  # the real lock, held as a long generation of the Generate tab holds it
+        with manager._lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=generation_in_flight)
+    holder.start()
+    try:
+        held.wait(5)
+        started = runner.start("prompt,steps\nrow 1,2\nrow 2,2\n", base_seed=1)
+        time.sleep(0.5)
+        assert runner.status(started["id"])["state"] == "running"
+        runner.stop()
+        took = _wait_for(lambda: not runner.job(started["id"]).running, timeout=5)
+    finally:
+        done.set()
+        holder.join()
+    assert took < 1.0, f"the batch ended {took:.2f} s after Stop"
+    _assert_stopped_and_recorded(runner.status(started["id"]))
+
+
+class _SlowLoadManager(ModelManager):
+    """The real manager, whose model load waits for the test's go (a long load); counts LoRA loads."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.loading, self.go, self.lora_loads, self.loaded_at = threading.Event(), threading.Event(), 0, None
+
+    def _build_pipeline(self, entry):
+        self.loading.set()
+        self.go.wait(30)
+        pipe = super()._build_pipeline(entry)
+        self.loaded_at = time.monotonic()
+        return pipe
+
+    def _load_adapter(self, path, adapter, lora):
+        self.lora_loads += 1
+        return super()._load_adapter(path, adapter, lora)
+
+
+def test_queue_cancel_during_a_model_load_starts_no_other_load(models_dir, loras, tmp_path):
+    """Cancelled while a row loads its model: the load ends, no LoRA is loaded after it, no step runs, and
+    the queued job ends cancelled with its manifest."""
+    manager = _SlowLoadManager(models_dir=models_dir, loras_dir=loras, device="cpu")
+    batches = _runner(manager, tmp_path)
+    queue = JobRunner(JobStore(tmp_path / "queue.sqlite"), tick_s=0.05)
+    kinds = BatchKinds(batches)
+    queue.register(kinds)
+    queue.start()
+    try:
+        text = "prompt,loras,steps\nrow 1,style.safetensors:0.8,2\nrow 2,style.safetensors:0.5,2\n"
+        job = queue.enqueue("batch", "", kinds.batch_payload(text, base_seed=1))
+        assert manager.loading.wait(30)
+        queue.cancel(job["id"])
+        manager.go.set()
+        _wait_for(lambda: queue.store.get(job["id"]).state != "running", timeout=60)
+        took = time.monotonic() - manager.loaded_at
+    finally:
+        manager.go.set()
+        queue.close()
+    assert queue.store.get(job["id"]).state == "cancelled"
+    assert took < 1.0, f"the job ended {took:.2f} s after the load"
+    assert manager.lora_loads == 0, "a LoRA was loaded after Stop"
+    assert manager.loaded_model == DEMO_SDXL_NAME, "the model loaded when Stop came is kept"
+    _assert_stopped_and_recorded(batches.status(job["started"]["id"]))
 
 
 def _fifo(tmp_path) -> str:
