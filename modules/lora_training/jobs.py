@@ -66,6 +66,8 @@ class JobState:
     samples: list = field(default_factory=list)
     grid: str | None = None  # the comparison grid an evaluation or grid job wrote
     run_id: str | None = None  # the run a training writes to, once chosen
+    study: str | None = None  # a sweep's study
+    revision: int = 0  # a sweep's trial events so far: its trials table changed when this did
     on_run: object = None  # called with the run id once chosen (the queue records it)
 
     @property
@@ -104,6 +106,8 @@ class JobState:
             "samples": list(self.samples),
             "grid": self.grid,
             "run_id": self.run_id,
+            "study": self.study,
+            "revision": self.revision,
         }
 
 
@@ -255,7 +259,7 @@ class TrainingJobs:
             with self._lock:
                 self._refuse_while_running()
                 job = JobState(job_id=self._next_id, project=project, kind="sweep", base_model=base_model)
-                job.message = f"Sweep {opened.name}"
+                job.message, job.study = f"Sweep {opened.name}", opened.name
                 return self._launch(job, self._sweep, job, opened, place)
         except BaseException:
             opened.close()
@@ -495,13 +499,13 @@ class TrainingJobs:
         self._set(job, state="failed", message=message)
 
     def _sweep_event(self, job: JobState, event) -> None:
-        """A trial's events: its steps drive the progress bar (the loss plot is one run's); the rest are logged."""
+        """A trial's events: its steps drive the progress bar (the loss plot is one run's); the rest are logged
+        and count as a change of the trials table (a trial began, reported or ended)."""
         if isinstance(event, StepDone):
             self._set(job, step=event.step, total_steps=event.total_steps, loss=event.loss, s_per_step=event.s_per_step)
-        elif isinstance(event, Validated):
-            self._record(job, Log(event.describe()))
-        else:
-            self._record(job, event)
+            return
+        self._record(job, Log(event.describe()) if isinstance(event, Validated) else event)
+        self._set(job, revision=job.revision + 1)
 
     def _sweep(self, job, study, place) -> None:
         from modules.lora_training.sweep import run_worker

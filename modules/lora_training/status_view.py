@@ -129,6 +129,9 @@ class PageHooks:
     on_change: Callable[..., dict]
     plots: list = field(default_factory=list)  # line plots among ``outputs`` (see StatusView.caption_plots)
     tick: Callable[[], dict] | None = None  # updates for some of ``outputs`` at every poll (the queue table)
+    # (snapshot, seen) -> (updates for some of ``outputs``, what to keep in ``seen``): a view that follows the job
+    # and updates the page only when what it shows changed (the sweep's trials table)
+    follow: Callable[[dict, dict], tuple[dict, dict]] | None = None
 
 
 class StatusView:
@@ -176,11 +179,15 @@ class StatusView:
             ]
         if page.tick is not None:
             updates |= page.tick()
+        followed: dict = {}
+        if page.follow is not None:
+            changes, followed = page.follow(snapshot, seen)
+            updates |= changes
         opened = not seen.get("loaded")
         if opened or (snapshot.get("job_id"), snapshot["state"]) != (seen.get("job_id"), seen.get("state")):
             updates |= page.on_change(snapshot, opened=opened)
         captions = self.caption_plots(updates, seen=seen, plots=[self.loss_plot, *page.plots])
-        updates[self.seen] = {**updates[self.seen], **captions}
+        updates[self.seen] = {**updates[self.seen], **captions, **followed}
         return updates
 
     def caption_plots(self, updates: dict, *, seen: dict, plots: list) -> dict:

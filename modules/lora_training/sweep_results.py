@@ -16,7 +16,8 @@ _MARGIN = (70, 40, 90, 50)  # left, top, right, bottom
 
 
 def trials_table(study: Study) -> list[dict]:
-    """One row per trial: number, state, parameters, objective, the step a pruned trial stopped at, worker, error."""
+    """One row per trial: number, state, parameters, objective, the last objective reported (a running trial's
+    figure so far), the step a pruned trial stopped at, worker, error."""
     rows = []
     for trial in study.optuna_study.get_trials(deepcopy=False):
         steps = sorted(trial.intermediate_values)
@@ -26,6 +27,7 @@ def trials_table(study: Study) -> list[dict]:
                 "state": trial.state.name.lower(),
                 "params": dict(trial.params or trial.system_attrs.get("fixed_params", {})),  # waiting: its queued ones
                 "value": trial.value,
+                "last_value": trial.intermediate_values[steps[-1]] if steps else None,
                 "pruned_at_step": trial.user_attrs.get("pruned_at_step", steps[-1] if steps else None)
                 if trial.state.name == "PRUNED"
                 else None,
@@ -59,8 +61,9 @@ def best_trial(study: Study) -> dict | None:
     return min(complete, key=lambda row: (study.rank_key(row["value"]), row["number"])) if complete else None
 
 
-def summary(study: Study) -> dict:
-    """The study in one dict: budget, counts by state, the trials table, importance and the best trial."""
+def summary(study: Study, *, with_importance: bool = True) -> dict:
+    """The study in one dict: budget, counts by state, the trials table, importance ({} without
+    ``with_importance``) and the best trial."""
     rows = trials_table(study)
     counts: dict[str, int] = {}
     for row in rows:
@@ -71,7 +74,7 @@ def summary(study: Study) -> dict:
         "budget": study.budget,
         "counts": counts,
         "trials": rows,
-        "importance": importance(study),
+        "importance": importance(study) if with_importance else {},
         "best": best_trial(study),
     }
 

@@ -1,6 +1,8 @@
 """The LoRA Training tab's Sweeps section: the search space (JSON), the trial budget, Start sweep (a job the
 status column follows), the trials table, parameter importance, the parallel-coordinates picture and Train with
-the best settings. Everything shown is read from the study's storage (:mod:`.sweep_results`).
+the best settings. Everything shown is read from the study's storage (:mod:`.sweep_results`). The table and its
+summary line follow the sweep the server runs, through the status column's poll (:mod:`.sweep_follow`); Show
+results reads any study, with its importance and picture.
 API: ``/sweep_start``, ``/sweep_status``, ``/sweep_train_best``."""
 
 from __future__ import annotations
@@ -37,12 +39,25 @@ def _headers(strings: dict) -> list[str]:
     return [translate(key, strings) for key in _COLUMNS]
 
 
+def _objective(row: dict) -> float | None:
+    """The trial's objective; a running trial's last reported figure until it has one."""
+    value = row["value"] if row["value"] is not None else row.get("last_value")
+    return None if value is None else round(value, 5)
+
+
+def _state(row: dict) -> str:
+    """The trial's state; a running trial's with the step of its last report (its objective is from there)."""
+    if row["state"] == "running" and row.get("last_step") is not None:
+        return f"running @{row['last_step']}"
+    return row["state"]
+
+
 def table_frame(summary: dict, strings: dict) -> pd.DataFrame:
     rows = [
         (
             row["number"],
-            row["state"],
-            None if row["value"] is None else round(row["value"], 5),
+            _state(row),
+            _objective(row),
             row["pruned_at_step"],
             json.dumps(row["params"]),
             row["error"][:200],
@@ -57,10 +72,28 @@ def importance_frame(summary: dict) -> pd.DataFrame:
     return pd.DataFrame({"parameter": list(found), "importance": [float(v) for v in found.values()]})
 
 
+def summary_line(found: dict, strings: dict) -> str:
+    """ "Study s1: 4 trials (2 complete, 1 running). Best: {...}" in the page's language."""
+    from core.i18n import translate
+
+    best = found["best"]
+    return translate(
+        "sweep_summary",
+        strings,
+        study=found["study"],
+        budget=found["budget"],
+        counts=", ".join(f"{count} {state}" for state, count in found["counts"].items()),
+        best=json.dumps(best["params"]) if best else "-",
+    )
+
+
 class SweepSection:
     def __init__(self, tab, *, strings: dict) -> None:
+        from modules.lora_training.sweep_follow import TrialsFollower
+
         self.tab = tab
         self.strings = strings
+        self.follower = TrialsFollower(self.read_trials)
 
     def place(self, project: str):
         from modules.lora_training.sweep import Place
@@ -89,6 +122,31 @@ class SweepSection:
             result = summary(found)
             plot = parallel_coordinates(found, sweeps_dir(place.paths) / found.name / "parallel-coordinates.png")
         return {**result, "plot": str(plot) if plot else None}
+
+    def read_trials(self, project: str, study: str) -> dict:
+        """The study's summary without importance or plot: what the table shows while a sweep runs."""
+        from modules.lora_training.sweep import find_study
+        from modules.lora_training.sweep_results import summary
+
+        with find_study(self.place(project), study) as found:
+            return summary(found, with_importance=False)
+
+    def follow(self, snapshot: dict, seen: dict) -> tuple[dict, dict]:
+        """For the status column's poll: the summary line and the trials table of the sweep the server runs
+        (or ran last), when they changed since this page showed them (``seen["sweep_version"]``), and what the
+        page shows now. Never waits on the database (:class:`.sweep_follow.TrialsFollower`)."""
+        shown = seen.get("sweep_version")
+        if snapshot.get("kind") != "sweep" or not snapshot.get("study"):
+            return {}, {"sweep_version": shown}
+        revision = (snapshot.get("job_id"), snapshot["state"], snapshot.get("revision"))
+        version, found = self.follower.follow(snapshot["project"], snapshot["study"], revision)
+        if found is None or version == shown:
+            return {}, {"sweep_version": shown}
+        updates = {
+            self.page.summary: summary_line(found, self.strings),
+            self.page.table: table_frame(found, self.strings),
+        }
+        return updates, {"sweep_version": version}
 
     def train_best(self, project: str, study: str = "", *, new_run: bool = False) -> dict:
         """Queue the full run with the best trial's parameters (it starts at once when nothing runs)."""
@@ -147,8 +205,6 @@ class SweepSection:
         return page
 
     def wire(self, project, *, base_model, new_run) -> None:
-        from core.i18n import translate
-
         strings, page = self.strings, self.page
 
         def on_start(name: str, model: str, space: str, trials, study: str) -> None:
@@ -159,16 +215,7 @@ class SweepSection:
                 found = self.status(name, study)
             except UserError as exc:
                 raise shown_to_user(exc, strings) from exc
-            best = found["best"]
-            line = translate(
-                "sweep_summary",
-                strings,
-                study=found["study"],
-                budget=found["budget"],
-                counts=", ".join(f"{count} {state}" for state, count in found["counts"].items()),
-                best=json.dumps(best["params"]) if best else "-",
-            )
-            return line, table_frame(found, strings), importance_frame(found), found["plot"]
+            return summary_line(found, strings), table_frame(found, strings), importance_frame(found), found["plot"]
 
         def relabelled_table(name: str, study: str) -> pd.DataFrame:
             """The table again in the page's new language (its headers are the frame's columns)."""

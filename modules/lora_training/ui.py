@@ -535,8 +535,11 @@ class LoraTrainingTab:
 
         outputs = [page.stop, page.resume, page.use, page.banner, page.prepared, *form.widgets.values()]
         outputs += evaluation.outputs + ([queue.table] if queue is not None else [])
+        outputs += [self.sweeps.page.summary, self.sweeps.page.table]
         tick = queue.tick if queue is not None else None
-        return PageHooks(outputs=outputs, on_change=on_change, plots=evaluation.plots, tick=tick)
+        return PageHooks(
+            outputs=outputs, on_change=on_change, plots=evaluation.plots, tick=tick, follow=self.sweeps.follow
+        )
 
     def _wire_plan(self, page: SimpleNamespace, form: FormWidgets, *, strings: dict) -> None:
         """Keep the images x repeats x epochs arithmetic (and the checkpoint/sample cadence) current."""
