@@ -34,12 +34,14 @@ from modules.lora_training.sweep_study import (
     close_storage,
     create_study,
     default_storage,
+    fail_dead_local_trials,
     fail_stale_trials,
     join_study,
     new_study_name,
     open_storage,
     shown_url,
     sweeps_dir,
+    this_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -301,6 +303,7 @@ def run_trial(trial, *, study: Study, place: Place, should_stop: Callable[[], bo
     watcher = TrialWatcher(trial, on_event=on_event, reports=study.space.reports, report_validation=by_loss)
     params: dict = {}
     trial.set_user_attr("worker", worker_name())
+    trial.set_user_attr("worker_process", this_worker(trial.number))
     try:
         params = study.space.suggest(trial)
         on_event(Log(f"Trial {trial.number}: {_describe_params(params)}"))
@@ -346,6 +349,7 @@ def run_worker(
     on_event(Log(f"Sweep {study.name} ({shown_url(study.storage.url)}): {study.budget} trial(s) in all"))
     while not should_stop():
         fail_stale_trials(study)
+        fail_dead_local_trials(study)
         trial = claim_trial(study)
         if trial is None:
             break

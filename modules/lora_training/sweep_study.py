@@ -4,7 +4,9 @@ The budget is a set of slots: creating a study with N trials enqueues N waiting 
 the search space first, then empty ones the sampler fills). A worker only ever runs a waiting trial, which it
 claims atomically in the database, so any number of workers, on any number of machines, run exactly N trials
 between them and none twice. A trial whose worker died (its heartbeat stopped) is marked failed by the next
-worker and a waiting copy with the same parameters takes its slot; so does a trial the user stopped.
+worker and a waiting copy with the same parameters takes its slot; so does a trial the user stopped. A worker
+that died on this machine is known dead at once (its process is gone): a sweep continued within the heartbeat's
+grace period runs that trial's slot again too, instead of leaving it "running" until a later worker comes.
 
 Storage: ``sqlite:///<project>/sweeps/sweeps.db`` by default, or any database URL Optuna supports
 (``postgresql://user:password@host/db``) so workers on several machines share one study. Optuna never closes
@@ -224,6 +226,63 @@ def fail_stale_trials(study: Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study.optuna_study)
+
+
+def this_worker(trial_number: int) -> dict:
+    """Where trial ``trial_number`` runs: the machine, the process and its PID namespace (containers on one host
+    may share a host name; only a process of the same namespace can tell whether a pid lives)."""
+    import os
+    import socket
+
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_ns": namespace, "trial": trial_number}
+
+
+def _died_here(frozen) -> bool:
+    """Whether the running trial ``frozen`` belongs to a process of this machine that no longer exists."""
+    import os
+
+    where = frozen.user_attrs.get("worker_process")
+    me = this_worker(frozen.number)
+    if not isinstance(where, dict) or me["pid_ns"] is None or where.get("pid") == me["pid"]:
+        return False
+    if any(where.get(key) != me[key] for key in ("host", "pid_ns", "trial")):  # "trial": not a retry's copy
+        return False
+    try:
+        os.kill(int(where["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False  # alive (another user's process) or not a pid: the heartbeat decides
+    return False
+
+
+def fail_dead_local_trials(study: Study) -> list[int]:
+    """Mark failed the running trials of workers that died on this machine (their heartbeat may still look
+    fresh); each gets a waiting copy, as :func:`fail_stale_trials` gives a stale one. Returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = []
+    for frozen in study.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _died_here(frozen):
+            continue
+        try:
+            if study.storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL):
+                failed.append(frozen)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+    retry = study.storage.get_heartbeat_stale_trial_callback()
+    for frozen in failed:
+        log.warning("sweep trial %s: its worker on this machine has gone; its slot runs again", frozen.number)
+        if retry is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                retry(study.optuna_study, study.storage.get_trial(frozen._trial_id))
+    return [frozen.number for frozen in failed]
 
 
 def claim_trial(study: Study):
