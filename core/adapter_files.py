@@ -8,8 +8,9 @@ LoRA and DoRA files go through diffusers' ``load_lora_weights`` as a state dict;
 ``alpha / r`` from the header is folded into its ``lora_B`` (diffusers then applies scale 1), so no
 setting of the file reaches peft. LoKr and LoHa files (peft's ``lokr_*`` / ``hada_*`` names per pipeline
 component) are added with peft itself under ``adapter_name``, so the pipeline's ``set_adapters`` /
-``delete_adapters`` / ``disable_lora`` treat them as any other adapter. A load that fails part-way is
-undone (:func:`remove_adapter`) before the error goes on.
+``delete_adapters`` / ``disable_lora`` treat them as any other adapter; LoKr and LoHa files in the LyCORIS
+(webui) layout of other tools are converted to that layout first (:mod:`core.lycoris_files`). A load that
+fails part-way is undone (:func:`remove_adapter`) before the error goes on.
 """
 
 from __future__ import annotations
@@ -121,19 +122,39 @@ def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adap
             raise ValueError(f"{component} layers do not match ({(result.unexpected_keys or missing)[:2]})")
 
 
-def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None:
-    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``. On failure
-    the adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
-    state, metadata = read_lora_state(path)
-    configs = adapter_configs(metadata, file=Path(path).name)
-    network = _network(list(state), configs)
-    if network is None and any(LYCORIS_KEY.search(key) for key in state):
-        raise UserError(
-            f"{Path(path).name} is a LoKr/LoHa in the LyCORIS (webui) layout, which Generate cannot apply yet; "
-            "use the main file this app trains (peft layout), or ComfyUI/Forge for this one."
-        )
+def _add_webui_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adapter_name: str, file: str):
+    """:func:`_add_lycoris` for a file converted from the LyCORIS layout; what peft refuses, and any layer
+    whose rank or scale came out other than planned, is the file's problem, said as such."""
+    from core.lycoris_files import check_applied
+
     try:
-        if network is None:
+        _add_lycoris(pipe, state, configs, adapter_name=adapter_name)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{file}: peft cannot build this LoKr/LoHa's layers as the file holds them "
+            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}). "
+            "Use ComfyUI or Forge for this file, or remove it from the LoRA folder."
+        ) from exc
+    check_applied(pipe, configs, adapter_name=adapter_name, file=file)
+
+
+def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None:
+    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``; a LoKr/LoHa in
+    the LyCORIS (webui) layout is converted to peft's first (:mod:`core.lycoris_files`). On failure the
+    adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
+    from core.lycoris_files import lycoris_adapter
+
+    state, metadata = read_lora_state(path)
+    name = Path(path).name
+    configs = adapter_configs(metadata, file=name)
+    network = _network(list(state), configs)
+    webui = network is None and any(LYCORIS_KEY.search(key) for key in state)
+    if webui:
+        state, configs = lycoris_adapter(pipe, state, metadata, file=name)  # injects nothing
+    try:
+        if webui:
+            _add_webui_lycoris(pipe, state, configs, adapter_name=adapter_name or "default", file=name)
+        elif network is None:
             pipe.load_lora_weights(scaled_lora_state(state, configs), adapter_name=adapter_name)
         else:
             _add_lycoris(pipe, state, configs, adapter_name=adapter_name or "default")
