@@ -23,6 +23,8 @@ from core.errors import UserError
 
 LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
 _FP8 = ("float8_e4m3fn", "float8_e5m2")
+# The most tensors one layer has in any layout (LoKr: w1, w1_a, w1_b, w2, w2_a, w2_b, t2, alpha), doubled.
+TENSORS_PER_LAYER = 16
 
 
 def _network(keys, configs: dict[str, ComponentConfig]) -> str | None:
@@ -68,9 +70,10 @@ def component_configs(metadata: dict[str, str], *, file: str = "this file") -> d
     return {component: peft_config(config) for component, config in configs.items() if config.network != "lora"}
 
 
-def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
+def read_lora_state(path: Path, *, max_tensors: int | None = None) -> tuple[dict, dict[str, str]]:
     """(tensors, header metadata) of the LoRA file at ``path``, read in one opening; fp8 weights come back
-    as float32 (nothing here computes in fp8). UserError for a file that is not a finite LoRA."""
+    as float32 (nothing here computes in fp8). UserError for a file that is not a finite LoRA, or that holds
+    more than ``max_tensors`` tensors (checked on the header, before any is read)."""
     import torch
 
     from model_formats.safetensors_stream import SafetensorsReader
@@ -79,6 +82,11 @@ def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
     with SafetensorsReader(path) as reader:
         metadata = dict(reader.metadata)
         shapes = {key: info.shape for key, info in reader.tensors.items()}
+        if max_tensors is not None and len(shapes) > max_tensors:
+            raise UserError(
+                f"{name} holds {len(shapes)} tensors, more than any LoRA for the loaded model has ({max_tensors}); "
+                "it is not a LoRA for this model. Remove it from the LoRA folder."
+            )
         check_adapter_file(shapes, metadata, file=name)
         state = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118 - the reader is no dict
     for key, tensor in state.items():
@@ -144,7 +152,8 @@ def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None
     adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
     from core.lycoris_files import lycoris_adapter
 
-    state, metadata = read_lora_state(path)
+    layers = _layer_count(pipe)
+    state, metadata = read_lora_state(path, max_tensors=TENSORS_PER_LAYER * layers if layers else None)
     name = Path(path).name
     configs = adapter_configs(metadata, file=name)
     network = _network(list(state), configs)
@@ -162,6 +171,15 @@ def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None
         if adapter_name is not None:
             remove_adapter(pipe, adapter_name)
         raise
+
+
+def _layer_count(pipe) -> int:
+    """The Linear and Conv layers of ``pipe``: a LoRA file holds a few tensors per layer at most."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    models = _components(pipe) if hasattr(pipe, "components") else []
+    return sum(isinstance(module, kinds) for model in models for module in model.modules())
 
 
 def _components(pipe) -> list:

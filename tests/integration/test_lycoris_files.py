@@ -283,9 +283,13 @@ def _hostile(manager) -> dict[str, tuple[dict, str]]:
             "mixes plain LoRA",
         ),
         "other_family": ({"lora_unet_double_blocks_0_img_attn_proj": good}, "Flux LoRA and the model is SDXL"),
-        "many_layers": (
+        "many_tensors": (
             {n[0]: good} | {f"lora_unet_x{i}": {"alpha": torch.ones(())} for i in range(20_000)},
-            "more than this SDXL",
+            "more than any LoRA for the loaded model",
+        ),
+        "many_layers": (
+            {n[0]: good} | {f"lora_unet_x{i}": {"alpha": torch.ones(())} for i in range(300)},
+            "more than this SDXL model's",
         ),
     }
 
