@@ -40,6 +40,8 @@ SDXL_NAMES = {
     ),
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
     "lora_te2_text_model_encoder_layers_0_mlp_fc1": ("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1"),
+    "lora_unet_output_blocks_2_2_conv": ("unet", "up_blocks.0.upsamplers.0.conv"),  # a 3x3 convolution
+    "lora_unet_input_blocks_1_0_in_layers_2": ("unet", "down_blocks.0.resnets.0.conv1"),
 }
 FLUX_NAMES = {
     "lora_transformer_transformer_blocks_0_attn_to_q": ("transformer", "transformer_blocks.0.attn.to_q"),
@@ -67,10 +69,12 @@ def _shape(manager, name: str, names: dict) -> tuple[int, int]:
 
 
 def lokr_layer(shape, *, kind: str, rank: int = 1, alpha=None, factor: int = -1, seed: int = 0, std: float = 0.5):
-    """LyCORIS' LoKr tensors of one Linear layer: w1 (out_l, in_m) and w2 (out_k, in_n), each full or a
-    rank-``rank`` product; ``kind`` is "w2" (w2 decomposed), "full" or "both"."""
+    """LyCORIS' LoKr tensors of one Linear or Conv layer (weight ``shape``): w1 (out_l, in_m) and w2 (out_k,
+    in_n, *kernel), each full or a rank-``rank`` product (w2_b: (rank, in_n·kernel)); ``kind`` is "w2" (w2
+    decomposed), "full" or "both"."""
     out_l, out_k = factorization(shape[0], factor)
     in_m, in_n = factorization(shape[1], factor)
+    kernel = tuple(shape[2:])
     g = torch.Generator().manual_seed(seed)
 
     def rand(*size):
@@ -82,20 +86,22 @@ def lokr_layer(shape, *, kind: str, rank: int = 1, alpha=None, factor: int = -1,
         else {"lokr_w1_a": rand(out_l, rank), "lokr_w1_b": rand(rank, in_m)}
     )
     t |= (
-        {"lokr_w2": rand(out_k, in_n)}
+        {"lokr_w2": rand(out_k, in_n, *kernel)}
         if kind == "full"
-        else {"lokr_w2_a": rand(out_k, rank), "lokr_w2_b": rand(rank, in_n)}
+        else {"lokr_w2_a": rand(out_k, rank), "lokr_w2_b": rand(rank, in_n * math.prod(kernel))}
     )
     return t | ({} if alpha is None else {"alpha": torch.tensor(float(alpha))})
 
 
 def loha_layer(shape, *, rank: int, alpha=None, seed: int = 0, std: float = 0.8):
+    """LyCORIS' LoHa tensors of one layer (a convolution's flattened: (rank, in·kernel), no Tucker core)."""
     g = torch.Generator().manual_seed(seed)
+    width = math.prod(shape[1:])
     t = {
         "hada_w1_a": torch.randn(shape[0], rank, generator=g) * std,
-        "hada_w1_b": torch.randn(rank, shape[1], generator=g) * std,
+        "hada_w1_b": torch.randn(rank, width, generator=g) * std,
         "hada_w2_a": torch.randn(shape[0], rank, generator=g) * std,
-        "hada_w2_b": torch.randn(rank, shape[1], generator=g) * std,
+        "hada_w2_b": torch.randn(rank, width, generator=g) * std,
     }
     return t | ({} if alpha is None else {"alpha": torch.tensor(float(alpha))})
 
@@ -125,6 +131,8 @@ def comfy_delta(t: dict[str, torch.Tensor]) -> torch.Tensor:
         dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
     if w2 is None:
         dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
+    if w2.dim() == 4:  # a convolution's full w2: w1 gets kernel dimensions of 1
+        w1 = w1[:, :, None, None]
     return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
 
 
@@ -187,6 +195,8 @@ def sdxl_files(manager) -> dict[str, tuple[dict, dict]]:
         n[2]: lokr_layer(shape[n[2]], kind="full", alpha=7.0, seed=3, std=0.2),  # alpha ignored: both full
         n[3]: lokr_layer(shape[n[3]], kind="w2", rank=1, seed=4),  # no alpha: scale 1
         n[4]: lokr_layer(shape[n[4]], kind="full", seed=5, std=0.2),
+        n[5]: lokr_layer(shape[n[5]], kind="full", alpha=2.0, seed=12, std=0.2),  # 3x3 conv, w2 (8, 8, 3, 3)
+        n[6]: lokr_layer(shape[n[6]], kind="w2", rank=2, alpha=1.0, seed=13),  # 3x3 conv, w2_b (2, 8 * 9)
     }
     factor4 = {  # decompose_both and a factor of 4 (the balanced split of 64 is 8 x 8)
         n[0]: lokr_layer(shape[n[0]], kind="both", rank=1, alpha=0.5, factor=4, seed=6, std=0.6),
@@ -197,6 +207,7 @@ def sdxl_files(manager) -> dict[str, tuple[dict, dict]]:
         n[0]: loha_layer(shape[n[0]], rank=2, alpha=1.0, seed=9),
         n[1]: loha_layer(shape[n[1]], rank=3, alpha=6.0, seed=10),
         n[3]: loha_layer(shape[n[3]], rank=2, seed=11),  # no alpha: scale 1
+        n[5]: loha_layer(shape[n[5]], rank=2, alpha=1.0, seed=14, std=0.4),  # 3x3 conv
     }
     return {
         "sdxl_lokr.safetensors": (lokr, {"algo": "lokr"}),
