@@ -216,18 +216,36 @@ def adaptable_layers(pipe, kind) -> dict:
     return layers
 
 
-def _placed(name: str, names: dict, *, file: str, model: str) -> str:
+def _placed(name: str, names: dict, *, file: str, model: str, hadamard: bool) -> tuple[str, ...]:
+    """The pipeline layers one webui layer changes: one, or (LoHa only) the layers a fused one stacks."""
     found = names.get(name)
     if found is None:
         raise _refuse(file, f"its layer {name[:120]!r} has no place in this {model} model (a file for another model?)")
     parts, how = found
-    if how != "rename":
+    if how != "rename" and not (how == "fused" and hadamard):
         raise _refuse(
             file,
-            f"its layer {name[:120]!r} holds {len(parts)} layers of this model at once ({how}), and a Kronecker or "
-            "Hadamard product cannot be split back into them",
+            f"its layer {name[:120]!r} holds {len(parts)} layers of this model at once ({how}), which only a fused "
+            "LoHa can be split back into (a Kronecker product cannot)",
         )
-    return parts[0]
+    return parts
+
+
+def split_loha(parts: tuple[str, ...], t: dict, alpha: float | None, *, layers: dict, file: str, name: str):
+    """A fused LoHa layer (q, k, v... stacked along rows) as one LoHa per layer: (w1a·w1b)⊙(w2a·w2b) row by row
+    is the same product with the rows of ``hada_w1_a`` and ``hada_w2_a`` taken apart; rank and alpha stay."""
+    if any(t[key].dim() != 2 for key in LOHA_PARAMS):
+        raise _refuse(file, f"{name} has factors of shapes {[tuple(v.shape) for v in t.values()]}, not matrices")
+    rows = [_dims(layers[part])[0] for part in parts]
+    heights = {tuple(t[key].shape)[0] for key in ("hada_w1_a", "hada_w2_a") if key in t}
+    if heights != {sum(rows)}:
+        raise _refuse(file, f"{name} has {sorted(heights)} rows, but the layers it stacks have {sum(rows)}")
+    plans, start = [], 0
+    for part, count in zip(parts, rows, strict=True):
+        piece = t | {key: t[key][start : start + count].contiguous() for key in ("hada_w1_a", "hada_w2_a")}
+        plans.append(loha_plan(part, piece, alpha, file=file, name=name, module=layers[part]))
+        start += count
+    return plans
 
 
 def layer_plans(state: dict, pipe, kind, *, file: str) -> tuple[list[LayerPlan], dict]:
@@ -239,16 +257,22 @@ def layer_plans(state: dict, pipe, kind, *, file: str) -> tuple[list[LayerPlan],
     names = kind.lycoris_names(list(layers))
     plans = []
     for name, tensors in grouped.items():
-        part = _placed(name, names, file=file, model=kind.display_name)
         alpha = layer_alpha(tensors, file=file, name=name)
         if not tensors:
             raise _refuse(file, f"{name} has an alpha but no weights")
-        if any(key.startswith("lokr_") for key in tensors):
-            plans.append(lokr_plan(part, tensors, alpha, file=file, name=name))
+        hadamard = not any(key.startswith("lokr_") for key in tensors)
+        parts = _placed(name, names, file=file, model=kind.display_name, hadamard=hadamard)
+        if not hadamard:
+            plans.append(lokr_plan(parts[0], tensors, alpha, file=file, name=name))
+        elif set(tensors) != set(LOHA_PARAMS):
+            raise _refuse(file, f"{name} has the Hadamard factors {sorted(tensors)}, not one whole set")
         else:
-            plans.append(loha_plan(part, tensors, alpha, file=file, name=name, module=layers[part]))
+            plans += split_loha(parts, tensors, alpha, layers=layers, file=file, name=name)
     if len({plan.network for plan in plans}) > 1:
         raise _refuse(file, "it mixes LoKr and LoHa layers")
+    twice = [part for part, count in Counter(plan.part for plan in plans).items() if count > 1]
+    if twice:
+        raise _refuse(file, f"two of its layers change the same layer {twice[0]}")
     return plans, layers
 
 

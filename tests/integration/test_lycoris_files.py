@@ -44,11 +44,19 @@ SDXL_NAMES = {
     "lora_unet_input_blocks_1_0_in_layers_2": ("unet", "down_blocks.0.resnets.0.conv1"),
 }
 FLUX_NAMES = {
-    "lora_transformer_transformer_blocks_0_attn_to_q": ("transformer", "transformer_blocks.0.attn.to_q"),
+    "lora_transformer_transformer_blocks_0_attn_add_q_proj": ("transformer", "transformer_blocks.0.attn.add_q_proj"),
     "lora_unet_double_blocks_0_img_attn_proj": ("transformer", "transformer_blocks.0.attn.to_out.0"),
     "lora_unet_double_blocks_0_txt_mlp_2": ("transformer", "transformer_blocks.0.ff_context.net.2"),
     "lora_unet_single_blocks_1_linear2": ("transformer", "single_transformer_blocks.1.proj_out"),
     "lora_te1_text_model_encoder_layers_0_self_attn_v_proj": ("text_encoder", "encoder.layers.0.self_attn.v_proj"),
+}
+ATTENTION = tuple(f"attn.to_{x}" for x in "qkv")
+FLUX_FUSED = {  # kohya's fused Black Forest Labs layers: the diffusers layers they stack, in row order
+    "lora_unet_double_blocks_0_img_attn_qkv": ("transformer", tuple(f"transformer_blocks.0.{a}" for a in ATTENTION)),
+    "lora_unet_single_blocks_0_linear1": (
+        "transformer",
+        (*(f"single_transformer_blocks.0.{a}" for a in ATTENTION), "single_transformer_blocks.0.proj_mlp"),
+    ),
 }
 
 SD15_NAMES = {  # kohya's SD 1.x names are diffusers' own; proj_in is a 1x1 convolution there
@@ -59,13 +67,24 @@ SD15_NAMES = {  # kohya's SD 1.x names are diffusers' own; proj_in is a 1x1 conv
     "lora_unet_down_blocks_0_attentions_0_proj_in": ("unet", "down_blocks.0.attentions.0.proj_in"),
     "lora_te_text_model_encoder_layers_0_self_attn_k_proj": ("text_encoder", "encoder.layers.0.self_attn.k_proj"),
 }
-NAMES = {"sdxl": SDXL_NAMES, "flux": FLUX_NAMES, "sd15": SD15_NAMES}
+NAMES = {"sdxl": SDXL_NAMES, "flux": FLUX_NAMES | FLUX_FUSED, "sd15": SD15_NAMES}
 
 
 # ----- files as LyCORIS writes them ----------------------------------------------------------------
-def _shape(manager, name: str, names: dict) -> tuple[int, int]:
-    component, module = names[name]
-    return tuple(getattr(manager._pipe, component).get_submodule(module).weight.shape)
+def _targets(manager, name: str, names: dict) -> list[tuple[torch.nn.Module, slice]]:
+    """(pipeline layer, its rows in the webui layer) of each layer a webui layer changes (a fused one: several)."""
+    component, modules = names[name]
+    out, start = [], 0
+    for module in (modules,) if isinstance(modules, str) else modules:
+        layer = getattr(manager._pipe, component).get_submodule(module)
+        out.append((layer, slice(start, start + layer.weight.shape[0])))
+        start += layer.weight.shape[0]
+    return out
+
+
+def _shape(manager, name: str, names: dict) -> tuple[int, ...]:
+    targets = _targets(manager, name, names)
+    return (targets[-1][1].stop, *targets[0][0].weight.shape[1:])
 
 
 def lokr_layer(shape, *, kind: str, rank: int = 1, alpha=None, factor: int = -1, seed: int = 0, std: float = 0.5):
@@ -149,12 +168,12 @@ def reference(manager, family: str, layers: dict, names: dict) -> np.ndarray:
     saved = []
     with torch.no_grad():
         for name, tensors in layers.items():
-            component, module = names[name]
-            layer = getattr(manager._pipe, component).get_submodule(module)
-            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-            saved.append((layer, layer.weight.detach().clone()))
             half = {k: v.to(torch.float16).float() if k != "alpha" else v for k, v in tensors.items()}
-            layer.weight += comfy_delta(half).reshape(layer.weight.shape).to(layer.weight.dtype)
+            delta = comfy_delta(half).reshape(_shape(manager, name, names))
+            for layer, rows in _targets(manager, name, names):
+                layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                saved.append((layer, layer.weight.detach().clone()))
+                layer.weight += delta[rows].to(layer.weight.dtype)
     try:
         return render(manager, family)
     finally:
@@ -167,11 +186,11 @@ def check_layers(manager, lora: str, layers: dict, names: dict) -> None:
     """Each adapted layer's change, as peft computes it, is ComfyUI's."""
     adapter = manager._adapters[lora].adapter
     for name, tensors in layers.items():
-        component, module = names[name]
-        layer = getattr(manager._pipe, component).get_submodule(module)
         half = {k: v.to(torch.float16).float() if k != "alpha" else v for k, v in tensors.items()}
-        got = layer.get_delta_weight(adapter).double()
-        assert torch.allclose(got, comfy_delta(half).reshape(got.shape), atol=1e-6, rtol=1e-5), name
+        delta = comfy_delta(half).reshape(_shape(manager, name, names))
+        for layer, rows in _targets(manager, name, names):
+            got = layer.get_delta_weight(adapter).double()
+            assert torch.allclose(got, delta[rows], atol=1e-6, rtol=1e-5), name
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +245,8 @@ def flux_files(manager) -> dict[str, tuple[dict, dict]]:
         n[3]: lokr_layer(shape[n[3]], kind="full", seed=4, std=0.2),
         n[4]: lokr_layer(shape[n[4]], kind="w2", rank=2, alpha=2.0, seed=5),
     }
+    n += list(FLUX_FUSED)  # LoHa only: a Hadamard product splits along rows, a Kronecker product does not
+    shape = {name: _shape(manager, name, FLUX_NAMES | FLUX_FUSED) for name in n}
     loha = {name: loha_layer(shape[name], rank=2, alpha=1.0 + i, seed=10 + i) for i, name in enumerate(n)}
     return {"flux_lokr.safetensors": (lokr, {"algo": "lokr"}), "flux_loha.safetensors": (loha, {"algo": "loha"})}
 
@@ -315,11 +336,22 @@ def test_bad_webui_files_are_refused_clearly(managers, tmp_path):
         assert not adapter_left(manager._pipe, "hostile"), label
 
 
-def test_a_fused_flux_layer_is_refused_clearly(managers, tmp_path):
+def test_a_fused_flux_lokr_layer_is_refused_clearly(managers, tmp_path):
     manager = managers[1]["flux"][0]
     good = lokr_layer((96, 32), kind="w2", rank=2, alpha=1.0)
     path = write_webui(tmp_path / "fused.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": good})
     with pytest.raises(UserError, match="holds 3 layers of this model at once"):
         load_lora_file(manager._pipe, path, adapter_name="fused")
     assert not adapter_left(manager._pipe, "fused")
+    twice = {
+        name: loha_layer(shape, rank=2)
+        for name, shape in (
+            ("lora_unet_double_blocks_0_img_attn_qkv", (96, 32)),
+            ("lora_transformer_transformer_blocks_0_attn_to_k", (32, 32)),
+        )
+    }
+    path = write_webui(tmp_path / "twice.safetensors", twice)
+    with pytest.raises(UserError, match="change the same layer"):
+        load_lora_file(manager._pipe, path, adapter_name="twice")
+    assert not adapter_left(manager._pipe, "twice")
     assert math.isfinite(render(manager, "flux").mean()), "the model stays usable"
