@@ -8,8 +8,9 @@ LoRA and DoRA files go through diffusers' ``load_lora_weights`` as a state dict;
 ``alpha / r`` from the header is folded into its ``lora_B`` (diffusers then applies scale 1), so no
 setting of the file reaches peft. LoKr and LoHa files (peft's ``lokr_*`` / ``hada_*`` names per pipeline
 component) are added with peft itself under ``adapter_name``, so the pipeline's ``set_adapters`` /
-``delete_adapters`` / ``disable_lora`` treat them as any other adapter. A load that fails part-way is
-undone (:func:`remove_adapter`) before the error goes on.
+``delete_adapters`` / ``disable_lora`` treat them as any other adapter; LoKr and LoHa files in the LyCORIS
+(webui) layout of other tools are converted to that layout first (:mod:`core.lycoris_files`). A load that
+fails part-way is undone (:func:`remove_adapter`) before the error goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from core.errors import UserError
 
 LYCORIS_KEY = re.compile(r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
 _FP8 = ("float8_e4m3fn", "float8_e5m2")
+# The most tensors one layer has in any layout (LoKr: w1, w1_a, w1_b, w2, w2_a, w2_b, t2, alpha), doubled.
+TENSORS_PER_LAYER = 16
 
 
 def _network(keys, configs: dict[str, ComponentConfig]) -> str | None:
@@ -67,9 +70,10 @@ def component_configs(metadata: dict[str, str], *, file: str = "this file") -> d
     return {component: peft_config(config) for component, config in configs.items() if config.network != "lora"}
 
 
-def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
+def read_lora_state(path: Path, *, max_tensors: int | None = None) -> tuple[dict, dict[str, str]]:
     """(tensors, header metadata) of the LoRA file at ``path``, read in one opening; fp8 weights come back
-    as float32 (nothing here computes in fp8). UserError for a file that is not a finite LoRA."""
+    as float32 (nothing here computes in fp8). UserError for a file that is not a finite LoRA, or that holds
+    more than ``max_tensors`` tensors (checked on the header, before any is read)."""
     import torch
 
     from model_formats.safetensors_stream import SafetensorsReader
@@ -78,6 +82,11 @@ def read_lora_state(path: Path) -> tuple[dict, dict[str, str]]:
     with SafetensorsReader(path) as reader:
         metadata = dict(reader.metadata)
         shapes = {key: info.shape for key, info in reader.tensors.items()}
+        if max_tensors is not None and len(shapes) > max_tensors:
+            raise UserError(
+                f"{name} holds {len(shapes)} tensors, more than any LoRA for the loaded model has ({max_tensors}); "
+                "it is not a LoRA for this model. Remove it from the LoRA folder."
+            )
         check_adapter_file(shapes, metadata, file=name)
         state = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118 - the reader is no dict
     for key, tensor in state.items():
@@ -121,19 +130,40 @@ def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adap
             raise ValueError(f"{component} layers do not match ({(result.unexpected_keys or missing)[:2]})")
 
 
-def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None:
-    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``. On failure
-    the adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
-    state, metadata = read_lora_state(path)
-    configs = adapter_configs(metadata, file=Path(path).name)
-    network = _network(list(state), configs)
-    if network is None and any(LYCORIS_KEY.search(key) for key in state):
-        raise UserError(
-            f"{Path(path).name} is a LoKr/LoHa in the LyCORIS (webui) layout, which Generate cannot apply yet; "
-            "use the main file this app trains (peft layout), or ComfyUI/Forge for this one."
-        )
+def _add_webui_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adapter_name: str, file: str):
+    """:func:`_add_lycoris` for a file converted from the LyCORIS layout; what peft refuses, and any layer
+    whose rank or scale came out other than planned, is the file's problem, said as such."""
+    from core.lycoris_files import check_applied
+
     try:
-        if network is None:
+        _add_lycoris(pipe, state, configs, adapter_name=adapter_name)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{file}: peft cannot build this LoKr/LoHa's layers as the file holds them "
+            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}). "
+            "Use ComfyUI or Forge for this file, or remove it from the LoRA folder."
+        ) from exc
+    check_applied(pipe, configs, adapter_name=adapter_name, file=file)
+
+
+def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None:
+    """Load the LoRA/DoRA/LoKr/LoHa file ``path`` onto ``pipe`` as adapter ``adapter_name``; a LoKr/LoHa in
+    the LyCORIS (webui) layout is converted to peft's first (:mod:`core.lycoris_files`). On failure the
+    adapter's layers are removed again (see :func:`remove_adapter`) and the error is raised."""
+    from core.lycoris_files import lycoris_adapter
+
+    layers = _layer_count(pipe)
+    state, metadata = read_lora_state(path, max_tensors=TENSORS_PER_LAYER * layers if layers else None)
+    name = Path(path).name
+    configs = adapter_configs(metadata, file=name)
+    network = _network(list(state), configs)
+    webui = network is None and any(LYCORIS_KEY.search(key) for key in state)
+    if webui:
+        state, configs = lycoris_adapter(pipe, state, metadata, file=name)  # injects nothing
+    try:
+        if webui:
+            _add_webui_lycoris(pipe, state, configs, adapter_name=adapter_name or "default", file=name)
+        elif network is None:
             pipe.load_lora_weights(scaled_lora_state(state, configs), adapter_name=adapter_name)
         else:
             _add_lycoris(pipe, state, configs, adapter_name=adapter_name or "default")
@@ -141,6 +171,15 @@ def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None
         if adapter_name is not None:
             remove_adapter(pipe, adapter_name)
         raise
+
+
+def _layer_count(pipe) -> int:
+    """The Linear and Conv layers of ``pipe``: a LoRA file holds a few tensors per layer at most."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    models = _components(pipe) if hasattr(pipe, "components") else []
+    return sum(isinstance(module, kinds) for model in models for module in model.modules())
 
 
 def _components(pipe) -> list:

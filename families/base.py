@@ -145,6 +145,19 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
+    def lycoris_names(cls, parts: list[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+        """{webui module name: (the diffusers modules it changes, "rename" / "fused" / "swapped")} for the
+        LyCORIS files other tools write, over ``parts`` (``<component>.<module>``, the pipeline's own
+        adaptable layers). A name two modules would share is left out: it places neither."""
+        names: dict[str, list[str]] = {}
+        for part in parts:
+            try:
+                names.setdefault(cls.lycoris_name(part), []).append(part)
+            except (KeyError, IndexError, ValueError):
+                continue  # a layer the webui naming has no name for
+        return {name: ((found[0],), "rename") for name, found in names.items() if len(found) == 1}
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         """``ss_base_model_version`` and ``ss_network_module`` as kohya sd-scripts writes them."""
         raise NotImplementedError

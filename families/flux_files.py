@@ -111,6 +111,13 @@ class FluxFiles(ModelFamily):
         return flux_lycoris_name(part)
 
     @classmethod
+    def lycoris_names(cls, parts: list[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+        """OneTrainer's ``lora_transformer_*`` and CLIP names, plus kohya sd-scripts' Black Forest Labs names."""
+        from families.flux_lora_names import bfl_lycoris_names
+
+        return bfl_lycoris_names(parts) | super().lycoris_names(parts)
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
 

@@ -56,6 +56,18 @@ def flux_lycoris_name(part: str) -> str:
     return "lora_transformer_" + part.removeprefix("transformer.").replace(".", "_")
 
 
+def bfl_lycoris_names(parts: list[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """kohya sd-scripts' ``lora_unet_<Black Forest Labs module>`` names of the transformer layers in ``parts``;
+    a fused name (q, k, v together) lists its modules in row order."""
+    present = set(parts)
+    by_name, _ = flux_name_tables(*block_counts(parts))
+    return {
+        name: (members, kind)
+        for name, (members, kind) in by_name.items()
+        if name.startswith("lora_unet_") and all(member in present for member in members)
+    }
+
+
 def _file_parts(name: str, table: dict) -> tuple[tuple[str, ...], str]:
     for prefix in COMFY_PREFIXES:
         if name.startswith(prefix):

@@ -71,6 +71,12 @@ class SDXLFiles(UNetFiles):
         return sdxl_kohya_name(part)
 
     @classmethod
+    def lycoris_names(cls, parts: list[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+        from families.sdxl_lora_names import sdxl_upsampler_names
+
+        return super().lycoris_names(parts) | sdxl_upsampler_names(parts)
+
+    @classmethod
     def kohya_identity(cls) -> dict[str, str]:
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 SDXL_LAYERS_PER_BLOCK = 2
 _TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
@@ -37,3 +39,17 @@ def sdxl_kohya_plan(source) -> list:
     from families.unet_lora_names import kohya_plan
 
     return kohya_plan(source, name_of=sdxl_kohya_name, display_name="SDXL")
+
+
+def sdxl_upsampler_names(parts: list[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The webui names of the U-Net's upsampler convolutions among ``parts``: their original slot depends on
+    whether the up block has attentions (``output_blocks.<n>.2.conv``, else ``.1.conv``), which the name of
+    the layer alone does not tell."""
+    names = {}
+    for part in parts:
+        if m := re.fullmatch(r"unet\.up_blocks\.(\d+)\.upsamplers\.0\.conv", part):
+            block = int(m[1])
+            slot = 2 if any(p.startswith(f"unet.up_blocks.{block}.attentions.") for p in parts) else 1
+            index = block * (SDXL_LAYERS_PER_BLOCK + 1) + SDXL_LAYERS_PER_BLOCK
+            names[f"lora_unet_output_blocks_{index}_{slot}_conv"] = ((part,), "rename")
+    return names

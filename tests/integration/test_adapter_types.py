@@ -266,16 +266,19 @@ def test_a_checkpoint_saved_as_a_lora_gets_the_same_files(trained, models_dir):
     assert all(torch.allclose(copies[0][k].float(), copies[1][k].float(), atol=1e-6) for k in copies[0])
 
 
-def test_generate_refuses_a_lycoris_layout_file_clearly(trained, models_dir, tmp_path):
-    from core.errors import UserError
-
+def test_generate_applies_the_webui_copy_as_the_main_file(trained, models_dir, tmp_path):
+    """Our LyCORIS-layout copy, read back by Generate as a file of another tool, renders as the main file."""
     if trained["network"] == "dora":
         pytest.skip("a DoRA copy is in kohya's LoRA layout, which diffusers reads")
     family, path = trained["family"], trained["result"].lora_path
     loras = tmp_path / "loras"
     loras.mkdir()
+    shutil.copy(path, loras / "main.safetensors")
     shutil.copy(trained["loras"] / "webui" / path.name, loras / "from_webui.safetensors")
     manager = ModelManager(models_dir=models_dir, loras_dir=loras, device="cpu")
-    with pytest.raises(UserError, match="LyCORIS \\(webui\\) layout"):
-        _render(manager, family, (LoraChoice("from_webui.safetensors", 1.0),))
-    assert np.isfinite(_render(manager, family)).all(), "the model stays usable"
+    plain = _render(manager, family)
+    main = _render(manager, family, (LoraChoice("main.safetensors", 1.0),))
+    copy = _render(manager, family, (LoraChoice("from_webui.safetensors", 1.0),))
+    assert np.abs(main - plain).max() > 1, "the LoRA changes the image"
+    assert np.abs(copy - main).max() <= 2, "the webui copy (fp16 weights) renders as the main file"
+    assert np.array_equal(_render(manager, family, (LoraChoice("from_webui.safetensors", 0.0),)), plain)
