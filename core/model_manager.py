@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_LORAS = 4
 MAX_LORA_WEIGHT = 5.0  # beyond ±5 a LoRA only burns the image
+KEPT_ADAPTERS = 4  # adapters left loaded beyond those in use: switching back to a recent LoRA is free
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARACTERS = 10_000
 LOCK_WAIT_SLICE_S = 0.2  # a generation waiting for the pipeline asks this often whether its caller is still there
@@ -133,21 +135,23 @@ def _check_loras(loras: tuple[LoraChoice, ...]) -> None:
                 f"LoRA {choice.slot or index} ({choice.name}) weight must be a number between "
                 f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g} (got {weight!r})."
             )
-    for name, (slots, total) in _same_lora_slots(loras).items():
+    # "x", "./x" and "dir/../x" name one file: their weights add up.
+    check_summed_weights(loras, keys=[os.path.normpath(choice.name) for choice in loras])
+
+
+def check_summed_weights(loras: tuple[LoraChoice, ...], *, keys: list[str]) -> None:
+    """Refuse one LoRA file (``keys[i]`` names the file of ``loras[i]``) chosen in several slots whose
+    weights add up beyond the bound: it is applied once at the sum."""
+    found: dict[str, tuple[str, list[int], float]] = {}
+    for index, (choice, key) in enumerate(zip(loras, keys, strict=True), start=1):
+        name, slots, total = found.get(key, (choice.name, [], 0.0))
+        found[key] = (name, [*slots, choice.slot or index], total + float(choice.weight))
+    for name, slots, total in found.values():
         if len(slots) > 1 and abs(total) > MAX_LORA_WEIGHT:
             raise UserError(
                 f"LoRA {name} is in slots {', '.join(map(str, slots))}: its weights add up to {total:g}, "
                 f"beyond ±{MAX_LORA_WEIGHT:g}. Use it in one slot, or lower the weights."
             )
-
-
-def _same_lora_slots(loras: tuple[LoraChoice, ...]) -> dict[str, tuple[list[int], float]]:
-    """{LoRA: (its slots, the sum of its weights)}: a LoRA chosen twice is applied once at the sum."""
-    found: dict[str, tuple[list[int], float]] = {}
-    for index, choice in enumerate(loras, start=1):
-        slots, total = found.get(choice.name, ([], 0.0))
-        found[choice.name] = ([*slots, choice.slot or index], total + float(choice.weight))
-    return found
 
 
 def validate_request(request: GenerationRequest, family: str, *, limits: GenerateLimits | None = None) -> None:
@@ -210,7 +214,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._pipe = None
         self._entry: ModelEntry | None = None
-        self._adapters: dict[str, _LoadedAdapter] = {}
+        self._adapters: OrderedDict[str, _LoadedAdapter] = OrderedDict()  # resolved path -> adapter, LRU order
         self._busy_reason: str | None = None
         self._released_model: str | None = None
         # Set by release(): the generation in flight stops at its next denoising step.
@@ -334,26 +338,13 @@ class ModelManager:
         """Load and weight the request's LoRAs; ``go_on()`` is called before each file is loaded (it raises
         to stop there: the LoRAs loaded so far stay recorded, the next request sets the weights it wants)."""
         pipe = self._pipe
-        wanted: list[tuple[str, float]] = []
-        for choice in loras:
-            path = resolve_inside(self.loras_dir, choice.name)
-            if not path.is_file():
-                raise UserError(f"LoRA {choice.name!r} not found in {self.loras_dir}; refresh the list.")
-            fingerprint = _file_fingerprint(path)
-            loaded = self._adapters.get(choice.name)
-            if loaded is None or loaded.fingerprint != fingerprint:
-                go_on()
-                if loaded is not None:
-                    pipe.delete_adapters([loaded.adapter])
-                    del self._adapters[choice.name]
-                adapter = _adapter_name(choice.name, fingerprint)
-                self._load_adapter(path, adapter, choice.name)
-                self._adapters[choice.name] = _LoadedAdapter(adapter, fingerprint)
-            wanted.append((self._adapters[choice.name].adapter, float(choice.weight)))
-        # The same LoRA in two slots is one adapter at the sum of its weights (peft would take the last).
+        # Keyed by the resolved file: "x", "./x" and an absolute path are one adapter, loaded once.
+        files = [(choice, self._lora_path(choice.name)) for choice in loras]
+        check_summed_weights(loras, keys=[str(path) for _, path in files])
         summed: dict[str, float] = {}
-        for adapter, weight in wanted:
-            summed[adapter] = summed.get(adapter, 0.0) + weight
+        for choice, path in files:
+            adapter = self._adapter_for(path, choice.name, go_on=go_on)
+            summed[adapter] = summed.get(adapter, 0.0) + float(choice.weight)
         # A LoRA at weight 0 is left out: peft would still apply a DoRA's magnitudes (weight scales only B·A).
         wanted = [(adapter, weight) for adapter, weight in summed.items() if weight != 0]
         if wanted:
@@ -361,6 +352,40 @@ class ModelManager:
             pipe.set_adapters([a for a, _ in wanted], adapter_weights=[w for _, w in wanted])
         elif self._adapters:
             pipe.disable_lora()
+        self._evict_adapters(in_use=set(summed))
+
+    def _lora_path(self, name: str) -> Path:
+        path = resolve_inside(self.loras_dir, name)
+        if not path.is_file():
+            raise UserError(f"LoRA {name!r} not found in {self.loras_dir}; refresh the list.")
+        return path
+
+    def _adapter_for(self, path: Path, lora: str, *, go_on: Callable[[], None]) -> str:
+        """The adapter of ``path`` as it is now on disk, loaded when missing or changed; marked recently used."""
+        key = str(path)
+        fingerprint = _file_fingerprint(path)
+        loaded = self._adapters.get(key)
+        if loaded is None or loaded.fingerprint != fingerprint:
+            go_on()
+            if loaded is not None:
+                self._pipe.delete_adapters([loaded.adapter])
+                del self._adapters[key]
+            adapter = _adapter_name(key, fingerprint)
+            self._load_adapter(path, adapter, lora)
+            self._adapters[key] = _LoadedAdapter(adapter, fingerprint)
+        self._adapters.move_to_end(key)
+        return self._adapters[key].adapter
+
+    def _evict_adapters(self, *, in_use: set[str]) -> None:
+        """Unload the least recently used adapters beyond :data:`KEPT_ADAPTERS` (never one in use), so memory
+        does not grow with every LoRA ever chosen."""
+        for key in list(self._adapters):
+            if len(self._adapters) <= KEPT_ADAPTERS:
+                return
+            loaded = self._adapters[key]
+            if loaded.adapter not in in_use:
+                self._pipe.delete_adapters([loaded.adapter])
+                del self._adapters[key]
 
     def _loaded_adapter_names(self) -> set[str]:
         return {name for names in self._pipe.get_list_adapters().values() for name in names}

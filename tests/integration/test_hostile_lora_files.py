@@ -189,6 +189,32 @@ def test_the_same_lora_in_two_slots_counts_once_at_the_sum(setup):
         _image(manager, LoraChoice(name, 3.0, slot=1), LoraChoice(name, 3.0, slot=2))
 
 
+def _loaded_adapters(manager) -> set[str]:
+    return {name for names in manager._pipe.get_list_adapters().values() for name in names}
+
+
+def test_one_file_under_several_spellings_is_one_adapter_and_unused_ones_are_unloaded(setup):
+    """Review 9 #3: "x", "./x", an absolute path: one adapter, one weight sum; old adapters are unloaded."""
+    from core.model_manager import KEPT_ADAPTERS
+
+    manager, loras, _ = setup
+    manager.load_model(DEMO_SDXL_NAME)
+    name = _write(setup, "spelled.safetensors", "lora")
+    spellings = [name, f"./{name}", f"././{name}", str(loras / name)]
+    for spelling in spellings:
+        manager._apply_loras((LoraChoice(spelling, 1.0),))
+    assert len(manager._adapters) == len(_loaded_adapters(manager)) <= KEPT_ADAPTERS
+    assert sum(str(loras / name) in key for key in manager._adapters) == 1
+    with pytest.raises(UserError, match=r"slots 1, 2, 3, 4.*8"):
+        manager._apply_loras(tuple(LoraChoice(s, 2.0, slot=i) for i, s in enumerate(spellings, start=1)))
+    with pytest.raises(UserError, match=r"add up"):
+        _image(manager, *(LoraChoice(s, 2.0, slot=i) for i, s in enumerate(spellings[:3], start=1)))
+    for index in range(KEPT_ADAPTERS + 2):
+        other = _write(setup, f"other{index}.safetensors", "lora")
+        manager._apply_loras((LoraChoice(other, 1.0), LoraChoice(f"./{name}", 1.0)))
+    assert len(_loaded_adapters(manager)) == len(manager._adapters) == KEPT_ADAPTERS
+
+
 def test_a_lora_with_header_alpha_applies_at_alpha_over_rank(setup):
     """The header's alpha / r is folded into the weights (no setting of the file reaches peft): a file
     at alpha 8 (rank 4) changes the output as the same file at alpha 4 does at weight 2."""
