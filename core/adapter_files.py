@@ -115,7 +115,39 @@ def scaled_lora_state(state: dict, configs: dict[str, ComponentConfig]) -> dict:
     return out
 
 
-def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adapter_name: str) -> None:
+def _adapted_layers(model, config) -> set[str]:
+    """The layers of ``model`` that peft's ``add_adapter(config)`` would adapt (as peft matches them),
+    leaving out the insides of layers already adapted by another adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+    tuned: list[str] = []
+    found = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in tuned):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            tuned.append(f"{name}.")
+        if check_target_module_exists(config, name):
+            found.add(name)
+    return found
+
+
+def check_layers_present(model, config, part: dict, *, file: str, component: str) -> None:
+    """peft allocates the header's rank on every layer its target_modules match: each of them must have
+    weights in the file (else a file holding one layer could make peft allocate thousands), and each
+    layer of the file must be one of them."""
+    held = {LYCORIS_KEY.split(key)[0] for key in part if LYCORIS_KEY.search(key)}
+    adapted = _adapted_layers(model, config)
+    differ = sorted(adapted ^ held)
+    if differ:
+        raise UserError(
+            f"{file}: its header adapts {len(adapted)} layers of the {component} but the file holds weights "
+            f"for {len(held)} (first difference: {differ[0][:120]}). The file is damaged or made for another "
+            "model: export it again, or remove it from the LoRA folder."
+        )
+
+
+def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adapter_name: str, file: str) -> None:
     from peft import set_peft_model_state_dict
 
     for component in sorted({key.split(".", 1)[0] for key in state}):
@@ -123,7 +155,9 @@ def _add_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *, adap
         if model is None:
             raise ValueError(f"the pipeline has no {component}")
         part = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == component}
-        model.add_adapter(peft_config(configs[component]), adapter_name=adapter_name)
+        config = peft_config(configs[component])
+        check_layers_present(model, config, part, file=file, component=component)
+        model.add_adapter(config, adapter_name=adapter_name)
         result = set_peft_model_state_dict(model, part, adapter_name=adapter_name)
         missing = [key for key in getattr(result, "missing_keys", []) if f".{adapter_name}" in key]
         if getattr(result, "unexpected_keys", None) or missing:
@@ -136,7 +170,7 @@ def _add_webui_lycoris(pipe, state: dict, configs: dict[str, ComponentConfig], *
     from core.lycoris_files import check_applied
 
     try:
-        _add_lycoris(pipe, state, configs, adapter_name=adapter_name)
+        _add_lycoris(pipe, state, configs, adapter_name=adapter_name, file=file)
     except (ValueError, RuntimeError) as exc:
         raise UserError(
             f"{file}: peft cannot build this LoKr/LoHa's layers as the file holds them "
@@ -166,7 +200,7 @@ def load_lora_file(pipe, path: Path, *, adapter_name: str | None = None) -> None
         elif network is None:
             pipe.load_lora_weights(scaled_lora_state(state, configs), adapter_name=adapter_name)
         else:
-            _add_lycoris(pipe, state, configs, adapter_name=adapter_name or "default")
+            _add_lycoris(pipe, state, configs, adapter_name=adapter_name or "default", file=name)
     except BaseException:
         if adapter_name is not None:
             remove_adapter(pipe, adapter_name)

@@ -354,6 +354,11 @@ class ModelManager:
             pipe.disable_lora()
         self._evict_adapters(in_use=set(summed))
 
+    def loaded_adapter(self, name: str) -> str | None:
+        """The adapter the LoRA ``name`` is loaded as (None when it is not loaded)."""
+        loaded = self._adapters.get(str(resolve_inside(self.loras_dir, name)))
+        return loaded.adapter if loaded else None
+
     def _lora_path(self, name: str) -> Path:
         path = resolve_inside(self.loras_dir, name)
         if not path.is_file():

@@ -179,6 +179,24 @@ def test_a_failed_load_leaves_the_model_as_it_was(setup):
     assert torch.equal(_out(manager), base)
 
 
+def test_a_lokr_or_loha_header_adapting_layers_the_file_lacks_is_refused_before_peft_allocates(setup):
+    """Review 9 #16: peft allocates the header's rank on every layer target_modules match; a file holding one
+    of them is refused first, naming the file, and nothing is added to the model."""
+    manager, _, sources = setup
+    manager.load_model(DEMO_SDXL_NAME)
+    layers_before = _tuner_layers(manager)
+    for network in ("loha", "lokr"):
+        tensors = sources[network][0]
+        first = sorted(tensors)[0].rsplit(".hada_" if network == "loha" else ".lokr_", 1)[0]
+        one = {k: v for k, v in tensors.items() if k.startswith(f"{first}.")}
+        name = _write(setup, f"one_layer_{network}.safetensors", network, tensors=one)
+        with pytest.raises(
+            UserError, match=rf"one_layer_{network}.safetensors.*adapts \d+ layers.*holds weights for 1"
+        ):
+            manager._apply_loras((LoraChoice(name, 1.0),))
+        assert _tuner_layers(manager) == layers_before, network
+
+
 def test_the_same_lora_in_two_slots_counts_once_at_the_sum(setup):
     manager, _, _ = setup
     name = _write(setup, "twice.safetensors", "lora")
@@ -332,5 +350,5 @@ def test_the_header_json_is_never_sent_to_peft(setup):
     name = _write(setup, "pissa.safetensors", "lora", config={"init_lora_weights": "pissa", "bias": "all"})
     base = _out(manager)
     assert not torch.equal(_out(manager, LoraChoice(name, 1.0)), base)
-    assert manager._pipe.unet.peft_config[manager._adapters[name].adapter].init_lora_weights is True
+    assert manager._pipe.unet.peft_config[manager.loaded_adapter(name)].init_lora_weights is True
     assert torch.equal(_out(manager), base)

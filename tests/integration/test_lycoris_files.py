@@ -184,7 +184,7 @@ def reference(manager, family: str, layers: dict, names: dict) -> np.ndarray:
 
 def check_layers(manager, lora: str, layers: dict, names: dict) -> None:
     """Each adapted layer's change, as peft computes it, is ComfyUI's."""
-    adapter = manager._adapters[lora].adapter
+    adapter = manager.loaded_adapter(lora)
     for name, tensors in layers.items():
         half = {k: v.to(torch.float16).float() if k != "alpha" else v for k, v in tensors.items()}
         delta = comfy_delta(half).reshape(_shape(manager, name, names))
