@@ -244,7 +244,7 @@ class JobStore:
             if db.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is None:
                 return None
         with self._transaction() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position LIMIT 1").fetchone()
+            row = _next_readable(db)
             if row is None:
                 return None
             db.execute(
@@ -368,9 +368,35 @@ class JobStore:
             return [self._get(db, job_id) for job_id in found]
 
 
+UNREADABLE = "This job's settings in the queue file are unreadable (the file was edited or damaged); add the job again."
+
+
+def _payload(text) -> dict | None:
+    """A row's payload; None when it is not a JSON object (a queue file edited or damaged)."""
+    try:
+        payload = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _next_readable(db: sqlite3.Connection) -> sqlite3.Row | None:
+    """The first queued row whose payload reads; each unreadable one before it ends failed, so one damaged
+    row never stalls the line."""
+    while True:
+        row = db.execute("SELECT id, payload FROM jobs WHERE state = 'queued' ORDER BY position LIMIT 1").fetchone()
+        if row is None or _payload(row["payload"]) is not None:
+            return row
+        db.execute(
+            "UPDATE jobs SET state = 'failed', position = NULL, ended = ?, error = ?, message = ? WHERE id = ?",
+            (time.time(), UNREADABLE, "Unreadable settings.", row["id"]),
+        )
+        _renumber(db)
+
+
 def _job(row: sqlite3.Row) -> QueuedJob:
     values = dict(row)
-    values["payload"] = json.loads(values["payload"])
+    values["payload"] = _payload(values["payload"]) or {}  # unreadable: still listed, cancelled, retried
     values["resume"] = bool(values["resume"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     return QueuedJob(**values)

@@ -402,3 +402,28 @@ def test_one_job_per_project_holds_when_clients_add_at_once(runner):
     runner.cancel(first_of_one["id"])
     with pytest.raises(UserError, match="already has a job in the queue"):
         runner.retry(first_of_one["id"], one_per_project=True)  # Resume: the same rule, in the same write
+
+
+def test_a_row_with_unreadable_settings_fails_alone_and_can_be_cancelled(tmp_path):
+    """Review 9 #5: a damaged payload in the queue file fails that job ("unreadable"); the line goes on."""
+    import sqlite3
+
+    from core.job_queue import UNREADABLE
+
+    path = tmp_path / "queue.sqlite"
+    runner = JobRunner(JobStore(path), tick_s=0.02)
+    runner.register(Sleeper())
+    bad, kept, good = (runner.store.add("sleep", name, {"seconds": 0.01}) for name in "abc")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET payload = 'not json' WHERE id IN (?, ?)", (bad.id, kept.id))
+    assert runner.cancel(kept.id).state == "cancelled"
+    assert runner.submit("sleep", "d", {"seconds": 0.01})["state"] == "queued"
+    runner.start()
+    try:
+        wait_until(
+            lambda: set(states(runner).values()) == {"failed", "cancelled", "finished"} and len(states(runner)) == 4
+        )
+        assert states(runner) == {bad.id: "failed", kept.id: "cancelled", good.id: "finished", 4: "finished"}
+        assert runner.store.get(bad.id).error == UNREADABLE
+    finally:
+        runner.close()
