@@ -3,7 +3,7 @@ prepare+train, evaluate, grid and sweep, each done by :class:`~modules.lora_trai
 Every action of the tab that takes the device is one of these kinds, so it waits its turn.
 
 A job's payload is the JSON of its typed configs: ``{"prepare": {...}, "train": {...}, "new_run": false,
-"resume": false}`` (PrepareConfig / TrainConfig fields) or, for evaluate, ``{"run_id", "best_rule",
+"resume": false, "records_run": true}`` (PrepareConfig / TrainConfig fields) or, for evaluate, ``{"run_id", "best_rule",
 "margin"}``, for a grid, ``{"run_id", "rows"}``, or, for a sweep, ``{"study", "trials", "base_model",
 "space"}`` (checked when the job is queued, a new study's name drawn then; the study is created, or its budget
 raised, only when the job starts, so a sweep cancelled while it waits leaves no study). A train job records the run it writes to when that run starts
@@ -23,6 +23,9 @@ from modules.lora_training.validation import DEFAULT_MARGIN, DEFAULT_RULE
 KINDS = ("prepare", "train", "prepare+train", "evaluate", "grid", "sweep")
 _PREPARE_WIDGETS = ("images_dir", "trigger", "captioner", "caption_task", "resolution", "include_subfolders")
 _RUNNING = ("starting", "preparing", "training", "evaluating", "stopping")
+# In every payload queued since jobs record their run: a job of such a payload that has no run_id never
+# started its run (it ended while preparing), so it starts again as first asked.
+RUN_RECORDED = "records_run"
 
 
 def job_payload(prepare: PrepareConfig | None, train: TrainConfig | None, *, new_run=False, resume=False) -> dict:
@@ -31,6 +34,7 @@ def job_payload(prepare: PrepareConfig | None, train: TrainConfig | None, *, new
         "train": config_to_dict(train) if train is not None else None,
         "new_run": bool(new_run),
         "resume": bool(resume),
+        RUN_RECORDED: True,
     }
 
 
@@ -182,8 +186,8 @@ class TrainingKinds:
         if again and job.run_id is not None:
             resume = self._own_run_resumable(job)
             new_run = not resume
-        elif again and self.jobs.can_resume(job.project):  # no run recorded (a queue file from before run ids)
-            resume = True
+        elif again and not new_run and not payload.get(RUN_RECORDED) and self.jobs.can_resume(job.project):
+            resume = True  # a queue file from before run ids: the project's newest run is the best guess
         store = self.tab.queue.store if getattr(self.tab, "queue", None) is not None else None
         return self.jobs.start(
             prepare_config=prepare,

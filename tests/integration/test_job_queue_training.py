@@ -254,8 +254,31 @@ def test_a_retried_job_without_a_recorded_run_resumes_the_newest(queued_tab):
     job = tab.start(prepare=None, train=_train(name, steps=6))
     run_id = _stopped_at_step_2(tab, runner, job).run_id
     with sqlite3.connect(runner.store.path) as db:
-        db.execute("UPDATE jobs SET run_id = NULL WHERE id = ?", (job["queue_id"],))
+        db.execute(
+            "UPDATE jobs SET run_id = NULL, payload = json_remove(payload, '$.records_run') WHERE id = ?",
+            (job["queue_id"],),
+        )
     runner.retry(job["queue_id"])
     finished = _wait(runner, job["queue_id"], ("finished", "failed"))
     assert finished.state == "finished", finished.error
     assert any(f"Resuming run {run_id} from step" in line for line in tab.jobs.snapshot()["log"])
+
+
+def test_a_retried_new_run_job_that_ended_before_its_run_started_starts_a_new_run(queued_tab):
+    """Review 9 #6: a job asking for a new run, run once but ended before its run started (no run_id), is
+    retried as first asked: a new run, never the project's stopped one."""
+    import sqlite3
+
+    tab, runner, _, name = queued_tab
+    job = tab.start(prepare=None, train=_train(name, steps=4))
+    stopped = _stopped_at_step_2(tab, runner, job).run_id
+    with sqlite3.connect(runner.store.path) as db:  # as if it had ended while preparing, asked with new_run
+        db.execute(
+            "UPDATE jobs SET run_id = NULL, payload = json_set(payload, '$.new_run', json('true')) WHERE id = ?",
+            (job["queue_id"],),
+        )
+    runner.retry(job["queue_id"])
+    finished = _wait(runner, job["queue_id"], ("finished", "failed"))
+    assert finished.state == "finished", finished.error
+    assert finished.run_id not in (None, stopped)
+    assert not any("Resuming run" in line for line in tab.jobs.snapshot()["log"])
