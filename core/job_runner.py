@@ -25,6 +25,7 @@ from core.job_queue import JobStore, QueuedJob, job_id_of, this_process
 log = logging.getLogger(__name__)
 
 MAX_SETTINGS_CHARS = 65536
+MAX_PROJECT_CHARS = 200  # project names are 64 at most (names.MAX_NAME_LENGTH); other kinds may use more
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,19 @@ def _check_finite(value, where: str = "settings") -> None:
             _check_finite(item, where)
 
 
+def project_of(project) -> str:
+    """A job's project from the API, stripped: short text without control characters (it is stored, listed
+    on every page each second and printed by the CLI); each kind checks more of it."""
+    if not isinstance(project, str):
+        raise UserError(f"project must be text; got {project!r}"[:300])
+    project = project.strip()
+    if len(project) > MAX_PROJECT_CHARS:
+        raise UserError(f"project is {len(project)} characters long; a project name has at most {MAX_PROJECT_CHARS}.")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in project):
+        raise UserError("project contains control characters (a line break?): give the project's name.")
+    return project
+
+
 class JobRunner:
     def __init__(self, store: JobStore, *, tick_s: float = 0.5) -> None:
         self.store = store
@@ -139,10 +153,9 @@ class JobRunner:
     def submit(self, kind: str, project: str, settings, *, one_per_project: bool = False) -> dict:
         """Check and queue a job; it starts at once when nothing runs. Returns the job's row, with
         ``started`` (what its plugin shows of it) when it started."""
-        if not isinstance(project, str):
-            raise UserError(f"project must be text; got {project!r}"[:300])
-        payload = self._handler(kind).payload(kind, project.strip(), settings_of(settings))
-        return self.enqueue(kind, project.strip(), payload, one_per_project=one_per_project)
+        project = project_of(project)
+        payload = self._handler(kind).payload(kind, project, settings_of(settings))
+        return self.enqueue(kind, project, payload, one_per_project=one_per_project)
 
     def enqueue(self, kind: str, project: str, payload: dict, *, one_per_project: bool = False) -> dict:
         """Queue a job whose payload is already typed (a tab's own configs); as :meth:`submit`. A job that

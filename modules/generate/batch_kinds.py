@@ -36,7 +36,9 @@ class BatchKinds:
         return {"batch": text, "base_seed": seed}
 
     def check(self, kind: str, project: str, payload: dict) -> None:
-        """Checked when its payload was made."""
+        """The payload was checked when it was made; a batch belongs to no project."""
+        if project:
+            raise UserError("A batch job belongs to no project: leave project empty.")
 
     def start(self, job: QueuedJob) -> dict:
         shown = self.runner.start(job.payload["batch"], base_seed=job.payload["base_seed"])

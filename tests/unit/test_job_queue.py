@@ -427,3 +427,19 @@ def test_a_row_with_unreadable_settings_fails_alone_and_can_be_cancelled(tmp_pat
         assert runner.store.get(bad.id).error == UNREADABLE
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize(
+    ("project", "message"),
+    [("x" * 5_000_000, "5000000 characters long; a project name has at most 200"), ("a\n<b>", "control characters")],
+)
+def test_a_jobs_project_is_short_text_for_every_kind(runner, project, message):
+    """Review 9 #8: the project is stored, listed every second and printed by the CLI: bounded for every kind;
+    a batch belongs to no project."""
+    from modules.generate.batch_kinds import BatchKinds
+
+    with pytest.raises(UserError, match=message):
+        runner.submit("sleep", project, {"seconds": 0.01})
+    with pytest.raises(UserError, match="belongs to no project"):
+        BatchKinds(runner=None).check("batch", "evil", {})
+    assert runner.list_jobs() == []
