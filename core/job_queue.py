@@ -33,7 +33,7 @@ STATES = ("queued", "running", "interrupted", "finished", "failed", "cancelled")
 ENDED = ("finished", "failed", "cancelled")
 RETRYABLE = ("failed", "cancelled", "interrupted")
 MAX_JOB_ID = 2**53  # ids past this are not ids any JSON client can send exactly
-LISTED = 200  # the most jobs a list returns: every queued and running one, then the newest others
+LISTED = 200  # a list holds every queued and running job, then the newest others up to this many rows
 MAX_WAITING = 1000  # queued jobs at most, unless the store is told otherwise (config: QUEUE_MAX_WAITING)
 MAX_PAYLOAD_CHARS = 8_000_000  # a job's JSON (a batch file of 1 MB, escaped, fits)
 
@@ -201,13 +201,18 @@ class JobStore:
         return _job(row)
 
     def list_jobs(self, *, limit: int = LISTED) -> list[QueuedJob]:
-        """Running jobs, then the queued ones in line, then the others, newest first; without their payloads
-        (a batch's can be a megabyte, and the page lists the jobs every second): ``get`` has them."""
+        """Every running job, then every queued one in line (at most ``max_waiting`` of those wait), then the
+        others, newest first, up to ``limit`` rows in all; without their payloads (a batch's can be a
+        megabyte, and the page lists the jobs every second): ``get`` has them."""
         with self._connection() as db:
             rows = db.execute(
-                f"SELECT {_LISTED_COLUMNS} FROM jobs "
-                "ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, position, id DESC LIMIT ?",
-                (limit,),
+                f"SELECT {_LISTED_COLUMNS} FROM jobs WHERE state IN ('running', 'queued') "
+                "ORDER BY CASE state WHEN 'running' THEN 0 ELSE 1 END, position, id LIMIT ?",
+                (self.max_waiting + limit,),
+            ).fetchall()
+            rows += db.execute(
+                f"SELECT {_LISTED_COLUMNS} FROM jobs WHERE state NOT IN ('running', 'queued') ORDER BY id DESC LIMIT ?",
+                (max(0, limit - len(rows)),),
             ).fetchall()
         return [_job(row) for row in rows]
 

@@ -443,3 +443,18 @@ def test_a_jobs_project_is_short_text_for_every_kind(runner, project, message):
     with pytest.raises(UserError, match="belongs to no project"):
         BatchKinds(runner=None).check("batch", "evil", {})
     assert runner.list_jobs() == []
+
+
+def test_the_list_holds_every_waiting_job_past_the_listed_rows(tmp_path):
+    """Review 9 #9: 250 queued jobs are all listed (and can be picked), ended ones fill what is left of 200."""
+    from core.job_queue import LISTED
+
+    store = JobStore(tmp_path / "queue.sqlite")
+    for index in range(LISTED + 50):
+        store.add("sleep", f"p{index}", {})
+    assert [job.position for job in store.list_jobs()] == list(range(1, LISTED + 51))
+    for job_id in range(1, 61):
+        store.cancel(job_id)
+    listed = store.list_jobs()
+    assert [job.state for job in listed] == ["queued"] * (LISTED - 10) + ["cancelled"] * 10
+    assert [job.id for job in listed[-10:]] == list(range(60, 50, -1))
