@@ -11,7 +11,7 @@ import argparse
 import json
 
 from core.job_queue import JobStore, job_id_of
-from core.job_runner import settings_of
+from core.job_runner import project_of, settings_of
 
 
 def add_queue_parser(commands) -> None:
@@ -40,7 +40,7 @@ def run_queue(args: argparse.Namespace, app_config) -> int:
             print(f"{job.id:>5}  {job.kind:<14} {job.project:<24} {job.state}{place}  {job.progress:.0%}  {outcome}")
         return 0
     if args.queue_action == "add":
-        job = store.add(args.kind, args.project, _payload(args, app_config))
+        job = store.add(args.kind, project_of(args.project), _payload(args, app_config))
     elif args.queue_action == "cancel":
         job = store.cancel(job_id_of(args.job_id))
     elif args.queue_action == "retry":
@@ -52,19 +52,30 @@ def run_queue(args: argparse.Namespace, app_config) -> int:
 
 
 def _payload(args: argparse.Namespace, app_config) -> dict:
-    """The job's payload, checked as the app checks one from its API."""
+    """The job's payload, checked as the app checks one from its API (a batch as the Generate tab does)."""
+    from core.errors import UserError
     from core.model_manager import ModelManager
     from modules.lora_training.jobs import TrainingJobs
     from modules.lora_training.queue_kinds import TrainingKinds
     from modules.lora_training.ui import LoraTrainingTab
 
     manager = ModelManager(models_dir=app_config.MODELS_DIR, loras_dir=app_config.LORAS_DIR, device="cpu")
-    jobs = TrainingJobs(model_manager=manager, app_config=app_config)
-    kinds = TrainingKinds(LoraTrainingTab(jobs=jobs, model_manager=manager, gestionnaire=None, config=app_config))
+    if args.kind == "batch":
+        kinds = _batch_kinds(manager, app_config)
+    else:
+        jobs = TrainingJobs(model_manager=manager, app_config=app_config)
+        kinds = TrainingKinds(LoraTrainingTab(jobs=jobs, model_manager=manager, gestionnaire=None, config=app_config))
     if args.kind not in kinds.kinds:
-        from core.errors import UserError
-
         raise UserError(f"Unknown job kind {args.kind!r}; the kinds are: {', '.join(kinds.kinds)}."[:300])
-    payload = kinds.payload(args.kind, args.project, settings_of(args.settings))
-    kinds.check(args.kind, args.project, payload)
+    project = project_of(args.project)
+    payload = kinds.payload(args.kind, project, settings_of(args.settings))
+    kinds.check(args.kind, project, payload)
     return payload
+
+
+def _batch_kinds(manager, app_config):
+    from modules.generate.batch_kinds import BatchKinds
+    from modules.generate.tab import GenerateTab
+
+    tab = GenerateTab(model_manager=manager, config=app_config, translations={})
+    return BatchKinds(tab.batch_runner())

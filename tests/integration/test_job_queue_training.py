@@ -282,3 +282,24 @@ def test_a_retried_new_run_job_that_ended_before_its_run_started_starts_a_new_ru
     assert finished.state == "finished", finished.error
     assert finished.run_id not in (None, stopped)
     assert not any("Resuming run" in line for line in tab.jobs.snapshot()["log"])
+
+
+def test_the_queue_command_adds_a_batch_checked_as_the_generate_tab_checks_it(app_config, capsys):
+    """Review 9 #13: the help lists batch, and the command queues one (checked first; no project)."""
+    import json
+
+    from core.job_queue import JobStore
+    from modules.lora_training.cli import main
+
+    argv = ["--app-config", str(app_config.LORA_PROJECTS_DIR.parent / "config.json"), "queue", "add", "batch"]
+    assert main([*argv, "", json.dumps({"batch": "prompt\na cat\n", "base_seed": 5})]) == 0
+    added = json.loads(capsys.readouterr().out)
+    job = JobStore(app_config.QUEUE_DB).get(added["id"])
+    assert (job.kind, job.project, job.state, job.payload["base_seed"]) == ("batch", "", "queued", 5)
+    for project, settings, message in (
+        ("", {"batch": "prompt\n"}, "no rows"),
+        ("evil", {"batch": "prompt\na cat\n"}, "belongs to no project"),
+    ):
+        assert main([*argv, project, json.dumps(settings)]) == 2
+        assert message in capsys.readouterr().err
+    assert len(JobStore(app_config.QUEUE_DB).list_jobs()) == 1
