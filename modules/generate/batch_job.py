@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 import secrets
 import threading
 import time
@@ -224,6 +225,9 @@ def write_contact_sheet(rows: list[dict], folder: Path, *, thumb: int = 128) -> 
     return path
 
 
+BATCH_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}", re.ASCII)
+
+
 def new_batch_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
@@ -248,8 +252,9 @@ class BatchRunner:
         self._jobs: dict[str, BatchJob] = {}
         self._lock = threading.Lock()
 
-    def start(self, text: str, *, base_seed=None) -> dict:
-        """Check the whole batch, then run it in the background; returns its id, folder and row count."""
+    def start(self, text: str, *, base_seed=None, batch_id: str | None = None) -> dict:
+        """Check the whole batch, then run it in the background; returns its id, folder and row count.
+        ``batch_id``: the id given when it was queued (a new one when it already ran, e.g. a retried job)."""
         seed = base_seed_of(base_seed)
         defaults: BatchDefaults = self.defaults()
         requests = parse_batch(text, defaults=defaults, base_seed=seed)
@@ -257,7 +262,9 @@ class BatchRunner:
             running = next((job for job in self._jobs.values() if job.running), None)
             if running:
                 raise UserError(f"Batch {running.batch_id} is still running: stop it or wait for it to finish.")
-            batch_id = new_batch_id()
+            fresh = isinstance(batch_id, str) and BATCH_ID.fullmatch(batch_id) and batch_id not in self._jobs
+            if not fresh or (self.outputs_dir / f"batch-{batch_id}").exists():
+                batch_id = new_batch_id()
             folder = self.outputs_dir / f"batch-{batch_id}"
             folder.mkdir(parents=True)
             job = BatchJob(batch_id=batch_id, folder=folder, requests=requests, manager=self.manager, base_seed=seed)

@@ -11,7 +11,7 @@ from core.errors import UserError
 from core.job_queue import QueuedJob
 from core.job_runner import JobStatus
 from modules.generate.batch import parse_batch
-from modules.generate.batch_job import BatchRunner, base_seed_of
+from modules.generate.batch_job import BatchRunner, base_seed_of, new_batch_id
 
 
 class BatchKinds:
@@ -33,7 +33,8 @@ class BatchKinds:
     def batch_payload(self, text: str, *, base_seed=None) -> dict:
         seed = base_seed_of(base_seed)
         parse_batch(text, defaults=self.runner.defaults(), base_seed=seed)  # refused now, not by a failed job
-        return {"batch": text, "base_seed": seed}
+        # Its id from now on: /batch_status and /batch_stop know it while it waits in the queue.
+        return {"batch": text, "base_seed": seed, "batch_id": new_batch_id()}
 
     def check(self, kind: str, project: str, payload: dict) -> None:
         """The payload was checked when it was made; a batch belongs to no project."""
@@ -41,7 +42,8 @@ class BatchKinds:
             raise UserError("A batch job belongs to no project: leave project empty.")
 
     def start(self, job: QueuedJob) -> dict:
-        shown = self.runner.start(job.payload["batch"], base_seed=job.payload["base_seed"])
+        payload = job.payload
+        shown = self.runner.start(payload["batch"], base_seed=payload["base_seed"], batch_id=payload.get("batch_id"))
         self._batch_ids[job.id] = shown["id"]
         return shown
 

@@ -32,7 +32,36 @@ class BatchSection:
         row = self.queue.enqueue("batch", "", self.kinds.batch_payload(text, base_seed=base_seed))
         if row["started"] is not None:
             return {**row["started"], "queue_id": row["id"]}
-        return {"id": None, "queue_id": row["id"], "state": "queued", "position": row["position"]}
+        return {"id": row["payload"]["batch_id"], "queue_id": row["id"], "state": "queued", "position": row["position"]}
+
+    def _waiting(self, batch_id: str):
+        """The queued job of batch ``batch_id`` (with "": the newest waiting batch), or None."""
+        if self.queue is None or not isinstance(batch_id, str):
+            return None
+        waiting = [job for job in self.queue.list_jobs() if job.kind == "batch" and job.state == "queued"]
+        for job in sorted(waiting, key=lambda job: job.id, reverse=True):
+            full = self.queue.store.get(job.id)  # the list leaves payloads out
+            if not batch_id or full.payload.get("batch_id") == batch_id:
+                return full
+        return None
+
+    def status(self, batch_id: str = "") -> dict:
+        """A batch's progress: a batch waiting in the queue as "waiting"; with "": the running batch, else the
+        newest waiting one, else the last that ran."""
+        latest = self.runner.job("") if not batch_id else None
+        waiting = None if latest is not None and latest.running else self._waiting(batch_id)
+        if waiting is None:
+            return self.runner.status(batch_id)
+        return _waiting_snapshot(waiting, state="waiting")
+
+    def stop(self, batch_id: str = "") -> dict:
+        """Stop a running batch between rows, or take a waiting one out of the queue (as "" in :meth:`status`)."""
+        latest = self.runner.job("") if not batch_id else None
+        waiting = None if latest is not None and latest.running else self._waiting(batch_id)
+        if waiting is None:
+            return self.runner.stop(batch_id)
+        self.queue.cancel(waiting.id)
+        return _waiting_snapshot(waiting, state="stopped")
 
     # ----- plain functions (the page's handlers and the API) ---------------------
     def progress_text(self, snapshot: dict) -> str:
@@ -79,14 +108,14 @@ class BatchSection:
         def batch_status(batch_id: str = "") -> dict:
             """A batch's progress (rows done/total), state, per-row results and folder; the latest when no id."""
             try:
-                return self.runner.status(batch_id)
+                return self.status(batch_id)
             except UserError as exc:
                 raise shown_to_user(exc, self.strings) from exc
 
         def batch_stop(batch_id: str = "") -> dict:
             """Stop a batch (the latest when no id) between rows; the row in flight stops at its next step."""
             try:
-                return self.runner.stop(batch_id)
+                return self.stop(batch_id)
             except UserError as exc:
                 raise shown_to_user(exc, self.strings) from exc
 
@@ -121,8 +150,8 @@ class BatchSection:
         private = {"api_visibility": "private"}
 
         def poll():
-            snapshot = self.runner.status()
-            running = snapshot["state"] in ("queued", "running")
+            snapshot = self.status()
+            running = snapshot["state"] in ("queued", "running", "waiting")
             return self.progress_text(snapshot), self.gallery_items(snapshot), gr.Timer(active=running)
 
         def run(path):
@@ -135,13 +164,31 @@ class BatchSection:
             return poll()
 
         def stop():
-            self.runner.stop()
+            self.stop()
             return poll()
 
         outputs = [w.progress, w.gallery, w.timer]
         w.run.click(run, inputs=[w.file], outputs=outputs, **private)
         w.stop.click(stop, outputs=outputs, queue=False, **private)
         w.timer.tick(poll, outputs=outputs, show_progress="hidden", queue=False, **private)
+
+
+def _waiting_snapshot(job, *, state: str) -> dict:
+    """What /batch_status shows of a batch still in the queue (nothing has run)."""
+    return {
+        "id": job.payload.get("batch_id"),
+        "state": state,
+        "queue_id": job.id,
+        "position": job.position if state == "waiting" else None,
+        "done": 0,
+        "total": 0,
+        "failed": 0,
+        "rows": [],
+        "images": [],
+        "folder": "",
+        "contact_sheet": None,
+        "message": "",
+    }
 
 
 def _numbered_images(snapshot: dict) -> list[tuple[int, str]]:

@@ -278,3 +278,25 @@ def test_a_refused_batch_starts_nothing(manager, tmp_path):
     with pytest.raises(UserError, match="base seed"):
         runner.start("prompt\na\n", base_seed=float("nan"))
     assert runner.status()["state"] == "idle" and not (tmp_path / "outputs").exists()
+
+
+def test_a_batch_waiting_in_the_queue_is_seen_and_stopped_by_its_id(manager, tmp_path):
+    """Review 9 #15: a queued batch has its id at once; /batch_status shows it waiting, /batch_stop and the
+    page's Stop ("" = the newest waiting) take it out of the queue, and it never runs."""
+    from modules.generate.batch_section import BatchSection
+
+    batches = _runner(manager, tmp_path)
+    queue = JobRunner(JobStore(tmp_path / "queue.sqlite"), tick_s=0.05)
+    section = BatchSection(batches, queue=queue)
+    text = "prompt,steps\na cat,1\n"
+    with queue.device_lent("a measurement") as lent:  # the device is held: the batches wait in line
+        assert lent
+        first, second = section.submit(text, base_seed=1), section.submit(text, base_seed=2)
+    assert first["state"] == second["state"] == "queued" and first["id"] and first["id"] != second["id"]
+    assert (section.status(first["id"])["state"], section.status("")["id"]) == ("waiting", second["id"])
+    stopped = section.stop("")
+    assert (stopped["id"], stopped["state"]) == (second["id"], "stopped")
+    assert section.stop(first["id"])["state"] == "stopped"
+    assert {queue.store.get(job["queue_id"]).state for job in (first, second)} == {"cancelled"}
+    queue.tick()
+    assert batches.status()["state"] == "idle", "a stopped batch ran"
