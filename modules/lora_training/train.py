@@ -70,7 +70,7 @@ from modules.lora_training.events import (
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
-from modules.lora_training.project import ProjectPaths, write_json
+from modules.lora_training.project import ProjectPaths, read_json, write_json
 from modules.lora_training.regularization import (
     class_image_folder,
     class_store,
@@ -316,7 +316,7 @@ class Trainer:
         """A resumed run keeps the LoRA shape and the held-out images its checkpoint was trained with,
         whatever the caller passed."""
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
-        saved = json.loads((latest / "config.json").read_text(encoding="utf-8"))
+        saved = read_json(latest / "config.json", {})
         shape = {**LORA_SHAPE_BEFORE, **{key: saved[key] for key in LORA_SHAPE if key in saved}}
         # Runs from before validation trained on every image.
         shape["validation_share"] = saved.get("validation_share", 0.0)

@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from core.atomic import write_text_atomic
+from core.regular_files import UnreadableFile, read_json_bounded
 
 NOISE_LEVELS = (0.25, 0.5, 0.75)  # fractions of the schedule (mid-range: where a subject is learned)
 MIN_IMAGES_FOR_A_SPLIT = 5  # below this every photo trains; the training-image figure still shows
+MAX_EVALUATION_BYTES = 64 * 2**20
 MAX_PROBE_IMAGES = 8  # training images measured beside the held-out ones (bounds the cost)
 # How the best checkpoint is chosen: the user picks the rule (evaluate --best-rule, the tab, the API).
 BEST_RULES = {
@@ -135,10 +137,10 @@ class Evaluation:
     def read(cls, path: Path, *, up_to_step: int) -> Evaluation:
         """The run's figures up to ``up_to_step`` (a resumed run drops what came after its checkpoint)."""
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            raw = read_json_bounded(path, max_bytes=MAX_EVALUATION_BYTES)
             records = [r for r in raw.get("records", []) if isinstance(r, dict) and r.get("step", 0) <= up_to_step]
             evaluation = cls(raw.get("validation_images", []), raw.get("training_images", []), records)
-        except (OSError, ValueError, AttributeError):
+        except (UnreadableFile, AttributeError):
             return cls()
         evaluation.choose(raw.get("rule_id", DEFAULT_RULE), raw.get("margin", DEFAULT_MARGIN), strict=False)
         evaluation.clip = raw.get("clip") if isinstance(raw.get("clip"), dict) else None
