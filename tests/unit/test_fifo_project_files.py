@@ -1,6 +1,7 @@
 """Review 9 #2: a FIFO in place of a project's JSON file (manifest, evaluation, training config, caption
 cache) is refused at once; reading it by name blocked Prepare and the tab's handlers for ever."""
 
+import contextlib
 import os
 import threading
 
@@ -35,10 +36,8 @@ def fifo_project(tmp_path):
     paths.root.mkdir()
     yield paths
     for name in os.listdir(paths.root):  # unblock any reader the code under test left waiting
-        try:
+        with contextlib.suppress(OSError):
             os.close(os.open(paths.root / name, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
 
 
 def test_a_fifo_manifest_is_a_user_error_at_once(fifo_project):
