@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a model's JSON config (model_index.json, config.json, tokenizer_config.json)
+
 
 class UnreadableFile(Exception):
     """Why a file was not read, in words for the user (``too_large`` tells the size case apart)."""
@@ -53,6 +55,16 @@ def read_json_bounded(path: str | Path, *, max_bytes: int):
         return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UnreadableFile(f"is not valid JSON ({str(exc)[:200]})") from exc
+
+
+def read_config(path: str | Path) -> dict | None:
+    """A model folder's JSON config as a dict; None when it is missing, not a regular file, too large or not
+    a JSON object (the callers treat that as "no config")."""
+    try:
+        value = read_json_bounded(path, max_bytes=MAX_CONFIG_BYTES)
+    except UnreadableFile:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_safetensors_bounded(path: str | Path, *, max_bytes: int) -> dict:
