@@ -104,12 +104,18 @@ def detect(path: Path) -> str:
     if path.is_dir():
         index = path / "model_index.json"
         try:
-            class_name = read_json_bounded(index, max_bytes=MAX_CONFIG_BYTES).get("_class_name", "")
+            raw = read_json_bounded(index, max_bytes=MAX_CONFIG_BYTES)
         except UnreadableFile as exc:
             raise UserError(
                 f"{path.name}: no readable model_index.json, so this is not a diffusers model folder; "
                 "copy the whole folder of the model, or pick another one."
             ) from exc
+        class_name = raw.get("_class_name") if isinstance(raw, dict) else None
+        if not isinstance(class_name, str):
+            raise UserError(
+                f"{path.name}: model_index.json names no pipeline class (_class_name), so this is not a diffusers "
+                "model folder; copy the whole folder of the model, or pick another one."
+            )
         odd = _odd_component_file(path)
         if odd is not None:
             raise UserError(f"{path.name}: {odd} is not a regular file; only model files are read. Remove it.")

@@ -50,3 +50,30 @@ def test_a_fifo_component_file_leaves_the_folder_out_of_the_list(fifo_model):
 def test_a_fifo_config_reads_as_no_config(fifo_model):
     assert _in_thread(lambda: read_config(fifo_model / "unet" / "config.json")) is None
     assert read_config(fifo_model / "model_index.json") == {"_class_name": "StableDiffusionPipeline"}
+
+
+@pytest.mark.parametrize("index", ["[1]", '{"_class_name": 5}', '{"_class_name": ["a"]}', '"x"', "{NaN"])
+def test_an_odd_model_index_leaves_only_that_folder_out(tmp_path, index):
+    """Review 9 #22: one odd model_index.json raised AttributeError/TypeError out of list_models."""
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text(index)
+    assert list_models(tmp_path) == []
+    with pytest.raises(UserError, match="odd"):
+        detect(odd)
+
+
+def test_one_folder_failing_in_any_way_does_not_break_the_list(tmp_path, monkeypatch):
+    import core.model_files as model_files
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+
+    def detect_or_fail(path):
+        if path.name == "a":
+            raise RuntimeError("a family's own check failed")
+        return "some-family"
+
+    monkeypatch.setattr(model_files, "detect_family", detect_or_fail)
+    assert [entry.name for entry in list_models(tmp_path)] == ["b"]
