@@ -54,7 +54,7 @@ def read_json_bounded(path: str | Path, *, max_bytes: int):
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UnreadableFile(f"is not valid JSON ({str(exc)[:200]})") from exc
+        raise UnreadableFile(f"not valid JSON ({str(exc)[:200]})") from exc
 
 
 def read_config(path: str | Path) -> dict | None:
@@ -75,4 +75,4 @@ def load_safetensors_bounded(path: str | Path, *, max_bytes: int) -> dict:
     try:
         return load(data)
     except Exception as exc:  # safetensors raises its own error types for a corrupt file
-        raise UnreadableFile(f"is not a readable safetensors file ({str(exc)[:200]})") from exc
+        raise UnreadableFile(f"not a readable safetensors file ({str(exc)[:200]})") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from core.errors import UserError
 from core.regular_files import UnreadableFile, load_safetensors_bounded, read_bounded, read_json_bounded
 
 _PREFIX = "step-"
+# ASCII digits only: "step-²" passes str.isdigit and int() refuses it; a name of thousands of digits is no step
+_STEP_NAME = re.compile(r"step-[0-9]{1,12}")
 MAX_JSON_BYTES = 4 * 2**20
 MAX_WEIGHTS_BYTES = 64 * 2**30  # a checkpoint's LoRA / optimizer state: large, still bounded
 
@@ -48,7 +51,9 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     folder = Path(checkpoints)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
+    found = [
+        p for p in folder.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -129,7 +134,7 @@ def _load_training_state(path: Path) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise UnreadableFile(f"is not a readable training state ({str(exc)[:200]})") from exc
+        raise UnreadableFile(f"not a readable training state ({str(exc)[:200]})") from exc
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "scaler"} <= set(state):
         raise UnreadableFile("is not a training state")
     return state
@@ -140,5 +145,5 @@ def _read(path: Path, reader):
         return reader(path)
     except UnreadableFile as exc:
         raise UserError(
-            f"Checkpoint file {path} {exc}; delete the folder {path.parent} (or the whole run) and train again."
+            f"Checkpoint file {path} cannot be used ({exc}); delete the folder {path.parent} (or the whole run) and train again."
         ) from exc

@@ -58,7 +58,9 @@ def read_json(path: Path, default=None):
     try:
         return read_json_bounded(path, max_bytes=MAX_PROJECT_JSON_BYTES)
     except UnreadableFile as exc:
-        raise UserError(f"Project file {path} {exc}; delete it or write it again (Prepare or a new run).") from exc
+        raise UserError(
+            f"Project file {path} cannot be used ({exc}); delete it or write it again (Prepare or a new run)."
+        ) from exc
 
 
 def write_json(path: Path, data) -> None:

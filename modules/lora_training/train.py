@@ -239,7 +239,9 @@ class _Caches:
             try:
                 self._memory[path] = load_safetensors_bounded(path, max_bytes=MAX_CACHE_FILE_BYTES)
             except UnreadableFile as exc:
-                raise UserError(f"Cache file {path} {exc}; delete the project's cache folder and start again.") from exc
+                raise UserError(
+                    f"Cache file {path} cannot be used ({exc}); delete the project's cache folder and start again."
+                ) from exc
         return self._memory[path]
 
 

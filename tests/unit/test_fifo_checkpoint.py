@@ -62,3 +62,12 @@ def test_a_damaged_lora_file_is_a_user_error(tmp_path):
     folder = _checkpoint(tmp_path / "step-000010")
     (folder / "lora.safetensors").write_bytes(b"\x00" * 20)
     assert isinstance(_load_in_thread(folder), UserError)
+
+
+def test_checkpoint_names_that_are_not_ascii_steps_are_left_out(tmp_path):
+    """Review 9 #10: a folder "step-²" with a state.json raised a raw ValueError for Resume, Evaluate, pruning."""
+    _checkpoint(tmp_path / "step-000010")
+    for odd in ("step-\u00b2", "step-" + "9" * 200, "step-12\n", "step--1"):
+        (tmp_path / odd).mkdir()
+        (tmp_path / odd / "state.json").write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000010"]
