@@ -46,13 +46,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def read_json_bounded(path: str | Path, *, max_bytes: int):
-    """The JSON value in the regular file at ``path`` (NaN/Infinity refused); UnreadableFile otherwise."""
+def read_json_bounded(path: str | Path, *, max_bytes: int, allow_nan: bool = False):
+    """The JSON value in the regular file at ``path`` (NaN/Infinity refused unless ``allow_nan``);
+    UnreadableFile otherwise."""
     import json
 
     data = read_bounded(path, max_bytes=max_bytes)
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(data.decode("utf-8"), parse_constant=None if allow_nan else _no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UnreadableFile(f"not valid JSON ({str(exc)[:200]})") from exc
 
