@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
             continue
         try:
             family = detect_family(path)
-        except UserError:
+        except Exception as exc:  # noqa: BLE001 - one odd folder or file must not break the whole list: it is left out
+            logging.getLogger("lora_studio").info("model %s left out of the list: %s", path.name, exc)
             continue
         entries.append(ModelEntry(name=path.name, path=path, family=family, single_file=is_file))
     return entries

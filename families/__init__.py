@@ -8,7 +8,6 @@ package does no work. Shared code asks a family (``family(name).size_multiple``,
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 # name → (module, class), in the order lists and defaults use.
@@ -76,22 +75,50 @@ def display_names() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
+def _odd_component_file(folder: Path) -> str | None:
+    """The first entry of a component folder (``unet/``, ``vae/``...) that is neither a regular file nor a
+    folder: diffusers opens the components' files by name, and a FIFO there would block the server."""
+    import os
+    import stat
+
+    for component in sorted(folder.iterdir()):
+        if component.name.startswith(".") or not component.is_dir():
+            continue
+        for entry in sorted(component.iterdir()):
+            try:
+                mode = os.stat(entry).st_mode
+            except OSError:
+                return f"{component.name}/{entry.name}"  # a broken link
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return f"{component.name}/{entry.name}"
+    return None
+
+
 def detect(path: Path) -> str:
     """The family of a base model: a diffusers folder or a single ``.safetensors`` file."""
     from core.errors import UserError
-    from model_formats.safetensors_header import read_safetensors_header, require_regular_file
+    from core.regular_files import MAX_CONFIG_BYTES, UnreadableFile, read_json_bounded
+    from model_formats.safetensors_header import read_safetensors_header
 
     path = Path(path)
     if path.is_dir():
         index = path / "model_index.json"
         try:
-            require_regular_file(index)
-            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError, UserError) as exc:
+            raw = read_json_bounded(index, max_bytes=MAX_CONFIG_BYTES)
+        except UnreadableFile as exc:
             raise UserError(
                 f"{path.name}: no readable model_index.json, so this is not a diffusers model folder; "
                 "copy the whole folder of the model, or pick another one."
             ) from exc
+        class_name = raw.get("_class_name") if isinstance(raw, dict) else None
+        if not isinstance(class_name, str):
+            raise UserError(
+                f"{path.name}: model_index.json names no pipeline class (_class_name), so this is not a diffusers "
+                "model folder; copy the whole folder of the model, or pick another one."
+            )
+        odd = _odd_component_file(path)
+        if odd is not None:
+            raise UserError(f"{path.name}: {odd} is not a regular file; only model files are read. Remove it.")
         found = family_of_pipeline(class_name)
         refusal = family(found).folder_refusal(path) if found else None
         if found is None or refusal:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from core.regular_files import read_config
 from families.base import ModelFamily
 
 
@@ -59,11 +59,9 @@ class FluxFiles(ModelFamily):
 
     @classmethod
     def text_tokens(cls, folder: Path) -> int:
-        try:
-            tokenizer = json.loads((Path(folder) / "tokenizer_2" / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            tokenizer = {}
-        return min(512, int(tokenizer.get("model_max_length", 512)))
+        tokenizer = read_config(Path(folder) / "tokenizer_2" / "tokenizer_config.json") or {}
+        length = tokenizer.get("model_max_length", 512)
+        return min(512, int(length)) if isinstance(length, (int, float)) and 0 < length < 2**62 else 512
 
     @classmethod
     def meta_inputs(cls, config: dict, *, batch: int, latent_side: int, text_length: int, make) -> dict:

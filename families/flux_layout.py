@@ -8,7 +8,6 @@ real one. The VAE, text encoders, tokenizers and scheduler come from a Flux diff
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.regular_files import read_config
 from families.base import ORIGINAL_DENOISER_PREFIX as _PREFIX
 
 # Prefixes of all-in-one checkpoints that also carry the VAE and text encoders.
@@ -255,9 +255,8 @@ def save_flux_single_file(transformer, path: Path, *, metadata: dict[str, str]) 
 
 def rope_axes_of(folder: Path) -> tuple[int, ...] | None:
     """The rotary axes a diffusers Flux folder's transformer config names, if any."""
-    try:
-        config = json.loads((Path(folder) / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    config = read_config(Path(folder) / "transformer" / "config.json")
+    if config is None:
         return None
     axes = config.get("axes_dims_rope")
     return tuple(axes) if axes else None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from core.errors import UserError
+from core.regular_files import read_config
 
 
 def flux_components_folder(path: Path, models_dir: Path) -> Path:
@@ -27,9 +27,8 @@ def flux_components_folder(path: Path, models_dir: Path) -> Path:
     for entry in list_models(models_dir):
         if entry.family != "flux" or entry.single_file:
             continue
-        try:
-            config = json.loads((entry.path / "transformer" / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        config = read_config(entry.path / "transformer" / "config.json")
+        if config is None:
             continue
         widths = ("joint_attention_dim", "pooled_projection_dim")
         if all(config.get(key) == wanted[key] for key in widths):

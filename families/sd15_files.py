@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from core.regular_files import read_config
 from families.unet_files import UNetFiles
 
 
@@ -20,10 +20,7 @@ class SD15Files(UNetFiles):
     def folder_refusal(cls, folder: Path) -> str | None:
         """Why a diffusers folder whose pipeline class is SD 1.x's is not SD 1.x: SD 2.x shares the class, but
         its U-Net attends to OpenCLIP's 1024-wide text through linear projections (SD 1.x: 1x1 convolutions)."""
-        try:
-            unet = json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None  # loading names what is missing
+        unet = read_config(Path(folder) / "unet" / "config.json")  # None: loading names what is missing
         if isinstance(unet, dict) and (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024):
             return "Stable Diffusion 2.x is not supported (its U-Net has SD 2's OpenCLIP text layout)"
         return None

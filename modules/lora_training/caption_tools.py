@@ -10,17 +10,21 @@ snapshot back. The trigger word stays first: it cannot be removed or replaced he
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.atomic import write_text_atomic
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 from modules.lora_training.dataset.captions import join_tags, split_tags
 from modules.lora_training.project import ProjectPaths
 
 ACTIONS = ("frequencies", "add", "remove", "replace", "prefix", "suffix", "search", "undo")
 HISTORY_LIMIT = 50
+MAX_SNAPSHOT_BYTES = 64 * 2**20
+_SNAPSHOT_NUMBER = re.compile(r"[0-9]{1,12}")  # ASCII: "²".isdigit() is true and int() refuses it
 MAX_TAG = 200  # characters in a tag or a search
 MAX_TEXT = 500  # characters of prefix or suffix text
 
@@ -177,8 +181,25 @@ def _snapshot(paths: ProjectPaths, captions: dict[str, str], *, action: str) -> 
 def _snapshots(paths: ProjectPaths) -> list[Path]:
     """The kept snapshots, oldest first."""
     folder = _history(paths)
-    found = [path for path in folder.glob("*.json") if path.stem.isdigit()] if folder.is_dir() else []
+    found = [path for path in folder.glob("*.json") if _SNAPSHOT_NUMBER.fullmatch(path.stem)] if folder.is_dir() else []
     return sorted(found, key=lambda path: int(path.stem))
+
+
+def _read_snapshot(path: Path) -> dict:
+    """A snapshot ``{"action": str, "captions": {image: caption}}``, checked before anything is written."""
+    try:
+        saved = read_json_bounded(path, max_bytes=MAX_SNAPSHOT_BYTES)
+    except UnreadableFile as exc:
+        saved, why = None, str(exc)
+    else:
+        why = "not a caption snapshot"
+    captions = saved.get("captions") if isinstance(saved, dict) else None
+    good = isinstance(captions, dict) and all(isinstance(t, str) for t in captions.values())
+    if not good or not isinstance(saved.get("action"), str):
+        raise UserError(
+            f"Caption history file {path} cannot be used ({why}); delete it, then Undo goes back to the one before."
+        )
+    return saved
 
 
 def _undo(paths: ProjectPaths, prepared: _PreparedCaptions) -> CaptionToolsResult:
@@ -187,7 +208,7 @@ def _undo(paths: ProjectPaths, prepared: _PreparedCaptions) -> CaptionToolsResul
     if not snapshots:
         return CaptionToolsResult("Nothing to undo.", frequencies=tag_frequencies(current))
     newest = snapshots[-1]
-    saved = json.loads(newest.read_text(encoding="utf-8"))
+    saved = _read_snapshot(newest)
     restored = {name: text for name, text in saved["captions"].items() if name in current and current[name] != text}
     prepared.write(restored)
     newest.unlink()

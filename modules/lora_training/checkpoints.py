@@ -8,7 +8,10 @@ state: every random draw of a step derives from the run's seed and the step (:mo
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +19,14 @@ from pathlib import Path
 import torch
 
 from core.atomic import atomic_path
+from core.errors import UserError
+from core.regular_files import UnreadableFile, load_safetensors_bounded, read_bounded, read_json_bounded
 
 _PREFIX = "step-"
+# ASCII digits only: "step-²" passes str.isdigit and int() refuses it; a name of thousands of digits is no step
+_STEP_NAME = re.compile(r"step-[0-9]{1,12}")
+MAX_JSON_BYTES = 4 * 2**20
+MAX_WEIGHTS_BYTES = 64 * 2**30  # a checkpoint's LoRA / optimizer state: large, still bounded
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,9 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     folder = Path(checkpoints)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
+    found = [
+        p for p in folder.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -84,20 +95,55 @@ def save_checkpoint(checkpoints: Path, state: CheckpointState, *, keep: int, pro
 
 
 def load_checkpoint(folder: Path) -> CheckpointState:
-    from safetensors.torch import load_file
-
+    """The checkpoint in ``folder``; each file is opened once, as a regular file (a FIFO or a device put there
+    would block the whole server), and a file that cannot be read is a UserError naming it."""
     folder = Path(folder)
-    meta = json.loads((folder / "state.json").read_text())
-    training = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    meta = _read(folder / "state.json", lambda p: read_json_bounded(p, max_bytes=MAX_JSON_BYTES))
+    training = _read(folder / "training_state.pt", _load_training_state)
+    if not isinstance(meta, dict) or not _is_count(meta.get("step")):
+        raise UserError(f"{folder / 'state.json'} is not a checkpoint's state; delete the folder {folder}.")
     ema = folder / "ema.safetensors"
+    has_ema = os.path.lexists(ema)
     return CheckpointState(
-        step=int(meta["step"]),
-        lora=load_file(str(folder / "lora.safetensors")),
+        step=meta["step"],
+        lora=_read(folder / "lora.safetensors", _load_tensors),
         optimizer=training["optimizer"],
         scheduler=training["scheduler"],
         scaler=training["scaler"],
-        config=json.loads((folder / "config.json").read_text()),
-        skipped=int(meta.get("skipped", 0)),
-        ema=load_file(str(ema)) if ema.is_file() else None,
-        ema_updates=int(meta.get("ema_updates", 0)),
+        config=_read(folder / "config.json", lambda p: read_json_bounded(p, max_bytes=MAX_JSON_BYTES)),
+        skipped=_count(meta.get("skipped", 0)),
+        ema=_read(ema, _load_tensors) if has_ema else None,
+        ema_updates=_count(meta.get("ema_updates", 0)),
     )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**12
+
+
+def _count(value) -> int:
+    return value if _is_count(value) else 0
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors_bounded(path, max_bytes=MAX_WEIGHTS_BYTES)
+
+
+def _load_training_state(path: Path) -> dict:
+    data = read_bounded(path, max_bytes=MAX_WEIGHTS_BYTES)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UnreadableFile(f"not a readable training state ({str(exc)[:200]})") from exc
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "scaler"} <= set(state):
+        raise UnreadableFile("is not a training state")
+    return state
+
+
+def _read(path: Path, reader):
+    try:
+        return reader(path)
+    except UnreadableFile as exc:
+        raise UserError(
+            f"Checkpoint file {path} cannot be used ({exc}); delete the folder {path.parent} (or the whole run) and train again."
+        ) from exc

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.errors import UserError
+from core.regular_files import UnreadableFile, load_safetensors_bounded
+
+MAX_CLIP_WEIGHTS_BYTES = 16 * 2**30
 
 # open_clip settings that change the architecture away from the original CLIP, with the value that keeps it.
 _PLAIN_BLOCK = {  # residual-block settings both towers have
@@ -182,7 +185,6 @@ def _image_processor(preprocess_cfg: dict, side: int, *, path: Path):
 
 def load_open_clip(folder: Path, *, root: Path):
     """``(CLIPModel, tokenizer, image processor)`` from an open_clip folder (already checked by ``clip_format``)."""
-    from safetensors.torch import load_file
     from transformers import CLIPModel
 
     from model_formats.tokenizers import build_clip_tokenizer
@@ -196,8 +198,8 @@ def load_open_clip(folder: Path, *, root: Path):
     text, vision = _tower_names(model)
     weights = folder / OPEN_CLIP_FILES[1]
     try:
-        loaded = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        loaded = load_safetensors_bounded(weights, max_bytes=MAX_CLIP_WEIGHTS_BYTES)
+    except UnreadableFile as exc:
         raise UserError(f"{weights} is not a readable safetensors file ({exc}).") from exc
     state = convert_open_clip_state_dict(loaded, text=text, vision=vision)
     expected = model.state_dict()

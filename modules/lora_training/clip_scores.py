@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
-from core.regular_files import UnreadableFile, read_bounded
+from core.regular_files import UnreadableFile, load_safetensors_bounded, read_bounded
 
 CLIP_FOLDER = "clip"  # models/clip/<name>/
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
@@ -32,6 +32,7 @@ DEMO_STAMP = "lora_studio_demo.json"  # model_formats.demo_models stamps its ran
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_JSON_BYTES = 4 * 2**20
+_MAX_HEAD_BYTES = 64 * 2**20  # an aesthetic head is one linear layer
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -255,16 +256,14 @@ def _load_transformers(folder: Path):
 
 def load_aesthetic_head(folder: Path, *, root: Path, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(weight [1, dim], bias [1])`` of ``aesthetic_head.safetensors`` in ``folder``, None when absent."""
-    from safetensors.torch import load_file
-
     path = folder / AESTHETIC_HEAD
     if not os.path.lexists(path):
         return None
     if not is_regular_file(path, root=root):
         raise UserError(f"{path} is not a regular file; remove it or put the aesthetic head's safetensors file there.")
     try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        tensors = load_safetensors_bounded(path, max_bytes=_MAX_HEAD_BYTES)
+    except UnreadableFile as exc:
         raise UserError(f"{path} is not a readable safetensors file ({exc}).") from exc
     weight, bias = tensors.get("weight"), tensors.get("bias")
     if weight is None or bias is None or tuple(weight.shape) != (1, dim) or tuple(bias.shape) != (1,):

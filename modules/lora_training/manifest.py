@@ -7,15 +7,17 @@ Everything else (training, the tab, the CLI, the estimate) reads it through :cla
 
 from __future__ import annotations
 
-import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 from modules.lora_training.project import ProjectPaths, write_json
 
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 256 * 2**20
 DEFAULT_RESOLUTION = 1024  # what an estimate assumes before a project is prepared
 
 
@@ -46,11 +48,11 @@ class ProjectManifest:
     @classmethod
     def read(cls, paths: ProjectPaths) -> ProjectManifest | None:
         """The project's manifest; None when the project was never prepared."""
-        try:
-            raw = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not os.path.lexists(paths.manifest):
             return None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        try:  # a regular file only: a FIFO put there would block every handler that reads the manifest
+            raw = read_json_bounded(paths.manifest, max_bytes=MAX_MANIFEST_BYTES)
+        except UnreadableFile as exc:
             raise _unreadable(paths, exc) from exc
         if not isinstance(raw, dict) or not isinstance(raw.get("images", []), list):
             raise _unreadable(paths, "not a manifest")

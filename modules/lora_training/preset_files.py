@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+MAX_PRESET_BYTES = 1 * 2**20
 
 
 def preset_names(user_dir: Path | None = None) -> list[str]:
@@ -24,8 +25,33 @@ def read_preset(name: str, *, user_dir: Path | None = None) -> dict:
     for folder in folders:
         path = folder / f"{name}.json"
         if path.is_file():
-            return _with_learning_rate(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                return _with_learning_rate(_checked(_read(path)))
+            except (UnreadableFile, UserError) as exc:
+                raise UserError(f"Preset {name!r} cannot be used ({exc}); fix or delete {path}.") from exc
     raise UserError(f"Preset {name!r} not found.")
+
+
+def _read(path: Path) -> dict:
+    """A preset file: a regular file (a FIFO would block the tab), a JSON object with an ``options`` object."""
+    preset = read_json_bounded(path, max_bytes=MAX_PRESET_BYTES)  # NaN and Infinity refused
+    if not isinstance(preset, dict) or not isinstance(preset.get("options", {}), dict):
+        raise UnreadableFile('not a preset: {"resolution": ..., "options": {...}} expected')
+    return preset
+
+
+def _checked(preset: dict) -> dict:
+    """Every value is validated as a run's would be (as saving a preset does) before it reaches the form."""
+    from modules.lora_training.config import PrepareConfig, TrainConfig, config_from_dict
+
+    config_from_dict(TrainConfig, {"project": "x", "base_model": "x", **preset.get("options", {})})
+    if "resolution" in preset:
+        config_from_dict(
+            PrepareConfig, {"project": "x", "images_dir": "x", "trigger": "x", "resolution": preset["resolution"]}
+        )
+    if not isinstance(preset.get("note", ""), str):
+        raise UserError("note must be text")
+    return preset
 
 
 def _with_learning_rate(preset: dict) -> dict:

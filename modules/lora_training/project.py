@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import write_text_atomic
+from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 from modules.lora_training.names import validate_name
+
+MAX_PROJECT_JSON_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,16 @@ class ProjectPaths:
 
 
 def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    """The JSON in a project file, ``default`` when there is none; read as a regular file only (a FIFO would
+    block the server) and bounded; a file that cannot be read is a UserError naming it."""
+    if not os.path.lexists(path):
         return default
+    try:
+        return read_json_bounded(path, max_bytes=MAX_PROJECT_JSON_BYTES)
+    except UnreadableFile as exc:
+        raise UserError(
+            f"Project file {path} cannot be used ({exc}); delete it or write it again (Prepare or a new run)."
+        ) from exc
 
 
 def write_json(path: Path, data) -> None:

@@ -19,11 +19,14 @@ from pathlib import Path
 
 from core.atomic import atomic_path, write_text_atomic
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 from modules.lora_training.data import TrainItem
 from modules.lora_training.dataset.scan import never_stop
 from modules.lora_training.events import EventSink, Log, PrepProgress
 
 STORE = ".class_images"
+
+MAX_RECORD_BYTES = 64 * 1024  # one crop record
 
 
 def class_store(projects_dir: Path) -> Path:
@@ -59,11 +62,11 @@ def _cache_record(store: Path, *, sha256: str, resolution: int) -> Path:
 def _cached_item(record: Path, *, sha256: str, caption: str) -> TrainItem | None:
     """The item a previous run cropped from these bytes at this resolution, when its record and crop are intact."""
     try:
-        saved = json.loads(record.read_text(encoding="utf-8"))
+        saved = read_json_bounded(record, max_bytes=MAX_RECORD_BYTES)
         name = str(saved["crop"])
         geometry = tuple(tuple(int(v) for v in saved[key]) for key in ("original", "top_left", "resized"))
         size = tuple(int(v) for v in saved["bucket"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (UnreadableFile, KeyError, TypeError, ValueError):
         return None
     path = record.parent / name
     if Path(name).name != name or not path.is_file() or len(size) != 2 or any(len(pair) != 2 for pair in geometry):

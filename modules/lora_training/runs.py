@@ -8,7 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from core.errors import UserError
@@ -19,7 +19,9 @@ from modules.lora_training.project import ProjectPaths, write_json
 LEGACY_RUN_ID = "00000000-000000-legacy"
 _LEGACY_ITEMS = ("checkpoints", "samples", "logs", "training_config.json")
 _STAMP = "%Y%m%d-%H%M%S"
-_RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-z]{4,8}$")
+# ASCII digits and hex only (\d matches any Unicode digit; "$" lets a trailing newline through)
+_RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{4,8}", re.ASCII)
+_FUTURE_MARGIN = timedelta(days=1)  # clocks differ a little between machines; a run id later than this is not ours
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,20 @@ def list_runs(paths: ProjectPaths) -> list[RunPaths]:
     folder = runs_dir(paths)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and (p.name == LEGACY_RUN_ID or _RUN_ID.match(p.name))]
+    found = [p for p in folder.iterdir() if (p.name == LEGACY_RUN_ID or _is_run_id(p.name)) and p.is_dir()]
     return [RunPaths(p) for p in sorted(found, key=lambda p: p.name)]
+
+
+def _is_run_id(name: str) -> bool:
+    """A run id new_run_id could have made: a real UTC time, not after tomorrow (a folder dated 2099 would
+    make every new run of the project get a 2099 id, and 9999-12-31 23:59:59 has no next second)."""
+    if not _RUN_ID.fullmatch(name):
+        return False
+    try:
+        stamp = datetime.strptime(name[:15], _STAMP)
+    except ValueError:
+        return False
+    return stamp <= datetime.now(timezone.utc).replace(tzinfo=None) + _FUTURE_MARGIN
 
 
 def latest_run(paths: ProjectPaths) -> RunPaths | None:

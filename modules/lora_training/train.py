@@ -32,6 +32,7 @@ from core.atomic import remove_stale_partials
 from core.errors import UserError
 from core.model_files import model_entry
 from core.model_manager import pick_device
+from core.regular_files import UnreadableFile, load_safetensors_bounded
 from families import display_name
 from families import family as model_family
 from modules.lora_training import checkpoints as ckpt
@@ -69,7 +70,7 @@ from modules.lora_training.events import (
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.metrics import keep_metrics_up_to
 from modules.lora_training.optim import build_optimizer, build_scheduler
-from modules.lora_training.project import ProjectPaths, write_json
+from modules.lora_training.project import ProjectPaths, read_json, write_json
 from modules.lora_training.regularization import (
     class_image_folder,
     class_store,
@@ -91,6 +92,7 @@ log = logging.getLogger(__name__)
 COPY_LAYOUTS = {"lora": "kohya", "dora": "kohya + dora_scale", "lokr": "LyCORIS", "loha": "LyCORIS"}
 
 MAX_BAD_STEPS = 5
+MAX_CACHE_FILE_BYTES = 4 * 2**30  # one cached latent or text embedding
 # fp16's GradScaler starts high and halves its scale at each overflow: it may skip more steps in a row.
 MAX_BAD_STEPS_WITH_SCALER = 20
 PRODIGY_MIN_LR = 0.1
@@ -233,10 +235,13 @@ class _Caches:
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         """Each cache file is read from disk once per run, then served from memory."""
-        from safetensors.torch import load_file
-
         if path not in self._memory:
-            self._memory[path] = load_file(str(path))
+            try:
+                self._memory[path] = load_safetensors_bounded(path, max_bytes=MAX_CACHE_FILE_BYTES)
+            except UnreadableFile as exc:
+                raise UserError(
+                    f"Cache file {path} cannot be used ({exc}); delete the project's cache folder and start again."
+                ) from exc
         return self._memory[path]
 
 
@@ -313,7 +318,7 @@ class Trainer:
         """A resumed run keeps the LoRA shape and the held-out images its checkpoint was trained with,
         whatever the caller passed."""
         latest = ckpt.latest_checkpoint(self.current_run.checkpoints)
-        saved = json.loads((latest / "config.json").read_text(encoding="utf-8"))
+        saved = read_json(latest / "config.json", {})
         shape = {**LORA_SHAPE_BEFORE, **{key: saved[key] for key in LORA_SHAPE if key in saved}}
         # Runs from before validation trained on every image.
         shape["validation_share"] = saved.get("validation_share", 0.0)

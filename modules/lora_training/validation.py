@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,11 @@ from pathlib import Path
 import torch
 
 from core.atomic import write_text_atomic
+from core.regular_files import UnreadableFile, read_json_bounded
 
 NOISE_LEVELS = (0.25, 0.5, 0.75)  # fractions of the schedule (mid-range: where a subject is learned)
 MIN_IMAGES_FOR_A_SPLIT = 5  # below this every photo trains; the training-image figure still shows
+MAX_EVALUATION_BYTES = 64 * 2**20
 MAX_PROBE_IMAGES = 8  # training images measured beside the held-out ones (bounds the cost)
 # How the best checkpoint is chosen: the user picks the rule (evaluate --best-rule, the tab, the API).
 BEST_RULES = {
@@ -135,10 +138,11 @@ class Evaluation:
     def read(cls, path: Path, *, up_to_step: int) -> Evaluation:
         """The run's figures up to ``up_to_step`` (a resumed run drops what came after its checkpoint)."""
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-            records = [r for r in raw.get("records", []) if isinstance(r, dict) and r.get("step", 0) <= up_to_step]
+            # files of earlier versions hold NaN figures as NaN: read, then cleaned
+            raw = read_json_bounded(path, max_bytes=MAX_EVALUATION_BYTES, allow_nan=True)
+            records = [_clean(r) for r in raw.get("records", []) if _is_record(r) and r["step"] <= up_to_step]
             evaluation = cls(raw.get("validation_images", []), raw.get("training_images", []), records)
-        except (OSError, ValueError, AttributeError):
+        except (UnreadableFile, AttributeError, TypeError):
             return cls()
         evaluation.choose(raw.get("rule_id", DEFAULT_RULE), raw.get("margin", DEFAULT_MARGIN), strict=False)
         evaluation.clip = raw.get("clip") if isinstance(raw.get("clip"), dict) else None
@@ -160,6 +164,8 @@ class Evaluation:
         self.rule, self.margin = rule, float(margin)
 
     def add(self, record: dict) -> None:
+        """Keep ``record`` (a figure that came out NaN or infinite, e.g. an fp16 overflow, is kept as None)."""
+        record = _clean(record)
         others = [r for r in self.records if r["step"] != record["step"]]
         self.records = sorted([*others, record], key=lambda r: r["step"])
 
@@ -167,11 +173,15 @@ class Evaluation:
         """The checkpointed record the rule picks; None when no record has the figures it needs."""
         candidates = [r for r in self.records if r.get("checkpoint")]
         if self.rule == "subject_similarity":
-            floor = (self.clip or {}).get("base_prompt_adherence", 0.0) - self.margin
-            kept = [r for r in candidates if r.get("subject_similarity") is not None]
+            base = (self.clip or {}).get("base_prompt_adherence", 0.0)
+            floor = (base if _finite(base) else 0.0) - self.margin
+            kept = [
+                r for r in candidates if _finite(r.get("subject_similarity")) and _finite(r.get("prompt_adherence"))
+            ]
             kept = [r for r in kept if r["prompt_adherence"] >= floor]
             return max(kept, key=lambda r: (r["subject_similarity"], r["step"])) if kept else None
-        candidates = [r for r in candidates if r.get("validation_loss") is not None]
+        # min/max keep a NaN that comes first: only finite figures compete
+        candidates = [r for r in candidates if _finite(r.get("validation_loss"))]
         return min(candidates, key=lambda r: (r["validation_loss"], -r["step"])) if candidates else None
 
     def write(self, path: Path) -> None:
@@ -188,3 +198,17 @@ class Evaluation:
             "best": self.best(),
         }
         write_text_atomic(path, json.dumps(document, indent=2))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_record(record) -> bool:
+    step = record.get("step") if isinstance(record, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= 10**12
+
+
+def _clean(record: dict) -> dict:
+    """The record with every non-finite number (NaN, infinity) as None: it is no figure to compare."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

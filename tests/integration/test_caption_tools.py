@@ -93,3 +93,21 @@ def test_the_cli(captioned, models_dir, tmp_path, capsys):
     assert main([*base, "--search", "green"]) == 0 and "2 caption(s) contain 'green'." in capsys.readouterr().out
     assert main([*base, "--undo"]) == 0 and "Undid replace: 2 caption(s) restored." in capsys.readouterr().out
     assert main([*base, "--remove", "ohwx"]) == 2 and "is the trigger word" in capsys.readouterr().err
+
+
+def test_odd_history_files_are_ignored_or_refused_before_anything_is_written(captioned):
+    """Review 9 #10: "².json" (digits to str.isdigit, not to int) broke every change; a snapshot that is not
+    what the app writes broke Undo with a raw KeyError after restoring nothing and deleting it."""
+    paths = captioned
+    run_caption_tool(paths, action="add", tag="red")
+    history = paths.root / "caption_history"
+    (history / "\u00b2.json").write_text("{}")
+    assert run_caption_tool(paths, action="add", tag="blue").changed == 4
+    assert run_caption_tool(paths, action="undo").changed == 4
+    before = read_captions(paths)
+    odd = history / "00009999.json"
+    for content in ('{"captions": {"x": 1}}', "[1]", '{"action": "add"}', "{oops"):
+        odd.write_text(content)
+        with pytest.raises(UserError, match="Caption history file"):
+            run_caption_tool(paths, action="undo")
+        assert odd.is_file() and read_captions(paths) == before

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from core.atomic import write_text_atomic
 from core.errors import UserError
+from core.regular_files import UnreadableFile, read_json_bounded
 from modules.lora_training.dataset.captions import sentence_and_tags
 from modules.lora_training.events import Log, PrepProgress
 
@@ -110,10 +111,8 @@ class CaptionCache:
 
     def _read(self) -> dict:
         try:
-            if not self.path.is_file() or self.path.stat().st_size > MAX_CACHE_BYTES:
-                return {}
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = read_json_bounded(self.path, max_bytes=MAX_CACHE_BYTES)
+        except UnreadableFile:
             return {}
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
             return {}

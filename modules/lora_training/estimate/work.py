@@ -11,7 +11,6 @@ twice (the recomputation) and only its inputs stay between the passes.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from core.model_files import ModelEntry
+from core.regular_files import read_config
 from families import family as model_family
 
 _FREE = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_strided.default", "aten.detach.default"}
@@ -202,10 +202,7 @@ class _OperationCounter(TorchDispatchMode):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_config(path) or {}  # a regular file only: a FIFO there would block the estimate
 
 
 def denoiser_blueprint(entry: ModelEntry, *, models_dir: Path) -> tuple[type, dict]:
