@@ -1,7 +1,9 @@
 """Failed logins are limited per client: after a few wrong passwords, /login answers 429 for a while.
 
 An ASGI middleware around the Gradio app (Gradio's own auth callable never sees the client's
-address). It only watches ``POST /login``: a 400 answer there is a failed login.
+address). It only watches ``POST /login``: a 400 answer there is a failed login. Each attempt counts as a
+failure from the moment it starts (and is taken back when it succeeds), so many attempts sent at once
+cannot all reach the password check before the first answer.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class LoginThrottle:
         self.failures: dict[str, deque[float]] = {}
 
     def _recent(self, client: str, now: float) -> deque[float]:
+        for other in [c for c, times in self.failures.items() if not times or now - times[-1] >= self.window]:
+            del self.failures[other]  # addresses whose failures have all expired
         times = self.failures.setdefault(client, deque())
         while times and now - times[0] >= self.window:
             times.popleft()
@@ -46,6 +50,7 @@ class LoginThrottle:
         if len(recent) >= self.max_failures:
             wait = int(self.window - (now - recent[0])) + 1
             return await _refuse(send, wait)
+        recent.append(now)  # reserved before the password is checked; taken back on success
         answered = {}
 
         async def watch(message):
@@ -54,8 +59,8 @@ class LoginThrottle:
             await send(message)
 
         await self.app(scope, receive, watch)
-        if answered.get("status") == 400:
-            recent.append(self.clock())
+        if answered.get("status") != 400 and now in recent:
+            recent.remove(now)
 
 
 async def _refuse(send, wait: int) -> None:

@@ -106,17 +106,28 @@ def all_variants(caption: str, *, trigger: str, keep_tokens: int, shuffle: bool,
     return found
 
 
-def variant_count(caption: str, *, trigger: str, keep_tokens: int, shuffle: bool, dropout: float) -> int:
-    """How many variants a caption has at most (without listing them)."""
+def variant_count(
+    caption: str, *, trigger: str, keep_tokens: int, shuffle: bool, dropout: float, ceiling: int | None = None
+) -> int:
+    """How many variants a caption has at most (without listing them). With ``ceiling``, counting stops
+    once past it (the answer is then ``ceiling + 1``): a caption of thousands of tags has a count of
+    thousands of digits, which takes minutes to compute exactly."""
     if not variants_on(shuffle=shuffle, dropout=dropout):
         return 1
     tags = split_tags(caption)
     free = sum(not keep for keep in _pinned(tags, trigger=trigger, keep_tokens=keep_tokens))
-    if dropout <= 0:
-        return math.factorial(free)
+    past = math.inf if ceiling is None else ceiling
     if not shuffle:
-        return 2**free
-    return sum(math.comb(free, size) * math.factorial(size) for size in range(free + 1))
+        return ceiling + 1 if ceiling is not None and free >= ceiling.bit_length() else 2**free
+    # orders of ``size`` tags among ``free``: free * (free - 1) * ... (size factors); with dropout every size
+    # counts, without it only size == free
+    total = orders = 1
+    for size in range(1, free + 1):
+        orders *= free - size + 1
+        total = total + orders if dropout > 0 else orders
+        if total > past:
+            return ceiling + 1
+    return total
 
 
 def variants_to_cache(
@@ -126,10 +137,10 @@ def variants_to_cache(
     the module's docstring); None when the run should encode at each step."""
     distinct = sorted(set(captions))
     options = {"trigger": trigger, "keep_tokens": keep_tokens, "shuffle": shuffle, "dropout": dropout}
-    total = 0
+    total, most = 0, min(encodings, VARIANTS_PER_CAPTION * len(distinct))
     for caption in distinct:
-        total += variant_count(caption, **options)
-        if total > min(encodings, VARIANTS_PER_CAPTION * len(distinct)):
+        total += variant_count(caption, **options, ceiling=most)
+        if total > most:
             return None
     return sorted(set().union(*(all_variants(caption, **options) for caption in distinct)))
 

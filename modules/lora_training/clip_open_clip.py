@@ -65,11 +65,36 @@ def _check_plain(config: dict, plain: dict, *, tower: str, path: Path) -> None:
             )
 
 
-def _side(value, *, path: Path) -> int:
+def _side(value, *, path: Path, high: int = 4096) -> int:
     sides = value if isinstance(value, list | tuple) else (value, value)
-    if len(set(sides)) != 1:
+    if len(sides) != 2 or len(set(sides)) != 1:
         raise UserError(f"{path}: non-square CLIP images ({sides}) are not supported.")
-    return int(sides[0])
+    return _whole({"image side": sides[0]}, "image side", default=0, high=high, path=path)
+
+
+def _whole(tower: dict, key: str, *, default: int, high: int, path: Path) -> int:
+    """A size of the config: a whole number from 1 to ``high`` (a crafted file must not size the model)."""
+    value = tower.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise UserError(f"{path}: {key} must be a whole number from 1 to {high}; got {value!r}.")
+    return value
+
+
+def _ratio(tower: dict, *, path: Path) -> float:
+    value = tower.get("mlp_ratio", 4.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 16:
+        raise UserError(f"{path}: mlp_ratio must be a number above 0 and at most 16; got {value!r}.")
+    return float(value)
+
+
+def _heads(width: int, *, path: Path, head_width: int | None = None, heads: int | None = None) -> int:
+    """How many attention heads a tower of ``width`` has (given their width or their number)."""
+    heads = heads or width // head_width
+    if width % heads or (head_width and heads * head_width != width):
+        raise UserError(f"{path}: a width of {width} does not split into equal attention heads.")
+    return heads
 
 
 def clip_config_from_open_clip(model_cfg: dict, *, path: Path):
@@ -77,34 +102,40 @@ def clip_config_from_open_clip(model_cfg: dict, *, path: Path):
     from transformers import CLIPConfig
 
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    if "embed_dim" not in model_cfg or not isinstance(vision.get("layers", 12), int):
+    if "embed_dim" not in model_cfg or not isinstance(vision, dict) or not isinstance(vision.get("layers", 12), int):
         raise UserError(f"{path}: only ViT CLIP models convert (this one has no embed_dim or a ResNet image tower).")
+    if not isinstance(text, dict):
+        raise UserError(f"{path}: text_cfg must be an object.")
     _check_plain(vision, _PLAIN_VISION, tower="image", path=path)
     _check_plain(text, _PLAIN_TEXT, tower="text", path=path)
     act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
-    v_width, t_width = int(vision.get("width", 768)), int(text.get("width", 512))
+    v_width = _whole(vision, "width", default=768, high=8192, path=path)
+    t_width = _whole(text, "width", default=512, high=8192, path=path)
+    side = _side(vision.get("image_size", 224), path=path)
+    head_width = _whole(vision, "head_width", default=64, high=v_width, path=path)
     vision_config = {
         "hidden_size": v_width,
-        "intermediate_size": int(v_width * vision.get("mlp_ratio", 4.0)),
-        "num_hidden_layers": int(vision.get("layers", 12)),
-        "num_attention_heads": v_width // int(vision.get("head_width", 64)),
-        "image_size": _side(vision.get("image_size", 224), path=path),
-        "patch_size": _side(vision.get("patch_size", 16), path=path),
+        "intermediate_size": max(1, int(v_width * _ratio(vision, path=path))),
+        "num_hidden_layers": _whole(vision, "layers", default=12, high=128, path=path),
+        "num_attention_heads": _heads(v_width, head_width=head_width, path=path),
+        "image_size": side,
+        "patch_size": _side(vision.get("patch_size", 16), path=path, high=side),
         "hidden_act": act,
     }
+    heads = _whole(text, "heads", default=8, high=t_width, path=path)
     text_config = {
-        "vocab_size": int(text.get("vocab_size", 49408)),
+        "vocab_size": _whole(text, "vocab_size", default=49408, high=1_000_000, path=path),
         "hidden_size": t_width,
-        "intermediate_size": int(t_width * text.get("mlp_ratio", 4.0)),
-        "num_hidden_layers": int(text.get("layers", 12)),
-        "num_attention_heads": int(text.get("heads", 8)),
-        "max_position_embeddings": int(text.get("context_length", 77)),
+        "intermediate_size": max(1, int(t_width * _ratio(text, path=path))),
+        "num_hidden_layers": _whole(text, "layers", default=12, high=128, path=path),
+        "num_attention_heads": _heads(t_width, heads=heads, path=path),
+        "max_position_embeddings": _whole(text, "context_length", default=77, high=4096, path=path),
         "hidden_act": act,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 49407,
     }
-    dim = int(model_cfg["embed_dim"])
+    dim = _whole(model_cfg, "embed_dim", default=512, high=8192, path=path)
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=dim)
 
 
@@ -185,6 +216,7 @@ def _image_processor(preprocess_cfg: dict, side: int, *, path: Path):
 
 def load_open_clip(folder: Path, *, root: Path):
     """``(CLIPModel, tokenizer, image processor)`` from an open_clip folder (already checked by ``clip_format``)."""
+    import torch
     from transformers import CLIPModel
 
     from model_formats.tokenizers import build_clip_tokenizer
@@ -194,7 +226,8 @@ def load_open_clip(folder: Path, *, root: Path):
     raw = read_json_file(config_path, root=root)
     model_cfg = raw.get("model_cfg", raw)
     config = clip_config_from_open_clip(model_cfg, path=config_path)
-    model = CLIPModel(config)
+    with torch.device("meta"):  # shapes only: the weights are compared with them before anything is allocated
+        model = CLIPModel(config)
     text, vision = _tower_names(model)
     weights = folder / OPEN_CLIP_FILES[1]
     try:
@@ -209,6 +242,7 @@ def load_open_clip(folder: Path, *, root: Path):
         raise UserError(
             f"{weights} does not match {config_path}: missing {missing[:3]}, unexpected or misshapen {wrong[:3]}."
         )
+    model = CLIPModel(config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     side = config.vision_config.image_size
     processor = _image_processor(raw.get("preprocess_cfg", {}), side, path=config_path)

@@ -613,22 +613,38 @@ class TrainingJobs:
                 self._record(job, Log(f"Inference model {restored} restored."))
 
     def _log_estimate(self, job, train_config) -> None:
+        """Log the run's memory estimate. Counting a full-size step takes seconds (or waits on a page's
+        Estimate of the same model), so it runs aside and is abandoned on Stop; it never fails the run."""
         from modules.lora_training.estimate import estimate_run
         from modules.lora_training.manifest import resolution_of
 
-        resolution = resolution_of(self._paths(job.project))
-        try:
-            memory = estimate_run(
-                train_config,
-                models_dir=self.app_config.MODELS_DIR,
-                resolution=resolution,
-                timing=False,
-                counted=self.counted_steps,
-            ).memory
-        except (UserError, OSError, ValueError) as exc:
-            self._record(job, Log(f"No memory estimate: {exc}"))
+        outcome: dict = {}
+
+        def estimate() -> None:
+            try:
+                outcome["memory"] = estimate_run(
+                    train_config,
+                    models_dir=self.app_config.MODELS_DIR,
+                    resolution=resolution_of(self._paths(job.project)),
+                    timing=False,
+                    counted=self.counted_steps,
+                ).memory
+            except Exception as exc:  # an estimate is advice: any failure of it leaves the run alone
+                outcome["error"] = exc
+
+        if self._stop.is_set():
             return
-        self._record(job, Log(memory.describe(), level="warning" if memory.fits is False else "info"))
+        worker = threading.Thread(target=estimate, name="run-estimate", daemon=True)
+        worker.start()
+        while worker.is_alive() and not self._stop.is_set():
+            worker.join(0.1)
+        if worker.is_alive():
+            self._record(job, Log("No memory estimate: Stop was asked while it was being counted."))
+        elif "error" in outcome:
+            self._record(job, Log(f"No memory estimate: {outcome['error']}"))
+        else:
+            memory = outcome["memory"]
+            self._record(job, Log(memory.describe(), level="warning" if memory.fits is False else "info"))
 
     def _training_event(self, job: JobState, event) -> None:
         self._record(job, event)

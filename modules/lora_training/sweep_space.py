@@ -38,6 +38,7 @@ MAX_SPACE_BYTES = 64 * 1024
 MAX_TRIALS = 500
 MAX_PARAMETERS = 16
 MAX_CHOICES = 32
+MAX_RANGE_STEPS = 1_000_000  # (high - low) / step of a range: beyond, Optuna's decimal arithmetic fails
 MAX_REPORTS = 20
 DEFAULT_TRIAL_STEPS = 100
 DEFAULT_REPORTS = 4
@@ -95,10 +96,20 @@ class Parameter:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self):
+        """Optuna's distribution of a range (building it checks what Optuna checks)."""
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        if self.integer:
+            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return FloatDistribution(self.low, self.high, step=self.step, log=self.log)
+
     def contains(self, value) -> bool:
         if self.choices:
             return value in self.choices
-        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            return False
+        return (not self.integer or float(value).is_integer()) and self.distribution()._contains(value)
 
     def describe(self) -> str:
         if self.choices:
@@ -183,7 +194,14 @@ def _range(name: str, spec: dict) -> Parameter:
         )
     if log and integer and step not in (None, 1):
         raise UserError(f"Sweep parameter {name}: a log range of whole numbers takes no step.")
-    return Parameter(name, low=low, high=high, log=log, step=step, integer=integer)
+    if step is not None and (high - low) / step > MAX_RANGE_STEPS:
+        raise UserError(f"Sweep parameter {name}: step {step:g} is too small; use at most {MAX_RANGE_STEPS} steps.")
+    parameter = Parameter(name, low=low, high=high, log=log, step=step, integer=integer)
+    try:
+        parameter.distribution()
+    except (ArithmeticError, ValueError) as exc:
+        raise UserError(f"Sweep parameter {name}: Optuna cannot draw from this range ({exc}).") from exc
+    return parameter
 
 
 def parse_parameter(name, spec) -> Parameter:
@@ -280,6 +298,7 @@ def _enqueued(raw, parameters: tuple[Parameter, ...], *, trials: int) -> tuple[d
                 raise UserError(
                     f"Search space: an enqueued trial's {name} {value!r} is outside {by_name[name].describe()}."
                 )
+            _check_value(name, value)
     return tuple(dict(row) for row in raw)
 
 

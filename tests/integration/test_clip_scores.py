@@ -4,6 +4,7 @@ and models/clip/ is searched safely (real weights before the demo, no links leav
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -285,3 +286,36 @@ def test_open_clip_architectures_other_than_the_original_are_refused(tmp_path):
     (folder / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="text tower's pool_type is 'last'; only the original CLIP architecture"):
         ClipScorer.load(folder)
+
+
+def _vision(**values):
+    return {**OPEN_CLIP_CFG, "vision_cfg": {**OPEN_CLIP_CFG["vision_cfg"], **values}}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (_vision(mlp_ratio=float("nan")), "mlp_ratio must be a number above 0 and at most 16; got nan"),
+        (_vision(head_width=0), "head_width must be a whole number from 1 to 64; got 0"),
+        (_vision(head_width=24), "a width of 64 does not split into equal attention heads"),
+        ({**OPEN_CLIP_CFG, "text_cfg": {**OPEN_CLIP_CFG["text_cfg"], "vocab_size": 10**13}}, "vocab_size must be"),
+        (_vision(layers=200), "layers must be a whole number from 1 to 128"),
+        (_vision(patch_size=64), "image side must be a whole number from 1 to 32"),
+        # in bounds but not what the file holds: refused from the shapes, before ~600 MB are built and initialised
+        (_vision(width=1024, layers=12), "does not match"),
+    ],
+)
+def test_open_clip_sizes_are_bounded_and_checked_against_the_weights_first(tmp_path, config, message):
+    import json
+    import time
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "models" / CLIP_FOLDER / "odd"
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    save_file({"logit_scale": torch.zeros(())}, str(folder / "open_clip_model.safetensors"))
+    started = time.monotonic()
+    with pytest.raises(UserError, match=re.escape(message)):
+        ClipScorer.load(folder)
+    assert time.monotonic() - started < 1.5

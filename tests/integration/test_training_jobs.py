@@ -1,6 +1,7 @@
 """Training jobs in the server: GPU hand-off, one job at a time, stop/resume, status."""
 
 import re
+import threading
 import time
 
 import pytest
@@ -158,3 +159,32 @@ def test_a_full_or_read_only_disk_says_what_to_fix(jobs, photos, monkeypatch, co
     assert final["state"] == "failed"
     assert "manifest.json" in final["message"] and text in final["message"] and fix in final["message"]
     assert "Resume" in final["message"] and "Unexpected error" not in final["message"]
+
+
+def test_stop_is_honoured_while_the_run_counts_its_estimate_and_its_errors_never_fail_the_run(jobs):
+    from modules.lora_training.jobs import JobState
+
+    train = config_from_dict(TrainConfig, {"project": "job", "base_model": DEMO_SDXL_NAME, "rank": 4})
+    job = JobState(job_id=1, project="job", kind="train")
+    jobs.counted_steps._lock.acquire()  # a page's Estimate of the same model holds the count for 3 s
+    release = threading.Timer(3, jobs.counted_steps._lock.release)
+    release.start()
+    threading.Timer(0.3, jobs._stop.set).start()
+    started = time.monotonic()
+    jobs._log_estimate(job, train)
+    waited = time.monotonic() - started
+    release.join()
+    for thread in threading.enumerate():
+        if thread.name == "run-estimate":
+            thread.join(60)  # the abandoned count ends on its own
+    jobs._stop.clear()
+    assert waited < 1.5, "Stop is honoured within a second"
+    assert "Stop was asked while it was being counted" in job.log[-1]
+
+    class Broken:
+        def work(self, key, count):
+            raise NotImplementedError("no meta kernel for this operator")
+
+    jobs.counted_steps = Broken()
+    jobs._log_estimate(job, train)
+    assert "No memory estimate: no meta kernel for this operator" in job.log[-1]

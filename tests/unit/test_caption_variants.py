@@ -131,3 +131,23 @@ def test_the_run_log_names_the_options_that_are_on():
     assert describe_options(shuffle=True, keep_tokens=0, dropout=0.0) == [
         "caption tags shuffled (the trigger kept in place)"
     ]
+
+
+def test_counting_the_variants_of_a_caption_of_many_tags_stops_at_the_ceiling():
+    import time
+
+    huge = ", ".join(f"t{i}" for i in range(30_000))
+    started = time.perf_counter()
+    for shuffle, dropout in [(True, 0.0), (True, 0.1), (False, 0.1)]:
+        assert variant_count(huge, trigger="", keep_tokens=0, shuffle=shuffle, dropout=dropout, ceiling=12) == 13
+    assert (
+        variants_to_cache([huge, "a, b"], trigger="", keep_tokens=0, shuffle=True, dropout=0.1, encodings=10**9) is None
+    )
+    assert time.perf_counter() - started < 1.0
+    small = {"trigger": "", "keep_tokens": 0, "shuffle": True}
+    assert [variant_count("a, b, c", **small, dropout=d, ceiling=c) for d, c in [(0.0, 6), (0.1, 16), (0.1, 15)]] == [
+        6,
+        16,
+        16,
+    ]
+    assert variant_count("a", **small, dropout=0.0, ceiling=0) == 1

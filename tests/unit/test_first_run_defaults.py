@@ -101,6 +101,29 @@ def test_image_files_are_counted_quickly_and_within_bounds(tmp_path):
     assert count_image_files(tmp_path, subfolders=True, limit=2) <= 2
 
 
+def test_counting_photos_reads_no_more_than_its_limit(tmp_path, monkeypatch):
+    from modules.lora_training.dataset import scan
+
+    for index in range(500):
+        (tmp_path / f"{index}.png").write_bytes(b"x")
+    read = []
+    real_scandir = scan.os.scandir
+
+    class Counting:  # the real scandir, its entries counted as they are read
+        def __init__(self, path):
+            self.inner = real_scandir(path)
+
+        def __enter__(self):
+            return (read.append(entry) or entry for entry in self.inner)
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+    monkeypatch.setattr(scan.os, "scandir", Counting)
+    assert count_image_files(tmp_path, subfolders=True, limit=100) == 100
+    assert len(read) <= 101
+
+
 def test_known_noise_is_dropped_and_other_warnings_pass():
     quiet_known_noise(progress_bars=True)
     seen = []

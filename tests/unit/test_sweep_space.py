@@ -76,6 +76,9 @@ def test_a_good_space_gives_its_parameters_and_defaults():
         (space({"rank": [4]}, enqueue=[{"rank": 8}]), "is outside rank in [4]"),
         (space({"rank": [4]}, enqueue=[{"alpha": 8}]), "not a swept parameter"),
         (space({"rank": [4]}, enqueue=[{"rank": 4}] * 3), "3 trials to try first, but the budget is 2"),
+        (space({"learning_rate": {"low": 1e-5, "high": 1e-3, "step": 1e-40}}), "step 1e-40 is too small"),
+        (space({"rank": {"low": 4, "high": 16}}, enqueue=[{"rank": 4.5}]), "4.5 is outside rank from 4 to 16"),
+        (space({"steps": {"low": 10, "high": 50, "step": 10}}, enqueue=[{"steps": 15}]), "15 is outside steps"),
         ("[" * 5000, 'must be a JSON object with "parameters"'),  # nested past Python's stack
         ('{"parameters": {"\ud800": [1]}}', "Unknown sweep parameter"),  # a lone surrogate
     ],

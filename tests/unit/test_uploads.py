@@ -2,6 +2,7 @@
 
 import io
 import stat
+import struct
 import zipfile
 
 import pytest
@@ -76,3 +77,36 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
         )
     with pytest.raises(UserError, match="No files were received"):
         copy_uploads([], folder=tmp_path / "source", max_file_bytes=1)
+
+
+def _repeated_entry_zip(path, *, copies: int):
+    """A zip whose central directory lists one compressed "photo.png" ``copies`` times (all at one local header)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("photo.png", bytes(1 << 16))
+    data = buf.getvalue()
+    eocd = data.rfind(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack("<II", data[eocd + 12 : eocd + 20])
+    directory = data[cd_offset : cd_offset + cd_size] * copies
+    end = bytearray(data[eocd:])
+    struct.pack_into("<HHII", end, 8, copies, copies, len(directory), cd_offset)
+    path.write_bytes(data[:cd_offset] + directory + bytes(end))
+    return path
+
+
+def test_a_zip_repeating_one_entry_is_refused_whole(tmp_path):
+    archive = _repeated_entry_zip(tmp_path / "evil.zip", copies=20)
+    (tmp_path / "ok.png").write_bytes(b"ok")
+    result = copy_uploads(
+        [(archive, "evil.zip"), (tmp_path / "ok.png", "ok.png")], folder=tmp_path / "source", max_file_bytes=1 << 20
+    )
+    assert result.copied == ["ok.png"] and result.skipped == {".zip whose entries overlap (damaged or crafted)": 1}
+
+
+def test_one_upload_writes_at_most_its_total_cap(tmp_path):
+    for index in range(5):
+        (tmp_path / f"{index}.png").write_bytes(bytes(1000))
+    files = [(tmp_path / f"{index}.png", f"{index}.png") for index in range(5)]
+    result = copy_uploads(files, folder=tmp_path / "source", max_file_bytes=1 << 20, max_total_bytes=2500)
+    assert result.copied == ["0.png", "1.png"] and result.skipped == {"over the limit of 0.0 GB per upload": 3}
+    assert sum(p.stat().st_size for p in (tmp_path / "source").iterdir()) == 2000

@@ -191,7 +191,9 @@ def count_image_files(folder: Path, *, subfolders: bool, limit: int = 10_000) ->
         with os.scandir(pending.pop()) as entries:
             for entry in entries:
                 seen += 1
-                if entry.name.startswith(".") or seen > limit:
+                if seen > limit:
+                    break
+                if entry.name.startswith("."):
                     continue
                 if entry.is_file(follow_symlinks=False) and is_image_name(entry.name) and not is_mask_name(entry.name):
                     count += 1

@@ -2,7 +2,9 @@
 
 Only entries with an image name are kept; every name is reduced to its last part (no folders, no ``..``),
 symbolic links and special entries in archives are skipped, and sizes are checked before and while
-copying (a zip bomb stops at its cap). Existing photos are never replaced: a clash gets " (2)".
+copying (a zip bomb stops at its cap), one upload writes at most ``max_total_bytes`` in all, and an archive
+whose entries share or overlap their data (a crafted zip that repeats one blob) is refused whole.
+Existing photos are never replaced: a clash gets " (2)".
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from core.errors import UserError
 from modules.lora_training.dataset.scan import is_image_name
 
 MAX_FILES = 5_000
+MAX_TOTAL_BYTES = 16 << 30
+MAX_ZIP_ENTRIES = 2 * MAX_FILES
+LOCAL_HEADER = 30  # fixed part of a zip local file header, before its name and extra field
 CHUNK = 1 << 20
 
 
@@ -50,8 +55,8 @@ def _free_name(folder: Path, name: str) -> Path:
     return target
 
 
-def _copy_stream(source, target: Path, *, max_bytes: int) -> bool:
-    """Copy at most ``max_bytes``; False (and nothing left behind) when the data is longer."""
+def _copy_stream(source, target: Path, *, max_bytes: int) -> int | None:
+    """Copy at most ``max_bytes``; the bytes written, or None (and nothing left behind) when the data is longer."""
     written = 0
     partial = target.with_name(f".{target.name}.partial")
     with open(partial, "wb") as out:
@@ -62,15 +67,27 @@ def _copy_stream(source, target: Path, *, max_bytes: int) -> bool:
             out.write(chunk)
     if written > max_bytes:
         partial.unlink()
-        return False
+        return None
     partial.rename(target)
-    return True
+    return written
+
+
+def _overlapping(entries: list[zipfile.ZipInfo]) -> bool:
+    """True when two entries' data share bytes (each entry must own its local header and compressed data)."""
+    end = -1
+    for entry in sorted(entries, key=lambda e: e.header_offset):
+        if entry.header_offset < end:
+            return True
+        end = entry.header_offset + LOCAL_HEADER + len(entry.orig_filename.encode()) + entry.compress_size
+    return False
 
 
 class _Uploader:
-    def __init__(self, folder: Path, *, max_file_bytes: int) -> None:
+    def __init__(self, folder: Path, *, max_file_bytes: int, max_total_bytes: int) -> None:
         self.result = UploadResult(folder=folder)
         self.max_file_bytes = max_file_bytes
+        self.left = max_total_bytes
+        self.over_total = f"over the limit of {max_total_bytes / 2**30:.1f} GB per upload"
 
     def add(self, name: str, opener, size: int) -> None:
         if len(self.result.copied) >= MAX_FILES:
@@ -83,12 +100,18 @@ class _Uploader:
         if size > self.max_file_bytes:
             self.result.skip("too large")
             return
+        if size > self.left:
+            self.result.skip(self.over_total)
+            return
+        cap = min(self.max_file_bytes, self.left)
         target = _free_name(self.result.folder, safe)
         with opener() as source:
-            if _copy_stream(source, target, max_bytes=self.max_file_bytes):
-                self.result.copied.append(target.name)
-            else:
-                self.result.skip("too large")
+            written = _copy_stream(source, target, max_bytes=cap)
+        if written is None:
+            self.result.skip("too large" if cap == self.max_file_bytes else self.over_total)
+            return
+        self.left -= written
+        self.result.copied.append(target.name)
 
     def add_file(self, path: Path, *, name: str) -> None:
         info = path.lstat()
@@ -106,7 +129,14 @@ class _Uploader:
             self.result.skip("unreadable .zip")
             return
         with archive:
-            for entry in archive.infolist():
+            entries = archive.infolist()
+            if len(entries) > MAX_ZIP_ENTRIES:
+                self.result.skip(f".zip with over {MAX_ZIP_ENTRIES} entries")
+                return
+            if _overlapping(entries):
+                self.result.skip(".zip whose entries overlap (damaged or crafted)")
+                return
+            for entry in entries:
                 kind = stat.S_IFMT(entry.external_attr >> 16)  # 0 when the archiver recorded no file type
                 if entry.is_dir():
                     continue
@@ -119,12 +149,15 @@ class _Uploader:
                     self.result.skip("unreadable entry in a .zip")
 
 
-def copy_uploads(files: list[tuple[Path, str]], *, folder: Path, max_file_bytes: int) -> UploadResult:
-    """Copy uploaded ``(path, original name)`` files (images or .zip archives of images) into ``folder``."""
+def copy_uploads(
+    files: list[tuple[Path, str]], *, folder: Path, max_file_bytes: int, max_total_bytes: int = MAX_TOTAL_BYTES
+) -> UploadResult:
+    """Copy uploaded ``(path, original name)`` files (images or .zip archives of images) into ``folder``,
+    ``max_total_bytes`` at most in all."""
     if not files:
         raise UserError("No files were received: drop photos (or a .zip of photos) onto the upload area.")
     folder.mkdir(parents=True, exist_ok=True)
-    uploader = _Uploader(folder, max_file_bytes=max_file_bytes)
+    uploader = _Uploader(folder, max_file_bytes=max_file_bytes, max_total_bytes=max_total_bytes)
     for path, name in files:
         uploader.add_file(Path(path), name=name)
     if not uploader.result.copied:
