@@ -3,7 +3,6 @@ blocking (safetensors' load_file blocked in open() holding the GIL: the whole se
 
 import json
 import os
-import threading
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import save_file
 
 from core.errors import UserError
 from modules.lora_training import checkpoints as ckpt
+from tests.blocking_calls import BLOCKED, outcome_within
 
 
 def _checkpoint(folder):
@@ -23,24 +23,14 @@ def _checkpoint(folder):
 
 
 def _load_in_thread(folder):
-    outcome = []
-
-    def load():
-        try:
-            outcome.append(ckpt.load_checkpoint(folder))
-        except Exception as exc:  # the test looks at what came out
-            outcome.append(exc)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(5)
-    if worker.is_alive():  # unblock the thread so the suite does not keep a stuck reader
+    outcome = outcome_within(lambda: ckpt.load_checkpoint(folder))
+    if outcome == BLOCKED:  # unblock the thread so the suite does not keep a stuck reader
         for name in os.listdir(folder):
             path = folder / name
             if not path.is_file() and not path.is_dir():
                 os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("load_checkpoint blocked on a FIFO")
-    return outcome[0]
+    return outcome
 
 
 def test_a_regular_checkpoint_loads(tmp_path):

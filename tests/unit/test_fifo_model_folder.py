@@ -4,7 +4,6 @@ model list at once; reading it by name blocked the list (page loads, /list_model
 import contextlib
 import json
 import os
-import threading
 
 import pytest
 
@@ -12,21 +11,7 @@ from core.errors import UserError
 from core.model_files import list_models
 from core.regular_files import read_config
 from families import detect
-
-
-def _in_thread(call):
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(call())
-        except Exception as exc:  # the test looks at what came out
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(5)
-    return outcome[0] if outcome else "blocked"
+from tests.blocking_calls import outcome_within
 
 
 @pytest.fixture
@@ -42,13 +27,13 @@ def fifo_model(tmp_path):
 
 
 def test_a_fifo_component_file_leaves_the_folder_out_of_the_list(fifo_model):
-    assert _in_thread(lambda: list_models(fifo_model.parent)) == []
-    outcome = _in_thread(lambda: detect(fifo_model))
+    assert outcome_within(lambda: list_models(fifo_model.parent)) == []
+    outcome = outcome_within(lambda: detect(fifo_model))
     assert isinstance(outcome, UserError) and "unet/config.json is not a regular file" in str(outcome)
 
 
 def test_a_fifo_config_reads_as_no_config(fifo_model):
-    assert _in_thread(lambda: read_config(fifo_model / "unet" / "config.json")) is None
+    assert outcome_within(lambda: read_config(fifo_model / "unet" / "config.json")) is None
     assert read_config(fifo_model / "model_index.json") == {"_class_name": "StableDiffusionPipeline"}
 
 

@@ -3,7 +3,6 @@ cache) is refused at once; reading it by name blocked Prepare and the tab's hand
 
 import contextlib
 import os
-import threading
 
 import pytest
 
@@ -12,22 +11,7 @@ from modules.lora_training.dataset.caption_run import CaptionCache
 from modules.lora_training.manifest import ProjectManifest
 from modules.lora_training.project import ProjectPaths, read_json
 from modules.lora_training.validation import Evaluation
-
-
-def _in_thread(call):
-    """What ``call`` returns or raises; the test fails (and unblocks the FIFO) if it blocks."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(call())
-        except Exception as exc:  # the test looks at what came out
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(5)
-    return outcome[0] if outcome else "blocked"
+from tests.blocking_calls import outcome_within
 
 
 @pytest.fixture
@@ -42,9 +26,9 @@ def fifo_project(tmp_path):
 
 def test_a_fifo_manifest_is_a_user_error_at_once(fifo_project):
     os.mkfifo(fifo_project.manifest)
-    outcome = _in_thread(lambda: ProjectManifest.read(fifo_project))
+    outcome = outcome_within(lambda: ProjectManifest.read(fifo_project))
     assert isinstance(outcome, UserError) and "not a regular file" in str(outcome)
-    assert _in_thread(lambda: ProjectManifest.read_or_none(fifo_project)) is None
+    assert outcome_within(lambda: ProjectManifest.read_or_none(fifo_project)) is None
 
 
 def test_a_missing_manifest_is_still_none(fifo_project):
@@ -54,7 +38,7 @@ def test_a_missing_manifest_is_still_none(fifo_project):
 def test_a_fifo_project_json_is_a_user_error(fifo_project):
     path = fifo_project.root / "training_config.json"
     os.mkfifo(path)
-    outcome = _in_thread(lambda: read_json(path))
+    outcome = outcome_within(lambda: read_json(path))
     assert isinstance(outcome, UserError) and "not a regular file" in str(outcome)
     assert read_json(fifo_project.root / "absent.json", {}) == {}
 
@@ -62,11 +46,11 @@ def test_a_fifo_project_json_is_a_user_error(fifo_project):
 def test_a_fifo_evaluation_reads_as_no_figures(fifo_project):
     path = fifo_project.root / "evaluation.json"
     os.mkfifo(path)
-    outcome = _in_thread(lambda: Evaluation.read(path, up_to_step=100))
+    outcome = outcome_within(lambda: Evaluation.read(path, up_to_step=100))
     assert isinstance(outcome, Evaluation) and outcome.best() is None
 
 
 def test_a_fifo_caption_cache_reads_as_empty(fifo_project):
     os.mkfifo(fifo_project.caption_cache)
-    outcome = _in_thread(lambda: CaptionCache(fifo_project.caption_cache))
+    outcome = outcome_within(lambda: CaptionCache(fifo_project.caption_cache))
     assert isinstance(outcome, CaptionCache) and outcome.entries == {}
