@@ -115,21 +115,26 @@ def scaled_lora_state(state: dict, configs: dict[str, ComponentConfig]) -> dict:
     return out
 
 
+def outer_modules(model):
+    """``(name, module)`` of ``model``'s named modules, the root and the insides of layers an adapter already
+    wraps left out (a wrapping layer comes as itself: its own modules are no layers of the model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(outer) for outer in wrapped[-1:]):
+            continue  # named_modules walks depth first: the last wrapping layer is the only one to look at
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(f"{name}.")
+        yield name, module
+
+
 def _adapted_layers(model, config) -> set[str]:
     """The layers of ``model`` that peft's ``add_adapter(config)`` would adapt (as peft matches them),
     leaving out the insides of layers already adapted by another adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    tuned: list[str] = []
-    found = set()
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in tuned):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            tuned.append(f"{name}.")
-        if check_target_module_exists(config, name):
-            found.add(name)
-    return found
+    return {name for name, _ in outer_modules(model) if check_target_module_exists(config, name)}
 
 
 def check_layers_present(model, config, part: dict, *, file: str, component: str) -> None:

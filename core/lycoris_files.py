@@ -195,21 +195,18 @@ def adaptable_layers(pipe, kind) -> dict:
     """{``<component>.<module>``: layer} of the Linear and Conv2d layers of the family's denoiser and the text
     encoders its LoRAs adapt: the pipeline's own names, which the webui names are mapped onto."""
     import torch
-
-    components = (kind.denoiser_attr, *(getattr(kind, "adapted_text_encoders", None) or kind.text_encoder_attrs))
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from core.adapter_files import outer_modules
+
+    components = (kind.denoiser_attr, *(getattr(kind, "adapted_text_encoders", None) or kind.text_encoder_attrs))
     layers = {}
     for component in components:
         model = getattr(pipe, component, None)
         if not isinstance(model, torch.nn.Module):
             continue
-        wrapped: list[str] = []  # layers other adapters already wrap: their own modules are no model layers
-        for name, module in model.named_modules():
-            if any(name.startswith(outer + ".") for outer in wrapped[-1:]):
-                continue
+        for name, module in outer_modules(model):  # layers other adapters wrap count as the layer they wrap
             if isinstance(module, BaseTunerLayer):
-                wrapped.append(name)
                 module = module.get_base_layer()
             if type(module) in (torch.nn.Linear, torch.nn.Conv2d):
                 layers[f"{component}.{name}"] = module
